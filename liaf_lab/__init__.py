@@ -1,0 +1,24 @@
+"""liaf_lab: learn, run and analyse knowledge distillation of object detectors, centred on LIAF-KD."""
+
+from ._ops_check import TorchvisionOpsError, check_torchvision_ops
+
+check_torchvision_ops()
+
+from .distillers import (  # noqa: E402
+    FeatureDistiller,
+    FitNetDistiller,
+    LIAFDistiller,
+    create_distiller,
+    feature_mse,
+    list_distillers,
+    register_distiller,
+)
+from .instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeatureDistiller", "FitNetDistiller", "InstanceSelectors", "LIAFDistiller", "TorchvisionOpsError",
+    "check_torchvision_ops", "create_distiller", "diversity_loss", "feature_mse", "instance_mask",
+    "list_distillers", "register_distiller", "roi_instance_features",
+]

@@ -1,0 +1,190 @@
+"""LIAF-KD: learnable instance attention filtering for FPN feature distillation (Eq. 2-9)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..instance import InstanceSelectors, Normalize, concat_boxes, instance_mask, roi_instance_features
+from ..validation import check_boxes, check_feature_dict
+from .base import Channels, FeatureDistiller, feature_mse
+from .registry import register_distiller
+
+MaskScale = Literal["literal", "count"]
+MaskSide = Literal["separate", "shared"]
+Side = Literal["teacher", "student"]
+
+
+@register_distiller("liaf")
+class LIAFDistiller(FeatureDistiller):
+    """Multi-level LIAF-KD distiller: one ``InstanceSelectors`` and one 1x1 projector per FPN level.
+
+    Stage 1 (Eq. 5): ``stage1`` masks the frozen teacher's features with its own scores so the
+    harness can run the teacher's head on them; only the selectors learn. Stage 2 (Eq. 6-9):
+    ``forward`` returns ``loss_weight * sum_levels (1/CHW) ||M^T F^T - f_phi(M^S F^S)||^2``.
+
+    Args (beyond ``FeatureDistiller``'s):
+        num_selectors: K per level (paper: 6).
+        roi_size: RoIAlign output (h, w) (assumption: 7 x 7).
+        sampling_ratio: RoIAlign samples per bin side.
+        normalize: softmax over each image's instances (``"image"``) or the whole batch (``"batch"``).
+        mask_scale: ``"literal"`` multiplies cells by ``A_i`` (paper); ``"count"`` by ``A_i`` times
+            the number of instances in the softmax group, so an average instance keeps weight 1.
+        mask_side: ``"separate"``: ``M^T`` from ``A^T`` on the teacher and ``M^S`` from ``A^S`` on
+            the student (paper); ``"shared"``: one mask from ``(A^T + A^S) / 2`` on both.
+        detach_scores: compute scores without gradient (stage 2).
+        freeze_selectors: keep ``E`` fixed in stage 2; otherwise ``E`` learns from the distillation
+            loss plus ``diversity_weight * L_div``.
+        diversity_weight: mu of Eq. 5.
+    """
+
+    def __init__(
+        self,
+        student_channels: Channels,
+        teacher_channels: Channels,
+        strides: Mapping[str, float],
+        loss_weight: float = 1.0,
+        projector: bool = True,
+        num_selectors: int = 6,
+        roi_size: tuple[int, int] = (7, 7),
+        sampling_ratio: int = 2,
+        normalize: Normalize = "image",
+        mask_scale: MaskScale = "literal",
+        mask_side: MaskSide = "separate",
+        detach_scores: bool = True,
+        freeze_selectors: bool = True,
+        diversity_weight: float = 1.0,
+    ) -> None:
+        super().__init__(student_channels, teacher_channels, strides, loss_weight, projector)
+        if mask_scale not in ("literal", "count"):
+            raise ValueError(f"mask_scale must be 'literal' or 'count', got {mask_scale!r}")
+        if mask_side not in ("separate", "shared"):
+            raise ValueError(f"mask_side must be 'separate' or 'shared', got {mask_side!r}")
+        self.roi_size = tuple(roi_size)
+        self.sampling_ratio = sampling_ratio
+        self.mask_scale = mask_scale
+        self.mask_side = mask_side
+        self.detach_scores = detach_scores
+        self.freeze_selectors = freeze_selectors
+        self.diversity_weight = diversity_weight
+        self.selectors = nn.ModuleDict({
+            lvl: InstanceSelectors(num_selectors, self.teacher_channels[lvl], self.roi_size, normalize)
+            for lvl in self.levels
+        })
+
+    # -- scores and masks ---------------------------------------------------------------------
+    def instance_scores(
+        self,
+        level: str,
+        feats: Tensor,
+        boxes: Sequence[Tensor],
+        per_selector: bool = False,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """Eq. 2, 3, 6 on one level: ``[I]`` mean scores, or ``[K, I]`` with ``per_selector``.
+
+        ``feats`` must have the teacher's channels (project student features first when they differ).
+        """
+        roi_feats, batch_index = roi_instance_features(
+            feats, boxes, self.strides[level], self.roi_size, self.sampling_ratio
+        )
+        scores = self.selectors[level].scores(roi_feats, batch_index, weight)
+        return scores if per_selector else scores.mean(dim=0)
+
+    def scaled(self, scores: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+        """Apply ``mask_scale``: unchanged (literal), or times the size of each softmax group (count)."""
+        if self.mask_scale == "literal" or scores.numel() == 0:
+            return scores
+        _, batch_index = concat_boxes(boxes)
+        if next(iter(self.selectors.values())).normalize == "batch":
+            return scores * scores.shape[0]
+        counts = torch.bincount(batch_index.to(scores.device), minlength=len(boxes))
+        return scores * counts[batch_index.to(scores.device)].to(scores.dtype)
+
+    def level_mask(self, level: str, scores: Tensor, boxes: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+        """Eq. 7 with ``mask_scale`` applied: ``[N, 1, H, W]``."""
+        return instance_mask(boxes, self.scaled(scores, boxes), size, self.strides[level])
+
+    def student_roi_input(self, level: str, student: Tensor, projected: Tensor) -> Tensor:
+        """Features the selectors read on the student side: projected when channels differ."""
+        same = self.student_channels[level] == self.teacher_channels[level]
+        return student if same else projected
+
+    def level_masks(
+        self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor], projected: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(M^T, M^S)`` for one level, each ``[N, 1, H, W]``, following the mask options."""
+        weight = self.selectors[level].weight
+        weight = weight.detach() if self.freeze_selectors else weight
+        size = tuple(teacher.shape[-2:])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_scores):
+            a_t = self.instance_scores(level, teacher, boxes, weight=weight)
+            a_s = self.instance_scores(level, self.student_roi_input(level, student, projected), boxes, weight=weight)
+        if self.mask_side == "shared":
+            m = self.level_mask(level, (a_t + a_s) / 2, boxes, size)
+            return m, m
+        return self.level_mask(level, a_t, boxes, size), self.level_mask(level, a_s, boxes, size)
+
+    @torch.no_grad()
+    def masks(
+        self, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor], boxes: Sequence[Tensor]
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{level: (M^T, M^S)}`` as used by the loss, for inspection."""
+        self.check_inputs(student_feats, teacher_feats, boxes)
+        out = {}
+        for lvl in self.levels:
+            projected = self.projectors[lvl](student_feats[lvl])
+            out[lvl] = self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes, projected)
+        return out
+
+    # -- losses ---------------------------------------------------------------------------------
+    def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+        """Eq. 8-9 on one level. ``f_phi(M^S F^S) = M^S (f_phi(F^S) - b) + b`` for the 1x1 conv."""
+        proj = self.projectors[level]
+        projected = proj(student)
+        m_t, m_s = self.level_masks(level, student, teacher, boxes, projected)
+        bias = proj.bias.view(1, -1, 1, 1) if isinstance(proj, nn.Conv2d) and proj.bias is not None else 0.0
+        student_hat = m_s * (projected - bias) + bias
+        return feature_mse(m_t * teacher, student_hat)
+
+    def diversity_loss(self) -> Tensor:
+        """Eq. 4, averaged over levels."""
+        return torch.stack([sel.diversity_loss() for sel in self.selectors.values()]).mean()
+
+    def forward(
+        self, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor], boxes: Sequence[Tensor]
+    ) -> Tensor:
+        """Stage-2 loss (Eq. 9 summed over levels); adds ``mu * L_div`` when the selectors still learn."""
+        loss = super().forward(student_feats, teacher_feats, boxes)
+        if not self.freeze_selectors:
+            loss = loss + self.diversity_weight * self.diversity_loss()
+        return loss
+
+    def stage1(self, teacher_feats: Mapping[str, Tensor], boxes: Sequence[Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """Stage 1 (Eq. 5): teacher features masked by the teacher's own scores, and ``mu * L_div``.
+
+        Returns ``(masked_feats, weighted_div)``: ``masked_feats`` holds every level of
+        ``teacher_feats`` (levels this distiller does not handle pass unchanged), differentiable in
+        the selectors; feed it to the frozen teacher's head to get ``L_task^T``, then minimise
+        ``L_task^T + weighted_div``.
+        """
+        check_feature_dict("teacher_feats", teacher_feats, self.levels)
+        check_boxes("boxes", boxes, num_images=teacher_feats[self.levels[0]].shape[0])
+        masked = dict(teacher_feats)
+        for lvl in self.levels:
+            feats = teacher_feats[lvl].detach()
+            scores = self.instance_scores(lvl, feats, boxes)
+            masked[lvl] = feats * self.level_mask(lvl, scores, boxes, tuple(feats.shape[-2:]))
+        return masked, self.diversity_weight * self.diversity_loss()
+
+    def selector_parameters(self) -> list[nn.Parameter]:
+        """The parameters stage 1 trains."""
+        return list(self.selectors.parameters())
+
+    def stage2_parameters(self) -> list[nn.Parameter]:
+        """The parameters stage 2 trains besides the student: projectors, and selectors if not frozen."""
+        params = list(self.projectors.parameters())
+        return params if self.freeze_selectors else params + self.selector_parameters()

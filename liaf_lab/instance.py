@@ -1,0 +1,201 @@
+"""LIAF-KD's instance machinery: RoI features (Eq. 2), selectors (Eq. 3, 6), diversity (Eq. 4), mask (Eq. 7).
+
+Shapes: ``N`` images, ``I`` instances in the batch (the per-image boxes concatenated in order),
+``K`` selectors, ``C, H, W`` one feature level, ``h, w`` the RoIAlign output size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from .validation import check_boxes, check_tensor
+
+Normalize = Literal["image", "batch"]
+
+
+def concat_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Concatenate per-image boxes: returns ``(boxes [I, 4], batch_index [I] long)``."""
+    device = boxes[0].device if len(boxes) else torch.device("cpu")
+    index = [torch.full((len(b),), i, dtype=torch.long, device=device) for i, b in enumerate(boxes)]
+    if not index:
+        return torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(list(boxes)), torch.cat(index)
+
+
+def roi_instance_features(
+    features: Tensor,
+    boxes: Sequence[Tensor],
+    stride: float,
+    roi_size: tuple[int, int] = (7, 7),
+    sampling_ratio: int = 2,
+) -> tuple[Tensor, Tensor]:
+    """Eq. 2: ``F_ins = roi_align(F, B_ins)`` for every box of every image.
+
+    Args:
+        features: ``[N, C, H, W]`` one feature level.
+        boxes: N tensors ``[n_b, 4]``, (x1, y1, x2, y2) in input-image pixels.
+        stride: input pixels per feature cell of this level.
+    Returns:
+        ``roi_feats [I, C, h, w]`` and ``batch_index [I]`` (the image of each instance).
+    """
+    check_tensor("features", features, ndim=4)
+    boxes = check_boxes("boxes", boxes, num_images=features.shape[0])
+    if not stride > 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    rois, batch_index = concat_boxes([b.to(features) for b in boxes])
+    if rois.shape[0] == 0:
+        return features.new_zeros(0, features.shape[1], *roi_size), batch_index.to(features.device)
+    rois = torch.cat([batch_index.to(rois)[:, None], rois], dim=1)
+    feats = roi_align(
+        features, rois, output_size=roi_size, spatial_scale=1.0 / stride,
+        sampling_ratio=sampling_ratio, aligned=True,
+    )
+    return feats, batch_index
+
+
+def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """Softmax of ``logits [K, I]`` along I, separately within each group of equal ``index [I]``."""
+    k = logits.shape[0]
+    idx = index[None, :].expand(k, -1)
+    peak = logits.new_full((k, num_segments), float("-inf"))
+    peak = peak.scatter_reduce(1, idx, logits.detach(), reduce="amax", include_self=True)
+    z = (logits - peak.gather(1, idx)).exp()
+    total = z.new_zeros(k, num_segments).index_add(1, index, z)
+    return z / total.gather(1, idx)
+
+
+def diversity_loss(E: Tensor) -> Tensor:
+    """Eq. 4: ``2 * sum_{i != j} E_i . E_j / (sum_i |E_i|^2 + sum_j |E_j|^2)``.
+
+    Args:
+        E: ``[K, D]``, the K selectors as rows.
+    Returns:
+        A scalar in ``[-1, K - 1]``, invariant to the scale of ``E`` (0 when ``E`` is all zero).
+    """
+    check_tensor("E", E, ndim=2)
+    if E.shape[0] == 0:
+        raise ValueError("E holds no selectors (shape [0, D]); expected at least one row")
+    gram = E @ E.t()
+    norms = gram.diagonal().sum()
+    cross = gram.sum() - norms
+    return 2 * cross / (2 * norms).clamp_min(torch.finfo(E.dtype).tiny)
+
+
+class InstanceSelectors(nn.Module):
+    """K learnable instance selectors ``E_k`` (Eq. 3) for one feature level.
+
+    ``weight`` is ``[K, C*h*w]``; row k is ``E_k`` and matches ``roi_feats.flatten(1)``.
+
+    Args:
+        num_selectors: K (the paper uses 6).
+        channels: C of the (teacher) feature level.
+        roi_size: (h, w) of the RoIAlign output.
+        normalize: ``"image"`` (default) takes the softmax over the instances of each image;
+            ``"batch"`` over all instances of the batch, as the paper's batched ``F_ROI`` reads.
+        init_std: std of the normal initialisation.
+    """
+
+    def __init__(
+        self,
+        num_selectors: int,
+        channels: int,
+        roi_size: tuple[int, int] = (7, 7),
+        normalize: Normalize = "image",
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if num_selectors < 1:
+            raise ValueError(f"num_selectors must be at least 1, got {num_selectors}")
+        if channels < 1:
+            raise ValueError(f"channels must be at least 1, got {channels}")
+        if normalize not in ("image", "batch"):
+            raise ValueError(f"normalize must be 'image' or 'batch', got {normalize!r}")
+        self.channels = channels
+        self.roi_size = tuple(roi_size)
+        self.normalize = normalize
+        self.weight = nn.Parameter(torch.randn(num_selectors, channels * roi_size[0] * roi_size[1]) * init_std)
+
+    @property
+    def num_selectors(self) -> int:
+        return self.weight.shape[0]
+
+    def scores(self, roi_feats: Tensor, batch_index: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Eq. 3: ``A_k = softmax(F_ROI @ E_k)`` for every selector.
+
+        Args:
+            roi_feats: ``[I, C, h, w]`` from ``roi_instance_features``.
+            batch_index: ``[I]`` image of each instance.
+            weight: use these selector rows instead of ``self.weight`` (e.g. a detached copy).
+        Returns:
+            ``[K, I]``; each row sums to 1 over the instances of each image (or of the batch).
+        """
+        check_tensor("roi_feats", roi_feats, ndim=4)
+        expected = (self.channels, *self.roi_size)
+        if tuple(roi_feats.shape[1:]) != expected:
+            raise ValueError(f"roi_feats must have shape [I, {', '.join(map(str, expected))}], got {tuple(roi_feats.shape)}")
+        if batch_index.shape != roi_feats.shape[:1]:
+            raise ValueError(f"batch_index must have shape [{roi_feats.shape[0]}], got {tuple(batch_index.shape)}")
+        weight = self.weight if weight is None else weight
+        logits = weight @ roi_feats.flatten(1).t().to(weight.dtype)
+        if roi_feats.shape[0] == 0:
+            return logits
+        if self.normalize == "batch":
+            return logits.softmax(dim=1)
+        return segment_softmax(logits, batch_index, int(batch_index.max()) + 1)
+
+    def forward(self, roi_feats: Tensor, batch_index: Tensor) -> Tensor:
+        """Eq. 6: ``A = (1/K) sum_k softmax(F_ROI @ E_k)``; returns ``[I]``."""
+        return self.scores(roi_feats, batch_index).mean(dim=0)
+
+    def diversity_loss(self) -> Tensor:
+        """Eq. 4 on this level's selectors."""
+        return diversity_loss(self.weight)
+
+
+def instance_mask(
+    boxes: Sequence[Tensor],
+    scores: Tensor,
+    size: tuple[int, int],
+    stride: float,
+) -> Tensor:
+    """Eq. 7: the soft instance mask ``M [N, 1, H, W]``.
+
+    ``M`` starts at ones; every cell ``(h, w)`` with ``y1/stride <= h < y2/stride`` and
+    ``x1/stride <= w < x2/stride`` is multiplied by that instance's score, overlaps multiplying.
+    Vectorised over instances and cells; differentiable in ``scores``.
+
+    Args:
+        boxes: N tensors ``[n_b, 4]`` in input-image pixels.
+        scores: ``[I]`` one score per box, in the order of the concatenated boxes.
+        size: ``(H, W)`` of the feature map.
+        stride: input pixels per feature cell.
+    """
+    boxes = check_boxes("boxes", boxes)
+    check_tensor("scores", scores, ndim=1)
+    rois, batch_index = concat_boxes(boxes)
+    if scores.shape[0] != rois.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} entries but boxes hold {rois.shape[0]} instances")
+    if not stride > 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    height, width = size
+    n = len(boxes)
+    if rois.shape[0] == 0:
+        return scores.new_ones(n, 1, height, width)
+    # h >= y1 / stride  <=>  h * stride >= y1, which is exact for integer cells.
+    rois = rois.to(scores.device, torch.promote_types(rois.dtype, torch.float32))
+    batch_index = batch_index.to(scores.device)
+    hs = torch.arange(height, device=scores.device, dtype=rois.dtype) * stride
+    ws = torch.arange(width, device=scores.device, dtype=rois.dtype) * stride
+    in_y = (hs >= rois[:, 1:2]) & (hs < rois[:, 3:4])  # [I, H]
+    in_x = (ws >= rois[:, 0:1]) & (ws < rois[:, 2:3])  # [I, W]
+    inside = (in_y[:, :, None] & in_x[:, None, :]).flatten(1)  # [I, H*W]
+    factors = torch.where(inside, scores[:, None], scores.new_ones(()))
+    mask = scores.new_ones(n, height * width).scatter_reduce(
+        0, batch_index[:, None].expand_as(factors), factors, reduce="prod", include_self=True
+    )
+    return mask.view(n, 1, height, width)
