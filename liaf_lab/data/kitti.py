@@ -1,0 +1,105 @@
+"""KITTI 2D object detection (``image_2/*.png`` + ``label_2/*.txt``), LIAF-KD's protocol.
+
+Kept classes (default Car, Pedestrian, Cyclist) are labels 1..K; similar classes are merged into them
+(Van -> Car, Person_sitting -> Pedestrian); every other KITTI type, DontCare included, becomes a
+class-agnostic ignore region. Without explicit ``ids`` the sorted image ids are split 8:2 into train
+and val (first 80% train).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+
+from .common import BoxSanitizer, DetectionDataset, ImageRecord, Transform, as_boxes, image_size
+
+KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
+KITTI_MERGE: Mapping[str, str] = MappingProxyType({"Van": "Car", "Person_sitting": "Pedestrian"})
+TRAIN_FRACTION = 0.8
+_NUM_FIELDS = 15  # type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y
+
+
+class KittiDataset(DetectionDataset):
+    """KITTI ``training/`` data as ``(image [3, H, W], target)``; ignored types go to ``ignore_boxes``.
+
+    Args:
+        root: folder holding ``image_2/`` and ``label_2/`` (KITTI's ``training/``).
+        split: ``"train"`` (first 80% of the sorted ids), ``"val"`` (the rest) or ``"all"``.
+        ids: image ids (file stems, e.g. ``"000042"``) to load instead of ``split``.
+        classes: KITTI types kept as labels 1..K, in this order.
+        merge: KITTI type -> kept class it is counted as.
+        transforms: ``(PIL image, target) -> (image tensor, target)``; default
+            ``detection_transforms(train=False)``.
+
+    ``image_id`` is the image's index in the sorted list of all ids in ``image_2/``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Literal["train", "val", "all"] = "train",
+        ids: Sequence[str] | None = None,
+        classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+        merge: Mapping[str, str] = KITTI_MERGE,
+        transforms: Transform | None = None,
+    ) -> None:
+        root = Path(root)
+        for name in [*classes, *merge, *merge.values()]:
+            if name not in KITTI_TYPES:
+                raise ValueError(f"{name!r} is not a KITTI type; expected one of {KITTI_TYPES}")
+        stray = [f"{k} -> {v}" for k, v in merge.items() if v not in classes]
+        if stray:
+            raise ValueError(f"merge targets must be kept classes {tuple(classes)}, got {', '.join(stray)}")
+        image_dir, label_dir = root / "image_2", root / "label_2"
+        for d in (image_dir, label_dir):
+            if not d.is_dir():
+                raise FileNotFoundError(f"{d} not found; root must hold image_2/ and label_2/ (KITTI's training/)")
+        all_ids = sorted(p.stem for p in image_dir.glob("*.png"))
+        index = {stem: i for i, stem in enumerate(all_ids)}
+        if ids is None:
+            n_train = round(TRAIN_FRACTION * len(all_ids))
+            splits = {"train": all_ids[:n_train], "val": all_ids[n_train:], "all": all_ids}
+            if split not in splits:
+                raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+            ids = splits[split]
+        label_of = {c: i + 1 for i, c in enumerate(classes)} | {k: classes.index(v) + 1 for k, v in merge.items()}
+
+        sanitize = BoxSanitizer(label_dir)
+        records = []
+        for stem in ids:
+            image_path = image_dir / f"{stem}.png"
+            if stem not in index:
+                raise FileNotFoundError(f"image file {image_path} not found (requested id {stem!r})")
+            label_path = label_dir / f"{stem}.txt"
+            if not label_path.is_file():
+                raise FileNotFoundError(f"label file {label_path} not found for image {image_path}")
+            width, height = image_size(image_path, f"KITTI id {stem}")
+            rows, labels, lines = [], [], []
+            for k, line in enumerate(label_path.read_text().splitlines(), start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != _NUM_FIELDS:
+                    raise ValueError(f"{label_path} line {k}: expected {_NUM_FIELDS} KITTI fields, got {len(fields)}")
+                name = fields[0]
+                if name not in KITTI_TYPES:
+                    raise ValueError(f"{label_path} line {k}: unknown class {name!r}; KITTI types are {KITTI_TYPES}")
+                try:
+                    rows.append([float(v) for v in fields[4:8]])
+                except ValueError as e:
+                    raise ValueError(f"{label_path} line {k}: bad box {fields[4:8]}: {e}") from None
+                labels.append(label_of.get(name, 0))
+                lines.append(f"{label_path.name} line {k}")
+            boxes, keep = sanitize(as_boxes(rows), width, height, lines)
+            labels_ = np.asarray(labels, dtype=np.int64)
+            obj, ign = keep & (labels_ > 0), keep & (labels_ == 0)
+            records.append(
+                ImageRecord(index[stem], image_path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign])
+            )
+        sanitize.warn()
+        self.root = root
+        super().__init__(records, list(classes), {i + 1: i + 1 for i in range(len(classes))}, transforms)

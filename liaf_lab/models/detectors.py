@@ -1,0 +1,181 @@
+"""Factory for torchvision RetinaNet / FCOS / Faster R-CNN on a width-scaled ResNet-FPN.
+
+Class convention (the same for all three archs): ``num_classes`` counts the background, i.e. it is
+the number of foreground classes + 1, and target labels are ``1..num_classes-1`` with 0 meaning
+background. For Faster R-CNN this is torchvision's softmax convention (logit 0 = background). For
+RetinaNet and FCOS the sigmoid head has one logit per label value and is indexed by the label
+directly (``gt_classes_target[anchor, label] = 1``), so labels must be ``< num_classes``; the logit
+for label 0 is never a positive and only learns "no object" (this is how torchvision's COCO
+RetinaNet/FCOS use 91 outputs). An untrained RetinaNet/FCOS may therefore still emit label 0.
+
+Anchors: one base size per FPN level (see ``default_anchor_sizes``), scaled with ``min_size`` so
+that small inputs get small anchors; pass ``anchor_sizes`` to choose them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxLinearCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from .backbones import backbone_strides, resnet_fpn
+
+Arch = Literal["retinanet", "fcos", "fasterrcnn"]
+DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
+# Base anchor size in units of the level's stride at min_size=800 (torchvision's defaults).
+_ANCHOR_STRIDE_FACTOR = {"retinanet": 4.0, "fasterrcnn": 8.0}
+_REFERENCE_MIN_SIZE = 800
+
+
+class FCOSHeadGN(FCOSHead):
+    """torchvision's ``FCOSHead`` with ``GroupNorm(num_groups)`` so any channel count works.
+
+    torchvision hard-codes ``GroupNorm(32)``, which needs ``in_channels % 32 == 0``; with
+    ``num_groups=32`` this module is identical to torchvision's (same parameters and keys).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, num_groups: int, num_convs: int = 4) -> None:
+        nn.Module.__init__(self)  # FCOSHead.__init__ would build GroupNorm(32) heads
+        norm_layer = partial(nn.GroupNorm, num_groups)
+        self.box_coder = BoxLinearCoder(normalize_by_size=True)
+        self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm_layer)
+        self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm_layer)
+
+
+def default_anchor_sizes(arch: Arch, strides: Sequence[float], min_size: int) -> tuple[int, ...]:
+    """One base anchor size (pixels of the resized input) per FPN level.
+
+    RetinaNet: ``4 * stride``, Faster R-CNN: ``8 * stride``, both times ``min_size / 800`` and never
+    below the stride, which gives torchvision's defaults (32..512) at ``min_size=800`` and 8..128
+    on P3-P7 for 128-200 px inputs. FCOS: the stride itself (FCOS's anchor is the location's cell;
+    its scale ranges and box coder are defined relative to it).
+    """
+    if arch == "fcos":
+        return tuple(round(s) for s in strides)
+    factor = _ANCHOR_STRIDE_FACTOR[arch] * min_size / _REFERENCE_MIN_SIZE
+    return tuple(max(round(s), round(factor * s)) for s in strides)
+
+
+def _anchor_generator(arch: Arch, sizes: Sequence[float]) -> AnchorGenerator:
+    """RetinaNet: 3 octave scales x 3 ratios per level; Faster R-CNN: 3 ratios; FCOS: 1 anchor."""
+    if arch == "retinanet":
+        per_level = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
+        return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(sizes))
+    ratios = (1.0,) if arch == "fcos" else (0.5, 1.0, 2.0)
+    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
+
+
+def create_detector(
+    arch: Arch,
+    num_classes: int,
+    depth: int = 50,
+    width_mult: float = 1.0,
+    fpn_channels: int = 256,
+    min_size: int = 800,
+    max_size: int = 1333,
+    weights_path: str | Path | None = None,
+    anchor_sizes: Sequence[float] | None = None,
+    frozen_bn: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build torchvision's RetinaNet, FCOS or FasterRCNN on ``resnet_fpn(depth, width_mult, fpn_channels)``.
+
+    Args:
+        arch: ``"retinanet"`` / ``"fcos"`` (P3-P7, strides 8..128) or ``"fasterrcnn"`` (P2-P6, 4..64).
+        num_classes: foreground classes + 1 (background included; see the module docstring).
+        depth, width_mult, fpn_channels: backbone size (see ``resnet_fpn``).
+        min_size, max_size: torchvision's resize of the shorter / longer image side.
+        weights_path: a state dict saved with ``torch.save(model.state_dict(), path)``; loaded on
+            the CPU with ``weights_only=True`` and strict key checking (see ``load_weights``).
+        anchor_sizes: one base size per FPN level; default ``default_anchor_sizes(arch, ...)``.
+        frozen_bn: ``FrozenBatchNorm2d`` in the ResNet (for pretrained weights); default BatchNorm.
+        **kwargs: passed to the torchvision constructor (e.g. ``score_thresh``, ``nms_thresh``,
+            ``detections_per_img`` for RetinaNet/FCOS; ``box_score_thresh``, ``rpn_*`` for Faster R-CNN;
+            ``image_mean``, ``image_std``, ``size_divisible`` for all).
+
+    Returns:
+        The torchvision model, with ``model.liaf_arch`` (the ``arch`` string) and ``model.liaf_config``
+        (the arguments that rebuild it, anchor sizes included).
+    """
+    if arch not in DETECTOR_CLASSES:
+        raise ValueError(f"arch must be one of {sorted(DETECTOR_CLASSES)}, got {arch!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (foreground classes + 1 for background), "
+                         f"got {num_classes!r}")
+    backbone = resnet_fpn(depth, width_mult, fpn_channels, "pool" if arch == "fasterrcnn" else "p6p7",
+                          frozen_bn=frozen_bn)
+    strides = backbone_strides(backbone)
+    if anchor_sizes is None:
+        anchor_sizes = default_anchor_sizes(arch, list(strides.values()), min_size)
+    sizes = tuple(anchor_sizes)
+    if len(sizes) != len(strides) or not all(s > 0 for s in sizes):
+        raise ValueError(f"anchor_sizes needs one positive size per FPN level {list(strides)}, got {sizes}")
+    anchors = _anchor_generator(arch, sizes)
+    if arch == "retinanet":
+        model: nn.Module = RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size,
+                                     anchor_generator=anchors, **kwargs)
+    elif arch == "fcos":
+        head = FCOSHeadGN(fpn_channels, num_classes, math.gcd(32, fpn_channels))
+        model = FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors,
+                     head=head, **kwargs)
+    else:
+        roi_pool = MultiScaleRoIAlign([lvl for lvl in strides if lvl != "pool"], output_size=7, sampling_ratio=2)
+        model = FasterRCNN(backbone, num_classes, min_size=min_size, max_size=max_size,
+                           rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **kwargs)
+    model.liaf_arch = arch
+    model.liaf_config = dict(arch=arch, num_classes=num_classes, depth=depth, width_mult=width_mult,
+                             fpn_channels=fpn_channels, min_size=min_size, max_size=max_size,
+                             anchor_sizes=list(sizes), frozen_bn=frozen_bn, **kwargs)
+    if weights_path is not None:
+        load_weights(model, weights_path)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict file into ``model`` (strict keys).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable ``torch.save`` state dict (name -> tensor mapping).
+        RuntimeError: keys or shapes do not match the model (torch's message, with the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt archive, pickle error, disallowed global, ...
+        raise ValueError(f"cannot read {str(path)!r} as a PyTorch state dict: {type(err).__name__}: {err}") from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"weights in {str(path)!r} do not fit this {type(model).__name__}: {err}") from err
+
+
+def fpn_strides(model: nn.Module, image_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """FPN level name -> input pixels per cell of the batched, resized input (e.g. ``{"0": 8.0, ..., "p7": 128.0}``).
+
+    These are the nominal strides, the same for every input size: a side that is not a multiple
+    of the stride only adds a last, partly padded cell (see ``backbone_strides``). ``image_size``
+    (H, W), if given, is only checked to be positive.
+    """
+    if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
+        raise ValueError(f"image_size must be a positive (H, W), got {image_size!r}")
+    return dict(backbone_strides(model.backbone))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (only those with ``requires_grad`` if ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,299 @@
+"""One forward pass of a torchvision detector that also hands out its FPN features and head logits.
+
+``run_detector`` re-assembles the forward of torchvision's ``RetinaNet``, ``FCOS`` and
+``FasterRCNN`` from their public pieces (``transform``, ``backbone``, ``head`` /
+``rpn`` + ``roi_heads``, ``compute_loss``, ``postprocess_detections``, ``transform.postprocess``)
+so that the backbone runs once and the caller gets the task loss, the FPN features, the targets in
+resized-input pixels and the per-level classification logits together. With the same RNG state it
+gives the same losses (train mode) and detections (eval mode) as ``model(images, targets)``.
+
+Differences from ``model(images, targets)``, all additive:
+
+* targets given in eval mode also give losses (BatchNorm then uses running statistics, as a
+  frozen teacher needs). For Faster R-CNN the RPN keeps its eval-mode proposal counts
+  (``rpn_*_nms_top_n_test``) and the RoI head samples its training proposals from those; the RPN
+  loss itself does not depend on the mode.
+* ``features_fn`` may replace the FPN features before the heads run (LIAF-KD stage 1).
+* errors are ``TypeError`` / ``ValueError`` instead of ``torch._assert``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from .detectors import fpn_strides
+
+Target = dict[str, Tensor]
+FeaturesFn = Callable[[OrderedDict[str, Tensor], list[Target] | None], Mapping[str, Tensor]]
+SUPPORTED = "torchvision RetinaNet, FCOS or FasterRCNN (without mask/keypoint heads)"
+
+
+@dataclass
+class DetectorOutput:
+    """Everything one ``run_detector`` call produces.
+
+    Attributes:
+        losses: torchvision's loss dict; empty in eval mode unless targets were given.
+        detections: per image ``{"boxes" [D, 4], "scores" [D], "labels" [D]}`` in original image
+            pixels (eval mode); ``None`` in train mode.
+        features: the backbone's FPN levels ``[N, C, H_l, W_l]`` (before any ``features_fn``).
+        strides: level -> input pixels per cell of the batched, resized input (``image_list.tensors``).
+        targets: the targets after ``model.transform`` (boxes ``[n, 4]`` in resized-input pixels);
+            ``None`` without targets. Distillers must use these boxes, not the original ones.
+        head_logits: level -> classification logits ``[N, A*K, H_l, W_l]`` (RetinaNet: A anchors,
+            K = num_classes, channel ``a*K + k``; FCOS: A = 1); Faster R-CNN: RPN objectness ``[N, A, H_l, W_l]``.
+            Computed on the features the heads saw (after ``features_fn``).
+        image_list: the batched, normalised input ``[N, 3, H, W]`` and each image's resized size.
+    """
+
+    losses: dict[str, Tensor]
+    detections: list[Target] | None
+    features: OrderedDict[str, Tensor]
+    strides: dict[str, float]
+    targets: list[Target] | None
+    head_logits: dict[str, Tensor]
+    image_list: ImageList
+
+
+def detector_arch(model: nn.Module) -> str:
+    """``"retinanet"``, ``"fcos"`` or ``"fasterrcnn"``; ``TypeError`` for any other model."""
+    if isinstance(model, RetinaNet):
+        return "retinanet"
+    if isinstance(model, FCOS):
+        return "fcos"
+    if isinstance(model, FasterRCNN) and not (model.roi_heads.has_mask() or model.roi_heads.has_keypoint()):
+        return "fasterrcnn"
+    raise TypeError(f"expected a {SUPPORTED}, got {type(model).__name__}")
+
+
+def _describe(x: object) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_targets(targets: object, num_images: int) -> list[Target]:
+    """Targets: one dict per image with ``boxes`` float ``[n, 4]`` and ``labels`` int64 ``[n]``."""
+    if not isinstance(targets, Sequence) or len(targets) != num_images:
+        length = f" of length {len(targets)}" if isinstance(targets, Sequence) else ""
+        raise ValueError(f"targets must be a list with one dict per image ({num_images}), "
+                         f"got {type(targets).__name__}{length}")
+    for i, t in enumerate(targets):
+        if not isinstance(t, Mapping) or "boxes" not in t or "labels" not in t:
+            raise ValueError(f"targets[{i}] must be a dict with 'boxes' and 'labels'")
+        boxes, labels = t["boxes"], t["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
+            raise ValueError(f"targets[{i}]['boxes'] must be a float tensor [n, 4] (x1, y1, x2, y2), "
+                             f"got {_describe(boxes)}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"targets[{i}]['labels'] must be an int64 tensor [{boxes.shape[0]}], got {_describe(labels)}")
+    return list(targets)
+
+
+def _check_positive_boxes(targets: list[Target]) -> None:
+    """torchvision's degenerate-box check on the transformed targets, as a ValueError."""
+    for i, t in enumerate(targets):
+        bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise ValueError(f"targets[{i}]['boxes'][{j}] = {t['boxes'][j].tolist()} (after resizing) has no "
+                             "positive width and height")
+
+
+def _ordered_features(
+    features: Mapping[str, Tensor], levels: Sequence[str], num_images: int
+) -> OrderedDict[str, Tensor]:
+    """``features`` in the model's level order, checked to be ``[num_images, C, H, W]`` per level."""
+    if not isinstance(features, Mapping) or set(features) != set(levels):
+        got = list(features) if isinstance(features, Mapping) else type(features).__name__
+        raise ValueError(f"features must hold exactly the FPN levels {list(levels)}, got {got}")
+    for lvl in levels:
+        f = features[lvl]
+        if not isinstance(f, Tensor) or f.dim() != 4 or f.shape[0] != num_images:
+            shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(f"features[{lvl!r}] must be [{num_images}, C, H, W], got {shape}")
+    return OrderedDict((lvl, features[lvl]) for lvl in levels)
+
+
+def _dense_heads(
+    model: RetinaNet | FCOS,
+    image_list: ImageList,
+    features: OrderedDict[str, Tensor],
+    targets: list[Target] | None,
+    original_sizes: list[tuple[int, int]] | None,
+) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, Tensor]]:
+    """RetinaNet / FCOS: head, anchors, loss (if targets), detections (if original sizes)."""
+    feats = list(features.values())
+    head_outputs = model.head(feats)  # cls_logits [N, sum(H*W*A), K], bbox_regression [N, sum(H*W*A), 4], ...
+    anchors = model.anchor_generator(image_list, feats)
+    cells = [f.shape[-2] * f.shape[-1] for f in feats]
+    num_anchors = head_outputs["cls_logits"].shape[1] // sum(cells)
+    per_level = [c * num_anchors for c in cells]
+
+    losses: dict[str, Tensor] = {}
+    if targets is not None:
+        if isinstance(model, FCOS):
+            losses = model.compute_loss(targets, head_outputs, anchors, per_level)
+        else:
+            losses = model.compute_loss(targets, head_outputs, anchors)
+
+    detections = None
+    if original_sizes is not None:
+        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
+        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    head_logits = {}
+    for lvl, logits in zip(features, head_outputs["cls_logits"].split(per_level, dim=1)):
+        n, _, h, w = features[lvl].shape
+        k = logits.shape[-1]  # undo the head's (N, A*K, H, W) -> (N, H*W*A, K) permute
+        per_cell = logits.reshape(n, h, w, num_anchors, k).permute(0, 3, 4, 1, 2)
+        head_logits[lvl] = per_cell.reshape(n, num_anchors * k, h, w)
+    return losses, detections, head_logits
+
+
+def _box_branch(model: FasterRCNN, features: OrderedDict[str, Tensor], proposals: list[Tensor],
+                image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """RoI head on ``proposals`` (per image ``[P_i, 4]``): class logits ``[P, K]``, box deltas ``[P, 4K]``."""
+    roi = model.roi_heads
+    return roi.box_predictor(roi.box_head(roi.box_roi_pool(features, proposals, image_sizes)))
+
+
+def _rcnn_heads(
+    model: FasterRCNN,
+    image_list: ImageList,
+    features: OrderedDict[str, Tensor],
+    targets: list[Target] | None,
+    original_sizes: list[tuple[int, int]] | None,
+) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, Tensor]]:
+    """Faster R-CNN: RPN then RoI heads, as ``RegionProposalNetwork.forward`` and ``RoIHeads.forward``."""
+    rpn, roi, sizes = model.rpn, model.roi_heads, image_list.image_sizes
+    feats = list(features.values())
+    objectness, deltas = rpn.head(feats)  # per level [N, A, H, W] and [N, 4A, H, W]
+    anchors = rpn.anchor_generator(image_list, feats)
+    anchors_per_level = [o[0].numel() for o in objectness]
+    flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+    proposals = rpn.box_coder.decode(flat_deltas.detach(), anchors).view(len(anchors), -1, 4)
+    proposals, _ = rpn.filter_proposals(proposals, flat_objectness, sizes, anchors_per_level)
+
+    losses: dict[str, Tensor] = {}
+    if targets is not None:
+        labels, matched_boxes = rpn.assign_targets_to_anchors(anchors, targets)
+        regression_targets = rpn.box_coder.encode(matched_boxes, anchors)
+        loss_objectness, loss_rpn_box_reg = rpn.compute_loss(flat_objectness, flat_deltas, labels, regression_targets)
+        sampled, _, sampled_labels, box_targets = roi.select_training_samples(proposals, targets)
+        class_logits, box_regression = _box_branch(model, features, sampled, sizes)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, sampled_labels, box_targets)
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+                  "loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+
+    detections = None
+    if original_sizes is not None:
+        class_logits, box_regression = _box_branch(model, features, proposals, sizes)
+        boxes, scores, labels = roi.postprocess_detections(class_logits, box_regression, proposals, sizes)
+        detections = [{"boxes": b, "labels": l, "scores": s} for b, s, l in zip(boxes, scores, labels)]
+        detections = model.transform.postprocess(detections, sizes, original_sizes)
+    return losses, detections, dict(zip(features, objectness))
+
+
+def _heads(
+    model: nn.Module,
+    image_list: ImageList,
+    features: OrderedDict[str, Tensor],
+    targets: list[Target] | None,
+    original_sizes: list[tuple[int, int]] | None,
+) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, Tensor]]:
+    if detector_arch(model) == "fasterrcnn":
+        return _rcnn_heads(model, image_list, features, targets, original_sizes)
+    return _dense_heads(model, image_list, features, targets, original_sizes)
+
+
+def run_detector(
+    model: nn.Module,
+    images: list[Tensor],
+    targets: list[Target] | None = None,
+    features_fn: FeaturesFn | None = None,
+) -> DetectorOutput:
+    """Run a torchvision detector once and return losses, detections, FPN features and head logits.
+
+    Args:
+        model: torchvision ``RetinaNet``, ``FCOS`` or ``FasterRCNN`` with a ResNet-FPN backbone
+            (e.g. from ``create_detector``). Its mode decides the outputs: train -> losses;
+            eval -> detections, plus losses when ``targets`` are given.
+        images: per image a float ``[3, H_i, W_i]`` tensor in ``[0, 1]``.
+        targets: per image ``{"boxes": float [n_i, 4] (x1, y1, x2, y2, original pixels),
+            "labels": int64 [n_i]}``; ``n_i`` may be 0. Required in train mode.
+        features_fn: ``features_fn(features, transformed_targets) -> features`` replaces the FPN
+            features (same levels and shapes) before the heads run, e.g. LIAF-KD stage 1:
+            ``lambda f, t: liaf.stage1(f, [x["boxes"] for x in t])[0]``.
+
+    Returns:
+        ``DetectorOutput``.
+
+    Raises:
+        TypeError: ``model`` is not a supported detector, or ``images`` is not a list of tensors.
+        ValueError: targets missing in train mode, malformed targets or features.
+    """
+    detector_arch(model)
+    if isinstance(images, Tensor) or not isinstance(images, Sequence) or not images \
+            or not all(isinstance(img, Tensor) and img.dim() == 3 for img in images):
+        raise TypeError("images must be a non-empty list of [3, H, W] tensors (one per image)")
+    if targets is None and model.training:
+        raise ValueError(f"targets are required in train mode ({type(model).__name__}.training is True); "
+                         "call model.eval() to get detections without targets")
+    if targets is not None:
+        targets = _check_targets(targets, len(images))
+    original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    image_list, targets = model.transform(list(images), targets)
+    if targets is not None:
+        _check_positive_boxes(targets)
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, Tensor):
+        features = OrderedDict([("0", features)])
+    head_features = features
+    if features_fn is not None:
+        head_features = _ordered_features(features_fn(features, targets), list(features), len(images))
+        for lvl, f in features.items():
+            if head_features[lvl].shape != f.shape:
+                raise ValueError(f"features_fn changed the shape of level {lvl!r}: "
+                                 f"{tuple(f.shape)} -> {tuple(head_features[lvl].shape)}")
+    losses, detections, head_logits = _heads(
+        model, image_list, head_features, targets, None if model.training else original_sizes
+    )
+    return DetectorOutput(losses, detections, features, fpn_strides(model), targets, head_logits, image_list)
+
+
+def loss_on_features(
+    model: nn.Module, image_list: ImageList, targets: list[Target], features: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The detector's task loss with its heads run on ``features`` instead of its own.
+
+    LIAF-KD stage 1 runs the frozen teacher's head on masked teacher features:
+    ``out = run_detector(teacher, images, targets)`` then
+    ``loss_on_features(teacher, out.image_list, out.targets, masked)``.
+
+    Args:
+        model: a supported detector (either mode; see the module docstring for Faster R-CNN).
+        image_list: ``DetectorOutput.image_list`` of the same batch.
+        targets: ``DetectorOutput.targets`` (transformed targets, resized-input pixels).
+        features: every FPN level ``[N, C, H_l, W_l]`` with the shapes ``run_detector`` produced.
+
+    Returns:
+        torchvision's loss dict (e.g. ``classification``, ``bbox_regression`` for RetinaNet).
+    """
+    detector_arch(model)
+    num_images = len(image_list.image_sizes)
+    if targets is None:
+        raise ValueError("loss_on_features needs the transformed targets (DetectorOutput.targets)")
+    targets = _check_targets(targets, num_images)
+    ordered = _ordered_features(features, list(fpn_strides(model)), num_images)
+    losses, _, _ = _heads(model, image_list, ordered, targets, None)
+    return losses
