@@ -1,0 +1,60 @@
+"""The LIAF-KD recipe as four calls: train a detector, learn the selectors, distill, evaluate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data import collate_fn as default_collate
+from ..distillers import FeatureDistiller, LIAFDistiller
+from .loop import FitResult, TrainConfig, fit
+from .steps import DetectorStep, DistillStep, SelectorStep
+
+
+def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path | None = None,
+                   device: torch.device | str | None = None, collate_fn: Callable = default_collate,
+                   desc: str = "detector") -> FitResult:
+    """Train a detector on its task loss (the teacher, or the student without KD)."""
+    return fit(DetectorStep(model), {"model": model}, dataset, collate_fn, cfg, out_dir, device, desc)
+
+
+def learn_selectors(teacher: nn.Module, distiller: LIAFDistiller, dataset: Dataset, cfg: TrainConfig,
+                    out_dir: str | Path | None = None, device: torch.device | str | None = None,
+                    collate_fn: Callable = default_collate) -> FitResult:
+    """Stage 1 (Eq. 5): learn the instance selectors on the frozen teacher's task loss plus diversity."""
+    selectors = nn.ModuleDict({"selectors": distiller.selectors})
+    for p in selectors.parameters():
+        p.requires_grad_(True)
+    return fit(SelectorStep(teacher, distiller), {"selectors": selectors}, dataset, collate_fn, cfg, out_dir,
+               device, "stage 1 (selectors)")
+
+
+def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
+            cfg: TrainConfig, out_dir: str | Path | None = None, device: torch.device | str | None = None,
+            collate_fn: Callable = default_collate) -> FitResult:
+    """Stage 2: train ``student`` on its task loss plus ``distiller``'s loss against the frozen teacher."""
+    for p in distiller.parameters():
+        p.requires_grad_(False)
+    trainable = distiller.stage2_parameters() if isinstance(distiller, LIAFDistiller) else list(distiller.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
+               collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})")
+
+
+def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy the teacher's FPN and head weights into the student where names and shapes match.
+
+    Returns the copied parameter names (FGD, MasKD and ACAM-KD initialise students this way).
+    """
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    copied = [k for k, v in s_state.items()
+              if (k.startswith("backbone.fpn.") or k.startswith("head.")) and k in t_state
+              and t_state[k].shape == v.shape]
+    student.load_state_dict({**s_state, **{k: t_state[k] for k in copied}})
+    return copied

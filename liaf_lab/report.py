@@ -1,0 +1,93 @@
+"""The demo's report: a Markdown table of COCO metrics (mean and spread over seeds) and figures."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LABELS = {"none": "Student (no KD)", "fitnet": "Student + FitNet", "liaf": "Student + LIAF-KD"}
+COLUMNS = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR100"]
+
+
+def _cell(values: list[float]) -> str:
+    pct = [100 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.1f}"
+    return f"{statistics.fmean(pct):.1f} ± {statistics.stdev(pct):.1f}"
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per model, COCO metrics in percent, ``mean ± std`` over seeds."""
+    lines = ["| model | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    lines.append("| Teacher | - | " + " | ".join(_cell([results["teacher"][c]]) for c in COLUMNS) + " |")
+    for method, rows in results["students"].items():
+        if rows:
+            lines.append(f"| {LABELS.get(method, method)} | {len(rows)} | "
+                         + " | ".join(_cell([r[c] for r in rows]) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot_ap(results: dict[str, Any], path: Path) -> Path:
+    """Bar chart of AP and AP50 per model with the seed-to-seed std as error bars."""
+    names = ["Teacher"] + [LABELS.get(m, m) for m, rows in results["students"].items() if rows]
+    series = [[results["teacher"]]] + [rows for rows in results["students"].values() if rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for j, metric in enumerate(["AP", "AP50"]):
+        means = [statistics.fmean(100 * r[metric] for r in rows) for rows in series]
+        stds = [statistics.stdev([100 * r[metric] for r in rows]) if len(rows) > 1 else 0 for rows in series]
+        ax.bar([i + 0.4 * j for i in range(len(names))], means, 0.4, yerr=stds, capsize=3, label=metric)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=15)
+    ax.set_ylabel("percent")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(runs: dict[str, Path], path: Path) -> Path:
+    """Total training loss over iterations for several runs' ``metrics.csv``."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, csv_path in runs.items():
+        if csv_path.exists():
+            with csv_path.open() as f:
+                rows = list(csv.DictReader(f))
+            ax.plot([int(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows], label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> Path:
+    """Write ``report.md`` with the table and ``ap.png`` / ``losses_seed*.png`` beside it."""
+    plot_ap(results, out / "ap.png")
+    seeds = sorted({r["seed"] for rows in results["students"].values() for r in rows})
+    figures = []
+    for seed in seeds:
+        runs = {LABELS[m]: out / f"seed{seed}" / m / "metrics.csv" for m in results["students"]}
+        figures.append(plot_losses(runs, out / f"losses_seed{seed}.png").name)
+    t, s = cfg["teacher"], cfg["student"]
+    text = [
+        "# LIAF-KD demo report", "",
+        f"Teacher: {t['arch']} ResNet-{t['depth']} x{t['width_mult']} FPN {t['fpn_channels']} "
+        f"({results['teacher_source']}); student: {s['arch']} ResNet-{s['depth']} x{s['width_mult']} "
+        f"FPN {s['fpn_channels']}; input {s['min_size']} px; stage 2: {cfg['distill']['iterations']} iterations; "
+        f"seeds {seeds}; {results['seconds'] / 60:.1f} min in all.", "",
+        "COCO bbox metrics (pycocotools) on the validation split, in percent; `mean ± std` over seeds.", "",
+        metrics_table(results), "", "![AP per model](ap.png)", "",
+        *[f"![training loss]({name})" for name in figures], "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path

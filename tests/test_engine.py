@@ -1,0 +1,185 @@
+"""Engine: checkpoints, SIGKILL resume, DDP on two CPU processes, stage 1, COCO evaluation, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from liaf_lab.data import CocoDetectionDataset, collate_fn, detection_transforms, generate_scenes
+from liaf_lab.distillers import LIAFDistiller
+from liaf_lab.engine import (
+    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, learn_selectors, load_checkpoint, save_checkpoint,
+    train_detector,
+)
+from liaf_lab.engine.schedule import lr_factor
+from liaf_lab.models import create_detector, fpn_strides
+
+JOB = Path(__file__).with_name("engine_job.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    generate_scenes(root, 8, (64, 64), seed=0, split="train")
+    generate_scenes(root, 4, (64, 64), seed=0, split="val")
+    return root
+
+
+def _dataset(root: Path, split: str, train: bool) -> CocoDetectionDataset:
+    return CocoDetectionDataset(root / split, root / "annotations" / f"instances_{split}.json",
+                                detection_transforms(train=train))
+
+
+def _detector(num_classes: int, width: float = 0.125, fpn: int = 8) -> torch.nn.Module:
+    return create_detector("retinanet", num_classes, depth=18, width_mult=width, fpn_channels=fpn,
+                           min_size=64, max_size=64)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def test_checkpoint_round_trip_leaves_no_temporary_file(tmp_path):
+    state = {"w": torch.arange(5.0), "iteration": 3, "nested": {"lr": 0.1}}
+    save_checkpoint(tmp_path / "c.pt", state)
+    save_checkpoint(tmp_path / "c.pt", {**state, "iteration": 4})
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert loaded["iteration"] == 4 and torch.equal(loaded["w"], state["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_truncated_missing_and_pickled_checkpoints_give_clear_errors(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"w": torch.randn(1000)})
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt is truncated or corrupt"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    # An arbitrary pickled object is refused by weights_only=True loading.
+    torch.save({"obj": pickle.loads(pickle.dumps(Path("x")))}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_lr_schedule_warmup_step_cosine():
+    assert lr_factor(0, 100, 10, "constant") == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, "constant") == 1.0
+    assert lr_factor(70, 100, 0, "step") == pytest.approx(0.1)
+    assert lr_factor(95, 100, 0, "step") == pytest.approx(0.01)
+    assert lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0)
+    assert lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, 0, "linear")
+
+
+# -- resume and DDP (subprocesses) -------------------------------------------------------------------
+def _run_job(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny_data, tmp_path):
+    straight = _run_job([str(JOB), str(tiny_data), str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = _run_job([str(JOB), str(tiny_data), str(tmp_path / "b"), "--kill-at", "4"])
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / "final_rank0.pt").exists()
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 4
+
+    resumed = _run_job([str(JOB), str(tiny_data), str(tmp_path / "b")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "final_rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "final_rank0.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes_gloo(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    result = _run_job(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                       f"--master_port={_free_port()}", str(JOB), str(tiny_data), str(out), "--iterations", "3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    w0 = torch.load(out / "final_rank0.pt", weights_only=True)
+    w1 = torch.load(out / "final_rank1.pt", weights_only=True)
+    for k in w0:  # DDP keeps the replicas identical
+        assert torch.equal(w0[k], w1[k]), k
+    assert load_checkpoint(out / "last.pt")["iteration"] == 3
+
+
+# -- stage 1 and training on real detectors ------------------------------------------------------------
+def test_stage1_trains_only_the_selectors(tiny_data, tmp_path):
+    train = _dataset(tiny_data, "train", train=False)
+    nc = len(train.class_names) + 1
+    torch.manual_seed(0)
+    teacher = _detector(nc, width=0.25, fpn=16)
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distiller = LIAFDistiller(8, 16, fpn_strides(teacher), num_selectors=3)
+    before = {k: v.clone() for k, v in distiller.state_dict().items()}
+    cfg = TrainConfig(iterations=3, batch_size=2, optimizer="adam", lr=0.01, warmup=0, checkpoint_every=10)
+    result = learn_selectors(teacher, distiller, train, cfg, out_dir=tmp_path, device="cpu")
+    assert "diversity" in result.final_losses and "classification" in result.final_losses
+    for k, v in teacher.state_dict().items():  # frozen, BatchNorm statistics included
+        assert torch.equal(v, before_teacher[k]), k
+    changed = {k for k, v in distiller.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"selectors.{lvl}.weight" for lvl in distiller.levels}
+
+
+def test_training_lowers_the_loss_and_evaluation_reports_coco_metrics(tiny_data, tmp_path):
+    train = _dataset(tiny_data, "train", train=False)
+    val = _dataset(tiny_data, "val", train=False)
+    torch.manual_seed(0)
+    model = _detector(len(train.class_names) + 1, width=0.25, fpn=16)
+    cfg = TrainConfig(iterations=30, batch_size=4, lr=0.05, warmup=0, schedule="constant", log_every=1,
+                      checkpoint_every=100)
+    train_detector(model, Subset(train, range(4)), cfg, out_dir=tmp_path, device="cpu")  # one batch, overfit
+    losses = [float(r.split(",")[2]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    metrics = evaluate_coco(model, val, collate_fn, batch_size=2, out_json=tmp_path / "eval.json")
+    assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L",
+                                                                      "AR100", "AR_S", "AR_M", "AR_L"}
+    assert all(-1 <= metrics[k] <= 1 for k in ("AP", "AP50", "AR100"))
+
+
+def test_coco_metrics_perfect_and_empty_predictions(tiny_data):
+    val = _dataset(tiny_data, "val", train=False)
+    gt = val.coco_gt()
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in gt.dataset["annotations"] if not a.get("iscrowd", 0)]
+    assert coco_metrics(gt, perfect)["AP50"] == pytest.approx(1.0)
+    assert coco_metrics(gt, [])["AP"] == 0.0
+
+
+def test_quick_demo_end_to_end(tiny_data, tmp_path):
+    from liaf_lab.demo import run_demo
+
+    overrides = [f"data.train_images='{tiny_data / 'train'}'",
+                 f"data.train_ann='{tiny_data / 'annotations' / 'instances_train.json'}'",
+                 f"data.val_images='{tiny_data / 'val'}'",
+                 f"data.val_ann='{tiny_data / 'annotations' / 'instances_val.json'}'",
+                 "teacher.min_size=64", "teacher.max_size=64", "student.min_size=64", "student.max_size=64"]
+    results = run_demo(tmp_path, "tiny", seeds=(0,), overrides=overrides, device="cpu", teacher_weights=None,
+                       quick=True)
+    assert set(results["students"]) == {"none", "fitnet", "liaf"}
+    report = (tmp_path / "report.md").read_text()
+    assert "Student + LIAF-KD" in report and "| Teacher |" in report
+    assert (tmp_path / "ap.png").stat().st_size > 0
+    assert (tmp_path / "seed0" / "stage1" / "selectors.pt").exists()
