@@ -1,0 +1,36 @@
+"""Analysis of distillation: figures, CAMs, efficiency, score histories and an interactive mask inspector.
+
+Every plotting function returns a ``matplotlib.figure.Figure``; library functions raise ``ValueError``
+naming the problem for bad input (no boxes, unknown level, a model that is no FPN detector).
+"""
+
+from .cam import DetectorCAM, compare_cams, detector_cam, fpn_features, resize_for_detector
+from .efficiency import (
+    count_flops,
+    count_parameters,
+    efficiency_table,
+    format_table,
+    kd_step_overhead,
+    measure_latency,
+    peak_memory,
+)
+from .history import ScoreHistory
+from .viz import (
+    draw_boxes,
+    draw_mask,
+    draw_score_bars,
+    figure_digest,
+    figure_to_png,
+    plot_detections,
+    plot_instance_scores,
+    plot_masks,
+    plot_training_curves,
+)
+from .widgets import MaskInspector
+
+__all__ = [
+    "DetectorCAM", "MaskInspector", "ScoreHistory", "compare_cams", "count_flops", "count_parameters",
+    "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars", "efficiency_table", "figure_digest",
+    "figure_to_png", "format_table", "fpn_features", "kd_step_overhead", "measure_latency", "peak_memory",
+    "plot_detections", "plot_instance_scores", "plot_masks", "plot_training_curves", "resize_for_detector",
+]

@@ -1,0 +1,413 @@
+"""Class activation maps over all FPN levels of torchvision detectors (LIAF-KD Fig. 3).
+
+Built on the ``grad-cam`` package (``pytorch_grad_cam``). The detector is wrapped in a module that
+runs ``model.transform`` and ``model.backbone``, packs the FPN levels ``{level: [N, C, H_l, W_l]}``
+into one tensor ``[N, C, sum_l H_l W_l, 1]`` that passes through an identity *tap* (the CAM's
+target layer), unpacks them and returns a differentiable score per image:
+
+* RetinaNet / FCOS (``anchor_generator`` + ``head.classification_head``): for every target box the
+  mean classification logit of its class over the anchor locations whose centres lie in the box
+  (the nearest location for tiny boxes), summed over targets.
+* Faster R-CNN (``rpn`` + ``roi_heads``): the box head's class logit for the target box used as a
+  proposal, plus the mean RPN objectness logit of the anchors centred in the box.
+
+This is a differentiable analogue of ``pytorch_grad_cam``'s ``FasterRCNNBoxScoreTarget``, which
+needs detections that survive the score threshold (an untrained student has none). Label ``-1``
+means "any class" (the maximum over classes). The package's ``reshape_transform`` hook turns the
+packed tap back into levels, crops the padding the transform added, resizes every level to one grid
+(the finest level, capped at ``max_cells`` cells) and concatenates them along channels, taking
+``abs`` for EigenCAM (method notes section 4). Grad-CAM then weights those ``L*C`` channels by their
+mean gradient; EigenCAM projects them on their first principal component.
+
+The CAM objects are used as context managers: hooks live on the tap only and are released on exit,
+also after an error; the detector's parameter flags, gradients and train/eval mode are restored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from pytorch_grad_cam import EigenCAM, GradCAM
+from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
+from torch import Tensor, nn
+
+from ..validation import check_boxes
+from .viz import check_image, draw_boxes, new_figure
+
+__all__ = ["DetectorCAM", "compare_cams", "detector_cam", "fpn_features", "resize_for_detector"]
+
+CamMethod = Literal["gradcam", "eigencam"]
+DetectorKind = Literal["dense", "two_stage"]
+
+
+def _check_fpn_detector(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a torchvision detector (nn.Module), got {type(model).__name__}")
+    missing = [a for a in ("transform", "backbone") if not isinstance(getattr(model, a, None), nn.Module)]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} has no {' or '.join(missing)}: expected a torchvision FPN detector "
+            "(RetinaNet, FCOS, FasterRCNN) with .transform and an FPN .backbone"
+        )
+
+
+def _detector_kind(model: nn.Module) -> DetectorKind:
+    head = getattr(model, "head", None)
+    if hasattr(model, "anchor_generator") and hasattr(head, "classification_head"):
+        return "dense"
+    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
+        return "two_stage"
+    raise ValueError(
+        f"{type(model).__name__} has neither a dense head (anchor_generator + head.classification_head, as "
+        "RetinaNet/FCOS) nor rpn + roi_heads (as FasterRCNN): no differentiable score for Grad-CAM; "
+        "use method='eigencam'"
+    )
+
+
+def _num_classes(model: nn.Module, kind: DetectorKind) -> int:
+    if kind == "dense":
+        return int(model.head.classification_head.num_classes)
+    return int(model.roi_heads.box_predictor.cls_score.out_features)
+
+
+def _backbone_levels(model: nn.Module, tensors: Tensor) -> OrderedDict[str, Tensor]:
+    feats = model.backbone(tensors)
+    if isinstance(feats, Tensor):
+        feats = OrderedDict([("0", feats)])
+    if not isinstance(feats, Mapping) or not feats:
+        raise ValueError(f"model.backbone returned {type(feats).__name__}; expected a dict of FPN levels")
+    for name, f in feats.items():
+        if not isinstance(f, Tensor) or f.dim() != 4:
+            raise ValueError(f"model.backbone level {name!r} is not an [N, C, H, W] tensor")
+    return OrderedDict(feats)
+
+
+class _EvalMode:
+    """Put a module in eval mode and restore its (and its children's) train flags on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.flags = [(m, m.training) for m in module.modules()]
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+@torch.no_grad()
+def resize_for_detector(
+    model: nn.Module, image: Tensor, target: Mapping[str, Tensor] | None = None
+) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """Resize ``image [3, H, W]`` (and ``target['boxes']``) as ``model.transform`` does in eval mode.
+
+    Returns the un-normalised image ``[3, h, w]`` and a copy of the target with boxes in its
+    pixels: the frame of the detector's FPN features.
+    """
+    _check_fpn_detector(model)
+    img = check_image(image)
+    tgt = dict(target) if target is not None else None
+    with _EvalMode(model.transform):
+        img, tgt = model.transform.resize(img.to(_device(model)), tgt)
+    return img.cpu(), tgt
+
+
+@torch.no_grad()
+def fpn_features(model: nn.Module, image: Tensor) -> OrderedDict[str, Tensor]:
+    """FPN features ``{level: [1, C, H_l, W_l]}`` of ``image [3, H, W]`` in eval mode (mode restored)."""
+    _check_fpn_detector(model)
+    img = check_image(image).to(_device(model))
+    with _EvalMode(model):
+        images, _ = model.transform([img])
+        return _backbone_levels(model, images.tensors)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+class _Tap(nn.Module):
+    """Identity on the packed levels ``[N, C, S, 1]``; a leaf that requires grad when nothing upstream does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if x.requires_grad else x.detach().requires_grad_()
+
+
+def _inside_weights(anchors: Tensor, boxes: Tensor) -> Tensor:
+    """``[T, A]`` weights averaging over the anchors centred in each box (nearest anchor if none)."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    inside = ((centres[None, :, 0] >= boxes[:, None, 0]) & (centres[None, :, 0] <= boxes[:, None, 2])
+              & (centres[None, :, 1] >= boxes[:, None, 1]) & (centres[None, :, 1] <= boxes[:, None, 3]))
+    box_centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    nearest = torch.cdist(box_centres, centres).argmin(dim=1)
+    empty = ~inside.any(dim=1)
+    inside[empty.nonzero().flatten(), nearest[empty]] = True
+    inside = inside.to(anchors.dtype)
+    return inside / inside.sum(dim=1, keepdim=True)
+
+
+def _pick(logits: Tensor, labels: Tensor, foreground_from: int) -> Tensor:
+    """``logits [A, K]`` at ``labels [T]`` -> ``[A, T]``; label -1 takes the max over foreground classes."""
+    any_class = logits[:, foreground_from:].max(dim=1).values
+    picked = logits[:, labels.clamp(min=0)]
+    return torch.where(labels[None, :] < 0, any_class[:, None], picked)
+
+
+class _ScoredDetector(nn.Module):
+    """Detector wrapper: image batch ``[N, 3, H, W]`` -> score ``[N]`` differentiable in the FPN tap."""
+
+    def __init__(self, model: nn.Module, kind: DetectorKind | None, max_cells: int, take_abs: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.max_cells = max_cells
+        self.take_abs = take_abs
+        self.tap = _Tap()
+        self.targets: list[dict[str, Tensor]] | None = None
+        self._layout: tuple[list[str], list[torch.Size], tuple[int, int], tuple[int, int]] | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """No-op: the detector's parameters are frozen while the CAM runs, so no gradients exist."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        targets = [dict(t) for t in self.targets] if self.targets is not None else None
+        images, targets = self.model.transform(list(x), targets)
+        feats = _backbone_levels(self.model, images.tensors)
+        names, shapes = list(feats), [f.shape for f in feats.values()]
+        if len({s[1] for s in shapes}) != 1:
+            raise ValueError(f"FPN levels have different channel counts {[s[1] for s in shapes]}; cannot stack them")
+        self._layout = (names, shapes, tuple(images.tensors.shape[-2:]), tuple(images.image_sizes[0]))
+        packed = self.tap(torch.cat([f.flatten(2) for f in feats.values()], dim=2)[..., None])
+        parts = packed[..., 0].split([s[2] * s[3] for s in shapes], dim=2)
+        feats = OrderedDict((n, p.reshape(s)) for n, p, s in zip(names, parts, shapes))
+        if self.kind is None:
+            return packed.new_zeros(x.shape[0])
+        if self.kind == "dense":
+            return self._dense_score(feats, images, targets)
+        return self._two_stage_score(feats, images, targets)
+
+    def _dense_score(
+        self, feats: OrderedDict[str, Tensor], images: Any, targets: list[dict[str, Tensor]]
+    ) -> Tensor:
+        levels = list(feats.values())
+        logits = self.model.head.classification_head(levels)  # [N, A, K]
+        anchors = self.model.anchor_generator(images, levels)
+        return torch.stack([
+            (_inside_weights(a, t["boxes"]) * _pick(lg, t["labels"], 0).t()).sum()
+            for lg, a, t in zip(logits, anchors, targets)
+        ])
+
+    def _two_stage_score(
+        self, feats: OrderedDict[str, Tensor], images: Any, targets: list[dict[str, Tensor]]
+    ) -> Tensor:
+        heads = self.model.roi_heads
+        boxes = [t["boxes"] for t in targets]
+        pooled = heads.box_head(heads.box_roi_pool(feats, boxes, images.image_sizes))
+        class_logits, _ = heads.box_predictor(pooled)  # [T_total, K], class 0 = background
+        per_image = class_logits.split([len(b) for b in boxes])
+        levels = list(feats.values())
+        objectness, _ = self.model.rpn.head(levels)  # per level [N, A, H, W]
+        objectness = torch.cat([o.permute(0, 2, 3, 1).flatten(1) for o in objectness], dim=1)  # [N, A_total]
+        anchors = self.model.rpn.anchor_generator(images, levels)
+        scores = []
+        for cls, obj, a, t in zip(per_image, objectness, anchors, targets):
+            labels = t["labels"]
+            cls_score = torch.where(labels < 0, cls[:, 1:].max(dim=1).values,
+                                    cls.gather(1, labels.clamp(min=0)[:, None])[:, 0])
+            scores.append(cls_score.sum() + (_inside_weights(a, t["boxes"]) * obj[None, :]).sum())
+        return torch.stack(scores)
+
+    def reshape(self, packed: Tensor) -> Tensor:
+        """``[N, C, S, 1]`` tap tensor (activation or gradient) -> ``[N, L*C, h, w]`` on one grid."""
+        names, shapes, padded, valid = self._layout
+        parts = packed[..., 0].split([s[2] * s[3] for s in shapes], dim=2)
+        crops = []
+        for part, shape in zip(parts, shapes):
+            level = part.reshape(shape)
+            rows = min(shape[2], math.ceil(valid[0] * shape[2] / padded[0]))
+            cols = min(shape[3], math.ceil(valid[1] * shape[3] / padded[1]))
+            crops.append(level[..., :rows, :cols])
+        rows, cols = crops[0].shape[-2:]
+        scale = min(1.0, math.sqrt(self.max_cells / (rows * cols)))
+        size = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+        out = torch.cat([F.interpolate(c.float(), size=size, mode="bilinear", align_corners=False) for c in crops],
+                        dim=1)
+        return out.abs() if self.take_abs else out
+
+
+class DetectorCAM:
+    """Grad-CAM or EigenCAM over all FPN levels of a torchvision detector; a context manager.
+
+    ``with DetectorCAM(model, "gradcam") as cam: heat = cam(image, boxes, labels)`` gives a
+    ``[H, W]`` map in [0, 1] for ``image [3, H, W]``. Inside the block the detector is in eval mode
+    with ``requires_grad`` off for its parameters (so its ``.grad`` are untouched); both are restored
+    on exit, and the package's hooks (on the wrapper's tap, never on ``model``) are released.
+
+    Args:
+        model: RetinaNet, FCOS or FasterRCNN (any module with ``.transform`` and an FPN ``.backbone``
+            for EigenCAM).
+        method: ``"gradcam"`` (gradient of the box score, see the module docstring) or
+            ``"eigencam"`` (gradient-free first principal component of ``|F|``).
+        max_targets: without ``target_boxes``, Grad-CAM explains the model's top detections (at
+            most this many); with none it explains the whole image for any class.
+        max_cells: cap on the cells of the common grid the levels are resized to (EigenCAM's SVD
+            builds a ``cells x cells`` matrix).
+    """
+
+    def __init__(
+        self, model: nn.Module, method: CamMethod = "gradcam", max_targets: int = 5, max_cells: int = 2304
+    ) -> None:
+        _check_fpn_detector(model)
+        if method not in ("gradcam", "eigencam"):
+            raise ValueError(f"method must be 'gradcam' or 'eigencam', got {method!r}")
+        if max_targets < 1 or max_cells < 1:
+            raise ValueError(f"max_targets and max_cells must be positive, got {max_targets}, {max_cells}")
+        kind = _detector_kind(model) if method == "gradcam" else None
+        self.model = model
+        self.method = method
+        self.max_targets = max_targets
+        self.wrapper = _ScoredDetector(model, kind, max_cells, take_abs=method == "eigencam")
+        self._cam: GradCAM | EigenCAM | None = None
+        self._restore: list[tuple[nn.Parameter, bool]] = []
+        self._mode: _EvalMode | None = None
+
+    def __enter__(self) -> DetectorCAM:
+        self._mode = _EvalMode(self.model)
+        self._mode.__enter__()
+        self._restore = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._restore:
+            p.requires_grad_(False)
+        try:
+            cls = GradCAM if self.method == "gradcam" else EigenCAM
+            self._cam = cls(self.wrapper, [self.wrapper.tap], reshape_transform=self.wrapper.reshape)
+        except BaseException:
+            self._release(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._release(exc_type, exc, tb)
+
+    def _release(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self._cam is not None:
+            # Releases the hooks. Its return value is ignored: the package swallows IndexError.
+            self._cam.__exit__(exc_type, exc, tb)
+            self._cam = None
+        for p, flag in self._restore:
+            p.requires_grad_(flag)
+        self._restore = []
+        if self._mode is not None:
+            self._mode.__exit__()
+            self._mode = None
+        self.wrapper.targets = None
+
+    def _targets(self, image: Tensor, boxes: Tensor | None, labels: Tensor | Sequence[int] | None) -> dict[str, Tensor]:
+        device = image.device
+        if boxes is None:
+            if labels is not None:
+                raise ValueError("target_labels given without target_boxes")
+            with torch.no_grad():
+                det = self.model([image])[0]
+            order = det["scores"].argsort(descending=True)[: self.max_targets]
+            if len(order) == 0:
+                h, w = image.shape[-2:]
+                return {"boxes": torch.tensor([[0.0, 0.0, w, h]], device=device),
+                        "labels": torch.tensor([-1], device=device)}
+            return {"boxes": det["boxes"][order].detach(), "labels": det["labels"][order].detach()}
+        (boxes,) = check_boxes("target_boxes", [torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)])
+        if boxes.shape[0] == 0:
+            raise ValueError("target_boxes is empty: pass at least one box, or None to explain the detections")
+        if labels is None:
+            labels = torch.full((boxes.shape[0],), -1)
+        labels = torch.as_tensor(labels).long().flatten()
+        if labels.numel() != boxes.shape[0]:
+            raise ValueError(f"target_labels has {labels.numel()} entries but target_boxes has {boxes.shape[0]}")
+        num_classes = _num_classes(self.model, self.wrapper.kind)
+        bad = labels[(labels < -1) | (labels >= num_classes)]
+        if len(bad):
+            raise ValueError(f"target_labels {bad.tolist()} outside -1..{num_classes - 1} "
+                             f"(the model has {num_classes} classes)")
+        return {"boxes": boxes.to(device), "labels": labels.to(device)}
+
+    def __call__(
+        self,
+        image: Tensor,
+        target_boxes: Tensor | None = None,
+        target_labels: Tensor | Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """CAM of ``image [3, H, W]`` as ``[H, W]`` float32 in [0, 1].
+
+        ``target_boxes [T, 4]`` (image pixels) and ``target_labels [T]`` choose what Grad-CAM
+        explains (label -1 or no labels: any class); EigenCAM ignores them.
+        """
+        if self._cam is None:
+            raise RuntimeError("use DetectorCAM as a context manager: `with DetectorCAM(model) as cam: ...`")
+        img = check_image(image).to(_device(self.model))
+        if self.method == "gradcam":
+            self.wrapper.targets = [self._targets(img, target_boxes, target_labels)]
+        with torch.set_grad_enabled(self.method == "gradcam"):
+            heat = self._cam(img[None], targets=[RawScoresOutputTarget()])[0]
+        self._cam.outputs = None  # drop the retained autograd graph
+        heat = np.nan_to_num(heat.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(heat, 0.0, 1.0)
+
+
+def detector_cam(
+    model: nn.Module,
+    image: Tensor,
+    method: CamMethod = "gradcam",
+    target_boxes: Tensor | None = None,
+    target_labels: Tensor | Sequence[int] | None = None,
+    max_targets: int = 5,
+    max_cells: int = 2304,
+) -> np.ndarray:
+    """One CAM of ``image [3, H, W]``: ``[H, W]`` float32 in [0, 1]. See ``DetectorCAM``."""
+    with DetectorCAM(model, method, max_targets, max_cells) as cam:
+        return cam(image, target_boxes, target_labels)
+
+
+def compare_cams(
+    models: Mapping[str, nn.Module],
+    image: Tensor,
+    method: CamMethod = "gradcam",
+    target_boxes: Tensor | None = None,
+    target_labels: Tensor | Sequence[int] | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    max_cells: int = 2304,
+) -> Figure:
+    """The image, then each model's CAM overlaid on it side by side (LIAF-KD Fig. 3).
+
+    E.g. ``{"teacher": t, "baseline": s0, "LIAF-KD": s1}``. Pass the ground-truth boxes as
+    ``target_boxes``/``target_labels`` so every model explains the same instances (without them
+    each Grad-CAM explains that model's own detections).
+    """
+    if not models:
+        raise ValueError("models is empty: pass a dict of name -> detector")
+    img = check_image(image)
+    heats = {name: detector_cam(m, img, method, target_boxes, target_labels, max_cells=max_cells)
+             for name, m in models.items()}
+    height, width = img.shape[-2:]
+    fig, axes = new_figure(1 + len(heats), panel=(3.5, 3.5 * height / width + 0.4))
+    boxes = torch.as_tensor(target_boxes).reshape(-1, 4) if target_boxes is not None else torch.zeros(0, 4)
+    draw_boxes(axes[0, 0], img, boxes, target_labels)
+    axes[0, 0].set_title("image")
+    cm = colormaps[cmap]
+    for ax, (name, heat) in zip(axes[0, 1:], heats.items()):
+        overlay = (1 - alpha) * img.permute(1, 2, 0).numpy() + alpha * cm(heat)[..., :3]
+        ax.imshow(np.clip(overlay, 0, 1))
+        ax.set_axis_off()
+        ax.set_title(f"{name} ({method})")
+    return fig

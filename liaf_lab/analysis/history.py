@@ -1,0 +1,162 @@
+"""Track LIAF-KD instance scores ``A^T`` and ``A^S`` over distillation iterations for fixed images."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..distillers.liaf import LIAFDistiller
+from .viz import check_levels, new_figure
+
+__all__ = ["ScoreHistory"]
+
+_FORMAT = "liaf_lab.ScoreHistory/1"
+
+
+class ScoreHistory:
+    """``A^T`` and ``A^S`` (mean and per selector) per level and instance, one entry per ``record``.
+
+    Call ``record`` every few iterations with the features of a *fixed* set of images (e.g. a small
+    validation batch); it runs under ``no_grad`` and changes nothing in the distiller. Records are
+    flat dicts ``{iteration, level, side, instance, mean, selectors}`` where ``side`` is
+    ``"teacher"`` or ``"student"``, ``mean`` is ``A`` (Eq. 6) and ``selectors`` the K values
+    ``softmax(F_ROI E_k)`` (Eq. 3) of that instance. Instances are numbered in the order of the
+    concatenated per-image boxes.
+
+    Args:
+        levels: the levels to record (default: all of the distiller's).
+    """
+
+    def __init__(self, levels: Sequence[str] | None = None) -> None:
+        self.levels = list(levels) if levels is not None else None
+        self.instances: list[dict[str, Any]] | None = None
+        self.records: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def record(
+        self,
+        iteration: int,
+        distiller: LIAFDistiller,
+        student_feats: Mapping[str, Tensor],
+        teacher_feats: Mapping[str, Tensor],
+        boxes: Sequence[Tensor],
+    ) -> None:
+        """Score every instance of ``boxes`` (N tensors ``[n_b, 4]``) on both sides at ``iteration``.
+
+        ``student_feats`` / ``teacher_feats``: ``{level: [N, C, H, W]}``; student features are
+        projected first where the channels differ, as in the loss.
+        """
+        distiller.check_inputs(student_feats, teacher_feats, boxes)
+        levels = check_levels(self.levels, distiller.levels, "the distiller")
+        instances = [{"image": b, "box": [float(v) for v in box]}
+                     for b, per_image in enumerate(boxes) for box in per_image.tolist()]
+        if not instances:
+            raise ValueError("boxes hold no instances: record needs images with at least one box")
+        if self.instances is None:
+            self.instances = instances
+            self.levels = levels
+        elif [i["image"] for i in instances] != [i["image"] for i in self.instances]:
+            raise ValueError(f"boxes hold {len(instances)} instances but the history tracks {len(self.instances)}: "
+                             "record the same fixed images every time")
+        for lvl in levels:
+            student = student_feats[lvl]
+            projected = distiller.projectors[lvl](student)
+            sides = {
+                "teacher": distiller.instance_scores(lvl, teacher_feats[lvl], boxes, per_selector=True),
+                "student": distiller.instance_scores(
+                    lvl, distiller.student_roi_input(lvl, student, projected), boxes, per_selector=True),
+            }
+            for side, scores in sides.items():
+                scores = scores.float().cpu()  # [K, I]
+                means = scores.mean(dim=0)
+                for i in range(scores.shape[1]):
+                    self.records.append({
+                        "iteration": int(iteration), "level": lvl, "side": side, "instance": i,
+                        "mean": float(means[i]), "selectors": scores[:, i].tolist(),
+                    })
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """The records as a list of new dicts (safe to modify)."""
+        return [dict(r, selectors=list(r["selectors"])) for r in self.records]
+
+    def save_json(self, path: str | Path) -> None:
+        """Write levels, instances (image index and box) and records as JSON."""
+        data = {"format": _FORMAT, "levels": self.levels, "instances": self.instances, "records": self.records}
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> ScoreHistory:
+        """Read a history written by ``save_json``."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not a ScoreHistory JSON file (format {_FORMAT!r})")
+        history = cls(data["levels"])
+        history.instances = data["instances"]
+        history.records = data["records"]
+        return history
+
+    def plot(
+        self,
+        instance: int | Sequence[int] | None = None,
+        level: str | None = None,
+        selector: int | Literal["mean"] = "mean",
+    ) -> Figure:
+        """Scores over iterations (left) and the mean gap ``|A^S - A^T|`` (right) at one level.
+
+        Student lines are solid, teacher lines dashed, one colour per instance. ``instance``:
+        one, several or all (None); ``level`` defaults to the first recorded; ``selector``: the
+        mean ``A`` or one selector's score (0-based k).
+        """
+        if not self.records:
+            raise ValueError("the ScoreHistory is empty: call record() first")
+        level = check_levels(level, self.levels, "the ScoreHistory")[0] if level is not None else self.levels[0]
+        num_inst = len(self.instances)
+        if instance is None:
+            chosen = list(range(num_inst))
+        else:
+            chosen = [instance] if isinstance(instance, int) else list(instance)
+        bad = [i for i in chosen if not 0 <= i < num_inst]
+        if bad or not chosen:
+            raise ValueError(f"instance {bad or chosen} out of range: the history tracks instances 0..{num_inst - 1}")
+        num_sel = len(self.records[0]["selectors"])
+        if selector != "mean" and not (isinstance(selector, int) and 0 <= selector < num_sel):
+            raise ValueError(f"selector must be 'mean' or an int in 0..{num_sel - 1}, got {selector!r}")
+
+        def value(r: dict[str, Any]) -> float:
+            return r["mean"] if selector == "mean" else r["selectors"][selector]
+
+        series: dict[tuple[str, int], dict[int, float]] = {}
+        for r in self.records:
+            if r["level"] == level and r["instance"] in chosen:
+                series.setdefault((r["side"], r["instance"]), {})[r["iteration"]] = value(r)
+        fig, axes = new_figure(2, panel=(5.0, 3.5))
+        ax, gap_ax = axes[0]
+        cmap = colormaps["tab10"]
+        for i in chosen:
+            color = cmap(i % 10)
+            for side, style in (("student", "-"), ("teacher", "--")):
+                points = sorted(series.get((side, i), {}).items())
+                if points:
+                    ax.plot(*zip(*points), style, color=color, marker="o", markersize=3,
+                            label=f"{side} #{i} (image {self.instances[i]['image']})")
+        iterations = sorted(set(series.get(("student", chosen[0]), {})) & set(series.get(("teacher", chosen[0]), {})))
+        gaps = [sum(abs(series[("student", i)][t] - series[("teacher", i)][t]) for i in chosen) / len(chosen)
+                for t in iterations]
+        gap_ax.plot(iterations, gaps, marker="o", markersize=3, color="black")
+        what = "A (mean over selectors)" if selector == "mean" else f"selector E_{selector + 1}"
+        ax.set_title(f"level {level}: {what}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("score")
+        ax.legend(fontsize=7, ncol=2)
+        gap_ax.set_title("mean |A^S - A^T| over the shown instances")
+        gap_ax.set_xlabel("iteration")
+        for a in (ax, gap_ax):
+            a.grid(alpha=0.3)
+        return fig
