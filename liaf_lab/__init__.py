@@ -13,11 +13,14 @@ from .distillers import (  # noqa: E402
     list_distillers,
     register_distiller,
 )
+from .engine import TrainConfig, distill, evaluate_coco, learn_selectors, train_detector  # noqa: E402
 from .instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features  # noqa: E402
+from .models import create_detector, fpn_strides  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TrainConfig", "create_detector", "distill", "evaluate_coco", "fpn_strides", "learn_selectors", "train_detector",
     "FeatureDistiller", "FitNetDistiller", "InstanceSelectors", "LIAFDistiller", "TorchvisionOpsError",
     "check_torchvision_ops", "create_distiller", "diversity_loss", "feature_mse", "instance_mask",
     "list_distillers", "register_distiller", "roi_instance_features",

@@ -17,7 +17,8 @@ from .engine import distill, evaluate_coco, learn_selectors, load_checkpoint, sa
 from .engine.distributed import resolve_device
 from .report import write_report
 
-SHIPPED_TEACHER = PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt"
+SHIPPED_DIR = PROJECT_ROOT / "data_samples" / "checkpoints"
+SHIPPED_TEACHER = SHIPPED_DIR / "teacher_tiny.pt"
 METHODS = ("none", "fitnet", "liaf")
 QUICK = ["train_teacher.iterations=4", "stage1.iterations=2", "distill.iterations=4",
          "train_teacher.batch_size=4", "stage1.batch_size=4", "distill.batch_size=4"]
@@ -71,6 +72,8 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
                 kd = distiller if method == "liaf" else build_distiller(method, cfg, student)
                 distill(student, teacher, kd, train, tcfg, run / method, device)
             save_checkpoint(run / method / "student.pt", student.state_dict())
+            if method != "none":
+                save_checkpoint(run / method / "distiller.pt", kd.state_dict())
             metrics = evaluate_coco(student, val, collate_fn, device=device, out_json=run / method / "eval.json",
                                     desc=f"evaluate {method}")
             results["students"][method].append({"seed": seed, **metrics})
@@ -86,8 +89,37 @@ def _mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def load_student(cfg: dict[str, Any], path: str | Path, num_classes: int):
-    """A student detector with weights from a demo run's ``student.pt``."""
-    model = build_detector(cfg, "student", num_classes)
-    model.load_state_dict(load_checkpoint(path))
-    return model
+def export_checkpoints(run_dir: str | Path, dest: str | Path = SHIPPED_DIR, seed: int = 0) -> list[Path]:
+    """Copy a demo run's teacher, students and LIAF-KD distiller (one seed) to ``dest`` in float16."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    sources = {"student_none.pt": run_dir / f"seed{seed}" / "none" / "student.pt",
+               "student_fitnet.pt": run_dir / f"seed{seed}" / "fitnet" / "student.pt",
+               "student_liaf.pt": run_dir / f"seed{seed}" / "liaf" / "student.pt",
+               "liaf_distiller.pt": run_dir / f"seed{seed}" / "liaf" / "distiller.pt"}
+    if (run_dir / "teacher" / "teacher.pt").exists():
+        sources["teacher_tiny.pt"] = run_dir / "teacher" / "teacher.pt"
+    written = []
+    for name, src in sources.items():
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_checkpoint(src).items()}
+        written.append(save_checkpoint(dest / name, state))
+    return written
+
+
+def load_demo_models(config: str = "tiny", checkpoint_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
+    """The shipped tiny models: ``teacher``, students ``none``/``fitnet``/``liaf``, the LIAF-KD ``distiller``
+    (stage-1 selectors, stage-2 projectors), the ``train``/``val`` datasets and the ``config``.
+
+    Notebooks start from these so that they run in seconds on a CPU.
+    """
+    d = Path(checkpoint_dir)
+    cfg = load_config(config)
+    train, val = build_datasets(cfg)
+    num_classes = len(train.class_names) + 1
+    models: dict[str, Any] = {"config": cfg, "train": train, "val": val}
+    models["teacher"] = build_detector(cfg, "teacher", num_classes, weights_path=d / "teacher_tiny.pt").eval()
+    for method in METHODS:
+        models[method] = build_detector(cfg, "student", num_classes, weights_path=d / f"student_{method}.pt").eval()
+    distiller = build_distiller("liaf", cfg, models["liaf"])
+    distiller.load_state_dict({k: v.float() for k, v in load_checkpoint(d / "liaf_distiller.pt").items()})
+    models["distiller"] = distiller.eval()
+    return models

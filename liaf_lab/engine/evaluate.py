@@ -7,17 +7,21 @@ import io
 import json
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..data import collate_fn as default_collate
+
 METRIC_NAMES = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L"]
 
 
 @torch.no_grad()
-def predict_coco(model: nn.Module, dataset: Dataset, collate_fn, batch_size: int = 8,
+def predict_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = default_collate, batch_size: int = 8,
                  device: torch.device | str = "cpu", desc: str = "evaluate") -> list[dict]:
     """Run ``model`` in eval mode over ``dataset``; detections as COCO result dicts (xywh boxes)."""
     model.eval().to(device)
@@ -48,7 +52,7 @@ def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float]:
     return {name: float(v) for name, v in zip(METRIC_NAMES, ev.stats)}
 
 
-def evaluate_coco(model: nn.Module, dataset: Dataset, collate_fn, batch_size: int = 8,
+def evaluate_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = default_collate, batch_size: int = 8,
                   device: torch.device | str = "cpu", out_json: str | Path | None = None,
                   desc: str = "evaluate") -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (which provides ``coco_gt()`` and ``label_to_cat_id``).
