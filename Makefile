@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/python -m liaf_lab.toy
+	$(BIN)/liaf-lab demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q
