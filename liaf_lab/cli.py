@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-teacher", action="store_true",
                    help="train the teacher instead of loading data_samples/checkpoints/teacher_tiny.pt")
     p.add_argument("--quick", action="store_true", help="a few iterations per stage (smoke test)")
+    p.add_argument("--methods", nargs="+", choices=["none", "fitnet", "liaf"], default=["none", "fitnet", "liaf"],
+                   help="which students to train (default: all three)")
 
     p = sub.add_parser("train-teacher", help="train the teacher detector on its task loss")
     _common(p)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         results = run_demo(args.out, args.config, tuple(args.seeds), args.overrides, args.device,
-                           teacher_weights=None if args.train_teacher else "auto", quick=args.quick)
+                           teacher_weights=None if args.train_teacher else "auto", quick=args.quick,
+                           methods=tuple(args.methods))
         print((Path(args.out) / "report.md").read_text())
         return 0 if results else 1
 

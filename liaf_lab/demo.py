@@ -37,7 +37,8 @@ def get_teacher(cfg: dict[str, Any], train, out: Path, device, teacher_weights: 
 
 def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tuple[int, ...] = (0,),
              overrides: list[str] | None = None, device: str | None = None,
-             teacher_weights: str | Path | None = "auto", quick: bool = False) -> dict[str, Any]:
+             teacher_weights: str | Path | None = "auto", quick: bool = False,
+             methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Run the whole recipe on the config's data and write ``report.md``, ``summary.json`` and figures.
 
     ``teacher_weights="auto"`` uses ``data_samples/checkpoints/teacher_tiny.pt`` with the tiny preset
@@ -55,14 +56,15 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
     teacher_metrics = evaluate_coco(teacher, val, collate_fn, device=device, out_json=out / "teacher" / "eval.json",
                                     desc="evaluate teacher")
     results: dict[str, Any] = {"teacher": teacher_metrics, "teacher_source": teacher_source,
-                               "students": {m: [] for m in METHODS}}
+                               "students": {m: [] for m in methods}}
     for seed in seeds:
         run = out / f"seed{seed}"
         distiller = build_distiller("liaf", cfg, build_detector(cfg, "student", num_classes))
-        torch.manual_seed(seed)
-        learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), run / "stage1", device)
-        save_checkpoint(run / "stage1" / "selectors.pt", distiller.state_dict())
-        for method in METHODS:
+        if "liaf" in methods:
+            torch.manual_seed(seed)
+            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), run / "stage1", device)
+            save_checkpoint(run / "stage1" / "selectors.pt", distiller.state_dict())
+        for method in methods:
             torch.manual_seed(seed)
             student = build_detector(cfg, "student", num_classes)
             tcfg = train_config(cfg, "distill", seed=seed)

@@ -193,8 +193,9 @@ def instance_mask(
     ws = torch.arange(width, device=scores.device, dtype=rois.dtype) * stride
     in_y = (hs >= rois[:, 1:2]) & (hs < rois[:, 3:4])  # [I, H]
     in_x = (ws >= rois[:, 0:1]) & (ws < rois[:, 2:3])  # [I, W]
-    inside = (in_y[:, :, None] & in_x[:, None, :]).flatten(1)  # [I, H*W]
-    factors = torch.where(inside, scores[:, None], scores.new_ones(()))
+    one = scores.new_ones(())
+    row = torch.where(in_x, scores[:, None], one)  # [I, W]: the factor of each column inside the box rows
+    factors = torch.where(in_y[:, :, None], row[:, None, :], one).flatten(1)  # [I, H*W]
     mask = scores.new_ones(n, height * width).scatter_reduce(
         0, batch_index[:, None].expand_as(factors), factors, reduce="prod", include_self=True
     )

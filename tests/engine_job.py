@@ -2,7 +2,7 @@
 
 usage: engine_job.py DATA_DIR OUT_DIR [--iterations N] [--kill-at K]
 With --kill-at K the process SIGKILLs itself during iteration K + 1 (after the checkpoint of K).
-Writes OUT_DIR/final_rank{r}.pt with the student's weights at the end.
+Writes OUT_DIR/final_rank{r}.pt with the student's parameters and buffers at the end.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def main(argv: list[str]) -> None:
     cfg = TrainConfig(iterations=args.iterations, batch_size=2, lr=0.01, warmup=2, checkpoint_every=2,
                       log_every=1, seed=3)
     distill(student, teacher, distiller, train, cfg, out_dir=args.out, device="cpu")
-    torch.save(student.state_dict(), Path(args.out) / f"final_rank{rank()}.pt")
+    torch.save({"params": {k: v.detach() for k, v in student.named_parameters()},
+                "buffers": dict(student.named_buffers())}, Path(args.out) / f"final_rank{rank()}.pt")
 
 
 if __name__ == "__main__":

@@ -99,9 +99,10 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(tmp_path / "a" / "final_rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "final_rank0.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for part in ("params", "buffers"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
@@ -112,15 +113,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_student_init(root: Path) -> dict[str, torch.Tensor]:
+    sys.path.insert(0, str(JOB.parent))
+    from engine_job import tiny_detector
+
+    nc = len(_dataset(root, "train", train=False).class_names) + 1
+    return {k: v.detach() for k, v in tiny_detector(18, 0.125, 8, nc, seed=2).named_parameters()}
+
+
 def test_torchrun_two_cpu_processes_gloo(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     result = _run_job(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                        f"--master_port={_free_port()}", str(JOB), str(tiny_data), str(out), "--iterations", "3"])
     assert result.returncode == 0, result.stderr[-3000:]
-    w0 = torch.load(out / "final_rank0.pt", weights_only=True)
-    w1 = torch.load(out / "final_rank1.pt", weights_only=True)
-    for k in w0:  # DDP keeps the replicas identical
+    w0 = torch.load(out / "final_rank0.pt", weights_only=True)["params"]
+    w1 = torch.load(out / "final_rank1.pt", weights_only=True)["params"]
+    init = tiny_student_init(tiny_data)
+    for k in w0:  # DDP keeps the parameters identical (BatchNorm statistics stay per process)
         assert torch.equal(w0[k], w1[k]), k
+    assert any(not torch.equal(w0[k], init[k]) for k in w0)
     assert load_checkpoint(out / "last.pt")["iteration"] == 3
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..instance import InstanceSelectors, Normalize, concat_boxes, instance_mask, roi_instance_features
@@ -16,6 +17,15 @@ from .registry import register_distiller
 MaskScale = Literal["literal", "count"]
 MaskSide = Literal["separate", "shared"]
 Side = Literal["teacher", "student"]
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    """A plain 1x1 conv with bias (the default ``f_phi``), for which masking commutes with ``W``."""
+    return (
+        isinstance(module, nn.Conv2d) and module.bias is not None and module.kernel_size == (1, 1)
+        and module.stride == (1, 1) and module.padding in ((0, 0), "valid") and module.dilation == (1, 1)
+        and module.groups == 1
+    )
 
 
 @register_distiller("liaf")
@@ -35,7 +45,9 @@ class LIAFDistiller(FeatureDistiller):
             the number of instances in the softmax group, so an average instance keeps weight 1.
         mask_side: ``"separate"``: ``M^T`` from ``A^T`` on the teacher and ``M^S`` from ``A^S`` on
             the student (paper); ``"shared"``: one mask from ``(A^T + A^S) / 2`` on both.
-        detach_scores: compute scores without gradient (stage 2).
+        detach_scores: no gradient from the scores into the features they read (the student, and
+            the projector when the student side reads projected features); the gradient into the
+            selectors is governed by ``freeze_selectors`` alone.
         freeze_selectors: keep ``E`` fixed in stage 2; otherwise ``E`` learns from the distillation
             loss plus ``diversity_weight * L_div``.
         diversity_weight: mu of Eq. 5.
@@ -108,21 +120,30 @@ class LIAFDistiller(FeatureDistiller):
         """Eq. 7 with ``mask_scale`` applied: ``[N, 1, H, W]``."""
         return instance_mask(boxes, self.scaled(scores, boxes), size, self.strides[level])
 
-    def student_roi_input(self, level: str, student: Tensor, projected: Tensor) -> Tensor:
-        """Features the selectors read on the student side: projected when channels differ."""
+    def student_roi_input(self, level: str, student: Tensor, projected: Tensor | None) -> Tensor:
+        """Features the selectors read on the student side: projected when channels differ.
+
+        ``projected`` (``f_phi(student)``) may be ``None`` when the channels agree; it is not read then.
+        """
         same = self.student_channels[level] == self.teacher_channels[level]
-        return student if same else projected
+        if same:
+            return student
+        return self.projectors[level](student) if projected is None else projected
 
     def level_masks(
-        self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor], projected: Tensor
+        self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor], projected: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(M^T, M^S)`` for one level, each ``[N, 1, H, W]``, following the mask options."""
+        # The two gradient options are independent: ``freeze_selectors`` stops the gradient into E,
+        # ``detach_scores`` the gradient into the features (student and projector) through the scores.
         weight = self.selectors[level].weight
         weight = weight.detach() if self.freeze_selectors else weight
         size = tuple(teacher.shape[-2:])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_scores):
-            a_t = self.instance_scores(level, teacher, boxes, weight=weight)
-            a_s = self.instance_scores(level, self.student_roi_input(level, student, projected), boxes, weight=weight)
+        student_in = self.student_roi_input(level, student, projected)
+        if self.detach_scores:
+            teacher, student_in = teacher.detach(), student_in.detach()
+        a_t = self.instance_scores(level, teacher, boxes, weight=weight)
+        a_s = self.instance_scores(level, student_in, boxes, weight=weight)
         if self.mask_side == "shared":
             m = self.level_mask(level, (a_t + a_s) / 2, boxes, size)
             return m, m
@@ -136,18 +157,29 @@ class LIAFDistiller(FeatureDistiller):
         self.check_inputs(student_feats, teacher_feats, boxes)
         out = {}
         for lvl in self.levels:
-            projected = self.projectors[lvl](student_feats[lvl])
-            out[lvl] = self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes, projected)
+            out[lvl] = self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes)
         return out
 
     # -- losses ---------------------------------------------------------------------------------
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
-        """Eq. 8-9 on one level. ``f_phi(M^S F^S) = M^S (f_phi(F^S) - b) + b`` for the 1x1 conv."""
+        """Eq. 8-9 on one level.
+
+        For the 1x1 conv ``f_phi(F) = W F + b`` and a mask broadcast over channels,
+        ``f_phi(M^S F^S) = M^S (W F^S) + b``: the conv runs once, without its bias, on the unmasked
+        student, and one ``addcmul`` applies mask and bias (fewer passes over the feature map and a
+        lower peak memory than convolving ``M^S F^S``, which autograd would have to keep).
+        """
         proj = self.projectors[level]
-        projected = proj(student)
-        m_t, m_s = self.level_masks(level, student, teacher, boxes, projected)
-        bias = proj.bias.view(1, -1, 1, 1) if isinstance(proj, nn.Conv2d) and proj.bias is not None else 0.0
-        student_hat = m_s * (projected - bias) + bias
+        if _is_pointwise_conv(proj):
+            linear = F.conv2d(student, proj.weight)  # W F^S
+            bias = proj.bias.view(1, -1, 1, 1)
+            same = self.student_channels[level] == self.teacher_channels[level]
+            projected = None if same else linear + bias  # the student scores read f_phi(F^S)
+            m_t, m_s = self.level_masks(level, student, teacher, boxes, projected)
+            student_hat = torch.addcmul(bias, m_s, linear)
+        else:  # identity (projector=False) or a replaced projector: Eq. 9 as written
+            m_t, m_s = self.level_masks(level, student, teacher, boxes)
+            student_hat = proj(m_s * student)
         return feature_mse(m_t * teacher, student_hat)
 
     def diversity_loss(self) -> Tensor:
