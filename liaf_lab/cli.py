@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.command == "train-teacher":
         model = build_detector(cfg, "teacher", num_classes)
-        train_detector(model, train, train_config(cfg, "train_teacher"), out, args.device, desc="teacher")
+        train_detector(model, train, train_config(cfg, "train_teacher"), out, args.device, desc="teacher",
+                       val_dataset=val)
         name = "teacher.pt"
     else:
         if not args.teacher and (args.command == "learn-selectors" or args.method != "none"):
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "learn-selectors":
             return 0
         if distiller is None:
-            train_detector(model, train, train_config(cfg, "distill"), out, args.device, desc="student (no KD)")
+            train_detector(model, train, train_config(cfg, "distill"), out, args.device, desc="student (no KD)",
+                           val_dataset=val)
         else:
-            distill(model, teacher, distiller, train, train_config(cfg, "distill"), out, args.device)
+            distill(model, teacher, distiller, train, train_config(cfg, "distill"), out, args.device,
+                    val_dataset=val, inherit=cfg["kd"].get("inherit", False))
         name = "student.pt"
     if is_main():
         save_checkpoint(out / name, model.state_dict())

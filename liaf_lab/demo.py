@@ -24,13 +24,14 @@ QUICK = ["train_teacher.iterations=4", "stage1.iterations=2", "distill.iteration
          "train_teacher.batch_size=4", "stage1.batch_size=4", "distill.batch_size=4"]
 
 
-def get_teacher(cfg: dict[str, Any], train, out: Path, device, teacher_weights: str | Path | None):
+def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weights: str | Path | None):
     """Load the teacher from ``teacher_weights`` (or the shipped tiny one) or train it."""
     num_classes = len(train.class_names) + 1
     if teacher_weights is not None:
         return build_detector(cfg, "teacher", num_classes, weights_path=teacher_weights), str(teacher_weights)
     teacher = build_detector(cfg, "teacher", num_classes)
-    train_detector(teacher, train, train_config(cfg, "train_teacher"), out / "teacher", device, desc="teacher")
+    train_detector(teacher, train, train_config(cfg, "train_teacher"), out / "teacher", device, desc="teacher",
+                   val_dataset=val)
     save_checkpoint(out / "teacher" / "teacher.pt", teacher.state_dict())
     return teacher, "trained in this run"
 
@@ -52,7 +53,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
     num_classes = len(train.class_names) + 1
     if teacher_weights == "auto":
         teacher_weights = SHIPPED_TEACHER if (config == "tiny" and SHIPPED_TEACHER.exists()) else None
-    teacher, teacher_source = get_teacher(cfg, train, out, device, teacher_weights)
+    teacher, teacher_source = get_teacher(cfg, train, val, out, device, teacher_weights)
     teacher_metrics = evaluate_coco(teacher, val, collate_fn, device=device, out_json=out / "teacher" / "eval.json",
                                     desc="evaluate teacher")
     results: dict[str, Any] = {"teacher": teacher_metrics, "teacher_source": teacher_source,
@@ -69,10 +70,11 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
             student = build_detector(cfg, "student", num_classes)
             tcfg = train_config(cfg, "distill", seed=seed)
             if method == "none":
-                train_detector(student, train, tcfg, run / method, device, desc="student (no KD)")
+                train_detector(student, train, tcfg, run / method, device, desc="student (no KD)", val_dataset=val)
             else:
                 kd = distiller if method == "liaf" else build_distiller(method, cfg, student)
-                distill(student, teacher, kd, train, tcfg, run / method, device)
+                distill(student, teacher, kd, train, tcfg, run / method, device, val_dataset=val,
+                        inherit=cfg["kd"].get("inherit", False))
             save_checkpoint(run / method / "student.pt", student.state_dict())
             if method != "none":
                 save_checkpoint(run / method / "distiller.pt", kd.state_dict())

@@ -18,8 +18,8 @@ from torch.utils.data import Subset
 from liaf_lab.data import CocoDetectionDataset, collate_fn, detection_transforms, generate_scenes
 from liaf_lab.distillers import LIAFDistiller
 from liaf_lab.engine import (
-    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, learn_selectors, load_checkpoint, save_checkpoint,
-    train_detector,
+    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, inherit_neck_and_head, learn_selectors, load_checkpoint,
+    save_checkpoint, train_detector,
 )
 from liaf_lab.engine.schedule import lr_factor
 from liaf_lab.models import create_detector, fpn_strides
@@ -159,8 +159,12 @@ def test_training_lowers_the_loss_and_evaluation_reports_coco_metrics(tiny_data,
     torch.manual_seed(0)
     model = _detector(len(train.class_names) + 1, width=0.25, fpn=16)
     cfg = TrainConfig(iterations=30, batch_size=4, lr=0.05, warmup=0, schedule="constant", log_every=1,
-                      checkpoint_every=100)
-    train_detector(model, Subset(train, range(4)), cfg, out_dir=tmp_path, device="cpu")  # one batch, overfit
+                      checkpoint_every=100, eval_every=15)
+    result = train_detector(model, Subset(train, range(4)), cfg, out_dir=tmp_path, device="cpu",  # overfit one batch
+                            val_dataset=val)
+    assert [e["iteration"] for e in result.evaluations] == [15]
+    assert json.loads((tmp_path / "evaluations.jsonl").read_text())["iteration"] == 15
+    assert (tmp_path / "curves.png").stat().st_size > 0
     losses = [float(r.split(",")[2]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
@@ -194,3 +198,22 @@ def test_quick_demo_end_to_end(tiny_data, tmp_path):
     assert "Student + LIAF-KD" in report and "| Teacher |" in report
     assert (tmp_path / "ap.png").stat().st_size > 0
     assert (tmp_path / "seed0" / "stage1" / "selectors.pt").exists()
+
+
+def test_inheritance_copies_matching_neck_and_head_only(tiny_data):
+    nc = len(_dataset(tiny_data, "train", train=False).class_names) + 1
+    torch.manual_seed(0)
+    teacher = create_detector("fcos", nc, depth=34, width_mult=0.25, fpn_channels=16, min_size=64, max_size=64)
+    same_neck = create_detector("fcos", nc, depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
+    copied = inherit_neck_and_head(same_neck, teacher)
+    assert copied and all(k.startswith(("backbone.fpn.", "head.")) for k in copied)
+    t_state, s_state = teacher.state_dict(), same_neck.state_dict()
+    assert all(torch.equal(s_state[k], t_state[k]) for k in copied)
+    # The FPN's input convs see different backbone widths, so they are not copied; the head is.
+    assert any(k.startswith("head.") for k in copied)
+    assert not any(k.startswith("backbone.body.") for k in copied)
+    # Per tensor, as mmdetection's non-strict loading: a thinner neck keeps only the output biases.
+    thin = create_detector("fcos", nc, depth=18, width_mult=0.125, fpn_channels=8, min_size=64, max_size=64)
+    thin_copied = inherit_neck_and_head(thin, teacher)
+    assert thin_copied and all(teacher.state_dict()[k].dim() == 1 for k in thin_copied)
+    assert not any(k.startswith("backbone.fpn.") for k in thin_copied)

@@ -232,6 +232,22 @@ def fit(
     if out is not None and main and evaluations:
         with (out / "evaluations.jsonl").open("a") as f:
             f.writelines(json.dumps(e) + "\n" for e in evaluations)
+    if log is not None and log.rows:
+        plot_curves(log, out)
     ddp.barrier()
     return FitResult(it, last, out / "metrics.csv" if log is not None else None, ckpt_path, evaluations)
 
+
+
+def plot_curves(log: MetricsLog, out: Path) -> Path:
+    """``out/curves.png``: the loss terms over iterations, and AP/AP50 from ``evaluations.jsonl``."""
+    from ..analysis.viz import plot_training_curves
+
+    evals_path = out / "evaluations.jsonl"
+    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] if evals_path.exists() else []
+    skip = {"iteration", "lr", "sec_per_iter"}
+    loss_keys = [k for k in log.rows[0] if k not in skip]
+    fig = plot_training_curves([*log.rows, *evals], x="iteration", loss_keys=loss_keys,
+                               metric_keys=["AP", "AP50"] if evals else [])
+    fig.savefig(out / "curves.png", dpi=90)
+    return out / "curves.png"

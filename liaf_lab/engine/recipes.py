@@ -11,15 +11,35 @@ from torch.utils.data import Dataset
 
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller, LIAFDistiller
+from .distributed import resolve_device
+from .evaluate import evaluate_coco
 from .loop import FitResult, TrainConfig, fit
 from .steps import DetectorStep, DistillStep, SelectorStep
 
 
+def periodic_eval(model: nn.Module, val_dataset: Dataset | None, collate_fn: Callable,
+                  device: torch.device | str | None) -> Callable[[int], dict[str, float]] | None:
+    """The ``evaluate`` callback of ``fit``: COCO AP and AP50 of ``model`` on ``val_dataset``."""
+    if val_dataset is None:
+        return None
+
+    def evaluate(iteration: int) -> dict[str, float]:
+        metrics = evaluate_coco(model, val_dataset, collate_fn, device=resolve_device(device),
+                                desc=f"evaluate @ {iteration}")
+        return {"AP": metrics["AP"], "AP50": metrics["AP50"]}
+
+    return evaluate
+
+
 def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path | None = None,
                    device: torch.device | str | None = None, collate_fn: Callable = default_collate,
-                   desc: str = "detector") -> FitResult:
-    """Train a detector on its task loss (the teacher, or the student without KD)."""
-    return fit(DetectorStep(model), {"model": model}, dataset, collate_fn, cfg, out_dir, device, desc)
+                   desc: str = "detector", val_dataset: Dataset | None = None) -> FitResult:
+    """Train a detector on its task loss (the teacher, or the student without KD).
+
+    With ``val_dataset`` and ``cfg.eval_every``, COCO AP is measured every ``eval_every`` iterations.
+    """
+    return fit(DetectorStep(model), {"model": model}, dataset, collate_fn, cfg, out_dir, device, desc,
+               periodic_eval(model, val_dataset, collate_fn, device))
 
 
 def learn_selectors(teacher: nn.Module, distiller: LIAFDistiller, dataset: Dataset, cfg: TrainConfig,
@@ -35,15 +55,22 @@ def learn_selectors(teacher: nn.Module, distiller: LIAFDistiller, dataset: Datas
 
 def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
             cfg: TrainConfig, out_dir: str | Path | None = None, device: torch.device | str | None = None,
-            collate_fn: Callable = default_collate) -> FitResult:
-    """Stage 2: train ``student`` on its task loss plus ``distiller``'s loss against the frozen teacher."""
+            collate_fn: Callable = default_collate, val_dataset: Dataset | None = None,
+            inherit: bool = False) -> FitResult:
+    """Stage 2: train ``student`` on its task loss plus ``distiller``'s loss against the frozen teacher.
+
+    ``inherit`` first copies the teacher's neck and head into the student where shapes match.
+    """
+    if inherit and not (out_dir is not None and (Path(out_dir) / "last.pt").exists()):
+        inherit_neck_and_head(student, teacher)
     for p in distiller.parameters():
         p.requires_grad_(False)
     trainable = distiller.stage2_parameters() if isinstance(distiller, LIAFDistiller) else list(distiller.parameters())
     for p in trainable:
         p.requires_grad_(True)
     return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
-               collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})")
+               collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",
+               periodic_eval(student, val_dataset, collate_fn, device))
 
 
 def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
