@@ -217,3 +217,13 @@ def test_inheritance_copies_matching_neck_and_head_only(tiny_data):
     thin_copied = inherit_neck_and_head(thin, teacher)
     assert thin_copied and all(teacher.state_dict()[k].dim() == 1 for k in thin_copied)
     assert not any(k.startswith("backbone.fpn.") for k in thin_copied)
+
+
+def test_evaluation_does_not_draw_from_the_training_rng(tiny_data):
+    val = _dataset(tiny_data, "val", train=False)
+    model = _detector(len(val.class_names) + 1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    evaluate_coco(model, val, collate_fn, batch_size=2)
+    assert torch.equal(torch.rand(3), expected)

@@ -26,7 +26,9 @@ def predict_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = defa
     """Run ``model`` in eval mode over ``dataset``; detections as COCO result dicts (xywh boxes)."""
     model.eval().to(device)
     results = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    # Its own generator: evaluating during training must not draw from the global RNG that training uses.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        generator=torch.Generator())
     for images, targets in tqdm(loader, desc=desc, leave=False):
         detections = model([im.to(device) for im in images])
         for det, target in zip(detections, targets):
