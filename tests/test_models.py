@@ -142,7 +142,7 @@ def test_weights_round_trip_and_errors(tmp_path):
         create_detector("retinanet", NUM_CLASSES, depth=18, **TINY, weights_path=tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot be loaded"):
         create_detector("retinanet", NUM_CLASSES, depth=18, **TINY, weights_path=corrupt)
     with pytest.raises(RuntimeError, match="do not fit"):  # strict keys: another arch's weights
         create_detector("fcos", NUM_CLASSES, depth=18, **TINY, weights_path=path)

@@ -23,17 +23,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models import count_parameters
+
 __all__ = [
     "count_flops", "count_parameters", "efficiency_table", "format_table", "kd_step_overhead",
     "measure_latency", "peak_memory",
 ]
 
 Inputs = Tensor | list | tuple
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def _call(model: Callable[..., Any], inputs: Inputs) -> Any:

@@ -28,6 +28,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from ..checkpoint import load_checkpoint
 from .backbones import backbone_strides, resnet_fpn
 
 Arch = Literal["retinanet", "fcos", "fasterrcnn"]
@@ -152,10 +153,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt archive, pickle error, disallowed global, ...
-        raise ValueError(f"cannot read {str(path)!r} as a PyTorch state dict: {type(err).__name__}: {err}") from err
+    state = load_checkpoint(path)  # weights_only=True; CheckpointError (a ValueError) if unreadable
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
     try:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or not a liaf_lab checkpoint."""
 
 
