@@ -227,3 +227,22 @@ def test_evaluation_does_not_draw_from_the_training_rng(tiny_data):
     torch.manual_seed(0)
     evaluate_coco(model, val, collate_fn, batch_size=2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_paper_preset_builds_and_takes_a_distillation_step():
+    """The paper preset (RetinaNet R101 teacher, R50 student, 256-ch FPN), shrunk only in input size."""
+    from liaf_lab.builders import build_detector, build_distiller
+    from liaf_lab.config import load_config
+    from liaf_lab.engine.steps import DistillStep
+
+    small = [f"{role}.{k}=128" for role in ("teacher", "student") for k in ("min_size", "max_size")]
+    cfg = load_config("paper", small)
+    assert (cfg["teacher"]["depth"], cfg["student"]["depth"], cfg["kd"]["num_selectors"]) == (101, 50, 6)
+    torch.manual_seed(0)
+    teacher, student = build_detector(cfg, "teacher", 81), build_detector(cfg, "student", 81)
+    distiller = build_distiller("liaf", cfg, student)
+    assert distiller.strides == {"0": 8.0, "1": 16.0, "2": 32.0, "p6": 64.0, "p7": 128.0}
+    images = [torch.rand(3, 128, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0]]), "labels": torch.tensor([3])}]
+    losses = DistillStep(student, teacher, distiller).train()(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values()) and "kd_liaf" in losses
