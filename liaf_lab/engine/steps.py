@@ -32,7 +32,20 @@ class DetectorStep(nn.Module):
         return run_detector(self.model, list(images), list(targets)).losses
 
 
-class SelectorStep(nn.Module):
+class FrozenTeacherStep(nn.Module):
+    """A step that holds a frozen teacher: no gradients, and BatchNorm kept in eval mode by ``train()``."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = freeze(teacher)
+
+    def train(self, mode: bool = True) -> FrozenTeacherStep:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+
+class SelectorStep(FrozenTeacherStep):
     """Stage 1, Eq. 5: ``L_task^T(A) + mu * L_div(E)`` with the teacher frozen and only the selectors learning.
 
     The teacher's FPN features are masked by the teacher's own instance scores and fed to the
@@ -40,14 +53,8 @@ class SelectorStep(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, distiller: LIAFDistiller) -> None:
-        super().__init__()
-        self.teacher = freeze(teacher)
+        super().__init__(teacher)
         self.distiller = distiller
-
-    def train(self, mode: bool = True) -> SelectorStep:
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
         image_list, targets_t = self.teacher.transform(list(images), [dict(t) for t in targets])
@@ -58,7 +65,7 @@ class SelectorStep(nn.Module):
         return {**losses, "diversity": div}
 
 
-class DistillStep(nn.Module):
+class DistillStep(FrozenTeacherStep):
     """Stage 2: the student's task loss plus the feature distiller's loss against the frozen teacher.
 
     The teacher's backbone runs on the student's batched, resized input (one transform for both),
@@ -66,19 +73,13 @@ class DistillStep(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller) -> None:
-        super().__init__()
         for attr in ("image_mean", "image_std"):
             if list(getattr(student.transform, attr)) != list(getattr(teacher.transform, attr)):
                 raise ValueError(f"student and teacher normalise images differently ({attr}); "
                                  "build both with the same transform settings")
+        super().__init__(teacher)
         self.student = student
-        self.teacher = freeze(teacher)
         self.distiller = distiller
-
-    def train(self, mode: bool = True) -> DistillStep:
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
         out = run_detector(self.student, list(images), list(targets))
