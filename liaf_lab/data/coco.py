@@ -6,9 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .common import BoxSanitizer, DetectionDataset, ImageRecord, Transform, as_boxes, coco_from_dict, read_json
+from .common import BoxSanitizer, DetectionDataset, Transform, coco_from_dict, read_json
 
 
 def _field(entry: dict[str, Any], key: str, where: str) -> Any:
@@ -72,12 +70,7 @@ class CocoDetectionDataset(DetectionDataset):
                 labels.append(cat_to_label[cat])
                 crowd.append(bool(a.get("iscrowd", 0)))
                 names_.append(record)
-            boxes, keep = sanitize(as_boxes(rows), width, height, names_)
-            labels_, crowd_ = np.asarray(labels, dtype=np.int64), np.asarray(crowd, dtype=bool)
-            obj, ign = keep & ~crowd_, keep & crowd_
-            records.append(
-                ImageRecord(image_id, path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign])
-            )
+            records.append(sanitize.record(image_id, path, width, height, rows, labels, crowd, names_))
         sanitize.warn()
         self.ann_file = ann_file
         super().__init__(records, [names[c] for c in cat_ids], {v: k for k, v in cat_to_label.items()}, transforms)

@@ -78,6 +78,16 @@ class BoxSanitizer:
         self.dropped += [name for name, k in zip(names, keep) if not k]
         return clipped, keep
 
+    def record(
+        self, image_id: int, path: Path, width: int, height: int, rows: Sequence[Sequence[float]],
+        labels: Sequence[int], ignore: Sequence[bool], names: Sequence[str],
+    ) -> ImageRecord:
+        """An ``ImageRecord`` from raw boxes: clipped, degenerate ones dropped, ``ignore[i]`` ones as ignore regions."""
+        boxes, keep = self(as_boxes(rows), width, height, names)
+        labels_, ignore_ = np.asarray(labels, dtype=np.int64), np.asarray(ignore, dtype=bool)
+        obj, ign = keep & ~ignore_, keep & ignore_
+        return ImageRecord(image_id, path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign])
+
     def warn(self) -> None:
         """Emit at most one warning for clipped boxes and one for dropped boxes."""
         if self.clipped:

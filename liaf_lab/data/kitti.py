@@ -13,9 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-import numpy as np
-
-from .common import BoxSanitizer, DetectionDataset, ImageRecord, Transform, as_boxes, image_size
+from .common import BoxSanitizer, DetectionDataset, Transform, image_size
 
 KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
 KITTI_MERGE: Mapping[str, str] = MappingProxyType({"Van": "Car", "Person_sitting": "Pedestrian"})
@@ -94,12 +92,8 @@ class KittiDataset(DetectionDataset):
                     raise ValueError(f"{label_path} line {k}: bad box {fields[4:8]}: {e}") from None
                 labels.append(label_of.get(name, 0))
                 lines.append(f"{label_path.name} line {k}")
-            boxes, keep = sanitize(as_boxes(rows), width, height, lines)
-            labels_ = np.asarray(labels, dtype=np.int64)
-            obj, ign = keep & (labels_ > 0), keep & (labels_ == 0)
-            records.append(
-                ImageRecord(index[stem], image_path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign])
-            )
+            ignore = [label == 0 for label in labels]
+            records.append(sanitize.record(index[stem], image_path, width, height, rows, labels, ignore, lines))
         sanitize.warn()
         self.root = root
         super().__init__(records, list(classes), {i + 1: i + 1 for i in range(len(classes))}, transforms)

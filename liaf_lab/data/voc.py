@@ -9,9 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
-
-from .common import BoxSanitizer, DetectionDataset, ImageRecord, Transform, as_boxes, image_size
+from .common import BoxSanitizer, DetectionDataset, Transform, image_size
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -67,12 +65,7 @@ class VOCDataset(DetectionDataset):
             image_path = root / "JPEGImages" / f"{stem}.jpg"
             width, height = image_size(image_path, f"id {stem!r} of {list_file}")
             rows, labels, difficult, names = _parse_objects(root / "Annotations" / f"{stem}.xml")
-            boxes, keep = sanitize(as_boxes(rows), width, height, names)
-            labels_, difficult_ = np.asarray(labels, dtype=np.int64), np.asarray(difficult, dtype=bool)
-            obj, ign = keep & ~difficult_, keep & difficult_
-            records.append(
-                ImageRecord(image_id, image_path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign])
-            )
+            records.append(sanitize.record(image_id, image_path, width, height, rows, labels, difficult, names))
         sanitize.warn()
         self.root = root
         super().__init__(records, list(VOC_CLASSES), {i + 1: i + 1 for i in range(len(VOC_CLASSES))}, transforms)
