@@ -7,10 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 LABELS = {"none": "Student (no KD)", "fitnet": "Student + FitNet", "liaf": "Student + LIAF-KD"}
 COLUMNS = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR100"]
@@ -34,27 +31,36 @@ def metrics_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _axes():
+    """One axes on a figure built without pyplot (no global backend or figure state)."""
+    fig = Figure(figsize=(7, 3.5))
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, ax, path: Path) -> Path:
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plot_ap(results: dict[str, Any], path: Path) -> Path:
     """Bar chart of AP and AP50 per model with the seed-to-seed std as error bars."""
     names = ["Teacher"] + [LABELS.get(m, m) for m, rows in results["students"].items() if rows]
     series = [[results["teacher"]]] + [rows for rows in results["students"].values() if rows]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = _axes()
     for j, metric in enumerate(["AP", "AP50"]):
         means = [statistics.fmean(100 * r[metric] for r in rows) for rows in series]
         stds = [statistics.stdev([100 * r[metric] for r in rows]) if len(rows) > 1 else 0 for rows in series]
         ax.bar([i + 0.4 * j for i in range(len(names))], means, 0.4, yerr=stds, capsize=3, label=metric)
     ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=15)
     ax.set_ylabel("percent")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_losses(runs: dict[str, Path], path: Path) -> Path:
     """Total training loss over iterations for several runs' ``metrics.csv``."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = _axes()
     for name, csv_path in runs.items():
         if csv_path.exists():
             with csv_path.open() as f:
@@ -62,11 +68,7 @@ def plot_losses(runs: dict[str, Path], path: Path) -> Path:
             ax.plot([int(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows], label=name)
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> Path:
