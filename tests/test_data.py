@@ -12,15 +12,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
+from liaf_lab.builders import build_datasets
 from liaf_lab.data import (
     SHAPE_CLASSES, VOC_CLASSES, CocoDetectionDataset, DatasetWarning, KittiDataset, VOCDataset,
-    collate_fn, detection_transforms, generate_scenes,
+    check_same_classes, collate_fn, detection_transforms, generate_scenes,
 )
 from liaf_lab.data.common import BoxSanitizer
+from liaf_lab.engine import coco_metrics, evaluate_coco
 from liaf_lab.data.transforms import Compose, RandomHorizontalFlip, Resize, ToDtype, ToImage
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data_samples" / "shapes"
@@ -165,7 +168,8 @@ def test_coco_bad_input(tmp_path):
 
 def test_coco_unknown_category_and_orphan(tmp_path):
     bad = [{"id": 5, "image_id": 10, "category_id": 99, "bbox": [1, 1, 2, 2]}]
-    with pytest.raises(ValueError, match=r"instances\.json: annotation id 5 \(image id 10\) has unknown category_id 99"):
+    with pytest.raises(ValueError, match=r"instances\.json: annotation id 5 \(image id 10, a\.png\) has unknown "
+                                         r"category_id 99; categories are \[3, 7\]"):
         CocoDetectionDataset(*_coco_fixture(tmp_path, bad))
     orphan = [{"id": 6, "image_id": 42, "category_id": 3, "bbox": [1, 1, 2, 2]}]
     with pytest.raises(ValueError, match="annotation id 6 refers to image id 42"):
@@ -188,18 +192,170 @@ def test_coco_clips_and_drops_with_one_warning_each(tmp_path):
     messages = [str(w.message) for w in record]
     assert len(messages) == 2
     assert "clipped 3 boxes" in messages[0] and "instances.json" in messages[0]
+    assert messages[0].endswith("instances.json: annotation id 1 (image id 10, a.png), annotation id 2 (image id 10, "
+                                "a.png), annotation id 3 (image id 11, b.png)")
     assert "dropped 2 degenerate boxes" in messages[1]
-    assert "annotation id 4 (image id 11)" in messages[1] and "annotation id 5 (image id 12)" in messages[1]
+    assert messages[1].endswith("annotation id 4 (image id 11, b.png), annotation id 5 (image id 12, empty.png)")
     torch.testing.assert_close(ds[0][1]["boxes"], torch.tensor([[0.0, 2, 5, 7], [35, 25, 40, 30]]))
     assert ds[1][1]["boxes"].shape == (1, 4) and ds[2][1]["boxes"].shape == (0, 4)
 
 
-def test_image_size_mismatch_is_reported(tmp_path):
+def test_image_size_mismatch_is_reported_at_load(tmp_path):
     image_dir, ann_file = _coco_fixture(tmp_path)
     _image(image_dir / "a.png", 41, 30)
-    ds = CocoDetectionDataset(image_dir, ann_file)
-    with pytest.raises(ValueError, match=r"a\.png is 41x30 but its annotation \(image id 10\) says 40x30"):
-        ds[0]
+    with pytest.raises(ValueError, match=r"a\.png is 41x30 but its annotation \(image id 10 in .*instances\.json\) "
+                                         r"says 40x30"):
+        CocoDetectionDataset(image_dir, ann_file)
+
+
+def _edit_coco(ann_file: Path, edit) -> Path:
+    """Apply ``edit(data)`` to the COCO JSON at ``ann_file`` in place."""
+    data = json.loads(ann_file.read_text())
+    edit(data)
+    ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def test_coco_duplicated_ids_are_errors_naming_file_and_ids(tmp_path):
+    image_dir, ann_file = _coco_fixture(tmp_path)
+    _edit_coco(ann_file, lambda d: d["images"].append({"id": 11, "file_name": "a.png", "width": 40, "height": 30}))
+    with pytest.raises(ValueError, match=r"instances\.json: duplicated image ids 11$"):
+        CocoDetectionDataset(image_dir, ann_file)
+    anns = [{"id": i, "image_id": 10, "category_id": 3, "bbox": [1, 1, 4, 4]} for i in (1, 2, 1, 5, 2)]
+    with pytest.raises(ValueError, match=r"instances\.json: duplicated annotation ids 1, 2$"):
+        CocoDetectionDataset(*_coco_fixture(tmp_path, anns))
+    with pytest.raises(ValueError, match=r"instances\.json: duplicated category ids 3$"):
+        CocoDetectionDataset(*_coco_fixture(tmp_path, categories=[{"id": 3, "name": "cat"}, {"id": 3, "name": "x"}]))
+
+
+def test_coco_empty_annotation_list_warns(tmp_path):
+    with pytest.warns(DatasetWarning, match=r"instances\.json has no annotations"):
+        ds = CocoDetectionDataset(*_coco_fixture(tmp_path, []))
+    assert len(ds) == 3 and all(len(r.boxes) == 0 for r in ds.records)
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda d: d["images"][0].update(width="wide"), TypeError, r"image id 10: width must be a number, got 'wide'"),
+    (lambda d: d["images"][1].update(height=20.5), ValueError, r"image id 11: height must be a positive whole"),
+    (lambda d: d["images"][0].update(id="10"), TypeError, r"image entry .*'a\.png'.*: id must be an integer, got '10'"),
+    (lambda d: d["images"][0].pop("file_name"), ValueError, r"image id 10 has no 'file_name'"),
+    (lambda d: d["annotations"][1]["bbox"].__setitem__(2, "8"), TypeError,
+     r"annotation id 2 \(image id 10, a\.png\): bbox must be a number, got '8'"),
+    (lambda d: d["annotations"][0].update(image_id="10"), TypeError,
+     r"annotation id 1: image_id must be an integer, got '10'"),
+    (lambda d: d["annotations"][2].update(category_id="7"), TypeError,
+     r"annotation id 3 \(image id 11, b\.png\): category_id must be an integer, got '7'"),
+    (lambda d: d["annotations"][2].update(iscrowd="yes"), ValueError,
+     r"annotation id 3 \(image id 11, b\.png\): iscrowd must be 0 or 1, got 'yes'"),
+    (lambda d: d["annotations"][3].update(area="big"), TypeError,
+     r"annotation id 4 \(image id 11, b\.png\): area must be a number, got 'big'"),
+    (lambda d: d["annotations"][3].pop("id"), ValueError, r"annotation entry .* has no 'id'"),
+    (lambda d: d["annotations"].append(7), TypeError, r"annotations\[4\] must be an object, got 7"),
+])
+def test_coco_type_errors_name_file_and_record(tmp_path, edit, error, message):
+    image_dir, ann_file = _coco_fixture(tmp_path)
+    _edit_coco(ann_file, edit)
+    with pytest.raises(error, match=r"instances\.json(: | has | is )?.*" + message):
+        CocoDetectionDataset(image_dir, ann_file)
+
+
+def test_non_finite_boxes_are_dropped_not_repaired(tmp_path):
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [2, 3, float("inf"), 5]},  # would clip to a real box
+        {"id": 2, "image_id": 10, "category_id": 3, "bbox": [float("nan"), 3, 4, 5]},
+        {"id": 3, "image_id": 11, "category_id": 7, "bbox": [1, 1, 5, 5]},
+    ]
+    with pytest.warns(DatasetWarning) as record:
+        ds = CocoDetectionDataset(*_coco_fixture(tmp_path, anns))
+    assert [str(w.message).split(" in ")[0] for w in record] == [
+        "dropped 2 boxes with non-finite coordinates (inf or NaN)"]
+    message = str(record[0].message)
+    assert "instances.json: annotation id 1 (image id 10, a.png), annotation id 2 (image id 10, a.png)" in message
+    assert ds.records[0].boxes.shape == (0, 4) and len(ds.records[1].boxes) == 1
+    sanitize = BoxSanitizer(Path("x.json"))
+    boxes, keep = sanitize(np.array([[0, 0, np.inf, 5], [-np.inf, 0, 5, 5], [0, 0, 5, 5]], np.float32), 40, 30,
+                           ["r0", "r1", "r2"])
+    assert keep.tolist() == [False, False, True] and sanitize.nonfinite == ["r0", "r1"]
+    assert sanitize.clipped == [] and sanitize.dropped == []
+
+
+def test_warnings_name_a_few_records_then_a_count(tmp_path):
+    anns = [{"id": i, "image_id": 10, "category_id": 3, "bbox": [30, 2, 20, 5]} for i in range(1, 8)]
+    with pytest.warns(DatasetWarning, match=r"clipped 7 boxes .* in .*instances\.json: annotation id 1 \(image id "
+                                            r"10, a\.png\), .*annotation id 5 \(image id 10, a\.png\) and 2 more$"):
+        CocoDetectionDataset(*_coco_fixture(tmp_path, anns))
+
+
+class _Oracle(torch.nn.Module):
+    """Detects exactly the ground truth of ``dataset``, image by image in dataset order."""
+
+    def __init__(self, dataset: CocoDetectionDataset) -> None:
+        super().__init__()
+        self.targets = iter([dataset[i][1] for i in range(len(dataset))])
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        targets = [next(self.targets) for _ in images]
+        return [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for t in targets]
+
+
+def test_coco_without_area_and_iscrowd_evaluates_from_the_sanitised_records(tmp_path):
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 7, "bbox": [2, 3, 10, 5]},
+        {"id": 2, "image_id": 10, "category_id": 3, "bbox": [30, 10, 20, 8]},  # clipped to x <= 40
+        {"id": 3, "image_id": 11, "category_id": 3, "bbox": [5, 5, 4, 4], "area": 9.5},
+        {"id": 4, "image_id": 11, "category_id": 7, "bbox": [4, 4, 0, 3]},  # degenerate: dropped
+    ]
+    with pytest.warns(DatasetWarning):
+        ds = CocoDetectionDataset(*_coco_fixture(tmp_path, anns))
+    gt = ds.coco_gt()
+    assert gt.getCatIds() == [3, 7] and [c["name"] for c in gt.loadCats([3, 7])] == ["cat", "dog"]
+    assert sorted((a["image_id"], a["category_id"], a["bbox"][2], a["area"]) for a in gt.dataset["annotations"]) == [
+        (10, 3, 10.0, 80.0), (10, 7, 10.0, 50.0), (11, 3, 4.0, 9.5)]  # file area kept, box area where absent
+    metrics = evaluate_coco(_Oracle(ds), ds, collate_fn, batch_size=2)
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP"] == pytest.approx(1.0)
+    assert metrics["num_detections"] == 3
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in gt.dataset["annotations"]]
+    swapped = [dict(r, category_id=10 - r["category_id"]) for r in perfect]  # 3 <-> 7
+    assert coco_metrics(gt, perfect)["AP50"] == pytest.approx(1.0) and coco_metrics(gt, swapped)["AP50"] == 0.0
+
+
+def _noise_jpeg(path: Path, width: int = 40, height: int = 30, keep: float = 1.0) -> None:
+    """A random-noise JPEG at ``path``, cut to its first ``keep`` fraction of bytes."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_truncated_image_fails_naming_file_or_is_skipped(tmp_path):
+    image_dir, ann_file = _coco_fixture(tmp_path)
+    _noise_jpeg(image_dir / "bad.jpg", keep=0.6)
+    _edit_coco(ann_file, lambda d: d["images"][1].update(file_name="bad.jpg", width=40, height=30))
+    ds = CocoDetectionDataset(image_dir, ann_file)  # the header reads fine
+    loader = DataLoader(ds, batch_size=1, collate_fn=collate_fn)
+    with pytest.raises(OSError, match=r"cannot decode image .*images/bad\.jpg \(image id 11\): image file is "
+                                      r"truncated.*skip_bad_images=True"):
+        list(loader)
+    with pytest.warns(DatasetWarning, match=r"skipped 1 missing or undecodable images \(skip_bad_images=True\) in "
+                                            r".*instances\.json: bad\.jpg \(image id 11 in .*instances\.json\)$"):
+        ds = CocoDetectionDataset(image_dir, ann_file, skip_bad_images=True)
+    assert [r.image_id for r in ds.records] == [10, 12] and sorted(ds.coco_gt().getImgIds()) == [10, 12]
+    assert len(list(DataLoader(ds, batch_size=1, collate_fn=collate_fn))) == 2
+
+
+def test_unreadable_or_missing_images_fail_at_load_or_are_skipped(tmp_path):
+    image_dir, ann_file = _coco_fixture(tmp_path)
+    (image_dir / "b.png").write_bytes(b"not an image")
+    with pytest.raises(OSError, match=r"cannot read image .*images/b\.png \(image id 11 in .*instances\.json\): "
+                                      r"cannot identify image file"):
+        CocoDetectionDataset(image_dir, ann_file)
+    (image_dir / "empty.png").unlink()
+    with pytest.warns(DatasetWarning, match=r"skipped 2 .*: b\.png \(image id 11 .*\), empty\.png \(image id 12 "):
+        ds = CocoDetectionDataset(image_dir, ann_file, skip_bad_images=True)
+    assert len(ds) == 1
+    with pytest.raises(TypeError, match="skip_bad_images must be True or False, got 'yes'"):
+        CocoDetectionDataset(image_dir, ann_file, skip_bad_images="yes")
 
 
 # ---------------------------------------------------------------- KITTI
@@ -290,6 +446,7 @@ def test_kitti_clips_and_drops(tmp_path):
         ds = KittiDataset(root, split="all")
     messages = [str(w.message) for w in record]
     assert len(messages) == 2 and "clipped 2 boxes" in messages[0] and "label_2" in messages[0]
+    assert "000000.txt line 1, 000000.txt line 3" in messages[0]
     assert "dropped 1 degenerate boxes" in messages[1] and "000000.txt line 2" in messages[1]
     torch.testing.assert_close(ds[0][1]["boxes"], torch.tensor([[0.0, 2, 40, 15]]))
     torch.testing.assert_close(ds[0][1]["ignore_boxes"], torch.tensor([[30.0, 25, 40, 30]]))
@@ -307,23 +464,27 @@ def _voc_xml(objects: list[tuple[str, tuple[int, int, int, int], int]]) -> str:
     return f"<annotation><size><width>40</width><height>30</height><depth>3</depth></size>{body}</annotation>"
 
 
-def _voc_fixture(root: Path) -> Path:
-    objects = {
-        "2007_000001": [("dog", (1, 1, 20, 15), 0), ("person", (21, 5, 30, 30), 1)],
-        "2007_000002": [],
-        "2007_000003": [("tvmonitor", (5, 6, 40, 30), 0), ("cat", (2, 2, 6, 6), 0)],
-    }
+VOC_OBJECTS = {
+    "2007_000001": [("dog", (1, 1, 20, 15), 0), ("person", (21, 5, 30, 30), 1)],
+    "2007_000002": [],
+    "2007_000003": [("tvmonitor", (5, 6, 40, 30), 0), ("cat", (2, 2, 6, 6), 0)],
+}
+
+
+def _voc_fixture(root: Path, objects: dict[str, list] = VOC_OBJECTS, sets: dict[str, list[str]] | None = None) -> Path:
+    """A VOC-layout folder; ``sets`` maps image-set names to stems (default: ``train`` holds every image)."""
     (root / "Annotations").mkdir(parents=True)
     (root / "ImageSets" / "Main").mkdir(parents=True)
     for stem, objs in objects.items():
         _image(root / "JPEGImages" / f"{stem}.jpg")
         (root / "Annotations" / f"{stem}.xml").write_text(_voc_xml(objs))
-    (root / "ImageSets" / "Main" / "train.txt").write_text("2007_000001\n2007_000002\n2007_000003\n")
+    for name, stems in (sets or {"train": list(objects)}).items():
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{stem}\n" for stem in stems))
     return root
 
 
 def test_voc_loader(tmp_path):
-    ds = VOCDataset(_voc_fixture(tmp_path))
+    ds = VOCDataset(_voc_fixture(tmp_path), classes=VOC_CLASSES)
     assert len(ds) == 3 and ds.class_names == list(VOC_CLASSES) and len(ds.label_to_cat_id) == 20
     _, t = ds[0]
     assert t["labels"].tolist() == [VOC_CLASSES.index("dog") + 1]
@@ -342,8 +503,9 @@ def test_voc_bad_input(tmp_path):
         VOCDataset(root, image_set="val")
     xml = root / "Annotations" / "2007_000003.xml"
     xml.write_text(_voc_xml([("cat", (1, 1, 5, 5), 0), ("unicorn", (1, 1, 5, 5), 0)]))
-    with pytest.raises(ValueError, match=r"2007_000003\.xml: object 2 has unknown class 'unicorn'"):
-        VOCDataset(root)
+    with pytest.raises(ValueError, match=r"2007_000003\.xml: object 2 has unknown class 'unicorn'; "
+                                         r"classes are \['aeroplane', .*'tvmonitor'\]"):
+        VOCDataset(root, classes=VOC_CLASSES)
     xml.write_text("<annotation><object><name>cat</name></annotation>")
     with pytest.raises(ValueError, match=r"malformed XML in .*2007_000003\.xml"):
         VOCDataset(root)
@@ -356,6 +518,74 @@ def test_voc_bad_input(tmp_path):
     (root / "JPEGImages" / "2007_000002.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"2007_000002\.jpg not found \(id '2007_000002'"):
         VOCDataset(root)
+
+
+BLOOD = {  # a custom dataset in VOC layout (BCCD-like)
+    "img1": [("WBC", (3, 3, 20, 20), 0), ("RBC", (22, 4, 30, 12), 0)],
+    "img2": [("RBC", (1, 1, 9, 9), 0), ("Platelets", (30, 20, 34, 24), 1)],
+    "img3": [("RBC", (5, 5, 15, 15), 0)],
+}
+
+
+def test_voc_layout_with_custom_classes(tmp_path):
+    root = _voc_fixture(tmp_path, BLOOD)
+    ds = VOCDataset(root)  # discovered from the XML files, sorted
+    assert ds.class_names == ["Platelets", "RBC", "WBC"] and ds.label_to_cat_id == {1: 1, 2: 2, 3: 3}
+    assert ds[0][1]["labels"].tolist() == [3, 2] and ds[1][1]["labels"].tolist() == [2]
+    torch.testing.assert_close(ds[1][1]["ignore_boxes"], torch.tensor([[29.0, 19, 34, 24]]))  # difficult
+    ds = VOCDataset(root, classes=["WBC", "RBC", "Platelets"])
+    assert ds.class_names == ["WBC", "RBC", "Platelets"] and ds[0][1]["labels"].tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"img1\.xml: object 2 has unknown class 'RBC'; classes are \['WBC', "
+                                         r"'Platelets'\]"):
+        VOCDataset(root, classes=["WBC", "Platelets"])
+    with pytest.raises(TypeError, match=r"classes must be a list of class names, got 'WBC'"):
+        VOCDataset(root, classes="WBC")
+    with pytest.raises(ValueError, match=r"classes \['RBC'\] appear more than once"):
+        VOCDataset(root, classes=["RBC", "WBC", "RBC"])
+    _voc_fixture(tmp_path / "empty", {"img1": []})
+    with pytest.raises(ValueError, match=r"no <object> in the annotation files of .*train\.txt; pass classes="):
+        VOCDataset(tmp_path / "empty")
+
+
+def test_voc_zero_size_and_clipped_boxes_are_reported_by_file_and_object(tmp_path):
+    objects = {"a": [("cat", (5, 5, 5, 9), 0), ("cat", (2, 2, 8, 8), 0)], "b": [("dog", (30, 4, 45, 12), 0)]}
+    with pytest.warns(DatasetWarning) as record:
+        ds = VOCDataset(_voc_fixture(tmp_path, objects))
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert messages[0].startswith("clipped 1 boxes") and messages[0].endswith("Annotations: b.xml object 1 (dog)")
+    assert messages[1].startswith("dropped 1 degenerate boxes") and messages[1].endswith("a.xml object 1 (cat)")
+    torch.testing.assert_close(ds[0][1]["boxes"], torch.tensor([[1.0, 1, 8, 8]]))  # no 1-pixel box from (5, 5, 5, 9)
+    torch.testing.assert_close(ds[1][1]["boxes"], torch.tensor([[29.0, 3, 40, 12]]))
+
+
+def test_check_same_classes(tmp_path):
+    root = _voc_fixture(tmp_path, BLOOD)
+    a, b = VOCDataset(root), VOCDataset(root, classes=["WBC", "RBC", "Platelets"])
+    check_same_classes(a, VOCDataset(root, classes=["Platelets", "RBC", "WBC"]))
+    with pytest.raises(ValueError, match=r"different classes .*train \['Platelets', 'RBC', 'WBC'\], "
+                                         r"val \['WBC', 'RBC', 'Platelets'\]"):
+        check_same_classes(a, b)
+
+
+def test_build_datasets_passes_classes_and_checks_them(tmp_path):
+    root = _voc_fixture(tmp_path / "voc", BLOOD, sets={"train": ["img1", "img2"], "val": ["img3"]})
+    cfg = {"data": {"kind": "voc", "root": str(root)}}
+    train, val = build_datasets(cfg)
+    assert train.class_names == val.class_names == ["Platelets", "RBC", "WBC"]  # val (RBC only) takes train's
+    cfg["data"]["classes"] = ["WBC", "RBC", "Platelets"]
+    train, val = build_datasets(cfg)
+    assert train.class_names == val.class_names == ["WBC", "RBC", "Platelets"] and len(val) == 1
+    cfg["data"].update(train_set="val", val_set="train", classes=["RBC"])
+    with pytest.raises(ValueError, match=r"img1\.xml: object 1 has unknown class 'WBC'; classes are \['RBC'\]"):
+        build_datasets(cfg)
+    coco = {"kind": "coco", "train_images": "x", "train_ann": "y", "val_images": "x", "classes": ["a"]}
+    with pytest.raises(ValueError, match=r"kind = 'coco': missing keys \['val_ann'\], unknown keys \['classes'\]"):
+        build_datasets({"data": coco})
+    kitti = _kitti_fixture(tmp_path / "kitti")
+    train, val = build_datasets({"data": {"kind": "kitti", "root": str(kitti), "classes": ["Car", "Cyclist"]}})
+    assert train.class_names == val.class_names == ["Car", "Cyclist"]
+    assert train[1][1]["labels"].tolist() == [] and train[1][1]["ignore_boxes"].shape == (3, 4)  # pedestrians ignored
 
 
 # ---------------------------------------------------------------- transforms and collation

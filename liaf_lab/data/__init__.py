@@ -2,7 +2,8 @@
 
 Every dataset yields ``(image [3, H, W] float in [0, 1], target)`` with ``target`` holding ``boxes``
 [n, 4] xyxy pixels, ``labels`` [n] int64 in 1..num_classes, ``image_id``, ``orig_size`` (H, W) and
-``ignore_boxes`` [m, 4], and exposes ``class_names``, ``label_to_cat_id`` and ``coco_gt()``.
+``ignore_boxes`` [m, 4], and exposes ``class_names``, ``label_to_cat_id`` and ``coco_gt()`` (the ground truth
+built from the same sanitised records).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .coco import CocoDetectionDataset
-from .common import DatasetWarning, DetectionDataset, ImageRecord
+from .common import DatasetWarning, DetectionDataset, ImageRecord, check_same_classes
 from .kitti import KITTI_MERGE, KITTI_TYPES, KittiDataset
 from .transforms import collate_fn, detection_transforms
 from .voc import VOC_CLASSES, VOCDataset
@@ -19,7 +20,8 @@ _SYNTHETIC = ("BACKGROUNDS", "MIN_VISIBLE", "SHAPE_CLASSES", "generate_scenes", 
 
 __all__ = [
     "CocoDetectionDataset", "DatasetWarning", "DetectionDataset", "ImageRecord", "KITTI_MERGE", "KITTI_TYPES",
-    "KittiDataset", "VOCDataset", "VOC_CLASSES", "collate_fn", "detection_transforms", *_SYNTHETIC,
+    "KittiDataset", "VOCDataset", "VOC_CLASSES", "check_same_classes", "collate_fn", "detection_transforms",
+    *_SYNTHETIC,
 ]
 
 

@@ -1,8 +1,9 @@
-"""Shared pieces of the dataset loaders: image records, box sanitising, in-memory COCO ground truth.
+"""Shared pieces of the dataset loaders: image records, box and image checks, in-memory COCO ground truth.
 
 Every loader parses its annotation files once, at construction, into a list of :class:`ImageRecord`
 (boxes as numpy arrays in image pixels, xyxy) and hands it to :class:`DetectionDataset`, which loads the
-image and applies the transforms on ``__getitem__``.
+image and applies the transforms on ``__getitem__``. Evaluation (:meth:`DetectionDataset.coco_gt`) is built
+from the same records, so training and evaluation see the same, sanitised, ground truth.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import contextlib
 import io
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,11 @@ from torchvision import tv_tensors
 Target = dict[str, Any]
 Transform = Callable[[Any, Target], tuple[Any, Target]]
 
-_MAX_NAMED = 5  # records named in one warning before "and N more"
+_MAX_NAMED = 5  # records named in one message before "and N more"
 
 
 class DatasetWarning(UserWarning):
-    """Raised (as a warning) when a loader repairs or drops annotations."""
+    """Raised (as a warning) when a loader repairs or drops annotations or images."""
 
 
 @dataclass
@@ -40,7 +42,8 @@ class ImageRecord:
     """One image and its annotations, boxes xyxy in pixels of the untransformed image.
 
     ``ignore_labels`` holds the class of each ignore region, 0 where the region ignores every class
-    (KITTI ``DontCare``).
+    (KITTI ``DontCare``). ``areas`` / ``ignore_areas`` are the annotated object areas (COCO ``area``, used
+    for AP_S/M/L); ``None``, or NaN for one box, means the box area.
     """
 
     image_id: int
@@ -51,10 +54,26 @@ class ImageRecord:
     labels: NDArray[np.int64]  # [n]
     ignore_boxes: NDArray[np.float32]  # [m, 4]
     ignore_labels: NDArray[np.int64]  # [m]
+    areas: NDArray[np.float32] | None = None  # [n]
+    ignore_areas: NDArray[np.float32] | None = None  # [m]
+
+
+def named(items: Sequence[str]) -> str:
+    """``"a, b, c"``: at most ``_MAX_NAMED`` items, then ``" and N more"``."""
+    more = f" and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else ""
+    return ", ".join(items[:_MAX_NAMED]) + more
+
+
+def duplicates(values: Iterable[Hashable]) -> list[Any]:
+    """The values that occur more than once, in order of first occurrence."""
+    return [v for v, n in Counter(values).items() if n > 1]
 
 
 class BoxSanitizer:
-    """Clip boxes to the image and drop degenerate ones; :meth:`warn` reports both once per load.
+    """Clip boxes to the image and drop non-finite and degenerate ones; :meth:`warn` reports each kind once.
+
+    Non-finite boxes (a coordinate inf or NaN) are dropped before clipping, so they are never clipped into
+    real boxes.
 
     Args:
         source: the annotation file or folder named in the warnings.
@@ -62,47 +81,115 @@ class BoxSanitizer:
 
     def __init__(self, source: Path) -> None:
         self.source = source
-        self.clipped = 0
+        self.clipped: list[str] = []
         self.dropped: list[str] = []
+        self.nonfinite: list[str] = []
 
     def __call__(
         self, boxes: NDArray[np.float32], width: int, height: int, names: Sequence[str]
     ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
         """Return ``(clipped boxes [n, 4], keep [n])``; ``names[i]`` identifies box ``i`` in warnings."""
+        finite = np.isfinite(boxes).all(axis=1)
         clipped = boxes.copy()
         clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
         clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
-        finite = np.isfinite(clipped).all(axis=1)
-        keep = finite & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-        self.clipped += int((keep & (clipped != boxes).any(axis=1)).sum())
-        self.dropped += [name for name, k in zip(names, keep) if not k]
+        area_ok = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        keep = finite & area_ok
+        changed = keep & (clipped != boxes).any(axis=1)
+        self.clipped += [name for name, c in zip(names, changed) if c]
+        self.dropped += [name for name, f, a in zip(names, finite, area_ok) if f and not a]
+        self.nonfinite += [name for name, f in zip(names, finite) if not f]
         return clipped, keep
 
     def record(
         self, image_id: int, path: Path, width: int, height: int, rows: Sequence[Sequence[float]],
-        labels: Sequence[int], ignore: Sequence[bool], names: Sequence[str],
+        labels: Sequence[int], ignore: Sequence[bool], names: Sequence[str], areas: Sequence[float] | None = None,
     ) -> ImageRecord:
-        """An ``ImageRecord`` from raw boxes: clipped, degenerate ones dropped, ``ignore[i]`` ones as ignore regions."""
+        """An ``ImageRecord`` from raw boxes: clipped, bad ones dropped, ``ignore[i]`` ones as ignore regions.
+
+        ``areas[i]``: the annotated area of box ``i`` (NaN, or ``areas=None``: the box area after clipping).
+        """
         boxes, keep = self(as_boxes(rows), width, height, names)
         labels_, ignore_ = np.asarray(labels, dtype=np.int64), np.asarray(ignore, dtype=bool)
         obj, ign = keep & ~ignore_, keep & ignore_
-        return ImageRecord(image_id, path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign])
+        areas_ = np.full(len(labels_), np.nan, np.float32) if areas is None else np.asarray(areas, dtype=np.float32)
+        return ImageRecord(image_id, path, width, height, boxes[obj], labels_[obj], boxes[ign], labels_[ign],
+                           areas_[obj], areas_[ign])
 
     def warn(self) -> None:
-        """Emit at most one warning for clipped boxes and one for dropped boxes."""
-        if self.clipped:
-            warnings.warn(
-                f"clipped {self.clipped} boxes that reached outside their image to the image bounds in "
-                f"{self.source}",
-                DatasetWarning,
-                stacklevel=3,
+        """Emit at most one warning each for clipped, degenerate and non-finite boxes."""
+        reports = [
+            (self.clipped, "clipped {} boxes that reached outside their image to the image bounds"),
+            (self.dropped, "dropped {} degenerate boxes (zero area, as annotated or after clipping)"),
+            (self.nonfinite, "dropped {} boxes with non-finite coordinates (inf or NaN)"),
+        ]
+        for names, what in reports:
+            if names:
+                warnings.warn(f"{what.format(len(names))} in {self.source}: {named(names)}", DatasetWarning,
+                              stacklevel=3)
+
+
+def read_image(path: Path, record: str, decode: bool = True) -> Image.Image:
+    """The image at ``path`` decoded to RGB, or with ``decode=False`` only its header read (``size``, no pixels).
+
+    ``FileNotFoundError`` / ``OSError`` naming the file and ``record`` when it is missing or cannot be read.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found ({record})")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB") if decode else im
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified format, "image file is truncated", ...
+        raise OSError(
+            f"cannot {'decode' if decode else 'read'} image {path} ({record}): {e}; "
+            f"the loaders' skip_bad_images=True skips such images"
+        ) from e
+
+
+class ImageChecker:
+    """Check every image at load time; :meth:`warn` reports the skipped ones once.
+
+    By default only the header is read (cheap): a missing or unidentifiable file, or a size other than the
+    annotated one, is an error; a file whose pixel data is broken (a truncated JPEG) fails when
+    :class:`DetectionDataset` decodes it, with an ``OSError`` naming the file. With ``skip_bad`` every image
+    is decoded once here, and missing or undecodable images are skipped.
+
+    Args:
+        source: the annotation file or folder named in the warning.
+        skip_bad: decode every image and skip the bad ones instead of raising.
+    """
+
+    def __init__(self, source: Path, skip_bad: bool) -> None:
+        if not isinstance(skip_bad, bool):
+            raise TypeError(f"skip_bad_images must be True or False, got {skip_bad!r}")
+        self.source = source
+        self.skip_bad = skip_bad
+        self.skipped: list[str] = []
+
+    def __call__(self, path: Path, record: str, size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+        """``(width, height)`` of the image at ``path``, ``None`` if it was skipped.
+
+        ``size``: the annotated ``(width, height)``; a different image size is a ``ValueError``.
+        """
+        try:
+            actual = read_image(path, record, decode=self.skip_bad).size
+        except OSError:
+            if not self.skip_bad:
+                raise
+            self.skipped.append(f"{path.name} ({record})")
+            return None
+        if size is not None and tuple(size) != actual:
+            raise ValueError(
+                f"image {path} is {actual[0]}x{actual[1]} but its annotation ({record}) says {size[0]}x{size[1]}"
             )
-        if self.dropped:
-            named = ", ".join(self.dropped[:_MAX_NAMED])
-            more = f" and {len(self.dropped) - _MAX_NAMED} more" if len(self.dropped) > _MAX_NAMED else ""
+        return actual
+
+    def warn(self) -> None:
+        """Emit one warning if images were skipped."""
+        if self.skipped:
             warnings.warn(
-                f"dropped {len(self.dropped)} degenerate boxes (zero area after clipping, or not finite) in "
-                f"{self.source}: {named}{more}",
+                f"skipped {len(self.skipped)} missing or undecodable images (skip_bad_images=True) in {self.source}: "
+                f"{named(self.skipped)}",
                 DatasetWarning,
                 stacklevel=3,
             )
@@ -113,12 +200,29 @@ def as_boxes(rows: Sequence[Sequence[float]]) -> NDArray[np.float32]:
     return np.asarray(rows, dtype=np.float32).reshape(-1, 4)
 
 
-def image_size(path: Path, record: str) -> tuple[int, int]:
-    """``(width, height)`` read from the image header; ``FileNotFoundError`` naming ``record`` if missing."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} not found ({record})")
-    with Image.open(path) as im:
-        return im.size
+def check_class_names(classes: Sequence[str], where: str) -> list[str]:
+    """``classes`` as a list; ``TypeError``/``ValueError`` naming ``where`` unless non-empty distinct strings."""
+    if isinstance(classes, str) or not isinstance(classes, Sequence) or not all(isinstance(c, str) for c in classes):
+        raise TypeError(f"{where}: classes must be a list of class names, got {classes!r}")
+    if not classes:
+        raise ValueError(f"{where}: classes is empty")
+    repeated = duplicates(classes)
+    if repeated:
+        raise ValueError(f"{where}: classes {repeated} appear more than once in {list(classes)}")
+    return list(classes)
+
+
+def check_same_classes(train: Any, val: Any) -> None:
+    """``ValueError`` listing both lists unless ``train`` and ``val`` have the same ``class_names``, in order.
+
+    Label ``i`` must mean the same class in both, or evaluation scores the wrong classes.
+    """
+    if list(train.class_names) != list(val.class_names):
+        raise ValueError(
+            f"train and val datasets have different classes (label i must mean the same class in both): "
+            f"train {list(train.class_names)}, val {list(val.class_names)}; give both the same class list "
+            f"(classes=..., data.classes in a config)"
+        )
 
 
 def read_json(path: Path) -> Any:
@@ -141,26 +245,37 @@ def coco_from_dict(dataset: Mapping[str, Any]) -> COCO:
     return coco
 
 
-def records_to_coco(records: Sequence[ImageRecord], class_names: Sequence[str]) -> COCO:
-    """Ground truth of ``records`` as a ``COCO`` object; category id = label, ignore regions as crowds.
+def _areas(boxes: NDArray[np.float32], areas: NDArray[np.float32] | None) -> NDArray[np.float32]:
+    """``areas`` [n] where given (finite), else the areas of ``boxes`` [n, 4]."""
+    box_areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return box_areas if areas is None else np.where(np.isfinite(areas), areas, box_areas)
+
+
+def records_to_coco(
+    records: Sequence[ImageRecord], class_names: Sequence[str], label_to_cat_id: Mapping[int, int]
+) -> COCO:
+    """Ground truth of ``records`` as a ``COCO`` object; category id ``label_to_cat_id[label]``, ignore
+    regions as crowds.
 
     An ignore region with label 0 becomes one ``iscrowd`` annotation per category, so COCOeval ignores
     detections of every class there.
     """
     images, annotations = [], []
-    num_classes = len(class_names)
+    all_cats = [label_to_cat_id[i + 1] for i in range(len(class_names))]
     for r in records:
         images.append({"id": r.image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
-        ignore = [(b, [int(c)] if c else range(1, num_classes + 1)) for b, c in zip(r.ignore_boxes, r.ignore_labels)]
-        rows = [(b, [int(c)], 0) for b, c in zip(r.boxes, r.labels)] + [(b, cs, 1) for b, cs in ignore]
-        for box, cats, crowd in rows:
+        objects = zip(r.boxes, r.labels, _areas(r.boxes, r.areas))
+        ignored = zip(r.ignore_boxes, r.ignore_labels, _areas(r.ignore_boxes, r.ignore_areas))
+        rows = [(b, [label_to_cat_id[int(c)]], a, 0) for b, c, a in objects]
+        rows += [(b, [label_to_cat_id[int(c)]] if c else all_cats, a, 1) for b, c, a in ignored]
+        for box, cats, area, crowd in rows:
             x1, y1, x2, y2 = (float(v) for v in box)
             for c in cats:
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": r.image_id, "category_id": c, "iscrowd": crowd,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(area),
                 })
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
+    categories = [{"id": c, "name": n} for c, n in zip(all_cats, class_names)]
     return coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
 
 
@@ -169,6 +284,7 @@ class DetectionDataset(Dataset):
 
     ``target``: ``boxes`` [n, 4] float xyxy pixels, ``labels`` [n] int64 in 1..num_classes,
     ``image_id`` int, ``orig_size`` (H, W) before transforms, ``ignore_boxes`` [m, 4] float.
+    An image that fails to decode raises an ``OSError`` naming its file and image id.
 
     Attributes:
         class_names: label ``i + 1`` is ``class_names[i]`` (0 is background).
@@ -196,13 +312,7 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
         r = self.records[index]
-        with Image.open(r.path) as im:
-            image = im.convert("RGB")
-        if image.size != (r.width, r.height):
-            raise ValueError(
-                f"image {r.path} is {image.size[0]}x{image.size[1]} but its annotation (image id {r.image_id}) "
-                f"says {r.width}x{r.height}"
-            )
+        image = read_image(r.path, f"image id {r.image_id}")
         canvas = (r.height, r.width)
         target = {
             "boxes": tv_tensors.BoundingBoxes(r.boxes, format="XYXY", canvas_size=canvas),
@@ -216,9 +326,9 @@ class DetectionDataset(Dataset):
         return image.as_subclass(Tensor), plain
 
     def coco_gt(self) -> COCO:
-        """The ground truth as a pycocotools ``COCO`` object (boxes in untransformed image pixels)."""
+        """The ground truth of :attr:`records` as a pycocotools ``COCO`` object (untransformed image pixels)."""
         if self._coco is None:
-            self._coco = records_to_coco(self.records, self.class_names)
+            self._coco = records_to_coco(self.records, self.class_names, self.label_to_cat_id)
         return self._coco
 
     def __repr__(self) -> str:

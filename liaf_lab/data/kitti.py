@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from .common import BoxSanitizer, DetectionDataset, Transform, image_size
+from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names
 
 KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
 KITTI_MERGE: Mapping[str, str] = MappingProxyType({"Van": "Car", "Person_sitting": "Pedestrian"})
@@ -32,6 +32,8 @@ class KittiDataset(DetectionDataset):
         merge: KITTI type -> kept class it is counted as.
         transforms: ``(PIL image, target) -> (image tensor, target)``; default
             ``detection_transforms(train=False)``.
+        skip_bad_images: decode every image at load time and skip missing or undecodable ones (one
+            ``DatasetWarning``); by default they are errors.
 
     ``image_id`` is the image's index in the sorted list of all ids in ``image_2/``.
     """
@@ -44,8 +46,10 @@ class KittiDataset(DetectionDataset):
         classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
         merge: Mapping[str, str] = KITTI_MERGE,
         transforms: Transform | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         root = Path(root)
+        classes = check_class_names(classes, f"KittiDataset({root})")
         for name in [*classes, *merge, *merge.values()]:
             if name not in KITTI_TYPES:
                 raise ValueError(f"{name!r} is not a KITTI type; expected one of {KITTI_TYPES}")
@@ -66,7 +70,7 @@ class KittiDataset(DetectionDataset):
             ids = splits[split]
         label_of = {c: i + 1 for i, c in enumerate(classes)} | {k: classes.index(v) + 1 for k, v in merge.items()}
 
-        sanitize = BoxSanitizer(label_dir)
+        sanitize, check_image = BoxSanitizer(label_dir), ImageChecker(image_dir, skip_bad_images)
         records = []
         for stem in ids:
             image_path = image_dir / f"{stem}.png"
@@ -75,7 +79,10 @@ class KittiDataset(DetectionDataset):
             label_path = label_dir / f"{stem}.txt"
             if not label_path.is_file():
                 raise FileNotFoundError(f"label file {label_path} not found for image {image_path}")
-            width, height = image_size(image_path, f"KITTI id {stem}")
+            size = check_image(image_path, f"KITTI id {stem}")
+            if size is None:
+                continue
+            width, height = size
             rows, labels, lines = [], [], []
             for k, line in enumerate(label_path.read_text().splitlines(), start=1):
                 fields = line.split()
@@ -95,5 +102,6 @@ class KittiDataset(DetectionDataset):
             ignore = [label == 0 for label in labels]
             records.append(sanitize.record(index[stem], image_path, width, height, rows, labels, ignore, lines))
         sanitize.warn()
+        check_image.warn()
         self.root = root
-        super().__init__(records, list(classes), {i + 1: i + 1 for i in range(len(classes))}, transforms)
+        super().__init__(records, classes, {i + 1: i + 1 for i in range(len(classes))}, transforms)

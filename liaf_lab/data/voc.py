@@ -1,71 +1,104 @@
-"""Pascal VOC detection (``JPEGImages/``, ``Annotations/*.xml``, ``ImageSets/Main/<set>.txt``).
+"""Pascal VOC-layout detection (``JPEGImages/``, ``Annotations/*.xml``, ``ImageSets/Main/<set>.txt``).
 
 VOC's 1-based inclusive pixel boxes become continuous xyxy as ``(xmin - 1, ymin - 1, xmax, ymax)``
-(Detectron2's convention); ``difficult`` objects become ``ignore_boxes`` of their class.
+(Detectron2's convention); ``difficult`` objects become ``ignore_boxes`` of their class. The classes are
+given, or discovered from the XML files of the image set (sorted names), so any dataset in VOC layout loads.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
-from .common import BoxSanitizer, DetectionDataset, Transform, image_size
+from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 
+_VOCObject = tuple[int, str, list[float], bool]  # (object number in its file, class name, box xyxy, difficult)
 
-def _parse_objects(xml_path: Path) -> tuple[list[list[float]], list[int], list[bool], list[str]]:
-    """``(boxes xyxy, labels 1..20, difficult, record names)`` of every ``<object>`` in one XML file."""
+
+def _parse_objects(xml_path: Path) -> list[_VOCObject]:
+    """Every ``<object>`` of one XML file, numbered from 1.
+
+    A box of zero size as annotated (``xmax <= xmin`` or ``ymax <= ymin``) is kept without the ``- 1`` shift,
+    so the sanitizer drops it as degenerate instead of it becoming a 1-pixel box.
+    """
     if not xml_path.is_file():
         raise FileNotFoundError(f"annotation file {xml_path} not found")
     try:
         tree = ET.parse(xml_path)
     except ET.ParseError as e:
         raise ValueError(f"malformed XML in {xml_path}: {e}") from None
-    rows, labels, difficult, names = [], [], [], []
+    objects = []
     for k, obj in enumerate(tree.getroot().iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
-        if name not in VOC_CLASSES:
-            raise ValueError(f"{xml_path}: object {k} has unknown class {name!r}; VOC classes are {VOC_CLASSES}")
         try:
             xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError):
             raise ValueError(f"{xml_path}: object {k} ({name}) needs numeric bndbox xmin, ymin, xmax, ymax") from None
-        rows.append([xmin - 1, ymin - 1, xmax, ymax])
-        labels.append(VOC_CLASSES.index(name) + 1)
-        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-        names.append(f"{xml_path.name} object {k} ({name})")
-    return rows, labels, difficult, names
+        shift = 1.0 if xmax > xmin and ymax > ymin else 0.0
+        difficult = (obj.findtext("difficult") or "0").strip() == "1"
+        objects.append((k, name, [xmin - shift, ymin - shift, xmax, ymax], difficult))
+    return objects
 
 
 class VOCDataset(DetectionDataset):
-    """Pascal VOC as ``(image [3, H, W], target)``; labels 1..20 in :data:`VOC_CLASSES` order.
+    """A dataset in Pascal VOC layout as ``(image [3, H, W], target)``; labels 1..K in ``classes`` order.
 
     Args:
-        root: a ``VOCdevkit/VOC20xx`` folder.
+        root: a ``VOCdevkit/VOC20xx`` folder, or any folder in that layout.
         image_set: the ``ImageSets/Main/<image_set>.txt`` list to load (``train``, ``val``, ``trainval``, ``test``).
         transforms: ``(PIL image, target) -> (image tensor, target)``; default
             ``detection_transforms(train=False)``.
+        classes: class names, label ``i + 1`` is ``classes[i]``; another name in the XML files is an error.
+            ``None``: the sorted names found in the XML files of ``image_set`` (for Pascal VOC with all 20
+            classes present, :data:`VOC_CLASSES`, which is sorted).
+        skip_bad_images: decode every image at load time and skip missing or undecodable ones (one
+            ``DatasetWarning``); by default they are errors.
 
     ``image_id`` is the image's line index in the image-set file.
     """
 
-    def __init__(self, root: str | Path, image_set: str = "train", transforms: Transform | None = None) -> None:
+    def __init__(
+        self, root: str | Path, image_set: str = "train", transforms: Transform | None = None,
+        classes: Sequence[str] | None = None, skip_bad_images: bool = False,
+    ) -> None:
         root = Path(root)
         list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
         if not list_file.is_file():
             raise FileNotFoundError(f"image-set file {list_file} not found")
+        if classes is not None:
+            classes = check_class_names(classes, f"VOCDataset({root})")
         stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-        sanitize = BoxSanitizer(root / "Annotations")
-        records = []
+        check_image = ImageChecker(list_file, skip_bad_images)
+        parsed: list[tuple[int, Path, int, int, Path, list[_VOCObject]]] = []
         for image_id, stem in enumerate(stems):
             image_path = root / "JPEGImages" / f"{stem}.jpg"
-            width, height = image_size(image_path, f"id {stem!r} of {list_file}")
-            rows, labels, difficult, names = _parse_objects(root / "Annotations" / f"{stem}.xml")
+            size = check_image(image_path, f"id {stem!r} of {list_file}")
+            if size is not None:
+                xml_path = root / "Annotations" / f"{stem}.xml"
+                parsed.append((image_id, image_path, *size, xml_path, _parse_objects(xml_path)))
+        check_image.warn()
+        if classes is None:
+            classes = sorted({name for *_, objects in parsed for _, name, _, _ in objects})
+            if not classes:
+                raise ValueError(f"no <object> in the annotation files of {list_file}; pass classes=[...]")
+        label_of = {c: i + 1 for i, c in enumerate(classes)}
+
+        sanitize = BoxSanitizer(root / "Annotations")
+        records = []
+        for image_id, image_path, width, height, xml_path, objects in parsed:
+            for k, name, _, _ in objects:
+                if name not in label_of:
+                    raise ValueError(f"{xml_path}: object {k} has unknown class {name!r}; classes are {classes}")
+            rows, labels = [box for _, _, box, _ in objects], [label_of[name] for _, name, _, _ in objects]
+            difficult = [d for *_, d in objects]
+            names = [f"{xml_path.name} object {k} ({name})" for k, name, _, _ in objects]
             records.append(sanitize.record(image_id, image_path, width, height, rows, labels, difficult, names))
         sanitize.warn()
         self.root = root
-        super().__init__(records, list(VOC_CLASSES), {i + 1: i + 1 for i in range(len(VOC_CLASSES))}, transforms)
+        super().__init__(records, classes, {i + 1: i + 1 for i in range(len(classes))}, transforms)
