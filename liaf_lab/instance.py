@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from .validation import check_boxes, check_tensor
+from .validation import check_boxes, check_tensor, check_values, should_validate
 
 Normalize = Literal["image", "batch"]
 
@@ -33,6 +33,8 @@ def roi_instance_features(
     stride: float,
     roi_size: tuple[int, int] = (7, 7),
     sampling_ratio: int = 2,
+    *,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Eq. 2: ``F_ins = roi_align(F, B_ins)`` for every box of every image.
 
@@ -40,13 +42,16 @@ def roi_instance_features(
         features: ``[N, C, H, W]`` one feature level.
         boxes: N tensors ``[n_b, 4]``, (x1, y1, x2, y2) in input-image pixels.
         stride: input pixels per feature cell of this level.
+        validate: check the inputs (one device read); ``False`` when the caller has checked them.
     Returns:
         ``roi_feats [I, C, h, w]`` and ``batch_index [I]`` (the image of each instance).
     """
-    check_tensor("features", features, ndim=4)
-    boxes = check_boxes("boxes", boxes, num_images=features.shape[0])
-    if not stride > 0:
-        raise ValueError(f"stride must be positive, got {stride}")
+    if should_validate(validate):
+        check_tensor("features", features, ndim=4, finite=False)
+        boxes = check_boxes("boxes", boxes, num_images=features.shape[0], values=False)
+        if not stride > 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        check_values({"features": features}, {"boxes": boxes})
     rois, batch_index = concat_boxes([b.to(features) for b in boxes])
     if rois.shape[0] == 0:
         return features.new_zeros(0, features.shape[1], *roi_size), batch_index.to(features.device)
@@ -69,17 +74,19 @@ def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
     return z / total.gather(1, idx)
 
 
-def diversity_loss(E: Tensor) -> Tensor:
+def diversity_loss(E: Tensor, *, validate: bool = True) -> Tensor:
     """Eq. 4: ``2 * sum_{i != j} E_i . E_j / (sum_i |E_i|^2 + sum_j |E_j|^2)``.
 
     Args:
         E: ``[K, D]``, the K selectors as rows.
+        validate: check ``E`` (one device read); ``False`` for a module's own parameters.
     Returns:
         A scalar in ``[-1, K - 1]``, invariant to the scale of ``E`` (0 when ``E`` is all zero).
     """
-    check_tensor("E", E, ndim=2)
-    if E.shape[0] == 0:
-        raise ValueError("E holds no selectors (shape [0, D]); expected at least one row")
+    if should_validate(validate):
+        check_tensor("E", E, ndim=2)
+        if E.shape[0] == 0:
+            raise ValueError("E holds no selectors (shape [0, D]); expected at least one row")
     gram = E @ E.t()
     norms = gram.diagonal().sum()
     cross = gram.sum() - norms
@@ -124,29 +131,46 @@ class InstanceSelectors(nn.Module):
     def num_selectors(self) -> int:
         return self.weight.shape[0]
 
-    def scores(self, roi_feats: Tensor, batch_index: Tensor, weight: Tensor | None = None) -> Tensor:
+    def scores(
+        self,
+        roi_feats: Tensor,
+        batch_index: Tensor,
+        weight: Tensor | None = None,
+        *,
+        num_images: int | None = None,
+        validate: bool = True,
+    ) -> Tensor:
         """Eq. 3: ``A_k = softmax(F_ROI @ E_k)`` for every selector.
 
         Args:
             roi_feats: ``[I, C, h, w]`` from ``roi_instance_features``.
             batch_index: ``[I]`` image of each instance.
             weight: use these selector rows instead of ``self.weight`` (e.g. a detached copy).
+            num_images: the number of images N (``batch_index < N``); if ``None`` it is read from
+                ``batch_index`` on the device (one device read).
+            validate: check the inputs (one device read); ``False`` when the caller has checked them.
         Returns:
             ``[K, I]``; each row sums to 1 over the instances of each image (or of the batch).
         """
-        check_tensor("roi_feats", roi_feats, ndim=4)
-        expected = (self.channels, *self.roi_size)
-        if tuple(roi_feats.shape[1:]) != expected:
-            raise ValueError(f"roi_feats must have shape [I, {', '.join(map(str, expected))}], got {tuple(roi_feats.shape)}")
-        if batch_index.shape != roi_feats.shape[:1]:
-            raise ValueError(f"batch_index must have shape [{roi_feats.shape[0]}], got {tuple(batch_index.shape)}")
+        if should_validate(validate):
+            check_tensor("roi_feats", roi_feats, ndim=4)
+            expected = (self.channels, *self.roi_size)
+            if tuple(roi_feats.shape[1:]) != expected:
+                raise ValueError(
+                    f"roi_feats must have shape [I, {', '.join(map(str, expected))}], got {tuple(roi_feats.shape)}"
+                )
+            if batch_index.shape != roi_feats.shape[:1]:
+                raise ValueError(f"batch_index must have shape [{roi_feats.shape[0]}], got {tuple(batch_index.shape)}")
+            if num_images is not None and batch_index.numel() and int(batch_index.max()) >= num_images:
+                raise ValueError(f"batch_index holds image {int(batch_index.max())} but num_images is {num_images}")
         weight = self.weight if weight is None else weight
         logits = weight @ roi_feats.flatten(1).t().to(weight.dtype)
         if roi_feats.shape[0] == 0:
             return logits
         if self.normalize == "batch":
             return logits.softmax(dim=1)
-        return segment_softmax(logits, batch_index, int(batch_index.max()) + 1)
+        num_segments = int(batch_index.max()) + 1 if num_images is None else num_images
+        return segment_softmax(logits, batch_index, num_segments)
 
     def forward(self, roi_feats: Tensor, batch_index: Tensor) -> Tensor:
         """Eq. 6: ``A = (1/K) sum_k softmax(F_ROI @ E_k)``; returns ``[I]``."""
@@ -154,7 +178,7 @@ class InstanceSelectors(nn.Module):
 
     def diversity_loss(self) -> Tensor:
         """Eq. 4 on this level's selectors."""
-        return diversity_loss(self.weight)
+        return diversity_loss(self.weight, validate=False)
 
 
 def instance_mask(
@@ -162,6 +186,8 @@ def instance_mask(
     scores: Tensor,
     size: tuple[int, int],
     stride: float,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Eq. 7: the soft instance mask ``M [N, 1, H, W]``.
 
@@ -174,14 +200,18 @@ def instance_mask(
         scores: ``[I]`` one score per box, in the order of the concatenated boxes.
         size: ``(H, W)`` of the feature map.
         stride: input pixels per feature cell.
+        validate: check the inputs (one device read); ``False`` when the caller has checked them.
     """
-    boxes = check_boxes("boxes", boxes)
-    check_tensor("scores", scores, ndim=1)
+    if should_validate(validate):
+        boxes = check_boxes("boxes", boxes, values=False)
+        check_tensor("scores", scores, ndim=1, finite=False)
+        total = sum(len(b) for b in boxes)
+        if scores.shape[0] != total:
+            raise ValueError(f"scores has {scores.shape[0]} entries but boxes hold {total} instances")
+        if not stride > 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        check_values({"scores": scores}, {"boxes": boxes})
     rois, batch_index = concat_boxes(boxes)
-    if scores.shape[0] != rois.shape[0]:
-        raise ValueError(f"scores has {scores.shape[0]} entries but boxes hold {rois.shape[0]} instances")
-    if not stride > 0:
-        raise ValueError(f"stride must be positive, got {stride}")
     height, width = size
     n = len(boxes)
     if rois.shape[0] == 0:

@@ -128,6 +128,8 @@ def test_wrong_rank_in_functions():
         sel.scores(torch.ones(1, 3, 7, 7), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"batch_index must have shape \[1\]"):
         sel.scores(torch.ones(1, 3, 2, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch_index holds image 2 but num_images is 2"):
+        sel.scores(torch.ones(2, 3, 2, 2), torch.tensor([0, 2]), num_images=2)
 
 
 def test_features_not_tensors_or_dicts(distiller):
@@ -237,3 +239,74 @@ def test_large_finite_values_are_accepted(distiller):
     from liaf_lab.validation import check_tensor
 
     assert check_tensor("x", half) is half
+
+
+# -- strides against the input size ---------------------------------------------------------------------
+def test_spatial_mismatch_names_min_size(distiller):
+    s = feats(4)
+    s["0"] = torch.randn(2, 4, 10, 8)
+    with pytest.raises(ValueError, match=r"differ in spatial size: .*min_size and max_size of teacher and student "
+                                         r"must match"):
+        distiller(s, feats(6), good_boxes())
+
+
+def test_wrong_strides_for_the_input_size():
+    """Features of a 64 x 64 input at strides 8, 16 checked against distillers built with other strides."""
+    for name in ("liaf", "fitnet"):
+        wrong = create_distiller(name, student_channels=4, teacher_channels=6, strides={"0": 16.0, "1": 32.0})
+        with pytest.raises(ValueError, match=r"student_feats\['0'\] is 8x8 but stride 16 on the 64x64 input gives "
+                                             r"4x4: the distiller's strides are wrong"):
+            wrong(feats(4), feats(6), good_boxes(), image_size=(64, 64))
+        wrong(feats(4), feats(6), good_boxes())  # without image_size there is nothing to check against
+    right = LIAFDistiller(4, 6, STRIDES)
+    with pytest.raises(ValueError, match=r"teacher_feats\['0'\] is 8x8 but stride 8 on the 32x64 input gives 4x8: "):
+        right.stage1(feats(6), good_boxes(), image_size=(32, 64))
+    with pytest.raises(ValueError, match=r"student_feats\['0'\] is 8x8 but stride 8 on the 76x64 input gives 10x8 "
+                                         r"\(or 9x8\): "):
+        right(feats(4), feats(6), good_boxes(), image_size=(76, 64))
+
+
+@pytest.mark.parametrize("image_size", [(64, 64), (57, 64), (63, 60)], ids=["exact", "ceil", "floor-and-ceil"])
+def test_strides_accept_ceil_and_floor(distiller, image_size):
+    """57 / 8 -> 8 cells (ceil, as strided convs give), 63 / 16 -> 3 (floor) or 4 (ceil): both accepted."""
+    s, t = feats(4), feats(6)
+    distiller(s, t, good_boxes(), image_size=image_size)
+    if isinstance(distiller, LIAFDistiller):
+        distiller.stage1(t, good_boxes(), image_size=image_size)
+
+
+@pytest.mark.parametrize("image_size", [(64,), (0, 64), (64.0, 64), "64x64", torch.tensor([64, 64])])
+def test_bad_image_size(distiller, image_size):
+    with pytest.raises(ValueError, match=r"image_size must be the padded input size \(H, W\), two positive ints"):
+        distiller(feats(4), feats(6), good_boxes(), image_size=image_size)
+
+
+@pytest.mark.parametrize("stage", ["distill", "selectors"])
+def test_steps_pass_the_input_size(stage):
+    """The training steps hand the batch's padded input size to the distiller, so wrong strides fail."""
+    from liaf_lab import create_detector, fpn_strides
+    from liaf_lab.engine.steps import DistillStep, SelectorStep
+
+    small = dict(depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
+    student, teacher = create_detector("retinanet", 3, **small), create_detector("retinanet", 3, **small)
+    distiller = LIAFDistiller(16, 16, fpn_strides(student), num_selectors=2)
+    step = DistillStep(student, teacher, distiller) if stage == "distill" else SelectorStep(teacher, distiller)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+    step(images, targets)  # the right strides pass
+    distiller.strides["1"] = 8.0  # as if built for another backbone
+    side = "student_feats" if stage == "distill" else "teacher_feats"
+    with pytest.raises(ValueError, match=rf"{side}\['1'\] is 4x4 but stride 8 on the 64x64 input gives 8x8: "
+                                         "the distiller's strides are wrong"):
+        step(images, targets)
+
+
+def test_distill_step_refuses_teacher_and_student_of_different_input_sizes():
+    from liaf_lab import create_detector, fpn_strides
+    from liaf_lab.engine.steps import DistillStep
+
+    student = create_detector("fcos", 6, depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
+    teacher = create_detector("fcos", 6, depth=18, width_mult=0.125, fpn_channels=16, min_size=96, max_size=96)
+    distiller = LIAFDistiller(16, 16, fpn_strides(student), num_selectors=2)
+    with pytest.raises(ValueError, match=r"transforms differ in min_size \(student \(64,\), teacher \(96,\)\)"):
+        DistillStep(student, teacher, distiller)

@@ -168,6 +168,9 @@ def test_selector_scores_match_reference(normalize, index):
     got = sel.scores(roi, batch_index)
     torch.testing.assert_close(got, ref_scores(roi, batch_index, sel.weight, per_image=normalize == "image"))
     torch.testing.assert_close(sel(roi, batch_index), got.mean(0))
+    # the image count given by the caller (no device read) changes nothing, trailing empty images included
+    for n in (max(index) + 1, max(index) + 3):
+        torch.testing.assert_close(sel.scores(roi, batch_index, num_images=n, validate=False), got)
 
 
 def test_selector_scores_single_instance_is_one_and_empty_is_empty():

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..instance import InstanceSelectors, Normalize, concat_boxes, instance_mask, roi_instance_features
-from ..validation import check_boxes, check_feature_dict
+from ..instance import InstanceSelectors, Normalize, instance_mask, roi_instance_features
+from ..validation import check_boxes, check_feature_dict, check_values
 from .base import Channels, FeatureDistiller, feature_mse
 from .registry import register_distiller
 
@@ -95,30 +95,36 @@ class LIAFDistiller(FeatureDistiller):
         boxes: Sequence[Tensor],
         per_selector: bool = False,
         weight: Tensor | None = None,
+        *,
+        validate: bool = True,
     ) -> Tensor:
         """Eq. 2, 3, 6 on one level: ``[I]`` mean scores, or ``[K, I]`` with ``per_selector``.
 
         ``feats`` must have the teacher's channels (project student features first when they differ).
+        ``validate=False`` skips the input checks (the caller has made them) and reads nothing
+        back from the device.
         """
         roi_feats, batch_index = roi_instance_features(
-            feats, boxes, self.strides[level], self.roi_size, self.sampling_ratio
+            feats, boxes, self.strides[level], self.roi_size, self.sampling_ratio, validate=validate
         )
-        scores = self.selectors[level].scores(roi_feats, batch_index, weight)
+        scores = self.selectors[level].scores(roi_feats, batch_index, weight, num_images=len(boxes), validate=False)
         return scores if per_selector else scores.mean(dim=0)
 
     def scaled(self, scores: Tensor, boxes: Sequence[Tensor]) -> Tensor:
         """Apply ``mask_scale``: unchanged (literal), or times the size of each softmax group (count)."""
         if self.mask_scale == "literal" or scores.numel() == 0:
             return scores
-        _, batch_index = concat_boxes(boxes)
         if next(iter(self.selectors.values())).normalize == "batch":
             return scores * scores.shape[0]
-        counts = torch.bincount(batch_index.to(scores.device), minlength=len(boxes))
-        return scores * counts[batch_index.to(scores.device)].to(scores.dtype)
+        # the size of each instance's image group, from host lengths (no device read)
+        counts = torch.cat([scores.new_full((len(b),), len(b)) for b in boxes])
+        return scores * counts
 
-    def level_mask(self, level: str, scores: Tensor, boxes: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    def level_mask(
+        self, level: str, scores: Tensor, boxes: Sequence[Tensor], size: tuple[int, int], *, validate: bool = True
+    ) -> Tensor:
         """Eq. 7 with ``mask_scale`` applied: ``[N, 1, H, W]``."""
-        return instance_mask(boxes, self.scaled(scores, boxes), size, self.strides[level])
+        return instance_mask(boxes, self.scaled(scores, boxes), size, self.strides[level], validate=validate)
 
     def student_roi_input(self, level: str, student: Tensor, projected: Tensor | None) -> Tensor:
         """Features the selectors read on the student side: projected when channels differ.
@@ -131,7 +137,14 @@ class LIAFDistiller(FeatureDistiller):
         return self.projectors[level](student) if projected is None else projected
 
     def level_masks(
-        self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor], projected: Tensor | None = None
+        self,
+        level: str,
+        student: Tensor,
+        teacher: Tensor,
+        boxes: Sequence[Tensor],
+        projected: Tensor | None = None,
+        *,
+        validate: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """``(M^T, M^S)`` for one level, each ``[N, 1, H, W]``, following the mask options."""
         # The two gradient options are independent: ``freeze_selectors`` stops the gradient into E,
@@ -142,23 +155,27 @@ class LIAFDistiller(FeatureDistiller):
         student_in = self.student_roi_input(level, student, projected)
         if self.detach_scores:
             teacher, student_in = teacher.detach(), student_in.detach()
-        a_t = self.instance_scores(level, teacher, boxes, weight=weight)
-        a_s = self.instance_scores(level, student_in, boxes, weight=weight)
+        a_t = self.instance_scores(level, teacher, boxes, weight=weight, validate=validate)
+        a_s = self.instance_scores(level, student_in, boxes, weight=weight, validate=validate)
         if self.mask_side == "shared":
-            m = self.level_mask(level, (a_t + a_s) / 2, boxes, size)
+            m = self.level_mask(level, (a_t + a_s) / 2, boxes, size, validate=False)
             return m, m
-        return self.level_mask(level, a_t, boxes, size), self.level_mask(level, a_s, boxes, size)
+        return (self.level_mask(level, a_t, boxes, size, validate=False),
+                self.level_mask(level, a_s, boxes, size, validate=False))
 
     @torch.no_grad()
     def masks(
-        self, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor], boxes: Sequence[Tensor]
+        self,
+        student_feats: Mapping[str, Tensor],
+        teacher_feats: Mapping[str, Tensor],
+        boxes: Sequence[Tensor],
+        *,
+        image_size: tuple[int, int] | None = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """``{level: (M^T, M^S)}`` as used by the loss, for inspection."""
-        self.check_inputs(student_feats, teacher_feats, boxes)
-        out = {}
-        for lvl in self.levels:
-            out[lvl] = self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes)
-        return out
+        self.check_inputs(student_feats, teacher_feats, boxes, image_size)
+        return {lvl: self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes, validate=False)
+                for lvl in self.levels}
 
     # -- losses ---------------------------------------------------------------------------------
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
@@ -175,10 +192,10 @@ class LIAFDistiller(FeatureDistiller):
             bias = proj.bias.view(1, -1, 1, 1)
             same = self.student_channels[level] == self.teacher_channels[level]
             projected = None if same else linear + bias  # the student scores read f_phi(F^S)
-            m_t, m_s = self.level_masks(level, student, teacher, boxes, projected)
+            m_t, m_s = self.level_masks(level, student, teacher, boxes, projected, validate=False)
             student_hat = torch.addcmul(bias, m_s, linear)
         else:  # identity (projector=False) or a replaced projector: Eq. 9 as written
-            m_t, m_s = self.level_masks(level, student, teacher, boxes)
+            m_t, m_s = self.level_masks(level, student, teacher, boxes, validate=False)
             student_hat = proj(m_s * student)
         return feature_mse(m_t * teacher, student_hat)
 
@@ -187,29 +204,47 @@ class LIAFDistiller(FeatureDistiller):
         return torch.stack([sel.diversity_loss() for sel in self.selectors.values()]).mean()
 
     def forward(
-        self, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor], boxes: Sequence[Tensor]
+        self,
+        student_feats: Mapping[str, Tensor],
+        teacher_feats: Mapping[str, Tensor],
+        boxes: Sequence[Tensor],
+        *,
+        image_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Stage-2 loss (Eq. 9 summed over levels); adds ``mu * L_div`` when the selectors still learn."""
-        loss = super().forward(student_feats, teacher_feats, boxes)
+        """Stage-2 loss (Eq. 9 summed over levels); adds ``mu * L_div`` when the selectors still learn.
+
+        Inputs are checked once here (``check_inputs``: one device read); the per-level code reads
+        nothing back from the device. ``image_size``: see ``FeatureDistiller.forward``.
+        """
+        loss = super().forward(student_feats, teacher_feats, boxes, image_size=image_size)
         if not self.freeze_selectors:
             loss = loss + self.diversity_weight * self.diversity_loss()
         return loss
 
-    def stage1(self, teacher_feats: Mapping[str, Tensor], boxes: Sequence[Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    def stage1(
+        self,
+        teacher_feats: Mapping[str, Tensor],
+        boxes: Sequence[Tensor],
+        *,
+        image_size: tuple[int, int] | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Stage 1 (Eq. 5): teacher features masked by the teacher's own scores, and ``mu * L_div``.
 
         Returns ``(masked_feats, weighted_div)``: ``masked_feats`` holds every level of
         ``teacher_feats`` (levels this distiller does not handle pass unchanged), differentiable in
         the selectors; feed it to the frozen teacher's head to get ``L_task^T``, then minimise
-        ``L_task^T + weighted_div``.
+        ``L_task^T + weighted_div``. Inputs are checked once here (one device read); ``image_size``
+        (the padded batch input H, W), if given, is checked against the strides as in ``forward``.
         """
-        check_feature_dict("teacher_feats", teacher_feats, self.levels)
-        check_boxes("boxes", boxes, num_images=teacher_feats[self.levels[0]].shape[0])
+        check_feature_dict("teacher_feats", teacher_feats, self.levels, values=False)
+        self.check_strides("teacher_feats", teacher_feats, image_size)
+        boxes = check_boxes("boxes", boxes, num_images=teacher_feats[self.levels[0]].shape[0], values=False)
+        check_values({"teacher_feats": self.at_levels(teacher_feats)}, {"boxes": boxes})
         masked = dict(teacher_feats)
         for lvl in self.levels:
             feats = teacher_feats[lvl].detach()
-            scores = self.instance_scores(lvl, feats, boxes)
-            masked[lvl] = feats * self.level_mask(lvl, scores, boxes, tuple(feats.shape[-2:]))
+            scores = self.instance_scores(lvl, feats, boxes, validate=False)
+            masked[lvl] = feats * self.level_mask(lvl, scores, boxes, tuple(feats.shape[-2:]), validate=False)
         return masked, self.diversity_weight * self.diversity_loss()
 
     def selector_parameters(self) -> list[nn.Parameter]:

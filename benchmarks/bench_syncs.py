@@ -1,0 +1,136 @@
+"""Device-to-host reads (host syncs on a GPU) per forward of each registered distiller.
+
+    .venv/bin/python benchmarks/bench_syncs.py                 # CPU: Python-level reads, what CI can count
+    .venv/bin/python benchmarks/bench_syncs.py --device cuda   # CUDA: torch.cuda.set_sync_debug_mode
+
+Inputs: batch 8, 3 boxes per image, FPN levels of a 256 x 256 input (strides 8, 16, ... per level),
+8 student and 16 teacher channels (the counts do not depend on sizes). Each distiller runs once to
+warm up, then one ``forward`` (and ``stage1`` where it has one) is counted, at 3 and at 5 levels.
+
+On CPU a read is a call of ``Tensor.item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``,
+``__index__``, ``cpu`` or ``numpy`` (each a sync on a GPU); reads inside C++ ops (``nonzero``,
+``bincount`` on CUDA) are not seen. On CUDA every synchronising op that the sync debug mode reports
+is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from liaf_lab import create_distiller, list_distillers
+from liaf_lab.validation import debug_enabled
+
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+IMAGE, BATCH, BOXES_PER_IMAGE, STUDENT_C, TEACHER_C = 256, 8, 3, 8, 16
+
+
+@contextmanager
+def count_device_reads(device: str | torch.device = "cpu") -> Iterator[list[str]]:
+    """Record the device-to-host reads made in the block; yields a list with one entry per read.
+
+    CPU: the name of each ``torch.Tensor`` read method called (see ``READS``), counted by patching
+    the methods for the duration of the block. CUDA: the message of each synchronising operation
+    reported by ``torch.cuda.set_sync_debug_mode("warn")`` (the list is filled when the block exits).
+    """
+    reads: list[str] = []
+    if torch.device(device).type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield reads
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        reads.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+        return
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name: str):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def make_inputs(num_levels: int, device: torch.device, batch: int = BATCH, seed: int = 0):
+    """``strides, student_feats, teacher_feats, boxes, image_size`` for ``num_levels`` FPN levels."""
+    g = torch.Generator().manual_seed(seed)
+    strides = {str(i): float(8 * 2**i) for i in range(num_levels)}
+    sizes = {lvl: -(-IMAGE // int(s)) for lvl, s in strides.items()}
+    student = {lvl: torch.randn(batch, STUDENT_C, n, n, generator=g).to(device) for lvl, n in sizes.items()}
+    teacher = {lvl: torch.randn(batch, TEACHER_C, n, n, generator=g).to(device) for lvl, n in sizes.items()}
+    boxes = []
+    for _ in range(batch):
+        xy = torch.rand(BOXES_PER_IMAGE, 2, generator=g) * IMAGE * 0.6
+        wh = 16 + torch.rand(BOXES_PER_IMAGE, 2, generator=g) * IMAGE * 0.3
+        boxes.append(torch.cat([xy, xy + wh], 1).to(device))
+    return strides, student, teacher, boxes, (IMAGE, IMAGE)
+
+
+def distiller_reads(name: str, num_levels: int, device: str | torch.device = "cpu", **options) -> dict[str, int]:
+    """Reads of one ``forward`` (and of one ``stage1``, if the distiller has it) of distiller ``name``.
+
+    ``options``: further keyword arguments of the distiller (e.g. ``mask_scale="count"`` for LIAF).
+    """
+    device = torch.device(device)
+    strides, student, teacher, boxes, image_size = make_inputs(num_levels, device)
+    torch.manual_seed(0)
+    distiller = create_distiller(name, student_channels=STUDENT_C, teacher_channels=TEACHER_C,
+                                 strides=strides, **options).to(device)
+    calls = {"forward": lambda: distiller(student, teacher, boxes, image_size=image_size)}
+    if hasattr(distiller, "stage1"):
+        calls["stage1"] = lambda: distiller.stage1(teacher, boxes, image_size=image_size)
+    out = {}
+    for what, call in calls.items():
+        call()  # warm-up: lazy initialisation is not part of a step
+        with count_device_reads(device) as reads:
+            call()
+        out[what] = len(reads)
+    return out
+
+
+def sync_table(device: str | torch.device = "cpu", levels: tuple[int, ...] = (3, 5)) -> dict[str, dict]:
+    """``{distiller: {"forward_L{n}": reads, "stage1_L{n}": reads}}`` for every registered distiller."""
+    table: dict[str, dict] = {}
+    for name in list_distillers():
+        row: dict[str, int] = {}
+        for n in levels:
+            row.update({f"{what}_L{n}": count for what, count in distiller_reads(name, n, device).items()})
+        table[name] = row
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="also write the counts here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    table = sync_table(args.device)
+    print(f"# device-to-host reads per call, batch {BATCH}, device {args.device}, debug checks {debug_enabled()}")
+    for name, row in table.items():
+        print(f"{name:8s} " + "  ".join(f"{k} {v}" for k, v in row.items()))
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
