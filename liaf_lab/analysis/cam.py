@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import numpy as np
@@ -39,6 +40,9 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 from torch import Tensor, nn
 
+from ..models.backbones import eval_mode
+from ..models.detectors import detector_num_classes
+from ..models.taps import detector_features
 from ..validation import check_boxes
 from .viz import check_image, draw_boxes, new_figure
 
@@ -72,40 +76,6 @@ def _detector_kind(model: nn.Module) -> DetectorKind:
     )
 
 
-def _num_classes(model: nn.Module, kind: DetectorKind) -> int:
-    if kind == "dense":
-        return int(model.head.classification_head.num_classes)
-    return int(model.roi_heads.box_predictor.cls_score.out_features)
-
-
-def _backbone_levels(model: nn.Module, tensors: Tensor) -> OrderedDict[str, Tensor]:
-    feats = model.backbone(tensors)
-    if isinstance(feats, Tensor):
-        feats = OrderedDict([("0", feats)])
-    if not isinstance(feats, Mapping) or not feats:
-        raise ValueError(f"model.backbone returned {type(feats).__name__}; expected a dict of FPN levels")
-    for name, f in feats.items():
-        if not isinstance(f, Tensor) or f.dim() != 4:
-            raise ValueError(f"model.backbone level {name!r} is not an [N, C, H, W] tensor")
-    return OrderedDict(feats)
-
-
-class _EvalMode:
-    """Put a module in eval mode and restore its (and its children's) train flags on exit."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.flags = [(m, m.training) for m in module.modules()]
-
-    def __enter__(self) -> nn.Module:
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
-
-
 @torch.no_grad()
 def resize_for_detector(
     model: nn.Module, image: Tensor, target: Mapping[str, Tensor] | None = None
@@ -118,7 +88,7 @@ def resize_for_detector(
     _check_fpn_detector(model)
     img = check_image(image)
     tgt = dict(target) if target is not None else None
-    with _EvalMode(model.transform):
+    with eval_mode(model.transform):
         img, tgt = model.transform.resize(img.to(_device(model)), tgt)
     return img.cpu(), tgt
 
@@ -128,9 +98,8 @@ def fpn_features(model: nn.Module, image: Tensor) -> OrderedDict[str, Tensor]:
     """FPN features ``{level: [1, C, H_l, W_l]}`` of ``image [3, H, W]`` in eval mode (mode restored)."""
     _check_fpn_detector(model)
     img = check_image(image).to(_device(model))
-    with _EvalMode(model):
-        images, _ = model.transform([img])
-        return _backbone_levels(model, images.tensors)
+    with eval_mode(model):
+        return detector_features(model, [img])[2]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -183,8 +152,7 @@ class _ScoredDetector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         targets = [dict(t) for t in self.targets] if self.targets is not None else None
-        images, targets = self.model.transform(list(x), targets)
-        feats = _backbone_levels(self.model, images.tensors)
+        images, targets, feats = detector_features(self.model, list(x), targets)
         names, shapes = list(feats), [f.shape for f in feats.values()]
         if len({s[1] for s in shapes}) != 1:
             raise ValueError(f"FPN levels have different channel counts {[s[1] for s in shapes]}; cannot stack them")
@@ -281,10 +249,10 @@ class DetectorCAM:
         self.wrapper = _ScoredDetector(model, kind, max_cells, take_abs=method == "eigencam")
         self._cam: GradCAM | EigenCAM | None = None
         self._restore: list[tuple[nn.Parameter, bool]] = []
-        self._mode: _EvalMode | None = None
+        self._mode: AbstractContextManager | None = None
 
     def __enter__(self) -> DetectorCAM:
-        self._mode = _EvalMode(self.model)
+        self._mode = eval_mode(self.model)
         self._mode.__enter__()
         self._restore = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self._restore:
@@ -309,7 +277,7 @@ class DetectorCAM:
             p.requires_grad_(flag)
         self._restore = []
         if self._mode is not None:
-            self._mode.__exit__()
+            self._mode.__exit__(None, None, None)
             self._mode = None
         self.wrapper.targets = None
 
@@ -334,7 +302,7 @@ class DetectorCAM:
         labels = torch.as_tensor(labels).long().flatten()
         if labels.numel() != boxes.shape[0]:
             raise ValueError(f"target_labels has {labels.numel()} entries but target_boxes has {boxes.shape[0]}")
-        num_classes = _num_classes(self.model, self.wrapper.kind)
+        num_classes = detector_num_classes(self.model)
         bad = labels[(labels < -1) | (labels >= num_classes)]
         if len(bad):
             raise ValueError(f"target_labels {bad.tolist()} outside -1..{num_classes - 1} "

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..distillers.liaf import LIAFDistiller
+from ..models.detectors import match_levels
 from ..validation import check_boxes, check_feature_dict
 from .cam import fpn_features, resize_for_detector
 from .viz import check_image, check_levels, draw_boxes, draw_mask, draw_score_bars, figure_to_png, new_figure
@@ -65,7 +66,7 @@ class MaskInspector:
         targets: N dicts with ``"boxes" [n, 4]`` (and optional ``"labels" [n]``), or N box tensors.
         teacher, student: feature sources (``FeatureSource``): a torchvision detector (images and
             boxes are then first resized like the teacher detector's transform, the frame of its
-            features), a callable mapping ``[1, 3, H, W]`` to ``{level: [1, C, h, w]}``, or N
+            features; its levels are matched to the distiller's by stride), a callable mapping ``[1, 3, H, W]`` to ``{level: [1, C, h, w]}``, or N
             precomputed dicts ``{level: [1, C, h, w]}``. Boxes must be in the features' frame.
         distiller: the ``LIAFDistiller`` whose selectors and projectors score the instances. Its
             options are set for each redraw and restored afterwards.
@@ -156,8 +157,10 @@ class MaskInspector:
         if key not in self._cache:
             source = self.teacher if side == "teacher" else self.student
             image = self.images[index]
-            if _is_detector(source):
+            if _is_detector(source):  # its levels matched to the distiller's by stride
+                levels = match_levels(self.distiller.strides, source)
                 feats = fpn_features(source, image)
+                feats = {lvl: feats[src] for lvl, src in levels.items()}
             elif callable(source):
                 with torch.no_grad():
                     param = next(source.parameters(), None) if isinstance(source, nn.Module) else None

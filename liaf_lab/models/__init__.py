@@ -1,19 +1,27 @@
-"""torchvision detectors on width-scaled ResNet-FPN backbones, and a forward pass that exposes their FPN."""
+"""torchvision detectors: a factory on width-scaled ResNet-FPN backbones, and one forward pass that exposes
+the FPN of any torchvision RetinaNet, FCOS or Faster R-CNN (levels and strides read from feature shapes)."""
 
-from .backbones import ScaledResNet, backbone_strides, resnet_fpn
+from .backbones import ScaledResNet, backbone_strides, eval_mode, fpn_levels, resnet_fpn
 from .detectors import (
     DETECTOR_CLASSES,
     FCOSHeadGN,
+    check_num_classes,
     count_parameters,
     create_detector,
     default_anchor_sizes,
+    detector_meta,
+    detector_num_classes,
     fpn_strides,
-    load_weights,
+    load_detector_weights,
+    match_levels,
+    save_detector,
+    shared_strides,
 )
-from .taps import DetectorOutput, detector_arch, loss_on_features, run_detector
+from .taps import DetectorOutput, detector_arch, detector_features, loss_on_features, run_detector
 
 __all__ = [
-    "DETECTOR_CLASSES", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "count_parameters",
-    "create_detector", "default_anchor_sizes", "detector_arch", "fpn_strides", "load_weights", "loss_on_features",
-    "resnet_fpn", "run_detector",
+    "DETECTOR_CLASSES", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "check_num_classes",
+    "count_parameters", "create_detector", "default_anchor_sizes", "detector_arch", "detector_features",
+    "detector_meta", "detector_num_classes", "eval_mode", "fpn_levels", "fpn_strides", "load_detector_weights",
+    "loss_on_features", "match_levels", "resnet_fpn", "run_detector", "save_detector", "shared_strides",
 ]

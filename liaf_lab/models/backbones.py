@@ -1,19 +1,24 @@
-"""ResNet-FPN backbones with a width multiplier, built from torchvision's own pieces.
+"""ResNet-FPN backbones with a width multiplier, and the FPN levels and strides of any backbone.
 
 ``resnet_fpn`` returns torchvision's ``BackboneWithFPN``: ``forward(x [N, 3, H, W])`` gives an
 ``OrderedDict`` of FPN levels, each ``[N, fpn_channels, H_l, W_l]``. Level names follow torchvision:
 ``"0", "1", ...`` for the returned ResNet stages, then ``"p6", "p7"`` (``extra="p6p7"``) or
 ``"pool"`` (``extra="pool"``).
+
+``fpn_levels`` is the one place liaf_lab calls a detector's backbone; ``backbone_strides`` measures
+the strides from the feature shapes, so any backbone works (ResNet, MobileNet, a user's own).
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
+from weakref import WeakKeyDictionary
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -116,41 +121,65 @@ def resnet_fpn(
     )
 
 
-def _stride_of(module: nn.Module) -> int:
-    """Downsampling factor of one child of a torchvision ResNet (stem conv/pool or a stage)."""
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
-        stride = module.stride
-        return int(stride[0] if isinstance(stride, tuple) else stride)
-    if isinstance(module, nn.Sequential):  # a stage: blocks carry their stride
-        return math.prod(int(getattr(block, "stride", 1)) for block in module)
-    return 1
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block; restore its own and its children's flags on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
-def backbone_strides(backbone: nn.Module) -> OrderedDict[str, float]:
-    """Level name -> input pixels per cell for a ResNet ``BackboneWithFPN``.
+def fpn_levels(backbone: nn.Module, images: Tensor) -> OrderedDict[str, Tensor]:
+    """``backbone(images [N, 3, H, W])`` as ``{level: [N, C, H_l, W_l]}`` in the backbone's order.
 
-    These are the nominal strides (4, 8, ..., 128): cell ``(h, w)`` of a level with stride ``s``
-    starts at input pixel ``(h * s, w * s)``. When the input side is not a multiple of ``s`` the
-    level gets ``ceil(side / s)`` cells and the last one covers padding; the stride is unchanged.
-    Works for ``resnet_fpn`` and torchvision's ``resnet_fpn_backbone``.
+    A backbone returning one tensor (torchvision's convention without an FPN) gives level ``"0"``.
     """
-    if not isinstance(backbone, BackboneWithFPN) or not hasattr(backbone.body, "layer1"):
-        raise TypeError(
-            f"expected a ResNet BackboneWithFPN (see resnet_fpn), got {type(backbone).__name__}"
-            + (f" over {type(backbone.body).__name__}" if isinstance(backbone, BackboneWithFPN) else "")
-        )
+    feats = backbone(images)
+    if isinstance(feats, Tensor):
+        feats = OrderedDict([("0", feats)])
+    if not isinstance(feats, Mapping) or not feats:
+        raise ValueError(f"model.backbone returned {type(feats).__name__}; expected a dict of FPN levels")
+    for name, f in feats.items():
+        if not isinstance(f, Tensor) or f.dim() != 4:
+            raise ValueError(f"model.backbone level {name!r} is not an [N, C, H, W] tensor")
+    return OrderedDict(feats)
+
+
+_PROBE_SIDES = (256, 512, 1024)
+_STRIDES: WeakKeyDictionary[nn.Module, OrderedDict[str, float]] = WeakKeyDictionary()
+
+
+@torch.no_grad()
+def backbone_strides(backbone: nn.Module) -> OrderedDict[str, float]:
+    """Level name -> input pixels per cell (e.g. ``{"0": 8.0, "1": 16.0, "2": 32.0, "p6": 64.0, "p7": 128.0}``).
+
+    Measured as torchvision's ``AnchorGenerator`` does, ``input side // level side``, on a zero
+    image of 256 px (512 or 1024 px while the coarsest level has a single cell), with the backbone
+    in eval mode (its modes are restored after). The sides are powers of two, so the usual
+    power-of-two strides come out exact. These nominal strides hold for every input size: a side
+    that is not a multiple of ``s`` only adds a last, partly padded cell. Measured once per
+    backbone module and cached.
+    """
+    if backbone in _STRIDES:
+        return OrderedDict(_STRIDES[backbone])
+    like = next(iter(backbone.parameters()), None)
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    device = like.device if like is not None else torch.device("cpu")
+    with eval_mode(backbone):
+        for side in _PROBE_SIDES:
+            feats = fpn_levels(backbone, torch.zeros(1, 3, side, side, dtype=dtype, device=device))
+            if min(min(f.shape[-2:]) for f in feats.values()) > 1:
+                break
     strides: OrderedDict[str, float] = OrderedDict()
-    stride = 1
-    for name, child in backbone.body.named_children():
-        stride *= _stride_of(child)
-        if name in backbone.body.return_layers:
-            strides[backbone.body.return_layers[name]] = float(stride)
-    extra = backbone.fpn.extra_blocks
-    if isinstance(extra, LastLevelP6P7):
-        strides["p6"], strides["p7"] = 2.0 * stride, 4.0 * stride
-    elif isinstance(extra, LastLevelMaxPool):
-        strides["pool"] = 2.0 * stride
-    elif extra is not None:
-        raise TypeError(f"unsupported FPN extra block {type(extra).__name__}; "
-                        "expected LastLevelP6P7 or LastLevelMaxPool")
-    return strides
+    for name, f in feats.items():
+        h, w = f.shape[-2:]
+        if side // h != side // w or min(h, w) == 1:
+            raise ValueError(f"backbone level {name!r} is {h}x{w} cells for a {side}x{side} input: "
+                             "expected a feature map with one stride in both directions")
+        strides[name] = float(side // h)
+    _STRIDES[backbone] = strides
+    return OrderedDict(strides)

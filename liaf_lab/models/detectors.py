@@ -20,15 +20,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .backbones import backbone_strides, resnet_fpn
 
 Arch = Literal["retinanet", "fcos", "fasterrcnn"]
@@ -87,6 +87,7 @@ def create_detector(
     weights_path: str | Path | None = None,
     anchor_sizes: Sequence[float] | None = None,
     frozen_bn: bool = False,
+    class_names: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build torchvision's RetinaNet, FCOS or FasterRCNN on ``resnet_fpn(depth, width_mult, fpn_channels)``.
@@ -96,10 +97,12 @@ def create_detector(
         num_classes: foreground classes + 1 (background included; see the module docstring).
         depth, width_mult, fpn_channels: backbone size (see ``resnet_fpn``).
         min_size, max_size: torchvision's resize of the shorter / longer image side.
-        weights_path: a state dict saved with ``torch.save(model.state_dict(), path)``; loaded on
-            the CPU with ``weights_only=True`` and strict key checking (see ``load_weights``).
+        weights_path: a file written by ``save_detector`` or a plain ``torch.save(model.state_dict(), path)``;
+            loaded on the CPU with ``weights_only=True`` and strict key checking (see ``load_detector_weights``).
         anchor_sizes: one base size per FPN level; default ``default_anchor_sizes(arch, ...)``.
         frozen_bn: ``FrozenBatchNorm2d`` in the ResNet (for pretrained weights); default BatchNorm.
+        class_names: the foreground classes the weights must have been trained on (checked against
+            a ``save_detector`` file; ignored for plain state dicts).
         **kwargs: passed to the torchvision constructor (e.g. ``score_thresh``, ``nms_thresh``,
             ``detections_per_img`` for RetinaNet/FCOS; ``box_score_thresh``, ``rpn_*`` for Faster R-CNN;
             ``image_mean``, ``image_std``, ``size_divisible`` for all).
@@ -138,40 +141,187 @@ def create_detector(
                              fpn_channels=fpn_channels, min_size=min_size, max_size=max_size,
                              anchor_sizes=list(sizes), frozen_bn=frozen_bn, **kwargs)
     if weights_path is not None:
-        load_weights(model, weights_path)
+        load_detector_weights(model, weights_path, class_names)
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict file into ``model`` (strict keys).
+def fpn_strides(model: nn.Module, image_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """FPN level name -> input pixels per cell of the batched, resized input (e.g. ``{"0": 8.0, ..., "p7": 128.0}``).
+
+    Measured from the shapes of ``model.backbone``'s output (see ``backbone_strides``), so any
+    torchvision detector works. These are the nominal strides, the same for every input size: a
+    side that is not a multiple of the stride only adds a last, partly padded cell. ``image_size``
+    (H, W), if given, is only checked to be positive.
+    """
+    if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
+        raise ValueError(f"image_size must be a positive (H, W), got {image_size!r}")
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"expected a torchvision detector with a .backbone, got {type(model).__name__}")
+    return dict(backbone_strides(backbone))
+
+
+def shared_strides(student: nn.Module, teacher: nn.Module) -> dict[str, float]:
+    """The student's levels whose stride the teacher also has: the ``strides`` of a distiller between them.
+
+    E.g. a RetinaNet student (P3-P7, strides 8..128) of a Faster R-CNN teacher (P2-P6, 4..64) gets
+    ``{"0": 8.0, "1": 16.0, "2": 32.0, "p6": 64.0}``; the teacher's levels are matched by stride
+    (``match_levels``), never by name.
+    """
+    teacher_strides = set(fpn_strides(teacher).values())
+    return {lvl: s for lvl, s in fpn_strides(student).items() if s in teacher_strides}
+
+
+def match_levels(strides: Mapping[str, float], teacher: nn.Module) -> dict[str, str]:
+    """Distiller level -> the ``teacher`` level of the same stride (``{"0": "1", ...}`` for a Faster R-CNN teacher).
+
+    ``strides`` are a distiller's (the student's levels). Features line up cell for cell only at equal
+    strides, so this is the only level map that works: the teacher level of the same name if its
+    stride agrees, else the teacher's one level of that stride. It is the identity for two detectors
+    of one kind (also when two levels share a stride, as in torchvision's MobileNetV3-FPN).
+
+    Raises:
+        ValueError: a level of ``strides`` has no such teacher level; names both level lists and the
+            ``strides`` to build the distiller with.
+    """
+    teacher_strides = fpn_strides(teacher)
+
+    def partner(level: str, stride: float) -> str | None:
+        if teacher_strides.get(level) == stride:
+            return level
+        same = [lvl for lvl, s in teacher_strides.items() if s == stride]
+        return same[0] if len(same) == 1 else None
+
+    pairs = {lvl: partner(lvl, float(s)) for lvl, s in strides.items()}
+    missing = [lvl for lvl, src in pairs.items() if src is None]
+    if missing:
+        shared = {lvl: float(s) for lvl, s in strides.items() if float(s) in teacher_strides.values()}
+        raise ValueError(
+            f"the teacher ({type(teacher).__name__}) has no single FPN level with the stride of distiller level(s) "
+            f"{missing}: distiller (student) levels {dict(strides)}, teacher levels {teacher_strides}; "
+            f"build the distiller with strides={shared} (shared_strides(student, teacher))"
+        )
+    return pairs
+
+
+def detector_num_classes(model: nn.Module) -> int:
+    """Class count of a detector's classifier (background included).
+
+    RetinaNet / FCOS: ``head.classification_head.num_classes``; Faster / Mask R-CNN:
+    ``roi_heads.box_predictor.cls_score.out_features``.
+    """
+    head = getattr(getattr(model, "head", None), "classification_head", None)
+    if head is not None and hasattr(head, "num_classes"):
+        return int(head.num_classes)
+    cls_score = getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
+    if isinstance(cls_score, nn.Linear):
+        return int(cls_score.out_features)
+    raise TypeError(f"{type(model).__name__} has neither head.classification_head.num_classes (RetinaNet, FCOS) "
+                    "nor roi_heads.box_predictor.cls_score (Faster R-CNN): cannot read its class count")
+
+
+def _check_class_count(what: str, model: nn.Module, class_names: Sequence[str]) -> None:
+    num_classes = detector_num_classes(model)
+    if num_classes < len(class_names) + 1:
+        raise ValueError(
+            f"{what} ({type(model).__name__}) has num_classes={num_classes} but {len(class_names)} classes "
+            f"{list(class_names)} need labels 1..{len(class_names)}; build it with "
+            f"num_classes = len(class_names) + 1 = {len(class_names) + 1}"
+        )
+
+
+def check_num_classes(models: nn.Module | Mapping[str, nn.Module], dataset: object) -> None:
+    """Check that each detector has room for every label of ``dataset`` before training.
+
+    Args:
+        models: a detector, or role -> detector (``{"student": s, "teacher": t}``) for the messages.
+        dataset: a liaf_lab dataset (its ``class_names``; labels are ``1..len(class_names)``), or a
+            ``torch.utils.data.Subset`` of one. Datasets without ``class_names`` are not checked.
+
+    Raises:
+        ValueError: a detector's ``num_classes < len(class_names) + 1``; names both numbers and the fix.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    class_names = getattr(dataset, "class_names", None)
+    if class_names is None:
+        return
+    named = dict(models) if isinstance(models, Mapping) else {"model": models}
+    for role, model in named.items():
+        _check_class_count(f"the {role}", model, class_names)
+
+
+def detector_meta(model: nn.Module) -> dict[str, Any]:
+    """What identifies a detector's architecture cheaply: class, class count, FPN channels, levels, size.
+
+    Returns:
+        ``{"detector": "RetinaNet", "num_classes": 4, "fpn_channels": 256,
+        "strides": {"0": 8.0, ...}, "parameters": 36_000_000}`` (plain values, ``weights_only``-safe).
+    """
+    channels = getattr(model.backbone, "out_channels", None)
+    return {"detector": type(model).__name__, "num_classes": detector_num_classes(model),
+            "fpn_channels": int(channels) if channels is not None else None,
+            "strides": fpn_strides(model), "parameters": count_parameters(model)}
+
+
+def save_detector(path: str | Path, model: nn.Module, class_names: Sequence[str]) -> Path:
+    """Write ``{"model": state_dict, "meta": {"class_names": [...], "arch": detector_meta(model)}}`` atomically.
+
+    ``load_detector_weights`` (and ``create_detector(weights_path=...)``) refuse the file for a
+    detector of another architecture or other class names.
+    """
+    names = list(class_names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"class_names must be strings, got {names!r}")
+    _check_class_count("the model", model, names)
+    meta = {"class_names": names, "arch": detector_meta(model)}
+    return save_checkpoint(path, {"model": model.state_dict(), "meta": meta})
+
+
+def load_detector_weights(
+    model: nn.Module, path: str | Path, class_names: Sequence[str] | None = None
+) -> list[str] | None:
+    """Load a ``save_detector`` file or a plain state dict file into ``model`` (strict keys).
+
+    Args:
+        model: the detector to fill.
+        path: the weights file.
+        class_names: if given, the class names a ``save_detector`` file must hold.
+
+    Returns:
+        The file's class names, or ``None`` for a plain state dict (which carries none).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable ``torch.save`` state dict (name -> tensor mapping).
+        ValueError: the file is not readable, not a state dict, or its meta differs from ``model``
+            (architecture) or ``class_names`` (naming both values and the file).
         RuntimeError: keys or shapes do not match the model (torch's message, with the path).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     state = load_checkpoint(path)  # weights_only=True; CheckpointError (a ValueError) if unreadable
+    saved_names = None
+    if set(state) == {"model", "meta"}:
+        meta, state = state["meta"], state["model"]
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("arch"), Mapping) or "class_names" not in meta:
+            raise ValueError(f"weights file {str(path)!r} has a 'meta' without 'arch' and 'class_names' "
+                             "(write it with save_detector)")
+        diffs = [f"{key}: file {meta['arch'].get(key)!r}, model {value!r}"
+                 for key, value in detector_meta(model).items() if meta["arch"].get(key) != value]
+        if diffs:
+            raise ValueError(f"weights file {str(path)!r} was saved from another architecture ({'; '.join(diffs)})")
+        saved_names = list(meta["class_names"])
+        if class_names is not None and list(class_names) != saved_names:
+            raise ValueError(f"weights file {str(path)!r} was trained on classes {saved_names}, "
+                             f"but class_names is {list(class_names)}")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise RuntimeError(f"weights in {str(path)!r} do not fit this {type(model).__name__}: {err}") from err
-
-
-def fpn_strides(model: nn.Module, image_size: tuple[int, int] | None = None) -> dict[str, float]:
-    """FPN level name -> input pixels per cell of the batched, resized input (e.g. ``{"0": 8.0, ..., "p7": 128.0}``).
-
-    These are the nominal strides, the same for every input size: a side that is not a multiple
-    of the stride only adds a last, partly padded cell (see ``backbone_strides``). ``image_size``
-    (H, W), if given, is only checked to be positive.
-    """
-    if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
-        raise ValueError(f"image_size must be a positive (H, W), got {image_size!r}")
-    return dict(backbone_strides(model.backbone))
+    return saved_names
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -15,6 +15,12 @@ Differences from ``model(images, targets)``, all additive:
   loss itself does not depend on the mode.
 * ``features_fn`` may replace the FPN features before the heads run (LIAF-KD stage 1).
 * errors are ``TypeError`` / ``ValueError`` instead of ``torch._assert``.
+* Mask R-CNN and Keypoint R-CNN (``FasterRCNN`` subclasses) run as their box part: box losses and
+  box detections; the mask / keypoint head is not run, so it gets no loss and no output.
+
+``detector_features`` (``model.transform``, then ``model.backbone`` through ``fpn_levels``) is the
+one way liaf_lab gets FPN features: ``run_detector``, the training steps, Grad-CAM and the widgets
+all use it.
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from .backbones import fpn_levels
 from .detectors import fpn_strides
 
 Target = dict[str, Tensor]
 FeaturesFn = Callable[[OrderedDict[str, Tensor], list[Target] | None], Mapping[str, Tensor]]
-SUPPORTED = "torchvision RetinaNet, FCOS or FasterRCNN (without mask/keypoint heads)"
+SUPPORTED = "torchvision RetinaNet, FCOS or FasterRCNN (or MaskRCNN / KeypointRCNN, run as their box part)"
 
 
 @dataclass
@@ -65,14 +72,32 @@ class DetectorOutput:
 
 
 def detector_arch(model: nn.Module) -> str:
-    """``"retinanet"``, ``"fcos"`` or ``"fasterrcnn"``; ``TypeError`` for any other model."""
+    """``"retinanet"``, ``"fcos"`` or ``"fasterrcnn"`` (also Mask / Keypoint R-CNN); ``TypeError`` otherwise."""
     if isinstance(model, RetinaNet):
         return "retinanet"
     if isinstance(model, FCOS):
         return "fcos"
-    if isinstance(model, FasterRCNN) and not (model.roi_heads.has_mask() or model.roi_heads.has_keypoint()):
+    if isinstance(model, FasterRCNN):
         return "fasterrcnn"
     raise TypeError(f"expected a {SUPPORTED}, got {type(model).__name__}")
+
+
+def detector_features(
+    model: nn.Module, images: list[Tensor], targets: list[Target] | None = None
+) -> tuple[ImageList, list[Target] | None, OrderedDict[str, Tensor]]:
+    """``model.transform`` then ``model.backbone``: the batched input, the resized targets, the FPN levels.
+
+    Args:
+        model: any torchvision detector (``.transform`` and ``.backbone``).
+        images: per image a float ``[3, H_i, W_i]`` tensor in ``[0, 1]``.
+        targets: per image ``{"boxes" [n_i, 4], "labels" [n_i]}`` in image pixels, or ``None``.
+
+    Returns:
+        ``image_list`` (``tensors [N, 3, H, W]`` normalised and padded, ``image_sizes``), the targets
+        with boxes in resized-input pixels (``None`` without targets) and ``{level: [N, C, H_l, W_l]}``.
+    """
+    image_list, targets = model.transform(images, targets)
+    return image_list, targets, fpn_levels(model.backbone, image_list.tensors)
 
 
 def _describe(x: object) -> str:
@@ -167,6 +192,25 @@ def _box_branch(model: FasterRCNN, features: OrderedDict[str, Tensor], proposals
     return roi.box_predictor(roi.box_head(roi.box_roi_pool(features, proposals, image_sizes)))
 
 
+def _box_training_samples(
+    roi: RoIHeads, proposals: list[Tensor], targets: list[Target]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``RoIHeads.select_training_samples`` for the box branch: sampled proposals, their labels and box targets.
+
+    The same steps and random sampling as torchvision's, without its check that Mask / Keypoint
+    R-CNN targets carry masks / keypoints, which the box branch never reads.
+    """
+    dtype, device = proposals[0].dtype, proposals[0].device
+    gt_boxes = [t["boxes"].to(dtype) for t in targets]
+    proposals = roi.add_gt_proposals(proposals, gt_boxes)
+    matched_idxs, labels = roi.assign_targets_to_proposals(proposals, gt_boxes, [t["labels"] for t in targets])
+    sampled = roi.subsample(labels)
+    no_box = torch.zeros((1, 4), dtype=dtype, device=device)  # torchvision's stand-in for an image without boxes
+    matched_boxes = [(g if g.numel() else no_box)[m[i]] for g, m, i in zip(gt_boxes, matched_idxs, sampled)]
+    proposals = [p[i] for p, i in zip(proposals, sampled)]
+    return proposals, [lab[i] for lab, i in zip(labels, sampled)], roi.box_coder.encode(matched_boxes, proposals)
+
+
 def _rcnn_heads(
     model: FasterRCNN,
     image_list: ImageList,
@@ -189,7 +233,7 @@ def _rcnn_heads(
         labels, matched_boxes = rpn.assign_targets_to_anchors(anchors, targets)
         regression_targets = rpn.box_coder.encode(matched_boxes, anchors)
         loss_objectness, loss_rpn_box_reg = rpn.compute_loss(flat_objectness, flat_deltas, labels, regression_targets)
-        sampled, _, sampled_labels, box_targets = roi.select_training_samples(proposals, targets)
+        sampled, sampled_labels, box_targets = _box_training_samples(roi, proposals, targets)
         class_logits, box_regression = _box_branch(model, features, sampled, sizes)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, sampled_labels, box_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
@@ -225,9 +269,10 @@ def run_detector(
     """Run a torchvision detector once and return losses, detections, FPN features and head logits.
 
     Args:
-        model: torchvision ``RetinaNet``, ``FCOS`` or ``FasterRCNN`` with a ResNet-FPN backbone
-            (e.g. from ``create_detector``). Its mode decides the outputs: train -> losses;
-            eval -> detections, plus losses when ``targets`` are given.
+        model: torchvision ``RetinaNet``, ``FCOS`` or ``FasterRCNN`` (``MaskRCNN``/``KeypointRCNN``:
+            the box part) with any FPN backbone (e.g. from ``create_detector`` or torchvision's
+            constructors). Its mode decides the outputs: train -> losses; eval -> detections, plus
+            losses when ``targets`` are given.
         images: per image a float ``[3, H_i, W_i]`` tensor in ``[0, 1]``.
         targets: per image ``{"boxes": float [n_i, 4] (x1, y1, x2, y2, original pixels),
             "labels": int64 [n_i]}``; ``n_i`` may be 0. Required in train mode.
@@ -252,12 +297,9 @@ def run_detector(
     if targets is not None:
         targets = _check_targets(targets, len(images))
     original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    image_list, targets = model.transform(list(images), targets)
+    image_list, targets, features = detector_features(model, list(images), targets)
     if targets is not None:
         _check_positive_boxes(targets)
-    features = model.backbone(image_list.tensors)
-    if isinstance(features, Tensor):
-        features = OrderedDict([("0", features)])
     head_features = features
     if features_fn is not None:
         head_features = _ordered_features(features_fn(features, targets), list(features), len(images))
