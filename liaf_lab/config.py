@@ -1,15 +1,64 @@
-"""Presets and config files (TOML): ``load_config("tiny" | "paper" | path, overrides)``."""
+"""Presets and config files (TOML): ``load_config("tiny" | "paper" | path, overrides)``.
+
+A config has the sections of ``SECTIONS``. ``load_config`` checks it once, before anything is
+built: an unknown section or key, a missing one, or a value of the wrong type is a ``ValueError``
+naming ``section.key``. The expected types are those of the functions the values go to
+(``create_detector``, ``LIAFDistiller``, ``distill``, ``TrainConfig``).
+"""
 
 from __future__ import annotations
 
 import ast
 import copy
+import math
 import tomllib
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from .distillers import LIAFDistiller
+from .engine import TrainConfig, distill
+from .models import create_detector
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# [input]: torchvision's resize, the same for teacher and student (their features must align).
+INPUT_KEYS = ("min_size", "max_size")
+# [teacher], [student]: create_detector's arguments.
+DETECTOR_KEYS = ("arch", "depth", "width_mult", "fpn_channels")
+# [kd]: LIAFDistiller's options (FitNet takes loss_weight only), and distill()'s inherit.
+KD_OPTIONS = ("num_selectors", "roi_size", "normalize", "mask_scale", "mask_side", "detach_scores",
+              "freeze_selectors", "diversity_weight")
+KD_KEYS = ("loss_weight", *KD_OPTIONS, "inherit")
+# Training sections: TrainConfig's fields, less seed (the run's --seed).
+TRAIN_SECTIONS = ("train_teacher", "stage1", "distill")
+SECTIONS = ("data", "input", "teacher", "student", "kd", *TRAIN_SECTIONS)
+REQUIRED_SECTIONS = ("data", "input", "teacher", "student")
+# [data], per kind: the keys it needs and those it may have (docs/data.md).
+DATA_REQUIRED = {"coco": ("train_images", "train_ann", "val_images", "val_ann"), "kitti": ("root",), "voc": ("root",),
+                 "shapes": ("num_train", "num_val")}
+DATA_OPTIONAL = {"coco": ("test_images", "test_ann"), "kitti": ("classes", "merge"),
+                 "voc": ("train_set", "val_set", "classes"), "shapes": ("num_test", "image_size", "seed", "cache")}
+DATA_TYPES: dict[str, Any] = {
+    "kind": Literal[tuple(DATA_REQUIRED)], "train_images": str, "train_ann": str, "val_images": str, "val_ann": str,
+    "test_images": str, "test_ann": str, "root": str, "train_set": str, "val_set": str, "classes": list[str],
+    "merge": dict[str, str], "skip_bad_images": bool, "num_train": int, "num_val": int, "num_test": int,
+    "image_size": int, "seed": int, "cache": str,
+}
+_DETECTOR_TYPES = typing.get_type_hints(create_detector)
+_KD_TYPES = {**typing.get_type_hints(LIAFDistiller.__init__), "inherit": typing.get_type_hints(distill)["inherit"]}
+# section -> key -> type, and the keys a section must have.
+KEY_TYPES: dict[str, dict[str, Any]] = {
+    "input": {k: _DETECTOR_TYPES[k] for k in INPUT_KEYS},
+    "teacher": {k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS},
+    "student": {k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS},
+    "kd": {k: _KD_TYPES[k] for k in KD_KEYS},
+}
+REQUIRED_KEYS = {"input": ("min_size",), "teacher": DETECTOR_KEYS, "student": DETECTOR_KEYS}
+# Keys that moved: old -> new.
+RENAMED = {f"{role}.{k}": f"input.{k}" for role in ("teacher", "student") for k in INPUT_KEYS}
 
 
 def list_presets() -> list[str]:
@@ -17,7 +66,11 @@ def list_presets() -> list[str]:
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load a preset by name or a TOML file, then apply ``section.key=value`` overrides."""
+    """Load a preset by name or a TOML file, apply ``section.key=value`` overrides and check the result.
+
+    Sections ``kd``, ``train_teacher``, ``stage1`` and ``distill`` may be absent (their defaults apply)
+    and are then present and empty in the returned dict.
+    """
     path = Path(name_or_path)
     if not path.suffix and str(name_or_path) in list_presets():
         path = PRESET_DIR / f"{name_or_path}.toml"
@@ -27,11 +80,22 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         cfg = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config file {path} is not valid TOML: {err}") from err
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    try:
+        check_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"config {name_or_path}: {err}") from None
+    for section in SECTIONS:
+        cfg.setdefault(section, {})
+    return cfg
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["kd.loss_weight=2", "student.depth=34"]`` -> a copy of ``cfg`` with those values set."""
+    """``["kd.loss_weight=2", "student.depth=34"]`` -> a copy of ``cfg`` with those values set.
+
+    Values are Python literals (``7``, ``[7, 7]``, ``'a b'``), ``true``/``false``, or else strings.
+    Setting ``data.kind`` to another kind drops the file's ``[data]`` keys that the new kind does not take.
+    """
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -39,14 +103,133 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or len(parts) != 2:
             raise ValueError(f"override {item!r} must look like section.key=value")
         section, name = parts
-        if section not in cfg:
-            raise ValueError(f"override {item!r}: no section {section!r}; sections: {sorted(cfg)}")
+        if section not in SECTIONS:
+            raise ValueError(f"override {item!r}: unknown section [{section}]; the sections are {list(SECTIONS)}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = {"true": True, "false": False}.get(raw.lower(), raw)
-        cfg[section][name] = value
+        values = cfg.setdefault(section, {})
+        new_kind = (section, name) == ("data", "kind") and isinstance(value, str) and value != values.get("kind", "coco")
+        if new_kind and value in DATA_REQUIRED:
+            cfg["data"] = values = {k: v for k, v in values.items() if k in data_keys(value)}
+        values[name] = value
     return cfg
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for an unknown or missing section or key, or a value of the wrong type."""
+    unknown = [s for s in cfg if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section [{unknown[0]}]; the sections are {list(SECTIONS)}")
+    missing = [s for s in REQUIRED_SECTIONS if s not in cfg]
+    if missing:
+        raise ValueError(f"missing sections {missing}")
+    for section, values in cfg.items():
+        if not isinstance(values, Mapping):
+            raise ValueError(f"[{section}] must be a table of key = value, got {values!r}")
+        if section == "data":
+            check_data(values)
+        elif section in TRAIN_SECTIONS:
+            _check_train(section, values)
+        else:
+            _check_keys(section, values, KEY_TYPES[section], REQUIRED_KEYS.get(section, ()))
+            for key, value in values.items():
+                check_value(f"{section}.{key}", value, KEY_TYPES[section][key])
+    min_size, max_size = input_size(cfg)
+    if min_size > max_size:
+        raise ValueError(f"input.min_size={min_size} is larger than input.max_size={max_size}, which caps the longer "
+                         "image side; raise input.max_size or leave it out (default: min_size * 1333 / 800)")
+
+
+def check_data(data: Mapping[str, Any]) -> str:
+    """Check a ``[data]`` section (its keys: docs/data.md) and return its kind."""
+    kind = data.get("kind", "coco")
+    check_value("data.kind", kind, DATA_TYPES["kind"])
+    allowed = data_keys(kind)
+    missing, unknown = [k for k in DATA_REQUIRED[kind] if k not in data], [k for k in data if k not in allowed]
+    if missing or unknown:
+        problems = ", ".join(f"{what} keys {keys}" for what, keys in (("missing", missing), ("unknown", unknown))
+                             if keys)
+        raise ValueError(f"[data] with kind = {kind!r}: {problems}; its keys are {allowed}")
+    for key, value in data.items():
+        check_value(f"data.{key}", value, DATA_TYPES[key])
+    return kind
+
+
+def data_keys(kind: str) -> list[str]:
+    """The keys a ``[data]`` section of ``kind`` may have."""
+    return ["kind", *DATA_REQUIRED[kind], *DATA_OPTIONAL[kind], "skip_bad_images"]
+
+
+def input_size(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """``(min_size, max_size)`` of ``cfg["input"]``; ``max_size`` defaults to torchvision's ratio, 1333 / 800."""
+    size = cfg["input"]
+    return size["min_size"], size.get("max_size", round(size["min_size"] * 1333 / 800))
+
+
+def check_value(name: str, value: Any, hint: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` (from TOML or ``--set``) is of type ``hint``.
+
+    Config ints must be positive and floats finite and non-negative; ``tuple[int, int]`` is a list of two.
+    """
+    expected, test = _expected(hint)
+    if not test(value):
+        raise ValueError(f"{name}={value!r} must be {expected}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_COUNTS = {2: "two", 3: "three", 4: "four"}
+_PLAIN: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("a positive int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    float: ("a non-negative number", lambda v: _number(v) and v >= 0),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _expected(hint: Any) -> tuple[str, Callable[[Any], bool]]:
+    """What a config value of type ``hint`` must be, in words, and the test of it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {list(args)}", lambda v: any(type(v) is type(a) and v == a for a in args)
+    if origin in (tuple, list, Sequence):
+        what, test = _expected(args[0])
+        count = f"{_COUNTS.get(len(args), len(args))} " if origin is tuple else ""
+        return (f"a list of {count}{what.removeprefix('a ')}s",
+                lambda v: isinstance(v, (list, tuple)) and (origin is not tuple or len(v) == len(args))
+                and all(map(test, v)))
+    if origin in (dict, Mapping):
+        (key, key_ok), (value, value_ok) = _expected(args[0]), _expected(args[1])
+        return (f"a table of {key.removeprefix('a ')}s to {value.removeprefix('a ')}s",
+                lambda v: isinstance(v, Mapping) and all(key_ok(k) and value_ok(x) for k, x in v.items()))
+    return _PLAIN[hint]
+
+
+def _check_keys(section: str, values: Mapping[str, Any], allowed: Sequence[str], required: Sequence[str]) -> None:
+    for key in values:
+        if key not in allowed:
+            if f"{section}.{key}" in RENAMED:
+                raise ValueError(f"{section}.{key} is now {RENAMED[f'{section}.{key}']}: one key sets the input "
+                                 f"size of teacher and student (--set {RENAMED[f'{section}.{key}']}=...)")
+            raise ValueError(f"unknown key {section}.{key}; the keys of [{section}] are {list(allowed)}")
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ValueError(f"[{section}] lacks the keys {missing}; its keys are {list(allowed)}")
+
+
+def _check_train(section: str, values: Mapping[str, Any]) -> None:
+    """Through ``TrainConfig.from_dict``, which rejects unknown keys and values of the wrong type."""
+    if "seed" in values:
+        raise ValueError(f"{section}.seed is not a config key: the seed of a run is --seed "
+                         "(in Python, train_config(cfg, section, seed=...))")
+    try:
+        TrainConfig.from_dict(dict(values))
+    except ValueError as err:
+        raise ValueError(f"[{section}] {err}") from None
 
 
 def resolve_path(path: str | Path) -> Path:

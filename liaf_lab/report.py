@@ -84,10 +84,16 @@ def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> Pat
         "# LIAF-KD demo report", "",
         f"Teacher: {t['arch']} ResNet-{t['depth']} x{t['width_mult']} FPN {t['fpn_channels']} "
         f"({results['teacher_source']}); student: {s['arch']} ResNet-{s['depth']} x{s['width_mult']} "
-        f"FPN {s['fpn_channels']}; input {s['min_size']} px; stage 2: {cfg['distill']['iterations']} iterations; "
+        f"FPN {s['fpn_channels']}; input {cfg['input']['min_size']} px; stage 2: {cfg['distill']['iterations']} iterations; "
         f"seeds {seeds}; {results['seconds'] / 60:.1f} min in all.", "",
         "COCO bbox metrics (pycocotools) on the validation split, in percent; `mean ± std` over seeds.", "",
-        metrics_table(results), "", "![AP per model](ap.png)", "",
+        metrics_table(results), "",
+        "What this can show: that the recipe runs end to end and roughly where each model lands. What it "
+        f"cannot show: which method is better. With {len(seeds)} seed(s), a student's AP moves by several "
+        "points with the seed alone, as much as the differences between methods here. `liaf-lab study` "
+        "trains paired seeds (every method from the same initial weights and batches) and reports each "
+        "method's difference to no KD with a 95% interval; see docs/results.md.", "",
+        "![AP per model](ap.png)", "",
         *[f"![training loss]({name})" for name in figures], "",
     ]
     path = out / "report.md"

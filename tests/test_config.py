@@ -1,0 +1,124 @@
+"""Config loading: unknown sections and keys, value types, the one input size, path resolution."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from liaf_lab.builders import build_detector, build_distiller
+from liaf_lab.config import PROJECT_ROOT, check_config, input_size, list_presets, load_config
+
+SHIPPED_TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_presets_pass_their_own_check(name):
+    cfg = load_config(name)
+    assert set(cfg) == {"data", "input", "teacher", "student", "kd", "train_teacher", "stage1", "distill"}
+    assert input_size(cfg) == {"tiny": (160, 267), "bench": (160, 267), "paper": (800, 1333)}[name]
+
+
+@pytest.mark.parametrize("override, message", [
+    # a misspelled data key used to leave the bundled val set in place (AP 0.0 on the wrong data)
+    ("data.val_image=x", r"config tiny: \[data\] with kind = 'coco': unknown keys \['val_image'\]; "
+                         r"its keys are \['kind', 'train_images', 'train_ann', 'val_images', 'val_ann', "
+                         r"'test_images', 'test_ann', 'skip_bad_images'\]"),
+    ("kd.loss_wieght=5", r"unknown key kd.loss_wieght; the keys of \[kd\] are \['loss_weight', 'num_selectors', "
+                         r"'roi_size', 'normalize', 'mask_scale', 'mask_side', 'detach_scores', 'freeze_selectors', "
+                         r"'diversity_weight', 'inherit'\]"),
+    ("student.min_sise=320", r"unknown key student.min_sise; the keys of \[student\] are "
+                             r"\['arch', 'depth', 'width_mult', 'fpn_channels'\]"),
+    ("student.min_size=320", r"student.min_size is now input.min_size: one key sets the input size of teacher and "
+                             r"student \(--set input.min_size=...\)"),
+    ("teacher.max_size=320", r"teacher.max_size is now input.max_size"),
+    ("input.size=320", r"unknown key input.size; the keys of \[input\] are \['min_size', 'max_size'\]"),
+    ("train_teacher.iterations=abc", r"config tiny: \[train_teacher\] training option iterations='abc' must be int"),
+    ("distill.iterations=0", r"\[distill\] training option iterations=0 must be at least 1"),
+    ("stage1.iteratons=5", r"\[stage1\] unknown training options \['iteratons'\]"),
+    ("stage1.seed=3", r"stage1.seed is not a config key: the seed of a run is --seed"),
+    ("kd.roi_size=7", r"kd.roi_size=7 must be a list of two positive ints"),
+    ("kd.roi_size=[7, 0]", r"kd.roi_size=\[7, 0\] must be a list of two positive ints"),
+    ("kd.num_selectors=2.5", r"kd.num_selectors=2.5 must be a positive int"),
+    ("kd.normalize=images", r"kd.normalize='images' must be one of \['image', 'batch'\]"),
+    ("kd.inherit=1", r"kd.inherit=1 must be true or false"),
+    ("kd.loss_weight=-1", r"kd.loss_weight=-1 must be a non-negative number"),
+    ("teacher.arch=yolo", r"teacher.arch='yolo' must be one of \['retinanet', 'fcos', 'fasterrcnn'\]"),
+    ("input.min_size=320.0", r"input.min_size=320.0 must be a positive int"),
+    ("input.max_size=100", r"input.min_size=160 is larger than input.max_size=100"),
+    ("data.kind=kitti", r"\[data\] with kind = 'kitti': missing keys \['root'\]; its keys are "
+                        r"\['kind', 'root', 'classes', 'merge', 'skip_bad_images'\]"),
+    ("data.kind=yolo", r"data.kind='yolo' must be one of \['coco', 'kitti', 'voc', 'shapes'\]"),
+    ("data.kind=[1]", r"data.kind=\[1\] must be one of \['coco', 'kitti', 'voc', 'shapes'\]"),
+    ("data.skip_bad_images=yes", r"data.skip_bad_images='yes' must be true or false"),
+    ("data.train_images=3", r"data.train_images=3 must be a string"),
+])
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_section_in_an_override_or_a_file(tmp_path):
+    with pytest.raises(ValueError, match=r"override 'traning.lr=0.1': unknown section \[traning\]; "
+                                         r"the sections are \['data', 'input', 'teacher', 'student', 'kd', "
+                                         r"'train_teacher', 'stage1', 'distill'\]"):
+        load_config("tiny", ["traning.lr=0.1"])
+    text = (PROJECT_ROOT / "liaf_lab" / "configs" / "tiny.toml").read_text()
+    path = tmp_path / "mine.toml"
+    path.write_text(text + "\n[distil]\niterations = 5\n")
+    with pytest.raises(ValueError, match=rf"config {path}: unknown section \[distil\]"):
+        load_config(path)
+    path.write_text(text.replace("[input]\n", "[input]\nmax_sise = 200\n"))
+    with pytest.raises(ValueError, match=rf"config {path}: unknown key input.max_sise"):
+        load_config(path)
+    path.write_text(text.replace("[input]\n", "[inputs]\n"))
+    with pytest.raises(ValueError, match=r"unknown section \[inputs\]"):
+        load_config(path)
+
+
+def test_missing_sections_and_keys():
+    cfg = load_config("tiny")
+    with pytest.raises(ValueError, match=r"missing sections \['input'\]"):
+        check_config({k: v for k, v in cfg.items() if k != "input"})
+    with pytest.raises(ValueError, match=r"\[teacher\] lacks the keys \['fpn_channels'\]"):
+        check_config({**cfg, "teacher": {k: v for k, v in cfg["teacher"].items() if k != "fpn_channels"}})
+
+
+def test_optional_sections_default_to_empty(tmp_path):
+    path = tmp_path / "short.toml"
+    text = (PROJECT_ROOT / "liaf_lab" / "configs" / "tiny.toml").read_text()
+    path.write_text(text[:text.index("[train_teacher]")])
+    cfg = load_config(path, ["kd.loss_weight=2"])
+    assert cfg["kd"] == {"loss_weight": 2} and cfg["distill"] == cfg["stage1"] == cfg["train_teacher"] == {}
+
+
+def test_changing_data_kind_drops_the_other_kinds_keys():
+    cfg = load_config("tiny", ["data.root=/data/kitti/training", "data.kind=kitti", "data.skip_bad_images=true"])
+    assert cfg["data"] == {"kind": "kitti", "root": "/data/kitti/training", "skip_bad_images": True}
+    voc = load_config("tiny", ["data.kind=voc", "data.root=/data/voc", "data.classes=['a', 'b']"])
+    assert voc["data"] == {"kind": "voc", "root": "/data/voc", "classes": ["a", "b"]}
+    with pytest.raises(ValueError, match=r"data.classes=\['a', 1\] must be a list of strings"):
+        load_config("tiny", ["data.kind=voc", "data.root=/data/voc", "data.classes=['a', 1]"])
+    with pytest.raises(ValueError, match=r"data.merge=\{'Van': 1\} must be a table of strings to strings"):
+        load_config("tiny", ["data.kind=kitti", "data.root=/k", "data.merge={'Van': 1}"])
+
+
+def test_one_key_sets_the_input_size_of_both_detectors_and_the_distiller():
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["input.min_size=64"])
+    assert input_size(cfg) == (64, 107)
+    teacher, student = build_detector(cfg, "teacher", 6), build_detector(cfg, "student", 6)
+    for model in (teacher, student):
+        assert (model.transform.min_size, model.transform.max_size) == ((64,), 107)
+    assert build_distiller("liaf", cfg, student).strides == {"0": 8.0, "1": 16.0, "2": 32.0, "p6": 64.0, "p7": 128.0}
+    square = load_config("tiny", ["input.min_size=64", "input.max_size=64"])
+    assert build_detector(square, "student", 6).transform.max_size == 64
+
+
+def test_relative_weights_path_resolves_like_data_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not found here, so taken from the project root
+    assert not Path(SHIPPED_TEACHER).exists()
+    cfg = load_config("tiny")
+    teacher = build_detector(cfg, "teacher", 6, weights_path=SHIPPED_TEACHER)
+    assert teacher.transform.min_size == (160,)
+    with pytest.raises(FileNotFoundError, match=rf"nowhere.pt not found \(looked in {tmp_path} and {PROJECT_ROOT}\)"):
+        build_detector(cfg, "teacher", 6, weights_path="nowhere.pt")
