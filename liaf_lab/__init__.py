@@ -15,7 +15,9 @@ from .distillers import (  # noqa: E402
 )
 from .engine import TrainConfig, distill, evaluate_coco, learn_selectors, train_detector  # noqa: E402
 from .instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features  # noqa: E402
-from .models import create_detector, fpn_strides  # noqa: E402
+from .models import create_detector, fpn_strides, save_detector  # noqa: E402
+from .study import run_study  # noqa: E402
+from .validation import set_debug  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,5 @@ __all__ = [
     "TrainConfig", "create_detector", "distill", "evaluate_coco", "fpn_strides", "learn_selectors", "train_detector",
     "FeatureDistiller", "FitNetDistiller", "InstanceSelectors", "LIAFDistiller", "TorchvisionOpsError",
     "check_torchvision_ops", "create_distiller", "diversity_loss", "feature_mse", "instance_mask",
-    "list_distillers", "register_distiller", "roi_instance_features",
+    "list_distillers", "register_distiller", "roi_instance_features", "run_study", "save_detector", "set_debug",
 ]

@@ -2,56 +2,136 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import resolve_path
+from .config import KD_OPTIONS, check_data, input_size, resolve_path
 from .data import CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
 from .distillers import FeatureDistiller, create_distiller
 from .engine import TrainConfig
+from .engine.seeding import seeded
 from .models import create_detector, fpn_strides
-
-KD_OPTIONS = ("num_selectors", "roi_size", "normalize", "mask_scale", "mask_side", "detach_scores",
-              "freeze_selectors", "diversity_weight")
 
 
 def build_datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
-    """``(train, val)`` datasets from ``cfg["data"]``: kind ``coco``, ``kitti`` or ``voc``."""
+    """``(train, val)`` datasets from ``cfg["data"]`` (kind ``coco``, ``kitti``, ``voc`` or ``shapes``; keys in
+    docs/data.md).
+
+    Unknown or missing keys and train/val class lists that differ are ``ValueError``s.
+    """
+    from .data import KITTI_MERGE, check_same_classes
+
     data = cfg["data"]
-    kind = data.get("kind", "coco")
-    train_tf, val_tf = detection_transforms(train=True), detection_transforms(train=False)
-    if kind == "coco":
-        return (CocoDetectionDataset(resolve_path(data["train_images"]), resolve_path(data["train_ann"]), train_tf),
-                CocoDetectionDataset(resolve_path(data["val_images"]), resolve_path(data["val_ann"]), val_tf))
-    if kind == "kitti":
+    kind = check_data(data)
+    tf = {"train": detection_transforms(train=True), "val": detection_transforms(train=False)}
+    skip = data.get("skip_bad_images", False)
+    if kind in ("coco", "shapes"):
+        train, val = (_coco_split(data, s, tf[s]) for s in ("train", "val"))
+    elif kind == "kitti":
+        options = {k: data[k] for k in ("classes", "merge") if k in data}
+        if "classes" in data and "merge" not in data:  # the default merge, restricted to the kept classes
+            options["merge"] = {k: v for k, v in KITTI_MERGE.items() if v in data["classes"]}
         root = resolve_path(data["root"])
-        return KittiDataset(root, split="train", transforms=train_tf), KittiDataset(root, split="val", transforms=val_tf)
-    if kind == "voc":
+        train, val = (KittiDataset(root, split=s, transforms=tf[s], skip_bad_images=skip, **options)
+                      for s in ("train", "val"))
+    else:
         root = resolve_path(data["root"])
-        return (VOCDataset(root, image_set=data.get("train_set", "train"), transforms=train_tf),
-                VOCDataset(root, image_set=data.get("val_set", "val"), transforms=val_tf))
-    raise ValueError(f"data.kind must be 'coco', 'kitti' or 'voc', got {kind!r}")
+        train = VOCDataset(root, data.get("train_set", "train"), tf["train"], data.get("classes"), skip)
+        # Without data.classes, val takes the classes discovered in train (a class val lacks is no error).
+        val = VOCDataset(root, data.get("val_set", "val"), tf["val"], data.get("classes", train.class_names), skip)
+    check_same_classes(train, val)
+    return train, val
 
 
-def build_detector(cfg: dict[str, Any], role: str, num_classes: int, weights_path: str | Path | None = None) -> nn.Module:
-    """The ``role`` ("teacher" or "student") detector of the config."""
-    m = cfg[role]
-    return create_detector(m["arch"], num_classes=num_classes, depth=m["depth"], width_mult=m["width_mult"],
-                           fpn_channels=m["fpn_channels"], min_size=m["min_size"], max_size=m["max_size"],
-                           weights_path=weights_path)
+def build_test_dataset(cfg: dict[str, Any]) -> Dataset | None:
+    """The held-out ``test`` split (``data.test_images``/``test_ann``, or ``shapes``' ``num_test``), else ``None``.
+
+    Studies tune on ``val`` and report on ``test``.
+    """
+    data = cfg["data"]
+    kind = check_data(data)
+    if (kind == "coco" and "test_ann" in data) or (kind == "shapes" and data.get("num_test", 0) > 0):
+        return _coco_split(data, "test", detection_transforms(train=False))
+    return None
 
 
-def build_distiller(method: str, cfg: dict[str, Any], student: nn.Module) -> FeatureDistiller | None:
-    """``liaf`` or ``fitnet`` distiller between the config's student and teacher FPNs; ``None`` for ``none``."""
+def _coco_split(data: dict[str, Any], split: str, transforms) -> CocoDetectionDataset:
+    skip = data.get("skip_bad_images", False)
+    if data.get("kind", "coco") == "shapes":
+        root = shapes_cache(data)
+        return CocoDetectionDataset(root / split, root / "annotations" / f"instances_{split}.json", transforms,
+                                    skip_bad_images=skip)
+    return CocoDetectionDataset(resolve_path(data[f"{split}_images"]), resolve_path(data[f"{split}_ann"]), transforms,
+                                skip_bad_images=skip)
+
+
+def shapes_cache(data: dict[str, Any]) -> Path:
+    """The folder of a ``kind = "shapes"`` data section, generated on first use (deterministic from ``seed``).
+
+    It lies under ``cache`` (default ``~/.cache/liaf_lab``), outside the repository; a folder name
+    encodes every setting, and generation writes to a temporary folder renamed when complete, so
+    concurrent runs never see half a dataset.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from .data import generate_scenes
+
+    size, seed = data.get("image_size", 160), data.get("seed", 0)
+    counts = {"train": data["num_train"], "val": data["num_val"], "test": data.get("num_test", 0)}
+    cache = Path(data.get("cache", "~/.cache/liaf_lab")).expanduser()
+    root = cache / f"shapes-seed{seed}-{size}px-{counts['train']}-{counts['val']}-{counts['test']}"
+    if root.is_dir():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=cache))
+    try:
+        for split, n in counts.items():
+            if n:
+                generate_scenes(tmp, n, (size, size), seed=seed, split=split)
+        os.rename(tmp, root)
+    except OSError:
+        if not root.is_dir():  # another process finished first: use its copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def build_detector(cfg: dict[str, Any], role: str, num_classes: int, weights_path: str | Path | None = None,
+                   seed: int = 0, class_names: Sequence[str] | None = None) -> nn.Module:
+    """The ``role`` ("teacher" or "student") detector of the config, initialised from ``(seed, role)``.
+
+    Its input size is ``cfg["input"]``; a relative ``weights_path`` resolves as data paths do (``resolve_path``).
+    With ``class_names``, weights saved by ``save_detector`` for other classes are refused.
+    """
+    min_size, max_size = input_size(cfg)
+    weights_path = None if weights_path is None else resolve_path(weights_path)
+    with seeded(seed, role):
+        return create_detector(num_classes=num_classes, **cfg[role], min_size=min_size, max_size=max_size,
+                               weights_path=weights_path, class_names=class_names)
+
+
+def build_distiller(method: str, cfg: dict[str, Any], student: nn.Module, seed: int = 0) -> FeatureDistiller | None:
+    """``liaf`` or ``fitnet`` distiller between the config's student and teacher FPNs; ``None`` for ``none``.
+
+    Its modules are initialised from ``(seed, "distiller", method)``.
+    """
     if method == "none":
         return None
+    with seeded(seed, "distiller", method):
+        return _build_distiller(method, cfg, student)
+
+
+def _build_distiller(method: str, cfg: dict[str, Any], student: nn.Module) -> FeatureDistiller:
     kd = cfg["kd"]
-    size = (cfg["student"]["min_size"], cfg["student"]["max_size"])
     common = dict(student_channels=cfg["student"]["fpn_channels"], teacher_channels=cfg["teacher"]["fpn_channels"],
-                  strides=fpn_strides(student, size), loss_weight=kd.get("loss_weight", 1.0))
+                  strides=fpn_strides(student, input_size(cfg)), loss_weight=kd.get("loss_weight", 1.0))
     if method == "liaf":
         options = {k: kd[k] for k in KD_OPTIONS if k in kd}
         if "roi_size" in options:

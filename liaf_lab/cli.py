@@ -21,17 +21,39 @@ or all of it at once, with baseline and FitNet students for comparison:
   liaf-lab demo --out runs/demo
 
 Presets: tiny (CPU, minutes) and paper (ResNet-101 teacher, ResNet-50 student, 800 px; GPU).
-Change any setting with --set section.key=value (e.g. --set kd.mask_scale=count).
-Interrupted runs resume from OUT/last.pt when started again with the same --out.
+Change any setting with --set section.key=value (e.g. --set kd.mask_scale=count). Sections: data,
+input, teacher, student, kd, train_teacher, stage1, distill; an unknown section or key, or a value
+of the wrong type, is an error naming it. Input size of both detectors: --set input.min_size=320
+(shorter side; input.max_size caps the longer one, default min_size * 1333 / 800).
+Data keys (docs/data.md):
+  data.kind = coco (default): data.train_images, data.train_ann, data.val_images, data.val_ann
+  data.kind = kitti:          data.root (KITTI training/), data.classes, data.merge
+  data.kind = voc:            data.root (VOC layout), data.train_set, data.val_set, data.classes
+  any kind:                   data.skip_bad_images = true
+Relative paths (data, --teacher, --weights) are looked up from the current folder, then the project root.
+Interrupted runs resume from OUT/last.pt when started again with the same --out (bit-identical to an
+uninterrupted run with the same --seed and thread count); a folder refuses a run of another config.
 Several GPUs: torchrun --nproc_per_node=N -m liaf_lab.cli distill ...
 """
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--config", default="tiny", help="preset name (tiny, paper) or a TOML file (default: tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
+                   help="override one config value, e.g. input.min_size=320 or data.root=/data/kitti/training; "
+                        "repeatable")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0,
+                       help="fixes every random draw: model and distiller initialisation, data order, augmentation "
+                            "(default: 0)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+
+def _resumable(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--new-schedule", action="store_true",
+                   help="resume OUT with a changed schedule (iterations, lr, warmup, schedule, ...); recorded in "
+                        "OUT/run.json. Any other change of config is refused")
 
 
 def _out(p: argparse.ArgumentParser, default: str) -> None:
@@ -44,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="teacher, stage 1, baseline/FitNet/LIAF-KD students, COCO eval, report")
-    _common(p)
+    _common(p, seed=False)
     _out(p, "runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (default: 0)")
     p.add_argument("--train-teacher", action="store_true",
@@ -53,17 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=["none", "fitnet", "liaf"], default=["none", "fitnet", "liaf"],
                    help="which students to train (default: all three)")
 
+    p = sub.add_parser("study",
+                       help="methods x seeds x a grid of config values: paired differences with 95%% intervals")
+    _common(p, seed=False)
+    _out(p, "runs/study")
+    p.set_defaults(config="bench")
+    p.add_argument("--methods", nargs="+", default=["none", "fitnet", "liaf"],
+                   help="'none' (the baseline, always included) and registered distillers (default: none fitnet liaf)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paired replicates (default: 0 1 2)")
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                   help="a config key and the values to try; repeatable (every combination is run)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in separate processes (default: 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default: 1); results depend on it, not on --jobs")
+    p.add_argument("--teacher", help="teacher weights (default: trained once in OUT/teacher)")
+
     p = sub.add_parser("train-teacher", help="train the teacher detector on its task loss")
     _common(p)
+    _resumable(p)
     _out(p, "runs/teacher")
 
     p = sub.add_parser("learn-selectors", help="stage 1: learn the instance selectors on the frozen teacher (Eq. 5)")
     _common(p)
+    _resumable(p)
     _out(p, "runs/stage1")
     p.add_argument("--teacher", required=True, help="teacher weights (teacher.pt)")
 
     p = sub.add_parser("distill", help="stage 2: train a student with LIAF-KD, FitNet or no KD")
     _common(p)
+    _resumable(p)
     _out(p, "runs/distill")
     p.add_argument("--method", choices=["liaf", "fitnet", "none"], default="liaf")
     p.add_argument("--teacher", help="teacher weights (needed for liaf and fitnet)")
@@ -82,10 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# Errors that mean "the input is wrong" (each names what): printed as one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out a parsed ``liaf-lab`` command."""
     if args.command == "toy":
         from .toy import run_toy
 
         print(json.dumps(run_toy(out_dir=args.out), indent=2))
+        return 0
+    if args.command == "study":
+        from .study import parse_grid, run_study
+
+        result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid), args.overrides,
+                           args.device, args.jobs, args.threads, args.teacher)
+        print(result.report.read_text())
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -97,50 +159,63 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if results else 1
 
     from .builders import build_datasets, build_detector, build_distiller, train_config
-    from .config import load_config
+    from .checkpoint import load_module_state
+    from .config import load_config, resolve_path
     from .data import collate_fn
     from .engine import distill, evaluate_coco, learn_selectors, load_checkpoint, save_checkpoint, train_detector
+    from .models import save_detector
     from .engine.distributed import is_main, resolve_device
 
     cfg = load_config(args.config, args.overrides)
     train, val = build_datasets(cfg)
-    num_classes = len(train.class_names) + 1
+    num_classes, classes = len(train.class_names) + 1, train.class_names
+    seed = args.seed
     if args.command == "evaluate":
-        model = build_detector(cfg, args.role, num_classes, weights_path=args.weights)
-        print(json.dumps(evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=args.out), indent=2))
+        model = build_detector(cfg, args.role, num_classes, weights_path=args.weights, class_names=classes)
+        metrics = evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=args.out)
+        print(json.dumps(metrics, indent=2))
         return 0
 
     out = Path(args.out)
+    # What binds a run folder to this run: the whole resolved config, the command and its inputs.
+    run_config = {"command": args.command, "seed": seed, "config": cfg,
+                  "method": getattr(args, "method", None), "teacher": getattr(args, "teacher", None),
+                  "selectors": getattr(args, "selectors", None)}
+    resume = {"run_config": run_config, "new_schedule": args.new_schedule}
     if args.command == "train-teacher":
-        model = build_detector(cfg, "teacher", num_classes)
-        train_detector(model, train, train_config(cfg, "train_teacher"), out, args.device, desc="teacher",
-                       val_dataset=val)
+        model = build_detector(cfg, "teacher", num_classes, seed=seed)
+        train_detector(model, train, train_config(cfg, "train_teacher", seed=seed), out, args.device, desc="teacher",
+                       val_dataset=val, **resume)
         name = "teacher.pt"
     else:
         if not args.teacher and (args.command == "learn-selectors" or args.method != "none"):
-            raise SystemExit("error: --teacher is required (train one with `liaf-lab train-teacher`)")
-        teacher = build_detector(cfg, "teacher", num_classes, weights_path=args.teacher) if args.teacher else None
-        model = build_detector(cfg, "student", num_classes)
+            raise ValueError("--teacher is required (train one with `liaf-lab train-teacher`)")
+        teacher = (build_detector(cfg, "teacher", num_classes, weights_path=args.teacher, class_names=classes)
+                   if args.teacher else None)
+        model = build_detector(cfg, "student", num_classes, seed=seed)
         method = "liaf" if args.command == "learn-selectors" else args.method
-        distiller = build_distiller(method, cfg, model)
+        distiller = build_distiller(method, cfg, model, seed=seed)
         if method == "liaf" and args.command == "distill" and args.selectors:
-            distiller.load_state_dict(load_checkpoint(args.selectors))
+            selectors = resolve_path(args.selectors)
+            load_module_state(distiller, load_checkpoint(selectors), selectors,
+                              "the stage-1 state of a 'liaf' distiller of this config (selectors.pt)")
         elif method == "liaf":
             stage1_out = out if args.command == "learn-selectors" else out / "stage1"
-            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1"), stage1_out, args.device)
+            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), stage1_out, args.device,
+                            **resume)
             if is_main():
                 save_checkpoint(stage1_out / "selectors.pt", distiller.state_dict())
         if args.command == "learn-selectors":
             return 0
         if distiller is None:
-            train_detector(model, train, train_config(cfg, "distill"), out, args.device, desc="student (no KD)",
-                           val_dataset=val)
+            train_detector(model, train, train_config(cfg, "distill", seed=seed), out, args.device,
+                           desc="student (no KD)", val_dataset=val, **resume)
         else:
-            distill(model, teacher, distiller, train, train_config(cfg, "distill"), out, args.device,
-                    val_dataset=val, inherit=cfg["kd"].get("inherit", False))
+            distill(model, teacher, distiller, train, train_config(cfg, "distill", seed=seed), out, args.device,
+                    val_dataset=val, inherit=cfg["kd"].get("inherit", False), **resume)
         name = "student.pt"
     if is_main():
-        save_checkpoint(out / name, model.state_dict())
+        save_detector(out / name, model, classes)
         metrics = evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=out / "eval.json")
         print(json.dumps(metrics, indent=2))
     return 0

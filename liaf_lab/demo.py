@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .builders import build_datasets, build_detector, build_distiller, train_config
 from .config import PROJECT_ROOT, load_config
 from .data import collate_fn
 from .engine import distill, evaluate_coco, learn_selectors, load_checkpoint, save_checkpoint, train_detector
 from .engine.distributed import resolve_device
+from .models import save_detector
 from .report import write_report
 
 SHIPPED_DIR = PROJECT_ROOT / "data_samples" / "checkpoints"
@@ -28,11 +27,13 @@ def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weig
     """Load the teacher from ``teacher_weights`` (or the shipped tiny one) or train it."""
     num_classes = len(train.class_names) + 1
     if teacher_weights is not None:
-        return build_detector(cfg, "teacher", num_classes, weights_path=teacher_weights), str(teacher_weights)
+        teacher = build_detector(cfg, "teacher", num_classes, weights_path=teacher_weights,
+                                 class_names=train.class_names)
+        return teacher, str(teacher_weights)
     teacher = build_detector(cfg, "teacher", num_classes)
     train_detector(teacher, train, train_config(cfg, "train_teacher"), out / "teacher", device, desc="teacher",
                    val_dataset=val)
-    save_checkpoint(out / "teacher" / "teacher.pt", teacher.state_dict())
+    save_detector(out / "teacher" / "teacher.pt", teacher, train.class_names)
     return teacher, "trained in this run"
 
 
@@ -60,22 +61,26 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
                                "students": {m: [] for m in methods}}
     for seed in seeds:
         run = out / f"seed{seed}"
-        distiller = build_distiller("liaf", cfg, build_detector(cfg, "student", num_classes))
+        # Every module is initialised from (seed, its name): each method's student starts from the
+        # same weights and sees the same batches, so the methods are compared in pairs.
+        stage1 = None
         if "liaf" in methods:
-            torch.manual_seed(seed)
-            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), run / "stage1", device)
-            save_checkpoint(run / "stage1" / "selectors.pt", distiller.state_dict())
+            stage1 = build_distiller("liaf", cfg, build_detector(cfg, "student", num_classes, seed=seed), seed=seed)
+            learn_selectors(teacher, stage1, train, train_config(cfg, "stage1", seed=seed), run / "stage1", device,
+                            run_config={"config": cfg, "teacher": teacher_source})
+            save_checkpoint(run / "stage1" / "selectors.pt", stage1.state_dict())
         for method in methods:
-            torch.manual_seed(seed)
-            student = build_detector(cfg, "student", num_classes)
+            student = build_detector(cfg, "student", num_classes, seed=seed)
             tcfg = train_config(cfg, "distill", seed=seed)
+            run_config = {"config": cfg, "method": method, "teacher": teacher_source}
             if method == "none":
-                train_detector(student, train, tcfg, run / method, device, desc="student (no KD)", val_dataset=val)
+                train_detector(student, train, tcfg, run / method, device, desc="student (no KD)", val_dataset=val,
+                               run_config=run_config)
             else:
-                kd = distiller if method == "liaf" else build_distiller(method, cfg, student)
+                kd = stage1 if method == "liaf" else build_distiller(method, cfg, student, seed=seed)
                 distill(student, teacher, kd, train, tcfg, run / method, device, val_dataset=val,
-                        inherit=cfg["kd"].get("inherit", False))
-            save_checkpoint(run / method / "student.pt", student.state_dict())
+                        inherit=cfg["kd"].get("inherit", False), run_config=run_config)
+            save_detector(run / method / "student.pt", student, train.class_names)
             if method != "none":
                 save_checkpoint(run / method / "distiller.pt", kd.state_dict())
             metrics = evaluate_coco(student, val, collate_fn, device=device, out_json=run / method / "eval.json",
@@ -104,8 +109,10 @@ def export_checkpoints(run_dir: str | Path, dest: str | Path = SHIPPED_DIR, seed
         sources["teacher_tiny.pt"] = run_dir / "teacher" / "teacher.pt"
     written = []
     for name, src in sources.items():
-        state = {k: v.half() if v.is_floating_point() else v for k, v in load_checkpoint(src).items()}
-        written.append(save_checkpoint(dest / name, state))
+        state = load_checkpoint(src)
+        weights = state["model"] if "meta" in state else state  # save_detector files carry their classes
+        half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+        written.append(save_checkpoint(dest / name, {**state, "model": half} if "meta" in state else half))
     return written
 
 

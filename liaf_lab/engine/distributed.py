@@ -41,7 +41,13 @@ def barrier() -> None:
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` picks this process's CUDA device when there is one, else the CPU."""
     if device not in (None, "auto"):
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller, LIAFDistiller
+from ..models.detectors import check_num_classes
 from .distributed import resolve_device
 from .evaluate import evaluate_coco
 from .loop import FitResult, TrainConfig, fit
@@ -33,34 +35,40 @@ def periodic_eval(model: nn.Module, val_dataset: Dataset | None, collate_fn: Cal
 
 def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path | None = None,
                    device: torch.device | str | None = None, collate_fn: Callable = default_collate,
-                   desc: str = "detector", val_dataset: Dataset | None = None) -> FitResult:
+                   desc: str = "detector", val_dataset: Dataset | None = None,
+                   run_config: dict[str, Any] | None = None, new_schedule: bool = False) -> FitResult:
     """Train a detector on its task loss (the teacher, or the student without KD).
 
     With ``val_dataset`` and ``cfg.eval_every``, COCO AP is measured every ``eval_every`` iterations.
+    ``run_config`` and ``new_schedule``: what binds ``out_dir`` to this run (see ``fit``).
     """
+    check_num_classes(model, dataset)
     return fit(DetectorStep(model), {"model": model}, dataset, collate_fn, cfg, out_dir, device, desc,
-               periodic_eval(model, val_dataset, collate_fn, device))
+               periodic_eval(model, val_dataset, collate_fn, device), run_config, new_schedule)
 
 
 def learn_selectors(teacher: nn.Module, distiller: LIAFDistiller, dataset: Dataset, cfg: TrainConfig,
                     out_dir: str | Path | None = None, device: torch.device | str | None = None,
-                    collate_fn: Callable = default_collate) -> FitResult:
+                    collate_fn: Callable = default_collate, run_config: dict[str, Any] | None = None,
+                    new_schedule: bool = False) -> FitResult:
     """Stage 1 (Eq. 5): learn the instance selectors on the frozen teacher's task loss plus diversity."""
+    check_num_classes({"teacher": teacher}, dataset)
     selectors = nn.ModuleDict({"selectors": distiller.selectors})
     for p in selectors.parameters():
         p.requires_grad_(True)
     return fit(SelectorStep(teacher, distiller), {"selectors": selectors}, dataset, collate_fn, cfg, out_dir,
-               device, "stage 1 (selectors)")
+               device, "stage 1 (selectors)", run_config=run_config, new_schedule=new_schedule)
 
 
 def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
             cfg: TrainConfig, out_dir: str | Path | None = None, device: torch.device | str | None = None,
             collate_fn: Callable = default_collate, val_dataset: Dataset | None = None,
-            inherit: bool = False) -> FitResult:
+            inherit: bool = False, run_config: dict[str, Any] | None = None, new_schedule: bool = False) -> FitResult:
     """Stage 2: train ``student`` on its task loss plus ``distiller``'s loss against the frozen teacher.
 
     ``inherit`` first copies the teacher's neck and head into the student where shapes match.
     """
+    check_num_classes({"student": student, "teacher": teacher}, dataset)
     if inherit and not (out_dir is not None and (Path(out_dir) / "last.pt").exists()):
         inherit_neck_and_head(student, teacher)
     for p in distiller.parameters():
@@ -70,7 +78,7 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
         p.requires_grad_(True)
     return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
                collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",
-               periodic_eval(student, val_dataset, collate_fn, device))
+               periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule)
 
 
 def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
