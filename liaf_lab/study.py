@@ -1,0 +1,271 @@
+"""Paired multi-seed studies: methods x seeds x an optional grid of config values, with 95% intervals.
+
+``run_study`` trains (or loads) one teacher, then for every grid variant, seed and method one
+student, each in its own run folder (so a killed study resumes where it stopped and never redoes a
+finished run), evaluates it on the tuning split (``val``) and, when the config has one, on a held-out
+test split, and writes ``results.csv``/``results.json`` (one row per run) and ``report.md`` with
+``study.png``. For one seed, every method's student starts from the same weights and sees the same
+batches, so methods are compared by their paired difference on each seed. Hyper-parameters a grid
+tunes are chosen on ``val``; the AP reported for them is the test split's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+BASELINE = "none"
+# Config sections that do not change a student trained without KD: its runs are shared by every
+# grid variant that differs only there.
+KD_SECTIONS = ("kd", "stage1")
+
+
+class StudyError(ValueError):
+    """A study folder holds another study, or the study's arguments are wrong."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student: a grid variant (its ``--set`` overrides), a seed and a method."""
+
+    variant: tuple[str, ...]
+    seed: int
+    method: str
+
+    @property
+    def relevant(self) -> tuple[str, ...]:
+        """The overrides that change this run (a no-KD student ignores the KD sections)."""
+        if self.method != BASELINE:
+            return self.variant
+        return tuple(o for o in self.variant if o.split(".", 1)[0] not in KD_SECTIONS)
+
+    @property
+    def folder(self) -> str:
+        label = ",".join(self.relevant) or "default"
+        return f"runs/{self.method}/{label.replace('/', '_')}/seed{self.seed}"
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """``["kd.mask_scale=literal,count"]`` -> ``{"kd.mask_scale": ["literal", "count"]}``."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not values.strip():
+            raise StudyError(f"--grid {item!r} must look like section.key=value1,value2")
+        if key in grid:
+            raise StudyError(f"--grid names {key} twice")
+        grid[key.strip()] = [v.strip() for v in values.split(",")]
+    return grid
+
+
+def grid_variants(grid: dict[str, list[str]]) -> list[tuple[str, ...]]:
+    """Every combination of the grid's values as a tuple of ``section.key=value`` overrides."""
+    if not grid:
+        return [()]
+    keys = list(grid)
+    return [tuple(f"{k}={v}" for k, v in zip(keys, combo)) for combo in itertools.product(*grid.values())]
+
+
+def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]],
+                     overrides: list[str]) -> None:
+    from .config import load_config
+    from .distillers import list_distillers
+
+    if not seeds:
+        raise StudyError("--seeds is empty: a study needs at least one seed (two or more for an interval)")
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise StudyError(f"--seeds repeats {repeated}: each seed is one paired replicate")
+    known = [BASELINE, *list_distillers()]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise StudyError(f"unknown methods {unknown or '(none given)'}; registered: {known}")
+    if len(set(methods)) != len(methods):
+        raise StudyError(f"--methods repeats a method: {list(methods)}")
+    for variant in grid_variants(grid):  # every value must make a valid config (keys and types checked)
+        load_config(config, [*overrides, *variant])
+
+
+def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], threads: int) -> dict[str, Any]:
+    from .config import load_config
+
+    return {"config": json.loads(json.dumps(load_config(config, overrides), default=str)), "grid": grid,
+            "threads": threads}
+
+
+def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
+    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow)."""
+    from .engine.loop import spec_differences
+    from .engine.seeding import environment_info
+
+    path = out / "study.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["threads"] != spec["threads"]:
+            raise StudyError(f"study folder {out} was run with {saved['threads']} threads per run and this call "
+                             f"uses {spec['threads']}: results would not be comparable bit for bit. Pass "
+                             f"--threads {saved['threads']} or use another --out")
+        diffs = spec_differences({"config": saved["config"]}, {"config": spec["config"]})
+        if saved["grid"] != spec["grid"]:
+            diffs["grid"] = (saved["grid"], spec["grid"])
+        if diffs:
+            listed = "; ".join(f"{k}: {a!r} in the folder, {b!r} now" for k, (a, b) in diffs.items())
+            raise StudyError(f"study folder {out} holds a study of another configuration ({listed}); use another "
+                             "--out")
+        methods = list(dict.fromkeys([*saved["methods"], *methods]))
+        seeds = sorted(set(saved["seeds"]) | set(seeds))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({**spec, "methods": list(methods), "seeds": list(seeds),
+                                                "environment": environment_info()}, indent=2))
+
+
+def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
+             teacher_weights: str | None) -> str:
+    """The study's teacher: ``teacher_weights`` if given, else trained once (seed 0) in ``out/teacher``."""
+    if teacher_weights is not None:
+        return str(teacher_weights)
+    path = out / "teacher" / "teacher.pt"
+    if not path.exists():
+        from .builders import build_datasets, build_detector, train_config
+        from .config import load_config
+        from .engine import train_detector
+        from .models import save_detector
+
+        torch.set_num_threads(threads)
+        cfg = load_config(config, overrides)
+        train, _ = build_datasets(cfg)
+        teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0)
+        train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
+                       desc="teacher", run_config={"config": cfg})
+        save_detector(path, teacher, train.class_names)
+    return str(path)
+
+
+def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str, device: str | None,
+            threads: int) -> dict[str, Any]:
+    """Train and evaluate one student of the study (in this process); returns its row."""
+    from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
+    from .config import load_config
+    from .engine import distill, evaluate_coco, learn_selectors, train_detector
+    from .engine.distributed import resolve_device
+    from .models import save_detector
+
+    torch.set_num_threads(threads)
+    folder = Path(out) / run.folder
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    start = time.perf_counter()
+    cfg = load_config(config, [*overrides, *run.relevant])
+    train, val = build_datasets(cfg)
+    test = build_test_dataset(cfg)
+    nc = len(train.class_names) + 1
+    teacher = build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
+    student = build_detector(cfg, "student", nc, seed=run.seed)
+    tcfg = train_config(cfg, "distill", seed=run.seed)
+    run_config = {"config": cfg, "method": run.method, "teacher": teacher_path}
+    if run.method == BASELINE:
+        train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config)
+    else:
+        distiller = build_distiller(run.method, cfg, student, seed=run.seed)
+        if hasattr(distiller, "stage1"):
+            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=run.seed), folder / "stage1",
+                            device, run_config=run_config)
+        distill(student, teacher, distiller, train, tcfg, folder, device, inherit=cfg["kd"].get("inherit", False),
+                run_config=run_config)
+    save_detector(folder / "student.pt", student, train.class_names)
+    dev = resolve_device(device)
+    row: dict[str, Any] = {"method": run.method, "seed": run.seed, "variant": ",".join(run.variant) or "default",
+                           "folder": run.folder, "threads": threads}
+    row.update({f"val_{k}": v for k, v in evaluate_coco(student, val, device=dev, desc="evaluate val").items()})
+    if test is not None:
+        row.update({f"test_{k}": v for k, v in evaluate_coco(student, test, device=dev, desc="evaluate test").items()})
+    row["seconds"] = time.perf_counter() - start
+    result_path.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def _run_task(args: tuple) -> dict[str, Any]:
+    return run_one(*args)
+
+
+@dataclass
+class StudyResult:
+    rows: list[dict[str, Any]]
+    report: Path
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
+              seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
+              overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
+              teacher_weights: str | None = None) -> StudyResult:
+    """Run (or resume) a study and write its rows, report and figure in ``out_dir``.
+
+    Args:
+        methods: ``"none"`` (the baseline every difference is paired with) and registered distillers.
+        seeds: one paired replicate each (>= 2 for an interval).
+        grid: ``{"section.key": [values]}``; every combination is a variant of every KD method.
+        jobs: runs trained at once in separate processes, each with ``threads`` threads; results do not
+            depend on ``jobs``, only on ``threads`` (recorded; a folder refuses another value).
+    """
+    start = time.perf_counter()
+    out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)
+    if jobs < 1 or threads < 1:
+        raise StudyError(f"jobs ({jobs}) and threads ({threads}) must be at least 1")
+    methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
+    _check_arguments(config, methods, seeds, grid, overrides)
+    _open_study(out, _study_spec(config, overrides, grid, threads), methods, seeds)
+    teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights)
+    runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid) for s in seeds for m in methods))
+    unique = list({r.folder: r for r in runs}.values())
+    tasks = [(str(out), config, overrides, r, teacher_path, device, threads) for r in unique]
+    rows: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(tasks), desc="study", dynamic_ncols=True)
+    if jobs == 1:
+        for task in tasks:
+            rows[task[3].folder] = run_one(*task)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            for task, row in zip(tasks, pool.map(_run_task, tasks)):
+                rows[task[3].folder] = row
+                bar.update(1)
+    bar.close()
+    # One row per (variant, seed, method); a no-KD run serves every variant that differs only in KD settings.
+    table = [{**rows[r.folder], "variant": ",".join(r.variant) or "default",
+              "settings": ",".join(r.relevant) or "default"} for r in runs]
+    from .study_report import write_study_report
+
+    seconds = time.perf_counter() - start
+    report, summary = write_study_report(out, table, methods, seeds, grid, seconds)
+    return StudyResult(table, report, seconds, summary)
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its Student's t confidence interval ``(mean, low, high)``.
+
+    With one difference the interval is ``(-inf, inf)``: one seed cannot bound anything.
+    """
+    from scipy import stats
+
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, -math.inf, math.inf
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half

@@ -1,0 +1,145 @@
+"""A study's report: per method mean AP ± std and the paired difference to the baseline with its 95% interval."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .study import BASELINE, paired_interval
+
+
+def _pct(values: Sequence[float]) -> list[float]:
+    return [100 * v for v in values]
+
+
+def summarise(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]],
+              split: str) -> dict[str, Any]:
+    """Per method: the variant chosen on ``val`` (best mean AP), and on ``split`` its AP per seed, mean, std
+    and the paired difference to the baseline of the same seed with its Student's t 95% interval."""
+    by = {(r["method"], r["variant"], r["seed"]): r for r in rows}
+    variants = sorted({r["variant"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    summary: dict[str, Any] = {}
+    for method in methods:
+        def val_mean(v: str) -> float:
+            return statistics.fmean(by[(method, v, s)]["val_AP"] for s in seeds)
+
+        chosen = max(variants, key=val_mean) if grid else variants[0]
+        ap = [100 * by[(method, chosen, s)][f"{split}_AP"] for s in seeds]
+        entry: dict[str, Any] = {"variant": chosen, "settings": by[(method, chosen, seeds[0])]["settings"],
+                                 "seeds": seeds, "AP": ap, "mean": statistics.fmean(ap),
+                                 "std": statistics.stdev(ap) if len(ap) > 1 else 0.0}
+        if method != BASELINE:
+            diffs = [a - 100 * by[(BASELINE, chosen, s)][f"{split}_AP"] for a, s in zip(ap, seeds)]
+            mean, low, high = paired_interval(diffs)
+            entry.update({"diffs": diffs, "diff_mean": mean, "ci_low": low, "ci_high": high,
+                          "half_width": (high - low) / 2})
+        summary[method] = entry
+    return summary
+
+
+def verdict(method: str, entry: dict[str, Any]) -> str:
+    """A plain sentence on the paired difference: distinguishable from the baseline or not."""
+    n = len(entry["seeds"])
+    if n < 2:
+        return f"{method}: one seed gives no interval; nothing can be said about the difference."
+    if entry["ci_low"] <= 0 <= entry["ci_high"]:
+        return f"{method}: not distinguishable from the baseline with {n} seeds."
+    side = "above" if entry["diff_mean"] > 0 else "below"
+    return f"{method}: {side} the baseline with {n} seeds (the 95% interval excludes 0)."
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    if "diff_mean" not in entry:
+        return "(baseline)"
+    if math.isinf(entry["ci_high"]):
+        return f"{entry['diff_mean']:+.2f} (one seed: no interval)"
+    return f"{entry['diff_mean']:+.2f} [{entry['ci_low']:+.2f}, {entry['ci_high']:+.2f}]"
+
+
+def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
+    """Per-seed AP of each method (points) with the mean and its 95% interval; paired differences beside."""
+    fig = Figure(figsize=(9, 3.6))
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    names = list(summary)
+    for i, name in enumerate(names):
+        e = summary[name]
+        ax.scatter([i] * len(e["AP"]), e["AP"], s=14, alpha=0.6)
+        n = len(e["AP"])
+        if n > 1:
+            from scipy import stats
+
+            half = stats.t.ppf(0.975, n - 1) * e["std"] / math.sqrt(n)
+            ax.errorbar([i + 0.15], [e["mean"]], yerr=[half], fmt="o", color="black", capsize=4)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(f"AP on {split} (%)")
+    ax.set_title("per seed; mean and 95% interval")
+    others = [n for n in names if "diffs" in summary[n]]
+    for i, name in enumerate(others):
+        e = summary[name]
+        bx.scatter([i] * len(e["diffs"]), e["diffs"], s=14, alpha=0.6)
+        if not math.isinf(e["ci_high"]):
+            err = [[e["diff_mean"] - e["ci_low"]], [e["ci_high"] - e["diff_mean"]]]
+            bx.errorbar([i + 0.15], [e["diff_mean"]], yerr=err, fmt="o", color="black", capsize=4)
+    bx.axhline(0, color="grey", lw=1)
+    bx.set_xticks(range(len(others)), others)
+    bx.set_ylabel(f"AP - {BASELINE} AP, same seed")
+    bx.set_title("paired difference; 95% t interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
+                       grid: dict[str, list[str]], seconds: float) -> tuple[Path, dict[str, Any]]:
+    """``results.csv``, ``results.json``, ``study.png`` and ``report.md`` in ``out``."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    split = "test" if all("test_AP" in r for r in rows) else "val"
+    summary = summarise(rows, methods, grid, split)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot_study(summary, out / "study.png", split)
+    run_minutes = sum(r["seconds"] for r in rows if "seconds" in r) / 60
+    lines = [
+        "# Study report", "",
+        f"Methods {list(methods)}, seeds {list(seeds)}, grid {grid or 'none'}; {len(rows)} runs "
+        f"({run_minutes:.1f} min of training and evaluation in the runs, {seconds / 60:.1f} min for this call).", "",
+        f"AP (COCO bbox, %) on the **{split}** split. The difference to `{BASELINE}` is paired by seed "
+        "(same initial weights and batches); its interval is Student's t 95% over the seeds.",
+    ]
+    if grid:
+        lines.append("Grid values were chosen per method by the best mean AP on the `val` split"
+                     + (", and are reported on `test`." if split == "test" else
+                        "; this config has no test split, so the AP below is that of the split they were tuned "
+                        "on and is optimistic."))
+    lines += ["", f"| method | settings | seeds | AP mean ± std | AP - {BASELINE} [95% CI] |", "|---|---|---|---|---|"]
+    for method, e in summary.items():
+        lines.append(f"| {method} | {e['settings']} | {len(e['AP'])} | {e['mean']:.2f} ± {e['std']:.2f} | "
+                     f"{_interval(e)} |")
+    lines += ["", *[f"- {verdict(m, e)}" for m, e in summary.items() if m != BASELINE], "", "![study](study.png)", ""]
+    if grid:
+        test_column = f"{split} AP |" if split != "val" else ""
+        lines += ["## Every variant", "", "| method | variant | val AP | " + test_column,
+                  "|---|---|---|" + ("---|" if split != "val" else "")]
+        for method in methods:
+            for variant in sorted({r["settings"] for r in rows if r["method"] == method}):
+                sel = [r for r in rows if r["method"] == method and r["settings"] == variant]
+                val = _pct([r["val_AP"] for r in sel])
+                cells = [f"{statistics.fmean(val):.2f}"]
+                if split != "val":
+                    cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
+                lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path, summary

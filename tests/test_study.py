@@ -1,0 +1,109 @@
+"""The study runner: paired rows, resume without redoing runs, --jobs without changing results, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import liaf_lab.engine
+from liaf_lab.config import PROJECT_ROOT
+from liaf_lab.study import StudyError, _open_study, _study_spec, paired_interval, parse_grid, run_study
+from liaf_lab.study_report import verdict
+
+TEACHER = str(PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt")
+
+
+@pytest.fixture
+def small(tmp_path) -> list[str]:
+    """The bench preset shrunk to seconds: 16/8/8 images of 64 px, 2 iterations per stage."""
+    return ["data.num_train=16", "data.num_val=8", "data.num_test=8", "data.image_size=64",
+            f"data.cache='{tmp_path / 'cache'}'", "input.min_size=64", "input.max_size=64", "distill.iterations=2",
+            "distill.batch_size=2", "distill.warmup=1", "stage1.iterations=2", "stage1.batch_size=2"]
+
+
+def test_paired_interval_is_students_t():
+    mean, low, high = paired_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) from tables, sd = 1
+    assert mean == 2.0 and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+    assert paired_interval([0.7]) == (0.7, -math.inf, math.inf)
+    entry = {"seeds": [0, 1, 2], "diff_mean": 2.0, "ci_low": low, "ci_high": high}
+    assert verdict("liaf", entry) == "liaf: not distinguishable from the baseline with 3 seeds."
+    entry.update(ci_low=0.5)
+    assert verdict("liaf", entry) == "liaf: above the baseline with 3 seeds (the 95% interval excludes 0)."
+
+
+def test_study_pairs_runs_resumes_without_retraining_and_reports(tmp_path, small, monkeypatch):
+    out = tmp_path / "study"
+    grid = parse_grid(["kd.loss_weight=0.1,0.2"])
+    result = run_study(out, "bench", ["none", "liaf"], [0, 1], grid, small, device="cpu", teacher_weights=TEACHER)
+    assert len(result.rows) == 8  # 2 variants x 2 seeds x 2 methods
+    assert len(list(out.rglob("result.json"))) == 6  # the no-KD runs serve both KD variants
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {"val_AP", "test_AP", "test_AP50", "test_AR100", "seconds"} <= rows[0].keys()
+    report = (out / "report.md").read_text()
+    assert "Student's t 95%" in report and "chosen per method by the best mean AP on the `val` split" in report
+    assert "liaf: " in report and (out / "study.png").stat().st_size > 0
+    assert (out / "runs" / "liaf" / "kd.loss_weight=0.2" / "seed1" / "stage1" / "last.pt").exists()
+    # every method of one seed starts from the same student weights (paired comparison)
+    none = json.loads((out / "runs/none/default/seed0/run.json").read_text())["spec"]["config"]["config"]
+    assert none["student"] == json.loads((out / "runs/liaf/kd.loss_weight=0.1/seed0/run.json").read_text()
+                                         )["spec"]["config"]["config"]["student"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(liaf_lab.engine, "train_detector", no_training)
+    monkeypatch.setattr(liaf_lab.engine, "distill", no_training)
+    again = run_study(out, "bench", ["none", "liaf"], [0, 1], grid, small, device="cpu", teacher_weights=TEACHER)
+    assert again.rows == result.rows
+
+
+def test_jobs_do_not_change_any_result(tmp_path, small):
+    kw = dict(config="bench", methods=["none", "fitnet"], seeds=[0], overrides=small, device="cpu",
+              teacher_weights=TEACHER)
+    one = run_study(tmp_path / "one", jobs=1, **kw)
+    two = run_study(tmp_path / "two", jobs=2, **kw)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in one.rows]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in two.rows]
+    for method in ("none", "fitnet"):
+        rel = f"runs/{method}/default/seed0/student.pt"
+        a = torch.load(tmp_path / "one" / rel, weights_only=True)["model"]
+        b = torch.load(tmp_path / "two" / rel, weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("seeds, methods, grid, message", [
+    ([], ["none"], {}, "--seeds is empty"),
+    ([0, 1, 0], ["none"], {}, r"--seeds repeats \[0\]"),
+    ([0], ["none", "maskd"], {}, r"unknown methods \['maskd'\]; registered: \['none', "),
+    ([0], ["none"], {"kd.loss_wieght": ["1"]}, "unknown key kd.loss_wieght"),
+    ([0], ["none"], {"kd.roi_size": ["7"]}, "kd.roi_size=7 must be"),
+])
+def test_bad_study_arguments_are_named(tmp_path, small, seeds, methods, grid, message):
+    with pytest.raises(ValueError, match=message):
+        run_study(tmp_path / "s", "bench", methods, seeds, grid, small, device="cpu", teacher_weights=TEACHER)
+    assert not (tmp_path / "s").exists()
+
+
+def test_grid_syntax_is_checked():
+    assert parse_grid(["kd.mask_scale=literal,count"]) == {"kd.mask_scale": ["literal", "count"]}
+    with pytest.raises(StudyError, match="must look like section.key=value1,value2"):
+        parse_grid(["mask_scale=literal"])
+
+
+def test_a_study_folder_refuses_another_config_or_thread_count(tmp_path, small):
+    out = tmp_path / "s"
+    _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
+    with pytest.raises(StudyError, match=r"config.distill.iterations: 2 in the folder, 3 now"):
+        _open_study(out, _study_spec("bench", [*small, "distill.iterations=3"], {}, threads=1), ["none"], [0])
+    with pytest.raises(StudyError, match="was run with 1 threads per run and this call uses 2"):
+        _open_study(out, _study_spec("bench", small, {}, threads=2), ["none"], [0])
+    # more seeds and methods with the same config extend the study
+    _open_study(out, _study_spec("bench", small, {}, threads=1), ["fitnet"], [1])
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["methods"] == ["none", "fitnet"] and saved["seeds"] == [0, 1]
