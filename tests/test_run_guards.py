@@ -135,7 +135,20 @@ class TwoTerms(LinearStep):
 def test_a_loss_term_orders_of_magnitude_above_the_others_is_warned_about_once(tmp_path, recwarn):
     _fit(None, _cfg(lr=1e-9), step=TwoTerms())
     messages = [str(w.message) for w in recwarn if "loss term 'kd'" in str(w.message)]
-    assert len(messages) == 1 and "1e+06x the sum of the other terms at iteration 1" in messages[0]
+    assert len(messages) == 1 and "1e+06x the largest other term at iteration 1" in messages[0]
+
+
+class SmallTerms(LinearStep):
+    """A task term beside two near-zero terms of opposite sign (stage 1: diversity is negative)."""
+
+    def forward(self, xs, targets):
+        mse = super().forward(xs, targets)["mse"]
+        return {"task": mse, "tiny": 0.01 * mse, "negative": -0.0099 * mse}
+
+
+def test_no_warning_for_terms_that_only_dwarf_a_near_zero_sum(tmp_path, recwarn):
+    _fit(None, _cfg(lr=1e-9), step=SmallTerms())
+    assert not [w for w in recwarn if "loss term" in str(w.message)]
 
 
 # -- lost or late -----------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from .seeding import SeededSamples, derive_seed, environment_info, reseed
 _CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("constant", "step", "cosine"),
             "on_nonfinite": ("stop", "skip")}
 _POSITIVE = ("iterations", "batch_size", "checkpoint_every", "log_every")
+# A loss term this many times the largest other term is warned about (once per run).
+RATIO_WARNING = 1000.0
 # What ``fit(..., new_schedule=True)`` lets a resumed run change; any other difference is refused.
 SCHEDULE_KEYS = ("iterations", "lr", "warmup", "schedule", "min_lr_factor", "checkpoint_every", "log_every",
                  "eval_every")
@@ -482,13 +484,13 @@ def fit(
                         f"{desc}: iteration {it + 1}: the weights diverged (largest magnitude {biggest:.3g}, limit "
                         f"max_abs_weight={cfg.max_abs_weight}); the run stopped without saving it. Lower the "
                         "learning rate or enable grad_clip")
-            if not warned_ratio and len(values) > 2:
+            if not warned_ratio and len(last) > 1:
                 for k, v in last.items():
-                    rest = loss_value - v
-                    if rest > 0 and v > 100 * rest:
-                        warnings.warn(f"{desc}: loss term {k!r} is {v / rest:.3g}x the sum of the other terms at "
-                                      f"iteration {it + 1} ({v:.4g} against {rest:.4g}); check its loss weight",
-                                      stacklevel=2)
+                    largest = max(abs(o) for name, o in last.items() if name != k)
+                    if largest > 0 and abs(v) > RATIO_WARNING * largest:
+                        warnings.warn(f"{desc}: loss term {k!r} is {abs(v) / largest:.3g}x the largest other term "
+                                      f"at iteration {it + 1} ({v:.4g} against {largest:.4g}); check its loss "
+                                      "weight", stacklevel=2)
                         warned_ratio = True
                         break
             scheduler.step()
