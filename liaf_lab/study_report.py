@@ -71,7 +71,7 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
     names = list(summary)
     for i, name in enumerate(names):
         e = summary[name]
-        ax.scatter([i] * len(e["AP"]), e["AP"], s=14, alpha=0.6)
+        ax.scatter([i] * len(e["AP"]), e["AP"], s=14, alpha=0.6, color=f"C{i}")
         n = len(e["AP"])
         if n > 1:
             from scipy import stats
@@ -84,7 +84,7 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
     others = [n for n in names if "diffs" in summary[n]]
     for i, name in enumerate(others):
         e = summary[name]
-        bx.scatter([i] * len(e["diffs"]), e["diffs"], s=14, alpha=0.6)
+        bx.scatter([i] * len(e["diffs"]), e["diffs"], s=14, alpha=0.6, color=f"C{names.index(name)}")
         if not math.isinf(e["ci_high"]):
             err = [[e["diff_mean"] - e["ci_low"]], [e["ci_high"] - e["diff_mean"]]]
             bx.errorbar([i + 0.15], [e["diff_mean"]], yerr=err, fmt="o", color="black", capsize=4)

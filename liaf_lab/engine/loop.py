@@ -269,7 +269,7 @@ def _load_resume_state(ckpt_path: Path, device: torch.device) -> dict[str, Any] 
         if missing:
             raise CheckpointError(f"{path} is not a liaf_lab run checkpoint (it lacks {missing}); expected the "
                                   "last.pt that fit() writes. Use another --out, or delete the file")
-        if path != ckpt_path:
+        if path != ckpt_path and not ckpt_path.exists():
             warnings.warn(f"{ckpt_path} is missing (a kill between two renames); resuming from {path}", stacklevel=3)
         return state
     return None
