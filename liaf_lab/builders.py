@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,10 +79,6 @@ def shapes_cache(data: dict[str, Any]) -> Path:
     encodes every setting, and generation writes to a temporary folder renamed when complete, so
     concurrent runs never see half a dataset.
     """
-    import os
-    import shutil
-    import tempfile
-
     from .data import generate_scenes
 
     size, seed = data.get("image_size", 160), data.get("seed", 0)
