@@ -108,7 +108,7 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
 
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
     """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow)."""
-    from .engine.loop import spec_differences
+    from .engine.loop import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
     path = out / "study.json"
@@ -122,7 +122,7 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
         if saved["grid"] != spec["grid"]:
             diffs["grid"] = (saved["grid"], spec["grid"])
         if diffs:
-            listed = "; ".join(f"{k}: {a!r} in the folder, {b!r} now" for k, (a, b) in diffs.items())
+            listed = describe_differences(diffs)
             raise StudyError(f"study folder {out} holds a study of another configuration ({listed}); use another "
                              "--out")
         methods = list(dict.fromkeys([*saved["methods"], *methods]))

@@ -230,6 +230,11 @@ def spec_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tu
     return diffs
 
 
+def describe_differences(diffs: dict[str, tuple[Any, Any]]) -> str:
+    """``"key: old in the folder, new now; ..."`` for the messages that refuse a changed config."""
+    return "; ".join(f"{k}: {a!r} in the folder, {b!r} now" for k, (a, b) in diffs.items())
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -280,7 +285,7 @@ def _check_resume(out: Path, saved: dict[str, Any], new: dict[str, Any], new_sch
     allowed = {f"train.{k}" for k in SCHEDULE_KEYS} if new_schedule else set()
     refused = {k: v for k, v in diffs.items() if k not in allowed}
     if refused:
-        listed = "; ".join(f"{k}: {a!r} in the folder, {b!r} now" for k, (a, b) in refused.items())
+        listed = describe_differences(refused)
         hint = (" Only the schedule may change with new_schedule (--new-schedule): " + ", ".join(SCHEDULE_KEYS)
                 if any(k.removeprefix("train.") in SCHEDULE_KEYS for k in refused) or new_schedule else "")
         raise RunConfigError(f"run folder {out} holds a run of another configuration ({listed}). Use another "
