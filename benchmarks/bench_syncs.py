@@ -96,7 +96,7 @@ def distiller_reads(name: str, num_levels: int, device: str | torch.device = "cp
     distiller = create_distiller(name, student_channels=STUDENT_C, teacher_channels=TEACHER_C,
                                  strides=strides, **options).to(device)
     calls = {"forward": lambda: distiller(student, teacher, boxes, image_size=image_size)}
-    if hasattr(distiller, "stage1"):
+    if distiller.two_stage:
         calls["stage1"] = lambda: distiller.stage1(teacher, boxes, image_size=image_size)
     out = {}
     for what, call in calls.items():

@@ -12,9 +12,9 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import KD_OPTIONS, check_data, input_size, resolve_path
+from .config import check_data, input_size, kd_options, resolve_path
 from .data import CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
-from .distillers import FeatureDistiller, create_distiller
+from .distillers import BASELINE, FeatureDistiller, create_distiller, method_parts
 from .engine import TrainConfig
 from .engine.seeding import seeded
 from .models import create_detector, fpn_strides
@@ -117,26 +117,19 @@ def build_detector(cfg: dict[str, Any], role: str, num_classes: int, weights_pat
 
 
 def build_distiller(method: str, cfg: dict[str, Any], student: nn.Module, seed: int = 0) -> FeatureDistiller | None:
-    """``liaf`` or ``fitnet`` distiller between the config's student and teacher FPNs; ``None`` for ``none``.
+    """The registered distiller ``method`` (or a ``+`` combination) between the config's student and teacher
+    FPNs, with its options from ``[kd.<method>]``; ``None`` for ``"none"``.
 
     Its modules are initialised from ``(seed, "distiller", method)``.
     """
-    if method == "none":
+    if method == BASELINE:
         return None
-    with seeded(seed, "distiller", method):
-        return _build_distiller(method, cfg, student)
-
-
-def _build_distiller(method: str, cfg: dict[str, Any], student: nn.Module) -> FeatureDistiller:
-    kd = cfg["kd"]
+    parts = method_parts(method)
     common = dict(student_channels=cfg["student"]["fpn_channels"], teacher_channels=cfg["teacher"]["fpn_channels"],
-                  strides=fpn_strides(student, input_size(cfg)), loss_weight=kd.get("loss_weight", 1.0))
-    if method == "liaf":
-        options = {k: kd[k] for k in KD_OPTIONS if k in kd}
-        if "roi_size" in options:
-            options["roi_size"] = tuple(options["roi_size"])
-        return create_distiller("liaf", **common, **options)
-    return create_distiller(method, **common)
+                  strides=fpn_strides(student, input_size(cfg)))
+    options = kd_options(cfg, method) if len(parts) == 1 else {p: kd_options(cfg, p) for p in parts}
+    with seeded(seed, "distiller", method):
+        return create_distiller(method, **common, **options)
 
 
 def train_config(cfg: dict[str, Any], section: str, **overrides: Any) -> TrainConfig:

@@ -1,4 +1,7 @@
-"""The ``liaf-lab`` command: teacher training, selector learning, distillation, evaluation, demo."""
+"""The ``liaf-lab`` command: teacher training, stage 1, distillation, evaluation, studies, demo.
+
+Methods come from the distiller registry (``liaf_lab.distillers``); nothing here names one.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +11,33 @@ import sys
 from pathlib import Path
 
 DESCRIPTION = """\
-LIAF-KD for torchvision detectors. The recipe, step by step (tiny preset, bundled sample data):
+LIAF-KD and the detector-distillation methods of its field, for torchvision detectors. The recipe, step by step (tiny preset, bundled sample data):
 
   liaf-lab train-teacher   --config tiny --out runs/teacher
-  liaf-lab learn-selectors --config tiny --teacher runs/teacher/teacher.pt --out runs/stage1
+  liaf-lab learn-stage1 --method liaf --config tiny --teacher runs/teacher/teacher.pt --out runs/stage1
   liaf-lab distill --method liaf --config tiny --teacher runs/teacher/teacher.pt \\
-                   --selectors runs/stage1/selectors.pt --out runs/liaf
+                   --stage1 runs/stage1/stage1.pt --out runs/liaf
   liaf-lab evaluate --config tiny --role student --weights runs/liaf/student.pt
+
 
 or all of it at once, with baseline and FitNet students for comparison:
 
   liaf-lab demo --out runs/demo
 
+Methods: none (no KD) and the registered distillers ({methods}); join them with + for their sum
+(e.g. liaf+maskd). Two-stage methods (LIAF-KD, MasKD) learn their stage 1 first when --stage1 is omitted.
+
 Presets: tiny (CPU, minutes) and paper (ResNet-101 teacher, ResNet-50 student, 800 px; GPU).
-Change any setting with --set section.key=value (e.g. --set kd.mask_scale=count). Sections: data,
-input, teacher, student, kd, train_teacher, stage1, distill; an unknown section or key, or a value
-of the wrong type, is an error naming it. Input size of both detectors: --set input.min_size=320
+Change any setting with --set section.key=value, a method's option with --set kd.<method>.key=value
+(e.g. --set kd.liaf.mask_scale=count). Sections: data, input, teacher, student, kd, train_teacher,
+stage1, distill; an unknown section or key, or a value of the wrong type, is an error naming it. Input size of both detectors: --set input.min_size=320
 (shorter side; input.max_size caps the longer one, default min_size * 1333 / 800).
 Data keys (docs/data.md):
   data.kind = coco (default): data.train_images, data.train_ann, data.val_images, data.val_ann
   data.kind = kitti:          data.root (KITTI training/), data.classes, data.merge
   data.kind = voc:            data.root (VOC layout), data.train_set, data.val_set, data.classes
   any kind:                   data.skip_bad_images = true
-Relative paths (data, --teacher, --weights) are looked up from the current folder, then the project root.
+Relative paths (data, --teacher, --weights, --stage1) are looked up from the current folder, then the project root.
 Interrupted runs resume from OUT/last.pt when started again with the same --out (bit-identical to an
 uninterrupted run with the same --seed and thread count); a folder refuses a run of another config.
 Several GPUs: torchrun --nproc_per_node=N -m liaf_lab.cli distill ...
@@ -61,19 +68,22 @@ def _out(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liaf-lab", description=DESCRIPTION,
+    from .demo import METHODS as DEMO_METHODS
+    from .distillers import list_distillers
+
+    parser = argparse.ArgumentParser(prog="liaf-lab", description=DESCRIPTION.format(methods=", ".join(list_distillers())),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="teacher, stage 1, baseline/FitNet/LIAF-KD students, COCO eval, report")
+    p = sub.add_parser("demo", help="teacher, then students without KD and with each method, COCO eval, report")
     _common(p, seed=False)
     _out(p, "runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (default: 0)")
     p.add_argument("--train-teacher", action="store_true",
                    help="train the teacher instead of loading data_samples/checkpoints/teacher_tiny.pt")
     p.add_argument("--quick", action="store_true", help="a few iterations per stage (smoke test)")
-    p.add_argument("--methods", nargs="+", choices=["none", "fitnet", "liaf"], default=["none", "fitnet", "liaf"],
-                   help="which students to train (default: all three)")
+    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
+                   help=f"which students to train: none and registered methods (default: {' '.join(DEMO_METHODS)})")
 
     p = sub.add_parser("study",
                        help="methods x seeds x a grid of config values: paired differences with 95%% intervals")
@@ -95,19 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     _resumable(p)
     _out(p, "runs/teacher")
 
-    p = sub.add_parser("learn-selectors", help="stage 1: learn the instance selectors on the frozen teacher (Eq. 5)")
+    p = sub.add_parser("learn-stage1", aliases=["learn-selectors"],
+                       help="stage 1 of a two-stage method on the frozen teacher (LIAF-KD's selectors, MasKD's tokens)")
     _common(p)
     _resumable(p)
     _out(p, "runs/stage1")
+    p.add_argument("--method", default="liaf", help="a two-stage method (default: liaf)")
     p.add_argument("--teacher", required=True, help="teacher weights (teacher.pt)")
 
-    p = sub.add_parser("distill", help="stage 2: train a student with LIAF-KD, FitNet or no KD")
+    p = sub.add_parser("distill", help="stage 2: train a student with a method's KD, or without KD (--method none)")
     _common(p)
     _resumable(p)
     _out(p, "runs/distill")
-    p.add_argument("--method", choices=["liaf", "fitnet", "none"], default="liaf")
-    p.add_argument("--teacher", help="teacher weights (needed for liaf and fitnet)")
-    p.add_argument("--selectors", help="stage-1 selectors (selectors.pt); for liaf, learned first when omitted")
+    p.add_argument("--method", default="liaf", help="none or a registered method (default: liaf)")
+    p.add_argument("--teacher", help="teacher weights (needed unless --method none)")
+    p.add_argument("--stage1", "--selectors", dest="stage1",
+                   help="stage-1 state of a two-stage method (stage1.pt); learned first when omitted")
 
     p = sub.add_parser("evaluate", help="COCO metrics (pycocotools) of a trained detector on the validation split")
     _common(p)
@@ -162,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_module_state
     from .config import load_config, resolve_path
     from .data import collate_fn
-    from .engine import distill, evaluate_coco, learn_selectors, load_checkpoint, save_checkpoint, train_detector
+    from .distillers import BASELINE
+    from .engine import distill, evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector
     from .models import save_detector
     from .engine.distributed import is_main, resolve_device
 
@@ -177,10 +191,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     out = Path(args.out)
+    stage1_command = args.command in ("learn-stage1", "learn-selectors")
     # What binds a run folder to this run: the whole resolved config, the command and its inputs.
-    run_config = {"command": args.command, "seed": seed, "config": cfg,
+    run_config = {"command": "learn-stage1" if stage1_command else args.command, "seed": seed, "config": cfg,
                   "method": getattr(args, "method", None), "teacher": getattr(args, "teacher", None),
-                  "selectors": getattr(args, "selectors", None)}
+                  "stage1": getattr(args, "stage1", None)}
     resume = {"run_config": run_config, "new_schedule": args.new_schedule}
     if args.command == "train-teacher":
         model = build_detector(cfg, "teacher", num_classes, seed=seed)
@@ -188,24 +203,29 @@ def run(args: argparse.Namespace) -> int:
                        val_dataset=val, **resume)
         name = "teacher.pt"
     else:
-        if not args.teacher and (args.command == "learn-selectors" or args.method != "none"):
+        if not args.teacher and (stage1_command or args.method != BASELINE):
             raise ValueError("--teacher is required (train one with `liaf-lab train-teacher`)")
         teacher = (build_detector(cfg, "teacher", num_classes, weights_path=args.teacher, class_names=classes)
                    if args.teacher else None)
         model = build_detector(cfg, "student", num_classes, seed=seed)
-        method = "liaf" if args.command == "learn-selectors" else args.method
-        distiller = build_distiller(method, cfg, model, seed=seed)
-        if method == "liaf" and args.command == "distill" and args.selectors:
-            selectors = resolve_path(args.selectors)
-            load_module_state(distiller, load_checkpoint(selectors), selectors,
-                              "the stage-1 state of a 'liaf' distiller of this config (selectors.pt)")
-        elif method == "liaf":
-            stage1_out = out if args.command == "learn-selectors" else out / "stage1"
-            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), stage1_out, args.device,
-                            **resume)
+        distiller = build_distiller(args.method, cfg, model, seed=seed)
+        if stage1_command and (distiller is None or not distiller.two_stage):
+            raise ValueError(f"method {args.method!r} has no stage 1 to learn")
+        if not stage1_command and args.stage1:
+            if distiller is None or not distiller.two_stage:
+                raise ValueError(f"--stage1 is for two-stage methods; {args.method!r} has no stage 1")
+            stage1 = resolve_path(args.stage1)
+            load_module_state(distiller, load_checkpoint(stage1), stage1,
+                              f"the stage-1 state of a {args.method!r} distiller of this config (stage1.pt)")
+            if not distiller.stage1_ready:
+                raise ValueError(f"{stage1} holds a {args.method!r} distiller whose stage 1 never ran")
+        elif distiller is not None and distiller.two_stage:
+            stage1_out = out if stage1_command else out / "stage1"
+            learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), stage1_out, args.device,
+                         **resume)
             if is_main():
-                save_checkpoint(stage1_out / "selectors.pt", distiller.state_dict())
-        if args.command == "learn-selectors":
+                save_checkpoint(stage1_out / "stage1.pt", distiller.state_dict())
+        if stage1_command:
             return 0
         if distiller is None:
             train_detector(model, train, train_config(cfg, "distill", seed=seed), out, args.device,

@@ -3,7 +3,10 @@
 A config has the sections of ``SECTIONS``. ``load_config`` checks it once, before anything is
 built: an unknown section or key, a missing one, or a value of the wrong type is a ``ValueError``
 naming ``section.key``. The expected types are those of the functions the values go to
-(``create_detector``, ``LIAFDistiller``, ``distill``, ``TrainConfig``).
+(``create_detector``, each registered distiller's constructor, ``distill``, ``TrainConfig``).
+
+``[kd]`` holds ``inherit`` and one table per method, ``[kd.<method>]`` (e.g. ``[kd.liaf]``), with that
+method's options; the registry says which methods and options exist, so a new method needs no edit here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .distillers import LIAFDistiller
+from .distillers import list_distillers, method_options
 from .engine import TrainConfig, distill
 from .models import create_detector
 
@@ -28,10 +31,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INPUT_KEYS = ("min_size", "max_size")
 # [teacher], [student]: create_detector's arguments.
 DETECTOR_KEYS = ("arch", "depth", "width_mult", "fpn_channels")
-# [kd]: LIAFDistiller's options (FitNet takes loss_weight only), and distill()'s inherit.
-KD_OPTIONS = ("num_selectors", "roi_size", "normalize", "mask_scale", "mask_side", "detach_scores",
-              "freeze_selectors", "diversity_weight")
-KD_KEYS = ("loss_weight", *KD_OPTIONS, "inherit")
+# [kd]: distill()'s options shared by every method; [kd.<method>]: the method's constructor options.
+KD_KEYS = {"inherit": typing.get_type_hints(distill)["inherit"]}
 # Training sections: TrainConfig's fields, less seed (the run's --seed).
 TRAIN_SECTIONS = ("train_teacher", "stage1", "distill")
 SECTIONS = ("data", "input", "teacher", "student", "kd", *TRAIN_SECTIONS)
@@ -48,13 +49,11 @@ DATA_TYPES: dict[str, Any] = {
     "image_size": int, "seed": int, "cache": str,
 }
 _DETECTOR_TYPES = typing.get_type_hints(create_detector)
-_KD_TYPES = {**typing.get_type_hints(LIAFDistiller.__init__), "inherit": typing.get_type_hints(distill)["inherit"]}
 # section -> key -> type, and the keys a section must have.
 KEY_TYPES: dict[str, dict[str, Any]] = {
     "input": {k: _DETECTOR_TYPES[k] for k in INPUT_KEYS},
     "teacher": {k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS},
     "student": {k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS},
-    "kd": {k: _KD_TYPES[k] for k in KD_KEYS},
 }
 REQUIRED_KEYS = {"input": ("min_size",), "teacher": DETECTOR_KEYS, "student": DETECTOR_KEYS}
 # Keys that moved: old -> new.
@@ -91,7 +90,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["kd.loss_weight=2", "student.depth=34"]`` -> a copy of ``cfg`` with those values set.
+    """``["kd.liaf.loss_weight=2", "student.depth=34"]`` -> a copy of ``cfg`` with those values set.
 
     Values are Python literals (``7``, ``[7, 7]``, ``'a b'``), ``true``/``false``, or else strings.
     Setting ``data.kind`` to another kind drops the file's ``[data]`` keys that the new kind does not take.
@@ -100,9 +99,10 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        section, name = parts
+        if not sep or not (len(parts) == 2 or (len(parts) == 3 and parts[0] == "kd")):
+            raise ValueError(f"override {item!r} must look like section.key=value (kd.<method>.key=value for a "
+                             "method's option)")
+        section, name = parts[0], parts[-1]
         if section not in SECTIONS:
             raise ValueError(f"override {item!r}: unknown section [{section}]; the sections are {list(SECTIONS)}")
         try:
@@ -110,6 +110,10 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         except (ValueError, SyntaxError):
             value = {"true": True, "false": False}.get(raw.lower(), raw)
         values = cfg.setdefault(section, {})
+        if len(parts) == 3:
+            values = values.setdefault(parts[1], {})
+            if not isinstance(values, dict):
+                raise ValueError(f"override {item!r}: kd.{parts[1]} is not a table")
         new_kind = (section, name) == ("data", "kind") and isinstance(value, str) and value != values.get("kind", "coco")
         if new_kind and value in DATA_REQUIRED:
             cfg["data"] = values = {k: v for k, v in values.items() if k in data_keys(value)}
@@ -132,6 +136,8 @@ def check_config(cfg: Mapping[str, Any]) -> None:
             check_data(values)
         elif section in TRAIN_SECTIONS:
             _check_train(section, values)
+        elif section == "kd":
+            check_kd(values)
         else:
             _check_keys(section, values, KEY_TYPES[section], REQUIRED_KEYS.get(section, ()))
             for key, value in values.items():
@@ -140,6 +146,37 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     if min_size > max_size:
         raise ValueError(f"input.min_size={min_size} is larger than input.max_size={max_size}, which caps the longer "
                          "image side; raise input.max_size or leave it out (default: min_size * 1333 / 800)")
+
+
+def check_kd(kd: Mapping[str, Any]) -> None:
+    """Check ``[kd]``: ``inherit``, and per registered method a table of its constructor's options."""
+    for key, value in kd.items():
+        if key in KD_KEYS:
+            check_value(f"kd.{key}", value, KD_KEYS[key])
+        elif key in list_distillers():
+            if not isinstance(value, Mapping):
+                raise ValueError(f"kd.{key} must be a table of the options of {key!r} ([kd.{key}] in the file)")
+            options = method_options(key)
+            for name, option in value.items():
+                if name not in options:
+                    raise ValueError(f"unknown key kd.{key}.{name}; the options of {key!r} are {list(options)}")
+                check_value(f"kd.{key}.{name}", option, options[name][0])
+        elif isinstance(value, Mapping):
+            raise ValueError(f"no distiller is registered as {key!r} ([kd.{key}]); registered: {list_distillers()}")
+        else:
+            owners = [m for m in list_distillers() if key in method_options(m)]
+            if owners:
+                raise ValueError(f"kd.{key} is an option of {owners}: set it per method, e.g. kd.{owners[0]}.{key} "
+                                 f"([kd.{owners[0]}] in the file)")
+            raise ValueError(f"unknown key kd.{key}; [kd] takes {list(KD_KEYS)} and one table per method "
+                             f"([kd.<method>], methods {list_distillers()})")
+
+
+def kd_options(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The config's options of one registered ``method`` (``[kd.<method>]``), as its constructor takes them."""
+    options = method_options(method)
+    return {k: tuple(v) if typing.get_origin(options[k][0]) is tuple else v
+            for k, v in cfg.get("kd", {}).get(method, {}).items()}
 
 
 def check_data(data: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""The main job: teacher, stage 1, then baseline, FitNet and LIAF-KD students, evaluated and reported."""
+"""The main job: a teacher, then students without KD and with each method (by default FitNet and LIAF-KD),
+evaluated and reported."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from .builders import build_datasets, build_detector, build_distiller, train_config
 from .config import PROJECT_ROOT, load_config
 from .data import collate_fn
-from .engine import distill, evaluate_coco, learn_selectors, load_checkpoint, save_checkpoint, train_detector
+from .engine import distill, evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector
 from .engine.distributed import resolve_device
 from .models import save_detector
 from .report import write_report
@@ -63,26 +64,22 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
         run = out / f"seed{seed}"
         # Every module is initialised from (seed, its name): each method's student starts from the
         # same weights and sees the same batches, so the methods are compared in pairs.
-        stage1 = None
-        if "liaf" in methods:
-            stage1 = build_distiller("liaf", cfg, build_detector(cfg, "student", num_classes, seed=seed), seed=seed)
-            learn_selectors(teacher, stage1, train, train_config(cfg, "stage1", seed=seed), run / "stage1", device,
-                            run_config={"config": cfg, "teacher": teacher_source})
-            save_checkpoint(run / "stage1" / "selectors.pt", stage1.state_dict())
         for method in methods:
             student = build_detector(cfg, "student", num_classes, seed=seed)
             tcfg = train_config(cfg, "distill", seed=seed)
             run_config = {"config": cfg, "method": method, "teacher": teacher_source}
-            if method == "none":
+            kd = build_distiller(method, cfg, student, seed=seed)
+            if kd is None:
                 train_detector(student, train, tcfg, run / method, device, desc="student (no KD)", val_dataset=val,
                                run_config=run_config)
             else:
-                kd = stage1 if method == "liaf" else build_distiller(method, cfg, student, seed=seed)
+                if kd.two_stage:
+                    learn_stage1(teacher, kd, train, train_config(cfg, "stage1", seed=seed), run / method / "stage1",
+                                 device, run_config=run_config)
                 distill(student, teacher, kd, train, tcfg, run / method, device, val_dataset=val,
                         inherit=cfg["kd"].get("inherit", False), run_config=run_config)
-            save_detector(run / method / "student.pt", student, train.class_names)
-            if method != "none":
                 save_checkpoint(run / method / "distiller.pt", kd.state_dict())
+            save_detector(run / method / "student.pt", student, train.class_names)
             metrics = evaluate_coco(student, val, collate_fn, device=device, out_json=run / method / "eval.json",
                                     desc=f"evaluate {method}")
             results["students"][method].append({"seed": seed, **metrics})

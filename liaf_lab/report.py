@@ -9,8 +9,13 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-LABELS = {"none": "Student (no KD)", "fitnet": "Student + FitNet", "liaf": "Student + LIAF-KD"}
+from .distillers import BASELINE, method_label
 COLUMNS = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR100"]
+
+
+def student_label(method: str) -> str:
+    """``"Student (no KD)"``, ``"Student + LIAF-KD"``, ... from the registry's labels."""
+    return "Student (no KD)" if method == BASELINE else f"Student + {method_label(method)}"
 
 
 def _cell(values: list[float]) -> str:
@@ -26,7 +31,7 @@ def metrics_table(results: dict[str, Any]) -> str:
     lines.append("| Teacher | - | " + " | ".join(_cell([results["teacher"][c]]) for c in COLUMNS) + " |")
     for method, rows in results["students"].items():
         if rows:
-            lines.append(f"| {LABELS.get(method, method)} | {len(rows)} | "
+            lines.append(f"| {student_label(method)} | {len(rows)} | "
                          + " | ".join(_cell([r[c] for r in rows]) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -46,7 +51,7 @@ def _save(fig: Figure, ax, path: Path) -> Path:
 
 def plot_ap(results: dict[str, Any], path: Path) -> Path:
     """Bar chart of AP and AP50 per model with the seed-to-seed std as error bars."""
-    names = ["Teacher"] + [LABELS.get(m, m) for m, rows in results["students"].items() if rows]
+    names = ["Teacher"] + [student_label(m) for m, rows in results["students"].items() if rows]
     series = [[results["teacher"]]] + [rows for rows in results["students"].values() if rows]
     fig, ax = _axes()
     for j, metric in enumerate(["AP", "AP50"]):
@@ -77,11 +82,11 @@ def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> Pat
     seeds = sorted({r["seed"] for rows in results["students"].values() for r in rows})
     figures = []
     for seed in seeds:
-        runs = {LABELS[m]: out / f"seed{seed}" / m / "metrics.csv" for m in results["students"]}
+        runs = {student_label(m): out / f"seed{seed}" / m / "metrics.csv" for m in results["students"]}
         figures.append(plot_losses(runs, out / f"losses_seed{seed}.png").name)
     t, s = cfg["teacher"], cfg["student"]
     text = [
-        "# LIAF-KD demo report", "",
+        "# Demo report", "",
         f"Teacher: {t['arch']} ResNet-{t['depth']} x{t['width_mult']} FPN {t['fpn_channels']} "
         f"({results['teacher_source']}); student: {s['arch']} ResNet-{s['depth']} x{s['width_mult']} "
         f"FPN {s['fpn_channels']}; input {cfg['input']['min_size']} px; stage 2: {cfg['distill']['iterations']} iterations; "

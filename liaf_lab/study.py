@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-BASELINE = "none"
+from .distillers import BASELINE
+
 # Config sections that do not change a student trained without KD: its runs are shared by every
 # grid variant that differs only there.
 KD_SECTIONS = ("kd", "stage1")
@@ -46,10 +47,17 @@ class Run:
 
     @property
     def relevant(self) -> tuple[str, ...]:
-        """The overrides that change this run (a no-KD student ignores the KD sections)."""
-        if self.method != BASELINE:
-            return self.variant
-        return tuple(o for o in self.variant if o.split(".", 1)[0] not in KD_SECTIONS)
+        """The overrides that change this run: a no-KD student ignores the KD sections, and a method
+        ignores the options of other methods (``kd.<other>.key``)."""
+        parts = [] if self.method == BASELINE else self.method.split("+")
+
+        def matters(override: str) -> bool:
+            keys = override.partition("=")[0].split(".")
+            if keys[0] not in KD_SECTIONS:
+                return True
+            return bool(parts) and (len(keys) == 2 or keys[1] in parts)
+
+        return tuple(o for o in self.variant if matters(o))
 
     @property
     def folder(self) -> str:
@@ -58,13 +66,14 @@ class Run:
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["kd.mask_scale=literal,count"]`` -> ``{"kd.mask_scale": ["literal", "count"]}``."""
+    """``["kd.liaf.mask_scale=literal,count"]`` -> ``{"kd.liaf.mask_scale": ["literal", "count"]}``."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not values.strip():
-            raise StudyError(f"--grid {item!r} must look like section.key=value1,value2")
+        if not sep or not (len(parts) == 2 or (len(parts) == 3 and parts[0] == "kd")) or not values.strip():
+            raise StudyError(f"--grid {item!r} must look like section.key=value1,value2 (kd.<method>.key=... for a "
+                             "method's option)")
         if key in grid:
             raise StudyError(f"--grid names {key} twice")
         grid[key.strip()] = [v.strip() for v in values.split(",")]
@@ -82,17 +91,21 @@ def grid_variants(grid: dict[str, list[str]]) -> list[tuple[str, ...]]:
 def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]],
                      overrides: list[str]) -> None:
     from .config import load_config
-    from .distillers import list_distillers
+    from .distillers import method_parts
 
     if not seeds:
         raise StudyError("--seeds is empty: a study needs at least one seed (two or more for an interval)")
     repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
     if repeated:
         raise StudyError(f"--seeds repeats {repeated}: each seed is one paired replicate")
-    known = [BASELINE, *list_distillers()]
-    unknown = [m for m in methods if m not in known]
-    if unknown or not methods:
-        raise StudyError(f"unknown methods {unknown or '(none given)'}; registered: {known}")
+    if not methods:
+        raise StudyError("--methods is empty")
+    for method in methods:
+        if method != BASELINE:
+            try:
+                method_parts(method)
+            except ValueError as err:
+                raise StudyError(f"--methods {method}: {err}") from None
     if len(set(methods)) != len(methods):
         raise StudyError(f"--methods repeats a method: {list(methods)}")
     for variant in grid_variants(grid):  # every value must make a valid config (keys and types checked)
@@ -159,7 +172,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     """Train and evaluate one student of the study (in this process); returns its row."""
     from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
     from .config import load_config
-    from .engine import distill, evaluate_coco, learn_selectors, train_detector
+    from .engine import distill, evaluate_coco, learn_stage1, train_detector
     from .engine.distributed import resolve_device
     from .models import save_detector
 
@@ -181,9 +194,9 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
         train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config)
     else:
         distiller = build_distiller(run.method, cfg, student, seed=run.seed)
-        if hasattr(distiller, "stage1"):
-            learn_selectors(teacher, distiller, train, train_config(cfg, "stage1", seed=run.seed), folder / "stage1",
-                            device, run_config=run_config)
+        if distiller.two_stage:
+            learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=run.seed), folder / "stage1",
+                         device, run_config=run_config)
         distill(student, teacher, distiller, train, tcfg, folder, device, inherit=cfg["kd"].get("inherit", False),
                 run_config=run_config)
     save_detector(folder / "student.pt", student, train.class_names)

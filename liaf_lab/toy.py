@@ -66,12 +66,13 @@ def run_toy(steps: int = 60, seed: int = 0, out_dir: str | Path | None = None) -
         p.requires_grad_(False)
 
     liaf = LIAFDistiller(16, 32, STRIDES, num_selectors=4)
-    opt = torch.optim.Adam(liaf.selector_parameters(), lr=0.01, weight_decay=1e-3)
+    opt = torch.optim.Adam(liaf.selectors.parameters(), lr=0.01, weight_decay=1e-3)
     for _ in tqdm(range(steps), desc="stage 1 (selectors)"):
         images, boxes = make_batch(4, 64, gen)
         with torch.no_grad():
             feats = teacher(images)
-        masked, div = liaf.stage1(feats, boxes)
+        out = liaf.stage1(feats, boxes)
+        masked, div = out.views["liaf"], out.terms["diversity"]
         task = sum(
             F.binary_cross_entropy_with_logits(head(masked[l]), objectness_target(boxes, masked[l].shape[-2:], s))
             for l, s in STRIDES.items()

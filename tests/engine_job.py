@@ -1,6 +1,6 @@
 """Tiny training runs used by the resume and DDP tests in subprocesses (SIGKILL, torchrun).
 
-usage: engine_job.py DATA_DIR OUT_DIR [--stage distill|stage1] [--iterations N] [--kill-at K]
+usage: engine_job.py DATA_DIR OUT_DIR [--stage distill|stage1] [--method M] [--iterations N] [--kill-at K]
                      [--kill-in-save S --kill-at-replace R]
 --kill-at K: the process SIGKILLs itself in the forward of iteration K + 1 (rank 1 only under DDP).
 --kill-in-save S --kill-at-replace R: SIGKILL at the R-th ``os.replace`` (1: the rotation of last.pt
@@ -21,11 +21,11 @@ import torch
 
 from liaf_lab import checkpoint
 from liaf_lab.data import CocoDetectionDataset, detection_transforms
-from liaf_lab.distillers import LIAFDistiller
-from liaf_lab.engine import TrainConfig, distill, learn_selectors, loop
+from liaf_lab.distillers import create_distiller
+from liaf_lab.engine import TrainConfig, distill, learn_stage1, loop
 from liaf_lab.engine.distributed import rank
 from liaf_lab.engine.seeding import seeded
-from liaf_lab.engine.steps import DistillStep, SelectorStep
+from liaf_lab.engine.steps import DistillStep, Stage1Step
 from liaf_lab.models import create_detector, fpn_strides
 
 
@@ -85,6 +85,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("data")
     p.add_argument("out")
     p.add_argument("--stage", choices=["distill", "stage1"], default="distill")
+    p.add_argument("--method", default="liaf", help="a registered distiller (default: liaf, two selectors)")
     p.add_argument("--iterations", type=int, default=7)
     p.add_argument("--checkpoint-every", type=int, default=3)
     p.add_argument("--kill-at", type=int, default=None)
@@ -98,16 +99,19 @@ def main(argv: list[str]) -> None:
     nc = len(train.class_names) + 1
     teacher = tiny_detector(18, 0.25, 16, nc, seed=1)
     student = tiny_detector(18, 0.125, 8, nc, seed=2)
+    options = {"liaf": {"num_selectors": 2}, "maskd": {"custom_mask_warmup": 3}}.get(args.method, {})
     with seeded(3, "distiller"):
-        distiller = LIAFDistiller(8, 16, fpn_strides(student), num_selectors=2)
+        distiller = create_distiller(args.method, 8, 16, fpn_strides(student), **options)
+    if args.stage == "distill":
+        distiller.mark_stage1(1)  # stage 2 on the initial stage-1 modules: the resume tests need no stage 1
     if args.kill_at is not None:
-        kill_in_forward(SelectorStep if args.stage == "stage1" else DistillStep, args.kill_at)
+        kill_in_forward(Stage1Step if args.stage == "stage1" else DistillStep, args.kill_at)
     if args.kill_in_save is not None:
         kill_in_save(args.kill_in_save, args.kill_at_replace)
     cfg = TrainConfig(iterations=args.iterations, batch_size=2, lr=0.01, warmup=2, schedule="cosine",
                       checkpoint_every=args.checkpoint_every, log_every=1, seed=3)
     if args.stage == "stage1":
-        result = learn_selectors(teacher, distiller, train, TrainConfig(**{**cfg.__dict__, "optimizer": "adam"}),
+        result = learn_stage1(teacher, distiller, train, TrainConfig(**{**cfg.__dict__, "optimizer": "adam"}),
                                  out_dir=args.out, device="cpu")
         modules = {"distiller": distiller}
     else:

@@ -281,16 +281,16 @@ def test_bad_image_size(distiller, image_size):
         distiller(feats(4), feats(6), good_boxes(), image_size=image_size)
 
 
-@pytest.mark.parametrize("stage", ["distill", "selectors"])
+@pytest.mark.parametrize("stage", ["distill", "stage1"])
 def test_steps_pass_the_input_size(stage):
     """The training steps hand the batch's padded input size to the distiller, so wrong strides fail."""
     from liaf_lab import create_detector, fpn_strides
-    from liaf_lab.engine.steps import DistillStep, SelectorStep
+    from liaf_lab.engine.steps import DistillStep, Stage1Step
 
     small = dict(depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
     student, teacher = create_detector("retinanet", 3, **small), create_detector("retinanet", 3, **small)
     distiller = LIAFDistiller(16, 16, fpn_strides(student), num_selectors=2)
-    step = DistillStep(student, teacher, distiller) if stage == "distill" else SelectorStep(teacher, distiller)
+    step = DistillStep(student, teacher, distiller) if stage == "distill" else Stage1Step(teacher, distiller)
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1])}] * 2
     step(images, targets)  # the right strides pass

@@ -17,12 +17,12 @@ def _one_error_line(capsys) -> str:
 
 @pytest.mark.parametrize("override, message", [
     ("data.val_image=x", "unknown keys ['val_image']"),
-    ("kd.loss_wieght=5", "unknown key kd.loss_wieght; the keys of [kd] are ['loss_weight'"),
+    ("kd.liaf.loss_wieght=5", "unknown key kd.liaf.loss_wieght; the options of 'liaf' are ['loss_weight'"),
     ("student.min_sise=320", "unknown key student.min_sise; the keys of [student] are"),
     ("teacher.min_size=320", "teacher.min_size is now input.min_size"),
     ("train_teacher.iterations=abc", "[train_teacher] training option iterations='abc' must be int"),
     ("train_teacher.iterations=0", "[train_teacher] training option iterations=0 must be at least 1"),
-    ("kd.roi_size=7", "kd.roi_size=7 must be a list of two positive ints"),
+    ("kd.liaf.roi_size=7", "kd.liaf.roi_size=7 must be a list of two positive ints"),
     ("data.kind=kitti", "[data] with kind = 'kitti': missing keys ['root']"),
 ])
 def test_config_errors_are_one_line(override, message, capsys, tmp_path):
@@ -46,8 +46,8 @@ def test_unknown_device_is_one_line(capsys, tmp_path, monkeypatch):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(ValueError, match="unknown key kd.loss_wieght"):
-        main(["train-teacher", "--set", "kd.loss_wieght=5", "--out", str(tmp_path), "--debug"])
+    with pytest.raises(ValueError, match="unknown key kd.liaf.loss_wieght"):
+        main(["train-teacher", "--set", "kd.liaf.loss_wieght=5", "--out", str(tmp_path), "--debug"])
 
 
 def test_help_lists_the_data_and_input_keys(capsys):

@@ -23,9 +23,14 @@ def test_presets_pass_their_own_check(name):
     ("data.val_image=x", r"config tiny: \[data\] with kind = 'coco': unknown keys \['val_image'\]; "
                          r"its keys are \['kind', 'train_images', 'train_ann', 'val_images', 'val_ann', "
                          r"'test_images', 'test_ann', 'skip_bad_images'\]"),
-    ("kd.loss_wieght=5", r"unknown key kd.loss_wieght; the keys of \[kd\] are \['loss_weight', 'num_selectors', "
-                         r"'roi_size', 'normalize', 'mask_scale', 'mask_side', 'detach_scores', 'freeze_selectors', "
-                         r"'diversity_weight', 'inherit'\]"),
+    ("kd.liaf.loss_wieght=5", r"unknown key kd.liaf.loss_wieght; the options of 'liaf' are \['loss_weight', "
+                              r"'projector', 'num_selectors', 'roi_size', 'sampling_ratio', 'normalize', 'mask_scale', "
+                              r"'mask_side', 'detach_scores', 'freeze_selectors', 'diversity_weight'\]"),
+    ("kd.mask_scale=count", r"kd.mask_scale is an option of \['liaf'\]: set it per method, e.g. kd.liaf.mask_scale"),
+    ("kd.nope.x=1", r"no distiller is registered as 'nope' \(\[kd.nope\]\); registered: \["),
+    ("kd.liaf.mask_ratio=0.65", r"unknown key kd.liaf.mask_ratio; the options of 'liaf' are"),
+    ("kd.mgd.mask_ratio=0.65", r"unknown key kd.mgd.mask_ratio; the options of 'mgd' are \['alpha', 'lambda_mask'\]"),
+    ("kd.a.b.c=1", r"override 'kd.a.b.c=1' must look like section.key=value"),
     ("student.min_sise=320", r"unknown key student.min_sise; the keys of \[student\] are "
                              r"\['arch', 'depth', 'width_mult', 'fpn_channels'\]"),
     ("student.min_size=320", r"student.min_size is now input.min_size: one key sets the input size of teacher and "
@@ -36,12 +41,12 @@ def test_presets_pass_their_own_check(name):
     ("distill.iterations=0", r"\[distill\] training option iterations=0 must be at least 1"),
     ("stage1.iteratons=5", r"\[stage1\] unknown training options \['iteratons'\]"),
     ("stage1.seed=3", r"stage1.seed is not a config key: the seed of a run is --seed"),
-    ("kd.roi_size=7", r"kd.roi_size=7 must be a list of two positive ints"),
-    ("kd.roi_size=[7, 0]", r"kd.roi_size=\[7, 0\] must be a list of two positive ints"),
-    ("kd.num_selectors=2.5", r"kd.num_selectors=2.5 must be a positive int"),
-    ("kd.normalize=images", r"kd.normalize='images' must be one of \['image', 'batch'\]"),
+    ("kd.liaf.roi_size=7", r"kd.liaf.roi_size=7 must be a list of two positive ints"),
+    ("kd.liaf.roi_size=[7, 0]", r"kd.liaf.roi_size=\[7, 0\] must be a list of two positive ints"),
+    ("kd.liaf.num_selectors=2.5", r"kd.liaf.num_selectors=2.5 must be a positive int"),
+    ("kd.liaf.normalize=images", r"kd.liaf.normalize='images' must be one of \['image', 'batch'\]"),
     ("kd.inherit=1", r"kd.inherit=1 must be true or false"),
-    ("kd.loss_weight=-1", r"kd.loss_weight=-1 must be a non-negative number"),
+    ("kd.fitnet.loss_weight=-1", r"kd.fitnet.loss_weight=-1 must be a non-negative number"),
     ("teacher.arch=yolo", r"teacher.arch='yolo' must be one of \['retinanet', 'fcos', 'fasterrcnn'\]"),
     ("input.min_size=320.0", r"input.min_size=320.0 must be a positive int"),
     ("input.max_size=100", r"input.min_size=160 is larger than input.max_size=100"),
@@ -87,8 +92,8 @@ def test_optional_sections_default_to_empty(tmp_path):
     path = tmp_path / "short.toml"
     text = (PROJECT_ROOT / "liaf_lab" / "configs" / "tiny.toml").read_text()
     path.write_text(text[:text.index("[train_teacher]")])
-    cfg = load_config(path, ["kd.loss_weight=2"])
-    assert cfg["kd"] == {"loss_weight": 2} and cfg["distill"] == cfg["stage1"] == cfg["train_teacher"] == {}
+    cfg = load_config(path, ["kd.fitnet.loss_weight=2"])
+    assert cfg["kd"] == {"fitnet": {"loss_weight": 2}} and cfg["distill"] == cfg["stage1"] == cfg["train_teacher"] == {}
 
 
 def test_changing_data_kind_drops_the_other_kinds_keys():

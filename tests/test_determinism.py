@@ -33,10 +33,10 @@ def _cli(args: list[str]) -> None:
 
 def _run_recipe(out: Path, data: Path, seed: int, stage2: bool = True) -> None:
     common = ["--config", "tiny", "--device", "cpu", "--seed", str(seed), *_overrides(data)]
-    _cli(["learn-selectors", *common, "--teacher", str(TEACHER), "--out", str(out / "stage1")])
+    _cli(["learn-stage1", *common, "--teacher", str(TEACHER), "--out", str(out / "stage1")])
     if stage2:
         _cli(["distill", "--method", "liaf", *common, "--teacher", str(TEACHER),
-              "--selectors", str(out / "stage1" / "selectors.pt"), "--out", str(out / "liaf")])
+              "--stage1", str(out / "stage1" / "stage1.pt"), "--out", str(out / "liaf")])
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +63,7 @@ def test_same_seed_in_fresh_processes_gives_bit_identical_checkpoints_and_metric
     _run_recipe(a, tiny_data, seed=0)
     _run_recipe(b, tiny_data, seed=0)
     files = sorted(p.relative_to(a) for p in a.rglob("*.pt"))
-    assert {"stage1/selectors.pt", "stage1/last.pt", "liaf/last.pt", "liaf/student.pt"} <= {str(f) for f in files}
+    assert {"stage1/stage1.pt", "stage1/last.pt", "liaf/last.pt", "liaf/student.pt"} <= {str(f) for f in files}
     for rel in files:
         ta, tb = _tensors(a / rel), _tensors(b / rel)
         assert ta.keys() == tb.keys(), rel
@@ -77,5 +77,5 @@ def test_same_seed_in_fresh_processes_gives_bit_identical_checkpoints_and_metric
     assert {"torch", "threads", "device"} <= run["environment"].keys()
     # Another seed changes the initialisation (the seed is not ignored).
     _run_recipe(c, tiny_data, seed=1, stage2=False)
-    sa, sc = _tensors(a / "stage1" / "selectors.pt"), _tensors(c / "stage1" / "selectors.pt")
+    sa, sc = _tensors(a / "stage1" / "stage1.pt"), _tensors(c / "stage1" / "stage1.pt")
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)

@@ -17,7 +17,7 @@ from reference import (
 from torch import nn
 from torch.func import functional_call
 
-from liaf_lab import FitNetDistiller, LIAFDistiller, create_distiller, list_distillers, register_distiller
+from liaf_lab import FeatureDistiller, FitNetDistiller, LIAFDistiller, create_distiller, list_distillers, register_distiller
 from liaf_lab.distillers import registry
 
 STRIDES = {"p3": 4.0, "p4": 8.0}
@@ -200,7 +200,7 @@ def nonzero(t: torch.Tensor | None) -> bool:
 def test_frozen_selectors_get_no_gradient(detach_scores):
     d = make_liaf(freeze_selectors=True, detach_scores=detach_scores)
     _, teacher = backward_once(d)
-    assert all(p.grad is None for p in d.selector_parameters())
+    assert all(p.grad is None for p in d.selectors.parameters())
     assert all(nonzero(p.grad) for p in d.projectors.parameters())
     assert all(t.grad is None for t in teacher.values())  # the teacher never learns
     assert d.stage2_parameters() == list(d.projectors.parameters())
@@ -211,7 +211,7 @@ def test_learning_selectors_get_distillation_gradient(detach_scores):
     d = make_liaf(freeze_selectors=False, detach_scores=detach_scores, diversity_weight=0.0)
     _, teacher = backward_once(d)
     # mu = 0, so the selectors' gradient comes from the distillation loss alone
-    assert all(nonzero(p.grad) for p in d.selector_parameters())
+    assert all(nonzero(p.grad) for p in d.selectors.parameters())
     assert all(t.grad is None for t in teacher.values())
     assert set(map(id, d.stage2_parameters())) == set(map(id, d.parameters()))
 
@@ -314,8 +314,9 @@ def test_stage1_masks_teacher_and_weights_diversity(mask_scale):
     teacher = make_feats(TEACHER_C, 3, 2, requires_grad=True)
     extra = torch.randn(3, TEACHER_C, 2, 2)
     boxes = make_boxes((2, 0, 3), seed=5)
-    masked, div = d.stage1({**teacher, "p5": extra}, boxes)
-    assert masked["p5"] is extra  # levels the distiller does not handle pass through
+    out = d.stage1({**teacher, "p5": extra}, boxes)
+    masked, div = out.views["liaf"], out.terms["diversity"]
+    assert set(masked) == set(STRIDES) and set(out.terms) == {"diversity"}  # only the distiller's levels
     for lvl, stride in STRIDES.items():
         a = ref_level_scores(teacher[lvl].detach(), boxes, stride, d.selectors[lvl].weight, roi_size=(3, 3))
         if mask_scale == "count":
@@ -328,7 +329,7 @@ def test_stage1_masks_teacher_and_weights_diversity(mask_scale):
     # the gradient of L_task^T + mu L_div reaches the selectors only
     loss = sum((masked[l] ** 2).sum() for l in STRIDES) + div
     loss.backward()
-    assert all(nonzero(p.grad) for p in d.selector_parameters())
+    assert all(nonzero(p.grad) for p in d.selectors.parameters())
     assert all(p.grad is None for p in d.projectors.parameters())
     assert all(t.grad is None for t in teacher.values())
 
@@ -336,7 +337,8 @@ def test_stage1_masks_teacher_and_weights_diversity(mask_scale):
 def test_stage1_selector_gradient_matches_reference():
     d = make_liaf(2)
     teacher, boxes = make_feats(TEACHER_C, 2, 2), make_boxes((3, 2), seed=6)
-    masked, div = d.stage1(teacher, boxes)
+    out = d.stage1(teacher, boxes)
+    masked, div = out.views["liaf"], out.terms["diversity"]
     target = make_feats(TEACHER_C, 2, 9)
     loss = sum(((masked[l] - target[l]) ** 2).mean() for l in STRIDES) + div
     ws = [d.selectors[l].weight for l in STRIDES]
@@ -380,19 +382,19 @@ def test_registry_lists_and_creates():
     f = create_distiller("fitnet", student_channels=4, teacher_channels=6, strides={"0": 8})
     assert type(f) is FitNetDistiller and f.method_name == "fitnet"
     with pytest.raises(ValueError, match="unknown distiller 'nope'"):
-        create_distiller("nope")
+        create_distiller("nope", 4, 6, {"0": 8})
 
 
 def test_register_distiller_adds_and_rejects_duplicates():
     try:
         @register_distiller("test-dummy")
-        class Dummy(nn.Module):
-            def __init__(self, scale: float = 1.0) -> None:
-                super().__init__()
+        class Dummy(FeatureDistiller):
+            def __init__(self, student_channels, teacher_channels, strides, scale: float = 1.0) -> None:
+                super().__init__(student_channels, teacher_channels, strides)
                 self.scale = scale
 
         assert "test-dummy" in list_distillers()
-        made = create_distiller("test-dummy", scale=3.0)
+        made = create_distiller("test-dummy", 4, 6, {"0": 8}, scale=3.0)
         assert isinstance(made, Dummy) and made.scale == 3.0 and Dummy.method_name == "test-dummy"
         with pytest.raises(ValueError, match="already registered"):
             register_distiller("test-dummy")(Dummy)

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from liaf_lab.data import CocoDetectionDataset, collate_fn, detection_transforms
 from liaf_lab.distillers import LIAFDistiller
 from liaf_lab.engine import (
-    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, inherit_neck_and_head, learn_selectors, load_checkpoint,
+    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, inherit_neck_and_head, learn_stage1, load_checkpoint,
     save_checkpoint, train_detector,
 )
 from liaf_lab.engine.schedule import lr_factor
@@ -89,12 +89,13 @@ def test_stage1_trains_only_the_selectors(tiny_data, tmp_path):
     distiller = LIAFDistiller(8, 16, fpn_strides(teacher), num_selectors=3)
     before = {k: v.clone() for k, v in distiller.state_dict().items()}
     cfg = TrainConfig(iterations=3, batch_size=2, optimizer="adam", lr=0.01, warmup=0, checkpoint_every=10)
-    result = learn_selectors(teacher, distiller, train, cfg, out_dir=tmp_path, device="cpu")
-    assert "diversity" in result.final_losses and "classification" in result.final_losses
+    result = learn_stage1(teacher, distiller, train, cfg, out_dir=tmp_path, device="cpu")
+    assert "diversity" in result.final_losses and "liaf_classification" in result.final_losses
     for k, v in teacher.state_dict().items():  # frozen, BatchNorm statistics included
         assert torch.equal(v, before_teacher[k]), k
     changed = {k for k, v in distiller.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {f"selectors.{lvl}.weight" for lvl in distiller.levels}
+    assert changed == {f"selectors.{lvl}.weight" for lvl in distiller.levels} | {"stage1_steps"}
+    assert distiller.stage1_ready and int(distiller.stage1_steps) == 3
 
 
 def test_training_lowers_the_loss_and_evaluation_reports_coco_metrics(tiny_data, tmp_path):
@@ -141,7 +142,8 @@ def test_quick_demo_end_to_end(tiny_data, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "Student + LIAF-KD" in report and "| Teacher |" in report
     assert (tmp_path / "ap.png").stat().st_size > 0
-    assert (tmp_path / "seed0" / "stage1" / "selectors.pt").exists()
+    assert (tmp_path / "seed0" / "liaf" / "stage1" / "last.pt").exists()
+    assert (tmp_path / "seed0" / "liaf" / "distiller.pt").exists()
 
 
 def test_inheritance_copies_matching_neck_and_head_only(tiny_data):
@@ -181,7 +183,7 @@ def test_paper_preset_builds_and_takes_a_distillation_step():
 
     small = ["input.min_size=128", "input.max_size=128"]
     cfg = load_config("paper", small)
-    assert (cfg["teacher"]["depth"], cfg["student"]["depth"], cfg["kd"]["num_selectors"]) == (101, 50, 6)
+    assert (cfg["teacher"]["depth"], cfg["student"]["depth"], cfg["kd"]["liaf"]["num_selectors"]) == (101, 50, 6)
     torch.manual_seed(0)
     teacher, student = build_detector(cfg, "teacher", 81), build_detector(cfg, "student", 81)
     distiller = build_distiller("liaf", cfg, student)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import liaf_lab as ll
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_suite  # noqa: E402
 
@@ -34,7 +36,7 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert amp["dtype"] == "bfloat16" and len(amp["loss_amp"]) == len(amp["loss_fp32"]) == 2
     assert amp["max_rel_diff"] <= amp["rtol"] and amp["skipped_steps"] == 0
     assert amp["loss_fp32"][1] != amp["loss_fp32"][0]  # the steps do train
-    methods = ["none", "fitnet", "liaf"]
+    methods = ["none", *ll.list_distillers()]
     assert list(sec["step"]["methods"]) == methods and sec["step"]["methods"]["fitnet"]["ratio_vs_fitnet"] == 1.0
     assert all(sec["memory"]["methods"][m]["step_peak_MiB"] > 0 for m in methods)
     assert [r["name"] for r in sec["latency"]["rows"]] == ["teacher", "student"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from liaf_lab.engine import load_checkpoint
@@ -80,6 +81,20 @@ def test_stage2_killed_mid_epoch_and_during_checkpoint_writes_resumes_bit_exact(
     assert run.returncode == 0, run.stderr[-2000:]
     assert "removed 1 temporary files" in run.stderr and "resuming from" in run.stderr
     assert not list(b.glob(".*.tmp"))
+    assert_same_run(tmp_path / "a", b)
+
+
+@pytest.mark.parametrize("method", ["mgd", "maskd"])
+def test_methods_with_random_masks_or_step_counters_resume_bit_exact(method, tiny_data, tmp_path):
+    """MGD draws its masks from the step's generator; MasKD counts steps for its warm-up (here 3 of 7)."""
+    common = [str(tiny_data), "--method", method]
+    straight = _run([str(JOB), common[0], str(tmp_path / "a"), *common[1:]])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    b = tmp_path / "b"
+    run = _run([str(JOB), common[0], str(b), *common[1:], "--kill-at", "5"])
+    assert run.returncode == -signal.SIGKILL
+    run = _run([str(JOB), common[0], str(b), *common[1:]])
+    assert run.returncode == 0, run.stderr[-2000:]
     assert_same_run(tmp_path / "a", b)
 
 

@@ -38,7 +38,7 @@ def test_paired_interval_is_students_t():
 
 def test_study_pairs_runs_resumes_without_retraining_and_reports(tmp_path, small, monkeypatch):
     out = tmp_path / "study"
-    grid = parse_grid(["kd.loss_weight=0.1,0.2"])
+    grid = parse_grid(["kd.liaf.loss_weight=0.1,0.2"])
     result = run_study(out, "bench", ["none", "liaf"], [0, 1], grid, small, device="cpu", teacher_weights=TEACHER)
     assert len(result.rows) == 8  # 2 variants x 2 seeds x 2 methods
     assert len(list(out.rglob("result.json"))) == 6  # the no-KD runs serve both KD variants
@@ -48,10 +48,10 @@ def test_study_pairs_runs_resumes_without_retraining_and_reports(tmp_path, small
     report = (out / "report.md").read_text()
     assert "Student's t 95%" in report and "chosen per method by the best mean AP on the `val` split" in report
     assert "liaf: " in report and (out / "study.png").stat().st_size > 0
-    assert (out / "runs" / "liaf" / "kd.loss_weight=0.2" / "seed1" / "stage1" / "last.pt").exists()
+    assert (out / "runs" / "liaf" / "kd.liaf.loss_weight=0.2" / "seed1" / "stage1" / "last.pt").exists()
     # every method of one seed starts from the same student weights (paired comparison)
     none = json.loads((out / "runs/none/default/seed0/run.json").read_text())["spec"]["config"]["config"]
-    assert none["student"] == json.loads((out / "runs/liaf/kd.loss_weight=0.1/seed0/run.json").read_text()
+    assert none["student"] == json.loads((out / "runs/liaf/kd.liaf.loss_weight=0.1/seed0/run.json").read_text()
                                          )["spec"]["config"]["config"]["student"]
 
     def no_training(*args, **kwargs):
@@ -80,9 +80,9 @@ def test_jobs_do_not_change_any_result(tmp_path, small):
 @pytest.mark.parametrize("seeds, methods, grid, message", [
     ([], ["none"], {}, "--seeds is empty"),
     ([0, 1, 0], ["none"], {}, r"--seeds repeats \[0\]"),
-    ([0], ["none", "maskd"], {}, r"unknown methods \['maskd'\]; registered: \['none', "),
-    ([0], ["none"], {"kd.loss_wieght": ["1"]}, "unknown key kd.loss_wieght"),
-    ([0], ["none"], {"kd.roi_size": ["7"]}, "kd.roi_size=7 must be"),
+    ([0], ["none", "nope"], {}, r"--methods nope: unknown distiller 'nope'; choose one of \['fgd', "),
+    ([0], ["none"], {"kd.liaf.loss_wieght": ["1"]}, "unknown key kd.liaf.loss_wieght"),
+    ([0], ["none"], {"kd.liaf.roi_size": ["7"]}, "kd.liaf.roi_size=7 must be"),
 ])
 def test_bad_study_arguments_are_named(tmp_path, small, seeds, methods, grid, message):
     with pytest.raises(ValueError, match=message):
@@ -91,7 +91,7 @@ def test_bad_study_arguments_are_named(tmp_path, small, seeds, methods, grid, me
 
 
 def test_grid_syntax_is_checked():
-    assert parse_grid(["kd.mask_scale=literal,count"]) == {"kd.mask_scale": ["literal", "count"]}
+    assert parse_grid(["kd.liaf.mask_scale=literal,count"]) == {"kd.liaf.mask_scale": ["literal", "count"]}
     with pytest.raises(StudyError, match="must look like section.key=value1,value2"):
         parse_grid(["mask_scale=literal"])
 

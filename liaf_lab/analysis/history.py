@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..distillers.liaf import LIAFDistiller
+from ..distillers import InstanceScorer, KDInputs
 from .viz import check_levels, new_figure
 
 __all__ = ["ScoreHistory"]
@@ -43,7 +43,7 @@ class ScoreHistory:
     def record(
         self,
         iteration: int,
-        distiller: LIAFDistiller,
+        distiller: InstanceScorer,
         student_feats: Mapping[str, Tensor],
         teacher_feats: Mapping[str, Tensor],
         boxes: Sequence[Tensor],
@@ -53,7 +53,7 @@ class ScoreHistory:
         ``student_feats`` / ``teacher_feats``: ``{level: [N, C, H, W]}``; student features are
         projected first where the channels differ, as in the loss.
         """
-        distiller.check_inputs(student_feats, teacher_feats, boxes)
+        distiller.check_inputs(KDInputs(student_feats, teacher_feats, boxes))
         levels = check_levels(self.levels, distiller.levels, "the distiller")
         instances = [{"image": b, "box": [float(v) for v in box]}
                      for b, per_image in enumerate(boxes) for box in per_image.tolist()]

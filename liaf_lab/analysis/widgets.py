@@ -14,7 +14,7 @@ from IPython.display import HTML, Image, clear_output, display
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from ..distillers.liaf import LIAFDistiller
+from ..distillers import InstanceScorer, KDInputs
 from ..models.detectors import match_levels
 from ..validation import check_boxes, check_feature_dict
 from .cam import fpn_features, resize_for_detector
@@ -27,7 +27,7 @@ FeatureSource = nn.Module | Callable[[Tensor], Mapping[str, Tensor]] | Sequence[
 
 
 @contextmanager
-def _options(distiller: LIAFDistiller, mask_scale: str, mask_side: str, normalize: str) -> Iterator[None]:
+def _options(distiller: InstanceScorer, mask_scale: str, mask_side: str, normalize: str) -> Iterator[None]:
     """Set the distiller's mask options for the block and restore them afterwards, also on error."""
     saved = (distiller.mask_scale, distiller.mask_side, {lvl: s.normalize for lvl, s in distiller.selectors.items()})
     try:
@@ -68,7 +68,7 @@ class MaskInspector:
             boxes are then first resized like the teacher detector's transform, the frame of its
             features; its levels are matched to the distiller's by stride), a callable mapping ``[1, 3, H, W]`` to ``{level: [1, C, h, w]}``, or N
             precomputed dicts ``{level: [1, C, h, w]}``. Boxes must be in the features' frame.
-        distiller: the ``LIAFDistiller`` whose selectors and projectors score the instances. Its
+        distiller: a distiller that scores instances (``InstanceScorer``, e.g. LIAF-KD's) whose selectors and projectors score the instances. Its
             options are set for each redraw and restored afterwards.
         class_names: label -> name for the box captions.
         level: the initial level (default the distiller's first).
@@ -85,12 +85,13 @@ class MaskInspector:
         targets: Sequence[Mapping[str, Tensor] | Tensor],
         teacher: FeatureSource,
         student: FeatureSource,
-        distiller: LIAFDistiller,
+        distiller: InstanceScorer,
         class_names: Sequence[str] | None = None,
         level: str | None = None,
     ) -> None:
-        if not isinstance(distiller, LIAFDistiller):
-            raise ValueError(f"distiller must be a LIAFDistiller, got {type(distiller).__name__}")
+        if not isinstance(distiller, InstanceScorer):
+            raise ValueError(f"distiller must score instances (liaf_lab.distillers.InstanceScorer, e.g. a 'liaf' "
+                             f"distiller), got {type(distiller).__name__}")
         images = list(images)
         if not images:
             raise ValueError("images is empty: pass at least one [3, H, W] image")
@@ -186,7 +187,7 @@ class MaskInspector:
         batch = list(range(len(self.images))) if self.normalize_toggle.value == "batch" else [index]
         pairs = [(self._features("student", j), self._features("teacher", j)) for j in batch]
         for j, (s, t) in zip(batch, pairs):
-            self.distiller.check_inputs(s, t, [self.boxes[j]])
+            self.distiller.check_inputs(KDInputs(s, t, [self.boxes[j]]))
         device = next(self.distiller.parameters()).device
         student = _pad_stack([s[level] for s, _ in pairs]).to(device)
         teacher = _pad_stack([t[level] for _, t in pairs]).to(device)

@@ -1,11 +1,19 @@
-"""Feature distillers for FPN detectors, one interface: ``loss = distiller(student_feats, teacher_feats, boxes)``."""
+"""Distillers for FPN detectors on one protocol (``base.py``): ``terms = distiller.loss_terms(KDInputs(...))``,
+or ``loss = distiller(student_feats, teacher_feats, boxes)`` for methods that need only features and boxes."""
 
-from .base import FeatureDistiller, feature_mse
+from .base import FeatureDistiller, KDInputs, Stage1Output, feature_mse
+from .fgd import FGDDistiller
 from .fitnet import FitNetDistiller
-from .liaf import LIAFDistiller
-from .registry import create_distiller, list_distillers, register_distiller
+from .liaf import InstanceScorer, LIAFDistiller
+from .maskd import MasKDDistiller
+from .mgd import MGDDistiller
+from .combined import CombinedDistiller
+from .registry import (
+    BASELINE, create_distiller, list_distillers, method_label, method_options, method_parts, register_distiller,
+)
 
 __all__ = [
-    "FeatureDistiller", "FitNetDistiller", "LIAFDistiller", "create_distiller", "feature_mse",
-    "list_distillers", "register_distiller",
+    "BASELINE", "CombinedDistiller", "FGDDistiller", "FeatureDistiller", "FitNetDistiller", "InstanceScorer", "KDInputs", "LIAFDistiller", "MGDDistiller", "MasKDDistiller",
+    "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_options",
+    "method_parts", "register_distiller",
 ]

@@ -1,15 +1,78 @@
-"""The base of every feature distiller: FPN levels, strides and the 1x1 projector ``f_phi``."""
+"""The distiller protocol every method follows (docs/method.md, "The distiller protocol").
+
+A method is one ``FeatureDistiller`` subclass in its own file, registered with
+``register_distiller``. In every stage-2 step it reads one ``KDInputs`` and returns named loss terms
+(``loss_terms``); their sum is the KD loss and each is logged on its own. A method with a learned
+stage 1 (LIAF-KD's selectors, MasKD's receptive tokens) sets ``two_stage``, names the modules stage 1
+trains (``stage1_modules``) and gives the teacher features to run the frozen teacher's head on
+(``stage1``); the engine runs one generic stage 1 for any such method. What trains in stage 2 is
+``stage2_parameters``. Nothing outside the registry tests for a method's name or class.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import check_boxes, check_feature_dict, check_image_size, check_level_size, check_values
 
 Channels = int | Mapping[str, int]
+Features = Mapping[str, Tensor]
+# What a method may ask for beyond features, boxes, labels and sizes (``FeatureDistiller.needs``); the
+# engine computes these only for a method that names them.
+OPTIONAL_INPUTS = ("head_outputs", "priors", "generator")
+
+
+@dataclass
+class KDInputs:
+    """What a distiller reads in one stage-2 step (one batch).
+
+    Attributes:
+        student_feats: level -> ``[N, C_s, H_l, W_l]``, the student's FPN levels (student level names).
+        teacher_feats: level -> ``[N, C_t, H_l, W_l]``: for each student level, the teacher level of the
+            same stride, under the student's level name. No gradient flows into it.
+        boxes: N tensors ``[n_i, 4]`` (x1, y1, x2, y2) in resized-input pixels.
+        labels: N int64 tensors ``[n_i]`` (the boxes' classes), or ``None``.
+        image_size: the padded batch input ``(H, W)``, or ``None``.
+        image_sizes: each image's resized size ``(h_i, w_i)`` before padding, or ``None``.
+        student_head, teacher_head: level -> head output name (e.g. ``cls_logits``) -> ``[N, A*K, H_l, W_l]``;
+            given only to methods whose ``needs`` holds ``"head_outputs"``.
+        priors: level -> ``[H_l * W_l * A, 4]`` anchors (or points as zero-size boxes) in input pixels;
+            given only to methods whose ``needs`` holds ``"priors"``.
+        generator: the source of every random draw of the step, given to methods whose ``needs``
+            holds ``"generator"`` (the engine derives it from the run's seed and iteration); ``None``:
+            torch's default generator.
+    """
+
+    student_feats: Features
+    teacher_feats: Features
+    boxes: Sequence[Tensor]
+    labels: Sequence[Tensor] | None = None
+    image_size: tuple[int, int] | None = None
+    image_sizes: Sequence[tuple[int, int]] | None = None
+    student_head: Mapping[str, Mapping[str, Tensor]] | None = None
+    teacher_head: Mapping[str, Mapping[str, Tensor]] | None = None
+    priors: Mapping[str, Tensor] | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Stage1Output:
+    """What a two-stage method's ``stage1`` gives the engine for one batch.
+
+    Attributes:
+        views: view name -> level -> teacher features ``[N, C_t, H_l, W_l]`` (differentiable in the
+            stage-1 modules) to run the frozen teacher's head on; each view's task loss is a loss term.
+        terms: further named loss terms (e.g. a diversity loss), already weighted.
+    """
+
+    views: dict[str, dict[str, Tensor]]
+    terms: dict[str, Tensor]
 
 
 def _per_level(name: str, value: Channels, levels: Sequence[str]) -> dict[str, int]:
@@ -30,27 +93,24 @@ def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
 
 
 class FeatureDistiller(nn.Module):
-    """Per-level 1x1 projectors and input checks shared by all FPN feature distillers.
+    """The base of every distiller: its FPN levels, channels and strides, the input checks, the stages.
 
     Args:
         student_channels: C of the student's levels (one int for all levels, or per level).
         teacher_channels: C of the teacher's levels.
         strides: level name -> input pixels per cell; the levels that are distilled.
-        loss_weight: factor on the loss summed over levels.
-        projector: learn a 1x1 conv ``f_phi`` per level (FitNet's adaptation layer). Without it
-            the channels of student and teacher must agree.
+
+    Subclasses implement ``compute_terms`` (and, if ``two_stage``, ``stage1_modules`` and
+    ``compute_stage1``); the public ``loss_terms`` and ``stage1`` validate the inputs first.
     """
 
-    method_name = "base"
+    method_name: ClassVar[str] = "base"  # set by register_distiller
+    label: ClassVar[str] = "base"  # how reports name the method
+    needs: ClassVar[frozenset[str]] = frozenset()  # a subset of OPTIONAL_INPUTS
+    head_keys: ClassVar[tuple[str, ...]] = ()  # with "head_outputs": the outputs read, e.g. ("cls_logits",)
+    two_stage: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        loss_weight: float = 1.0,
-        projector: bool = True,
-    ) -> None:
+    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float]) -> None:
         super().__init__()
         if not strides:
             raise ValueError("strides must name at least one level, e.g. {'0': 8, '1': 16}")
@@ -58,23 +118,37 @@ class FeatureDistiller(nn.Module):
         self.levels = list(self.strides)
         self.student_channels = _per_level("student_channels", student_channels, self.levels)
         self.teacher_channels = _per_level("teacher_channels", teacher_channels, self.levels)
-        self.loss_weight = loss_weight
-        if not projector:
+        # How many stage-1 iterations the stage-1 modules have had (0: not learned). A combination keeps
+        # its parts' counters (its ``two_stage`` is a property over them).
+        if type(self).two_stage is True:
+            self.register_buffer("stage1_steps", torch.zeros((), dtype=torch.long))
+
+    # -- building blocks ----------------------------------------------------------------------
+    def make_projectors(self, mode: bool | Literal["auto"]) -> nn.ModuleDict:
+        """Per level a 1x1 conv from student to teacher channels (FitNet's ``f_phi``, the align conv).
+
+        ``mode``: ``True`` always, ``"auto"`` only where the channels differ, ``False`` never (the
+        channels must then agree). Elsewhere the projector is the identity.
+        """
+        if mode is False:
             bad = {l: (self.student_channels[l], self.teacher_channels[l]) for l in self.levels
                    if self.student_channels[l] != self.teacher_channels[l]}
             if bad:
                 raise ValueError(f"student and teacher channels differ at levels {bad} (student, teacher); "
                                  "use projector=True to learn a 1x1 projection")
-        self.projectors = nn.ModuleDict({
-            lvl: nn.Conv2d(self.student_channels[lvl], self.teacher_channels[lvl], 1) if projector else nn.Identity()
+        return nn.ModuleDict({
+            lvl: nn.Conv2d(self.student_channels[lvl], self.teacher_channels[lvl], 1)
+            if mode is True or (mode == "auto" and self.student_channels[lvl] != self.teacher_channels[lvl])
+            else nn.Identity()
             for lvl in self.levels
         })
 
-    def at_levels(self, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def at_levels(self, feats: Features) -> dict[str, Tensor]:
         """The levels of ``feats`` this distiller handles."""
         return {lvl: feats[lvl] for lvl in self.levels}
 
-    def check_strides(self, name: str, feats: Mapping[str, Tensor], image_size: tuple[int, int] | None) -> None:
+    # -- input checks ---------------------------------------------------------------------------
+    def check_strides(self, name: str, feats: Features, image_size: tuple[int, int] | None) -> None:
         """With ``image_size`` (the padded batch input H, W), check each level's grid against its stride."""
         if image_size is None:
             return
@@ -82,26 +156,39 @@ class FeatureDistiller(nn.Module):
         for lvl in self.levels:
             check_level_size(f"{name}[{lvl!r}]", feats[lvl], self.strides[lvl], image_size)
 
-    def check_inputs(
-        self,
-        student_feats: Mapping[str, Tensor],
-        teacher_feats: Mapping[str, Tensor],
-        boxes: Sequence[Tensor],
-        image_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Validate levels, ranks, channels, batch and grid sizes, strides, finiteness and boxes.
+    def check_teacher_inputs(self, teacher_feats: Features, boxes: Sequence[Tensor],
+                             image_size: tuple[int, int] | None, labels: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Teacher levels, channels, strides, boxes and labels, read from shapes; returns the boxes as a list."""
+        check_feature_dict("teacher_feats", teacher_feats, self.levels, values=False)
+        for lvl in self.levels:
+            if teacher_feats[lvl].shape[1] != self.teacher_channels[lvl]:
+                raise ValueError(f"teacher_feats[{lvl!r}] has {teacher_feats[lvl].shape[1]} channels, expected "
+                                 f"{self.teacher_channels[lvl]}")
+        self.check_strides("teacher_feats", teacher_feats, image_size)
+        boxes = check_boxes("boxes", boxes, num_images=teacher_feats[self.levels[0]].shape[0], values=False)
+        if labels is not None:
+            if len(labels) != len(boxes):
+                raise ValueError(f"labels has {len(labels)} entries for {len(boxes)} images")
+            for i, (lab, box) in enumerate(zip(labels, boxes)):
+                if not isinstance(lab, Tensor) or lab.dtype != torch.int64 or lab.shape != box.shape[:1]:
+                    got = f"{lab.dtype} {tuple(lab.shape)}" if isinstance(lab, Tensor) else type(lab).__name__
+                    raise ValueError(f"labels[{i}] must be an int64 tensor [{box.shape[0]}] (one per box), got {got}")
+        return boxes
+
+    def check_inputs(self, inputs: KDInputs) -> None:
+        """Validate levels, ranks, channels, batch and grid sizes, strides, labels, finiteness and boxes, and
+        that the inputs this method ``needs`` are there.
 
         Everything but finiteness and box validity is read from shapes; those two take one device
         read for all features and boxes together (``check_values``).
         """
-        check_feature_dict("student_feats", student_feats, self.levels, values=False)
-        check_feature_dict("teacher_feats", teacher_feats, self.levels, values=False)
+        s_feats, t_feats = inputs.student_feats, inputs.teacher_feats
+        check_feature_dict("student_feats", s_feats, self.levels, values=False)
+        boxes = self.check_teacher_inputs(t_feats, inputs.boxes, None, inputs.labels)
         for lvl in self.levels:
-            s, t = student_feats[lvl], teacher_feats[lvl]
+            s, t = s_feats[lvl], t_feats[lvl]
             if s.shape[1] != self.student_channels[lvl]:
                 raise ValueError(f"student_feats[{lvl!r}] has {s.shape[1]} channels, expected {self.student_channels[lvl]}")
-            if t.shape[1] != self.teacher_channels[lvl]:
-                raise ValueError(f"teacher_feats[{lvl!r}] has {t.shape[1]} channels, expected {self.teacher_channels[lvl]}")
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"student_feats[{lvl!r}] {tuple(s.shape)} and teacher_feats[{lvl!r}] "
                                  f"{tuple(t.shape)} differ in batch size")
@@ -109,30 +196,94 @@ class FeatureDistiller(nn.Module):
                 raise ValueError(f"student_feats[{lvl!r}] {tuple(s.shape)} and teacher_feats[{lvl!r}] "
                                  f"{tuple(t.shape)} differ in spatial size: teacher and student must see the same "
                                  "batched input (min_size and max_size of teacher and student must match)")
-        self.check_strides("student_feats", student_feats, image_size)
-        boxes = check_boxes("boxes", boxes, num_images=teacher_feats[self.levels[0]].shape[0], values=False)
-        check_values({"student_feats": self.at_levels(student_feats), "teacher_feats": self.at_levels(teacher_feats)},
+        self.check_strides("student_feats", s_feats, inputs.image_size)
+        missing = [what for what, value in (("head_outputs", inputs.student_head), ("head_outputs", inputs.teacher_head),
+                                            ("priors", inputs.priors)) if what in self.needs and value is None]
+        if missing:
+            raise ValueError(f"distiller {self.method_name!r} needs {sorted(set(missing))}, which a call with features "
+                             "and boxes alone does not give; train it with liaf_lab.distill (DistillStep computes "
+                             "them from the detectors) or pass them in KDInputs")
+        check_values({"student_feats": self.at_levels(s_feats), "teacher_feats": self.at_levels(t_feats)},
                      {"boxes": boxes})
+
+    # -- stage 2 --------------------------------------------------------------------------------
+    def loss_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        """The named stage-2 loss terms (weighted; their sum is the KD loss), after checking ``inputs`` once.
+
+        The teacher's features are detached here, so no method can train the teacher.
+        """
+        self.check_inputs(inputs)
+        inputs = replace(inputs, teacher_feats={lvl: inputs.teacher_feats[lvl].detach() for lvl in self.levels})
+        return self.compute_terms(inputs)
+
+    def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        """The method's loss terms on checked inputs (nothing read back from the device)."""
+        raise NotImplementedError
 
     def forward(
         self,
-        student_feats: Mapping[str, Tensor],
-        teacher_feats: Mapping[str, Tensor],
+        student_feats: Features,
+        teacher_feats: Features,
         boxes: Sequence[Tensor],
         *,
+        labels: Sequence[Tensor] | None = None,
         image_size: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Return the distillation loss (a scalar), summed over levels and times ``loss_weight``.
+        """The KD loss (a scalar): the sum of ``loss_terms``, for methods that need only features and boxes.
 
         Args:
             student_feats, teacher_feats: level name -> ``[N, C, H_l, W_l]``.
             boxes: N tensors ``[n_b, 4]`` in input pixels.
+            labels: N int64 tensors ``[n_b]``, for methods that read classes.
             image_size: the padded batch input ``(H, W)``; if given, every level must have the grid
                 its stride gives (``ceil`` or ``floor`` of ``H / stride``), else a ``ValueError``.
+            generator: for methods that draw random numbers.
         """
-        self.check_inputs(student_feats, teacher_feats, boxes, image_size)
-        total = sum(self.level_loss(lvl, student_feats[lvl], teacher_feats[lvl].detach(), boxes) for lvl in self.levels)
-        return self.loss_weight * total
+        terms = self.loss_terms(KDInputs(student_feats, teacher_feats, boxes, labels, image_size, generator=generator))
+        return torch.stack(list(terms.values())).sum()
 
-    def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+    def stage2_parameters(self) -> list[nn.Parameter]:
+        """The distiller parameters stage 2 trains besides the student: by default all but stage 1's."""
+        frozen = {id(p) for m in self.stage1_modules().values() for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+    # -- stage 1 --------------------------------------------------------------------------------
+    def stage1_modules(self) -> dict[str, nn.Module]:
+        """The modules stage 1 trains and checkpoints, by name (empty for one-stage methods)."""
+        return {}
+
+    @property
+    def stage1_ready(self) -> bool:
+        """Whether stage 2 may run: one-stage, or stage 1 learned (or loaded) at least one iteration."""
+        return not self.two_stage or bool(self.stage1_steps)
+
+    def mark_stage1(self, iterations: int) -> None:
+        """Record that stage 1 ran ``iterations`` iterations (``learn_stage1`` calls this)."""
+        if self.two_stage:
+            self.stage1_steps.fill_(iterations)
+
+    def stage1(
+        self,
+        teacher_feats: Features,
+        boxes: Sequence[Tensor],
+        *,
+        labels: Sequence[Tensor] | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> Stage1Output:
+        """Stage 1 on one batch, after checking the inputs once (one device read).
+
+        ``teacher_feats`` (level -> ``[N, C_t, H_l, W_l]``) may hold more levels than this distiller
+        handles; the views hold only its levels. Feed each view to the frozen teacher's head and
+        minimise its task loss plus ``terms``.
+        """
+        if not self.two_stage:
+            raise ValueError(f"distiller {self.method_name!r} has no stage 1")
+        boxes = self.check_teacher_inputs(teacher_feats, boxes, image_size, labels)
+        check_values({"teacher_feats": self.at_levels(teacher_feats)}, {"boxes": boxes})
+        return self.compute_stage1({lvl: teacher_feats[lvl].detach() for lvl in self.levels}, boxes, labels)
+
+    def compute_stage1(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor],
+                       labels: Sequence[Tensor] | None) -> Stage1Output:
+        """The method's stage 1 on checked inputs."""
         raise NotImplementedError

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..instance import InstanceSelectors, Normalize, instance_mask, roi_instance_features
-from ..validation import check_boxes, check_feature_dict, check_values
-from .base import Channels, FeatureDistiller, feature_mse
+from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, feature_mse
 from .registry import register_distiller
 
 MaskScale = Literal["literal", "count"]
@@ -28,15 +27,35 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
     )
 
 
-@register_distiller("liaf")
+@runtime_checkable
+class InstanceScorer(Protocol):
+    """What the instance-score tools (``ScoreHistory``, ``MaskInspector``) need: a distiller that scores
+    instances with selectors per level (LIAF-KD and any variant of it)."""
+
+    levels: list[str]
+    selectors: nn.ModuleDict
+
+    def check_inputs(self, inputs: KDInputs) -> None: ...
+
+    def instance_scores(self, level: str, feats: Tensor, boxes: Sequence[Tensor], per_selector: bool = False,
+                        weight: Tensor | None = None, *, validate: bool = True) -> Tensor: ...
+
+    def level_masks(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor],
+                    projected: Tensor | None = None, *, validate: bool = True) -> tuple[Tensor, Tensor]: ...
+
+
+@register_distiller("liaf", label="LIAF-KD")
 class LIAFDistiller(FeatureDistiller):
     """Multi-level LIAF-KD distiller: one ``InstanceSelectors`` and one 1x1 projector per FPN level.
 
     Stage 1 (Eq. 5): ``stage1`` masks the frozen teacher's features with its own scores so the
-    harness can run the teacher's head on them; only the selectors learn. Stage 2 (Eq. 6-9):
-    ``forward`` returns ``loss_weight * sum_levels (1/CHW) ||M^T F^T - f_phi(M^S F^S)||^2``.
+    harness can run the teacher's head on them; only the selectors learn. Stage 2 (Eq. 6-9): the
+    term ``liaf`` is ``loss_weight * sum_levels (1/CHW) ||M^T F^T - f_phi(M^S F^S)||^2``, and
+    ``diversity`` is ``mu * L_div`` while the selectors still learn (``freeze_selectors=False``).
 
     Args (beyond ``FeatureDistiller``'s):
+        loss_weight: factor on the loss summed over levels.
+        projector: learn a 1x1 conv ``f_phi`` per level (else the channels must agree).
         num_selectors: K per level (paper: 6).
         roi_size: RoIAlign output (h, w) (assumption: 7 x 7).
         sampling_ratio: RoIAlign samples per bin side.
@@ -52,6 +71,8 @@ class LIAFDistiller(FeatureDistiller):
             loss plus ``diversity_weight * L_div``.
         diversity_weight: mu of Eq. 5.
     """
+
+    two_stage = True
 
     def __init__(
         self,
@@ -70,7 +91,9 @@ class LIAFDistiller(FeatureDistiller):
         freeze_selectors: bool = True,
         diversity_weight: float = 1.0,
     ) -> None:
-        super().__init__(student_channels, teacher_channels, strides, loss_weight, projector)
+        super().__init__(student_channels, teacher_channels, strides)
+        self.loss_weight = loss_weight
+        self.projectors = self.make_projectors(projector)
         if mask_scale not in ("literal", "count"):
             raise ValueError(f"mask_scale must be 'literal' or 'count', got {mask_scale!r}")
         if mask_side not in ("separate", "shared"):
@@ -173,7 +196,7 @@ class LIAFDistiller(FeatureDistiller):
         image_size: tuple[int, int] | None = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """``{level: (M^T, M^S)}`` as used by the loss, for inspection."""
-        self.check_inputs(student_feats, teacher_feats, boxes, image_size)
+        self.check_inputs(KDInputs(student_feats, teacher_feats, boxes, image_size=image_size))
         return {lvl: self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes, validate=False)
                 for lvl in self.levels}
 
@@ -203,55 +226,31 @@ class LIAFDistiller(FeatureDistiller):
         """Eq. 4, averaged over levels."""
         return torch.stack([sel.diversity_loss() for sel in self.selectors.values()]).mean()
 
-    def forward(
-        self,
-        student_feats: Mapping[str, Tensor],
-        teacher_feats: Mapping[str, Tensor],
-        boxes: Sequence[Tensor],
-        *,
-        image_size: tuple[int, int] | None = None,
-    ) -> Tensor:
-        """Stage-2 loss (Eq. 9 summed over levels); adds ``mu * L_div`` when the selectors still learn.
-
-        Inputs are checked once here (``check_inputs``: one device read); the per-level code reads
-        nothing back from the device. ``image_size``: see ``FeatureDistiller.forward``.
-        """
-        loss = super().forward(student_feats, teacher_feats, boxes, image_size=image_size)
+    def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        """Stage 2: ``liaf`` (Eq. 9 summed over levels, times ``loss_weight``) and, while the selectors
+        still learn, ``diversity`` (``mu * L_div``)."""
+        s, t, boxes = inputs.student_feats, inputs.teacher_feats, list(inputs.boxes)
+        terms = {self.method_name: self.loss_weight * sum(self.level_loss(lvl, s[lvl], t[lvl], boxes)
+                                                          for lvl in self.levels)}
         if not self.freeze_selectors:
-            loss = loss + self.diversity_weight * self.diversity_loss()
-        return loss
+            terms["diversity"] = self.diversity_weight * self.diversity_loss()
+        return terms
 
-    def stage1(
-        self,
-        teacher_feats: Mapping[str, Tensor],
-        boxes: Sequence[Tensor],
-        *,
-        image_size: tuple[int, int] | None = None,
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """Stage 1 (Eq. 5): teacher features masked by the teacher's own scores, and ``mu * L_div``.
-
-        Returns ``(masked_feats, weighted_div)``: ``masked_feats`` holds every level of
-        ``teacher_feats`` (levels this distiller does not handle pass unchanged), differentiable in
-        the selectors; feed it to the frozen teacher's head to get ``L_task^T``, then minimise
-        ``L_task^T + weighted_div``. Inputs are checked once here (one device read); ``image_size``
-        (the padded batch input H, W), if given, is checked against the strides as in ``forward``.
-        """
-        check_feature_dict("teacher_feats", teacher_feats, self.levels, values=False)
-        self.check_strides("teacher_feats", teacher_feats, image_size)
-        boxes = check_boxes("boxes", boxes, num_images=teacher_feats[self.levels[0]].shape[0], values=False)
-        check_values({"teacher_feats": self.at_levels(teacher_feats)}, {"boxes": boxes})
-        masked = dict(teacher_feats)
-        for lvl in self.levels:
-            feats = teacher_feats[lvl].detach()
+    def compute_stage1(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor],
+                       labels: Sequence[Tensor] | None) -> Stage1Output:
+        """Stage 1 (Eq. 5): the teacher's features masked by its own scores (the view ``liaf``), and
+        ``diversity`` = ``mu * L_div``; minimise the teacher's task loss on the view plus ``diversity``."""
+        masked = {}
+        for lvl, feats in teacher_feats.items():
             scores = self.instance_scores(lvl, feats, boxes, validate=False)
             masked[lvl] = feats * self.level_mask(lvl, scores, boxes, tuple(feats.shape[-2:]), validate=False)
-        return masked, self.diversity_weight * self.diversity_loss()
+        return Stage1Output({self.method_name: masked}, {"diversity": self.diversity_weight * self.diversity_loss()})
 
-    def selector_parameters(self) -> list[nn.Parameter]:
-        """The parameters stage 1 trains."""
-        return list(self.selectors.parameters())
+    def stage1_modules(self) -> dict[str, nn.Module]:
+        """Stage 1 trains the selectors ``E``."""
+        return {"selectors": self.selectors}
 
     def stage2_parameters(self) -> list[nn.Parameter]:
-        """The parameters stage 2 trains besides the student: projectors, and selectors if not frozen."""
+        """The projectors, and the selectors unless ``freeze_selectors``."""
         params = list(self.projectors.parameters())
-        return params if self.freeze_selectors else params + self.selector_parameters()
+        return params if self.freeze_selectors else params + list(self.selectors.parameters())

@@ -1,4 +1,4 @@
-"""The LIAF-KD recipe as four calls: train a detector, learn the selectors, distill, evaluate."""
+"""The recipe as four calls: train a detector, learn a two-stage method's stage 1, distill, evaluate."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data import collate_fn as default_collate
-from ..distillers import FeatureDistiller, LIAFDistiller
+from ..distillers import FeatureDistiller
 from ..models.detectors import check_num_classes
 from .distributed import resolve_device
 from .evaluate import evaluate_coco
 from .loop import FitResult, TrainConfig, fit
-from .steps import DetectorStep, DistillStep, SelectorStep
+from .steps import DetectorStep, DistillStep, Stage1Step
 
 
 def periodic_eval(model: nn.Module, val_dataset: Dataset | None, collate_fn: Callable,
@@ -47,17 +47,26 @@ def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir
                periodic_eval(model, val_dataset, collate_fn, device), run_config, new_schedule)
 
 
-def learn_selectors(teacher: nn.Module, distiller: LIAFDistiller, dataset: Dataset, cfg: TrainConfig,
-                    out_dir: str | Path | None = None, device: torch.device | str | None = None,
-                    collate_fn: Callable = default_collate, run_config: dict[str, Any] | None = None,
-                    new_schedule: bool = False) -> FitResult:
-    """Stage 1 (Eq. 5): learn the instance selectors on the frozen teacher's task loss plus diversity."""
+def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset, cfg: TrainConfig,
+                 out_dir: str | Path | None = None, device: torch.device | str | None = None,
+                 collate_fn: Callable = default_collate, run_config: dict[str, Any] | None = None,
+                 new_schedule: bool = False) -> FitResult:
+    """Stage 1 of a two-stage method (e.g. LIAF-KD Eq. 5): only ``distiller.stage1_modules()`` learn, on the
+    frozen teacher's task loss plus the method's terms; those modules are what the run checkpoints.
+
+    Afterwards ``distiller.stage1_ready`` is true; save ``distiller.state_dict()`` to reuse the result.
+    """
     check_num_classes({"teacher": teacher}, dataset)
-    selectors = nn.ModuleDict({"selectors": distiller.selectors})
-    for p in selectors.parameters():
-        p.requires_grad_(True)
-    return fit(SelectorStep(teacher, distiller), {"selectors": selectors}, dataset, collate_fn, cfg, out_dir,
-               device, "stage 1 (selectors)", run_config=run_config, new_schedule=new_schedule)
+    step = Stage1Step(teacher, distiller)
+    modules = distiller.stage1_modules()
+    for p in distiller.parameters():
+        p.requires_grad_(False)
+    for module in modules.values():
+        module.requires_grad_(True)
+    result = fit(step, modules, dataset, collate_fn, cfg, out_dir, device, f"stage 1 ({distiller.method_name})",
+                 run_config=run_config, new_schedule=new_schedule)
+    distiller.mark_stage1(result.iterations)
+    return result
 
 
 def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
@@ -69,12 +78,15 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
     ``inherit`` first copies the teacher's neck and head into the student where shapes match.
     """
     check_num_classes({"student": student, "teacher": teacher}, dataset)
+    if not distiller.stage1_ready:
+        raise ValueError(f"distiller {distiller.method_name!r} has a learned stage 1 ({list(distiller.stage1_modules())}) "
+                         "that was neither run nor loaded: call learn_stage1(teacher, distiller, ...) first, or load "
+                         "its stage-1 state (CLI: --stage1 stage1.pt)")
     if inherit and not (out_dir is not None and (Path(out_dir) / "last.pt").exists()):
         inherit_neck_and_head(student, teacher)
     for p in distiller.parameters():
         p.requires_grad_(False)
-    trainable = distiller.stage2_parameters() if isinstance(distiller, LIAFDistiller) else list(distiller.parameters())
-    for p in trainable:
+    for p in distiller.stage2_parameters():
         p.requires_grad_(True)
     return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
                collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",

@@ -1,4 +1,7 @@
-"""Training steps of the LIAF-KD recipe, each an ``nn.Module``: ``step(images, targets) -> dict of losses``.
+"""Training steps, each an ``nn.Module``: ``step(images, targets) -> dict of named losses``.
+
+No step knows a method: ``Stage1Step`` and ``DistillStep`` follow the distiller protocol
+(``liaf_lab.distillers.base``).
 
 Being modules, they can be wrapped in ``DistributedDataParallel`` as a whole.
 """
@@ -10,10 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..distillers import FeatureDistiller, LIAFDistiller
+from ..distillers import FeatureDistiller, KDInputs
 from ..models.backbones import fpn_levels
 from ..models.detectors import fpn_strides, match_levels, shared_strides
-from ..models.taps import detector_features, loss_on_features, run_detector
+from ..models.taps import HEAD_OUTPUTS, detector_arch, detector_features, head_outputs, loss_on_features, run_detector
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -47,15 +50,18 @@ class FrozenTeacherStep(nn.Module):
         return self
 
 
-class SelectorStep(FrozenTeacherStep):
-    """Stage 1, Eq. 5: ``L_task^T(A) + mu * L_div(E)`` with the teacher frozen and only the selectors learning.
+class Stage1Step(FrozenTeacherStep):
+    """Stage 1 of a two-stage method (LIAF-KD Eq. 5, MasKD's mask learning), with the teacher frozen.
 
-    The teacher's FPN features are masked by the teacher's own instance scores and fed to the
-    teacher's own head; the task loss flows back through the head into the selectors. The
-    distiller's levels (the student's) are matched to the teacher's by stride (``match_levels``).
+    The distiller turns the teacher's FPN features into one or more views (``Stage1Output.views``);
+    each view runs through the teacher's own head, and its task loss, named ``<view>_<loss>``, flows
+    back into the distiller's stage-1 modules, with the distiller's own terms (e.g. ``diversity``).
+    The distiller's levels (the student's) are matched to the teacher's by stride (``match_levels``).
     """
 
-    def __init__(self, teacher: nn.Module, distiller: LIAFDistiller) -> None:
+    def __init__(self, teacher: nn.Module, distiller: FeatureDistiller) -> None:
+        if not distiller.two_stage:
+            raise ValueError(f"distiller {distiller.method_name!r} has no stage 1 to learn")
         super().__init__(teacher)
         self.distiller = distiller
         self.levels = match_levels(distiller.strides, teacher)  # distiller level -> teacher level
@@ -63,12 +69,15 @@ class SelectorStep(FrozenTeacherStep):
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
         with torch.no_grad():
             image_list, targets_t, feats = detector_features(self.teacher, list(images), [dict(t) for t in targets])
-        masked, div = self.distiller.stage1({lvl: feats[src] for lvl, src in self.levels.items()},
-                                            [t["boxes"] for t in targets_t],
-                                            image_size=tuple(image_list.tensors.shape[-2:]))
-        masked = {**feats, **{src: masked[lvl] for lvl, src in self.levels.items()}}
-        losses = loss_on_features(self.teacher, image_list, targets_t, masked)
-        return {**losses, "diversity": div}
+        out = self.distiller.stage1({lvl: feats[src] for lvl, src in self.levels.items()},
+                                    [t["boxes"] for t in targets_t], labels=[t["labels"] for t in targets_t],
+                                    image_size=tuple(image_list.tensors.shape[-2:]))
+        losses: dict[str, Tensor] = {}
+        for view, masked in out.views.items():
+            replaced = {**feats, **{src: masked[lvl] for lvl, src in self.levels.items()}}
+            task = loss_on_features(self.teacher, image_list, targets_t, replaced)
+            losses.update({f"{view}_{k}": v for k, v in task.items()})
+        return {**losses, **out.terms}
 
 
 class DistillStep(FrozenTeacherStep):
@@ -97,16 +106,42 @@ class DistillStep(FrozenTeacherStep):
                 f"{distiller.strides}, student ({type(student).__name__}) levels {student_strides}; build the "
                 f"distiller with strides={shared_strides(student, teacher)} (shared_strides(student, teacher))"
             )
+        if "head_outputs" in distiller.needs:
+            for role, model in (("student", student), ("teacher", teacher)):
+                gives = HEAD_OUTPUTS[detector_arch(model)]
+                missing = [k for k in distiller.head_keys if k not in gives]
+                if missing:
+                    raise ValueError(f"distiller {distiller.method_name!r} reads the head outputs {missing}, which the "
+                                     f"{role} ({type(model).__name__}) does not give (it gives {list(gives)})")
         super().__init__(teacher)
         self.student = student
         self.distiller = distiller
         self.levels = match_levels(distiller.strides, teacher)  # distiller level -> teacher level
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
+        """The student's task losses and the distiller's terms, each named ``kd_<term>``.
+
+        Head outputs, priors and a generator are computed only for a distiller that ``needs`` them;
+        the generator is seeded from torch's default generator, which the engine seeds from the run's
+        seed and iteration, so random draws replay exactly on resume.
+        """
         out = run_detector(self.student, list(images), list(targets))
+        needs = self.distiller.needs
         with torch.no_grad():
             feats = fpn_levels(self.teacher.backbone, out.image_list.tensors)
-        t_feats = {lvl: feats[src] for lvl, src in self.levels.items()}
-        boxes = [t["boxes"] for t in out.targets]
-        kd = self.distiller(dict(out.features), dict(t_feats), boxes, image_size=tuple(out.image_list.tensors.shape[-2:]))
-        return {**out.losses, f"kd_{self.distiller.method_name}": kd}
+            t_head = head_outputs(self.teacher, out.image_list, feats)[0] if "head_outputs" in needs else None
+        generator = None
+        if "generator" in needs:
+            device = out.image_list.tensors.device
+            generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
+        inputs = KDInputs(
+            dict(out.features), {lvl: feats[src] for lvl, src in self.levels.items()},
+            [t["boxes"] for t in out.targets], [t["labels"] for t in out.targets],
+            tuple(out.image_list.tensors.shape[-2:]), list(out.image_list.image_sizes),
+            student_head={lvl: out.head_outputs[lvl] for lvl in self.levels} if t_head is not None else None,
+            teacher_head={lvl: t_head[src] for lvl, src in self.levels.items()} if t_head is not None else None,
+            priors={lvl: out.priors[lvl] for lvl in self.levels} if "priors" in needs else None,
+            generator=generator,
+        )
+        terms = self.distiller.loss_terms(inputs)
+        return {**out.losses, **{f"kd_{k}": v for k, v in terms.items()}}

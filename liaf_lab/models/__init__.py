@@ -17,11 +17,12 @@ from .detectors import (
     save_detector,
     shared_strides,
 )
-from .taps import DetectorOutput, detector_arch, detector_features, loss_on_features, run_detector
+from .taps import DetectorOutput, detector_arch, detector_features, head_outputs, loss_on_features, run_detector
 
 __all__ = [
     "DETECTOR_CLASSES", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "check_num_classes",
     "count_parameters", "create_detector", "default_anchor_sizes", "detector_arch", "detector_features",
-    "detector_meta", "detector_num_classes", "eval_mode", "fpn_levels", "fpn_strides", "load_detector_weights",
+    "detector_meta", "detector_num_classes", "eval_mode", "fpn_levels", "fpn_strides", "head_outputs",
+    "load_detector_weights",
     "loss_on_features", "match_levels", "resnet_fpn", "run_detector", "save_detector", "shared_strides",
 ]

@@ -56,9 +56,12 @@ class DetectorOutput:
         strides: level -> input pixels per cell of the batched, resized input (``image_list.tensors``).
         targets: the targets after ``model.transform`` (boxes ``[n, 4]`` in resized-input pixels);
             ``None`` without targets. Distillers must use these boxes, not the original ones.
-        head_logits: level -> classification logits ``[N, A*K, H_l, W_l]`` (RetinaNet: A anchors,
-            K = num_classes, channel ``a*K + k``; FCOS: A = 1); Faster R-CNN: RPN objectness ``[N, A, H_l, W_l]``.
+        head_outputs: level -> output name -> ``[N, A*D, H_l, W_l]`` (channel ``a*D + d``): RetinaNet
+            ``cls_logits`` (D = K classes, A anchors) and ``bbox_regression`` (D = 4); FCOS the same with
+            A = 1 plus ``bbox_ctrness``; Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
             Computed on the features the heads saw (after ``features_fn``).
+        priors: level -> ``[H_l * W_l * A, 4]`` anchors in resized-input pixels, in the order of the
+            head outputs' cells (row-major over H_l, W_l, then anchors).
         image_list: the batched, normalised input ``[N, 3, H, W]`` and each image's resized size.
     """
 
@@ -67,8 +70,20 @@ class DetectorOutput:
     features: OrderedDict[str, Tensor]
     strides: dict[str, float]
     targets: list[Target] | None
-    head_logits: dict[str, Tensor]
+    head_outputs: dict[str, dict[str, Tensor]]
+    priors: dict[str, Tensor]
     image_list: ImageList
+
+    @property
+    def head_logits(self) -> dict[str, Tensor]:
+        """level -> classification logits ``[N, A*K, H_l, W_l]`` (Faster R-CNN: RPN objectness ``[N, A, H_l, W_l]``)."""
+        return {lvl: next(iter(out.values())) for lvl, out in self.head_outputs.items()}
+
+
+# The per-level head outputs each architecture gives (``DetectorOutput.head_outputs``).
+HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"),
+                "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
+                "fasterrcnn": ("objectness", "bbox_deltas")}
 
 
 def detector_arch(model: nn.Module) -> str:
@@ -147,14 +162,28 @@ def _ordered_features(
     return OrderedDict((lvl, features[lvl]) for lvl in levels)
 
 
+def _per_level_outputs(flat: Tensor, features: Mapping[str, Tensor], num_anchors: int) -> dict[str, Tensor]:
+    """A flattened dense-head output ``[N, sum_l H_l W_l A, D]`` -> level -> ``[N, A*D, H_l, W_l]``.
+
+    Undoes the head's ``(N, A*D, H, W) -> (N, H*W*A, D)`` permute; channel ``a*D + d``.
+    """
+    cells = [f.shape[-2] * f.shape[-1] * num_anchors for f in features.values()]
+    out = {}
+    for (lvl, f), part in zip(features.items(), flat.split(cells, dim=1)):
+        n, _, h, w = f.shape
+        d = part.shape[-1]
+        out[lvl] = part.reshape(n, h, w, num_anchors, d).permute(0, 3, 4, 1, 2).reshape(n, num_anchors * d, h, w)
+    return out
+
+
 def _dense_heads(
     model: RetinaNet | FCOS,
     image_list: ImageList,
     features: OrderedDict[str, Tensor],
     targets: list[Target] | None,
     original_sizes: list[tuple[int, int]] | None,
-) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, Tensor]]:
-    """RetinaNet / FCOS: head, anchors, loss (if targets), detections (if original sizes)."""
+) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """RetinaNet / FCOS: head, anchors, loss (if targets), detections (if original sizes), per-level outputs."""
     feats = list(features.values())
     head_outputs = model.head(feats)  # cls_logits [N, sum(H*W*A), K], bbox_regression [N, sum(H*W*A), 4], ...
     anchors = model.anchor_generator(image_list, feats)
@@ -176,13 +205,9 @@ def _dense_heads(
         detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
         detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
-    head_logits = {}
-    for lvl, logits in zip(features, head_outputs["cls_logits"].split(per_level, dim=1)):
-        n, _, h, w = features[lvl].shape
-        k = logits.shape[-1]  # undo the head's (N, A*K, H, W) -> (N, H*W*A, K) permute
-        per_cell = logits.reshape(n, h, w, num_anchors, k).permute(0, 3, 4, 1, 2)
-        head_logits[lvl] = per_cell.reshape(n, num_anchors * k, h, w)
-    return losses, detections, head_logits
+    split = {k: _per_level_outputs(v, features, num_anchors) for k, v in head_outputs.items()}
+    outputs = {lvl: {k: split[k][lvl] for k in head_outputs} for lvl in features}
+    return losses, detections, outputs, dict(zip(features, anchors[0].split(per_level)))
 
 
 def _box_branch(model: FasterRCNN, features: OrderedDict[str, Tensor], proposals: list[Tensor],
@@ -217,7 +242,7 @@ def _rcnn_heads(
     features: OrderedDict[str, Tensor],
     targets: list[Target] | None,
     original_sizes: list[tuple[int, int]] | None,
-) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, Tensor]]:
+) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Faster R-CNN: RPN then RoI heads, as ``RegionProposalNetwork.forward`` and ``RoIHeads.forward``."""
     rpn, roi, sizes = model.rpn, model.roi_heads, image_list.image_sizes
     feats = list(features.values())
@@ -245,7 +270,8 @@ def _rcnn_heads(
         boxes, scores, labels = roi.postprocess_detections(class_logits, box_regression, proposals, sizes)
         detections = [{"boxes": b, "labels": l, "scores": s} for b, s, l in zip(boxes, scores, labels)]
         detections = model.transform.postprocess(detections, sizes, original_sizes)
-    return losses, detections, dict(zip(features, objectness))
+    outputs = {lvl: {"objectness": o, "bbox_deltas": d} for lvl, o, d in zip(features, objectness, deltas)}
+    return losses, detections, outputs, dict(zip(features, anchors[0].split(anchors_per_level)))
 
 
 def _heads(
@@ -254,7 +280,7 @@ def _heads(
     features: OrderedDict[str, Tensor],
     targets: list[Target] | None,
     original_sizes: list[tuple[int, int]] | None,
-) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, Tensor]]:
+) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     if detector_arch(model) == "fasterrcnn":
         return _rcnn_heads(model, image_list, features, targets, original_sizes)
     return _dense_heads(model, image_list, features, targets, original_sizes)
@@ -307,10 +333,10 @@ def run_detector(
             if head_features[lvl].shape != f.shape:
                 raise ValueError(f"features_fn changed the shape of level {lvl!r}: "
                                  f"{tuple(f.shape)} -> {tuple(head_features[lvl].shape)}")
-    losses, detections, head_logits = _heads(
+    losses, detections, outputs, priors = _heads(
         model, image_list, head_features, targets, None if model.training else original_sizes
     )
-    return DetectorOutput(losses, detections, features, fpn_strides(model), targets, head_logits, image_list)
+    return DetectorOutput(losses, detections, features, fpn_strides(model), targets, outputs, priors, image_list)
 
 
 def loss_on_features(
@@ -337,5 +363,18 @@ def loss_on_features(
         raise ValueError("loss_on_features needs the transformed targets (DetectorOutput.targets)")
     targets = _check_targets(targets, num_images)
     ordered = _ordered_features(features, list(fpn_strides(model)), num_images)
-    losses, _, _ = _heads(model, image_list, ordered, targets, None)
-    return losses
+    return _heads(model, image_list, ordered, targets, None)[0]
+
+
+def head_outputs(
+    model: nn.Module, image_list: ImageList, features: Mapping[str, Tensor]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """The detector's per-level head outputs and priors on ``features`` (no loss, no detections).
+
+    Distillers that read head outputs get the teacher's this way, on the student's batched input.
+    Returns ``(DetectorOutput.head_outputs, DetectorOutput.priors)``.
+    """
+    detector_arch(model)
+    ordered = _ordered_features(features, list(fpn_strides(model)), len(image_list.image_sizes))
+    _, _, outputs, priors = _heads(model, image_list, ordered, None, None)
+    return outputs, priors

@@ -1,0 +1,199 @@
+"""MasKD: masked distillation with receptive tokens (Huang et al., ICLR 2023).
+
+Follows the public code (hunto/MasKD): ``MaskModule``, ``dice_coeff`` and ``MasKDLoss`` in
+``mmrazor/mmrazor/models/losses/maskd.py``, stage 1 in ``mmdetection/maskd_hook.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Channels, FeatureDistiller, KDInputs, Stage1Output
+from .registry import register_distiller
+
+DICE_EPS = 1e-12  # dice_coeff's epsilon, added to each squared norm
+
+
+def dice_coeff(masks: Tensor) -> Tensor:
+    """The public ``dice_coeff`` (the paper's mask diversity loss): for masks ``[N, T, HW]``, the mean
+    over images and ordered token pairs ``i != j`` of ``2 <m_i, m_j> / (|m_i|^2 + eps + |m_j|^2 + eps)``.
+
+    Returns a scalar; ``T >= 2``.
+    """
+    num_tokens = masks.shape[1]
+    gram = masks @ masks.transpose(1, 2)  # [N, T, T]: <m_i, m_j>
+    norms = torch.diagonal(gram, dim1=1, dim2=2)  # [N, T]: |m_i|^2
+    dice = 2 * gram / ((norms[:, :, None] + DICE_EPS) + (norms[:, None, :] + DICE_EPS))
+    off_diagonal = 1 - torch.eye(num_tokens, dtype=masks.dtype, device=masks.device)
+    return (dice * off_diagonal).sum() / (masks.shape[0] * num_tokens * (num_tokens - 1))
+
+
+class MaskModule(nn.Module):
+    """The receptive tokens of one FPN level (public ``MaskModule``).
+
+    Args:
+        channels: C of the features the tokens read (the teacher's).
+        num_tokens: T.
+        weight_mask: also learn the token weights ``p`` (conv3x3 -> global average pool -> conv1x1 ->
+            softmax over T).
+
+    Tokens are drawn from N(0, 0.01); the convs from N(0, sqrt(2 / (k * k * out_channels))), bias 0.
+    """
+
+    def __init__(self, channels: int, num_tokens: int, weight_mask: bool) -> None:
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.empty(num_tokens, channels).normal_(0, 0.01))
+        self.prob = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, num_tokens, kernel_size=1),
+        ) if weight_mask else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+
+    def masks(self, feats: Tensor) -> Tensor:
+        """Public ``forward_mask``: ``sigmoid(token_t . F)`` over channels, ``[N, C, H, W]`` -> ``[N, T, H, W]``."""
+        n, c, h, w = feats.shape
+        return torch.sigmoid(self.mask_token @ feats.reshape(n, c, h * w)).reshape(n, -1, h, w)
+
+    def token_weights(self, feats: Tensor) -> Tensor:
+        """Public ``forward_prob``: the token weights ``p``, ``[N, C, H, W]`` -> ``[N, T]`` (softmax over T)."""
+        return torch.softmax(self.prob(feats).flatten(1), dim=1)
+
+    def replace(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Public ``forward_train`` (stage 1): ``(sum_t p_t * (F * M_t), dice_coeff(M))``.
+
+        ``F`` is ``[N, C, H, W]``; without ``weight_mask`` every ``p_t`` is 1. Returns the replaced
+        features ``[N, C, H, W]`` and the scalar dice term.
+        """
+        masks = self.masks(feats)  # [N, T, H, W]
+        if self.prob is not None:
+            masks_weighted = masks * self.token_weights(feats)[:, :, None, None]
+        else:
+            masks_weighted = masks
+        return feats * masks_weighted.sum(dim=1, keepdim=True), dice_coeff(masks.flatten(2))
+
+
+@register_distiller("maskd", label="MasKD")
+class MasKDDistiller(FeatureDistiller):
+    """MasKD: per FPN level, ``T`` receptive tokens learned in stage 1 mask the distillation in stage 2.
+
+    Stage 1 (``maskd_hook.py``): with the teacher frozen, each level's teacher feature ``F`` is
+    replaced by ``sum_t p_t (F * M_t)`` (the view ``maskd``) and fed to the teacher's own head; the
+    tokens minimise the teacher's task loss plus ``dice`` (``dice_coeff`` of each level's masks, summed
+    over levels with weight 1, as the hook adds each level's term).
+
+    Stage 2 (``MasKDLoss``), term ``maskd``: with ``S = f_phi(F^S)`` (a 1x1 align conv) and masks ``M``
+    from the teacher, per level ``L_t = mean_C [sum_HW (M_t (S - F^T))^2 / sum_HW M_t]``, then
+    ``sum_t p_t L_t`` (``weight_mask``; else the mean over T), averaged over images and summed over
+    levels, times ``loss_weight``. After ``custom_mask_warmup`` training calls ``M`` becomes the teacher
+    mask times the student mask (the tokens applied to ``S``, without gradient). The tokens are frozen
+    in stage 2 (lr 0 in the public configs): masks and weights carry no gradient there.
+
+    Public configs (teacher R101 -> student R50, 2x schedule): RetinaNet ``loss_weight=7``,
+    ``custom_mask_warmup=7000`` (the defaults here); FCOS ``loss_weight=10``, ``custom_mask_warmup=5000``;
+    both ``num_tokens=6``, ``weight_mask=True``, ``custom_mask=True``, a conv2d align module. The
+    RetinaNet config also adds an L1 loss (weight 1) between the regression head outputs
+    (``bbox_head.retina_reg``) of student and teacher; that loss is not part of this distiller.
+
+    Args (beyond ``FeatureDistiller``'s):
+        loss_weight: factor on the stage-2 loss summed over levels.
+        num_tokens: T receptive tokens per level (at least 2, for the dice term).
+        weight_mask: learn token weights ``p`` (stage 1's replacement and stage 2's sum over tokens).
+        custom_mask: after the warm-up, multiply the teacher mask by the student's.
+        custom_mask_warmup: training calls of ``compute_terms`` before ``custom_mask`` applies.
+        projector: learn a 1x1 conv ``f_phi`` per level (the public align module, used even when the
+            channels agree); without it the channels must agree.
+
+    The buffer ``kd_steps`` counts the training-mode calls of ``compute_terms`` (the public
+    ``_iter``); it is saved with the module, so a resumed run switches masks at the same step.
+    """
+
+    two_stage = True
+
+    def __init__(
+        self,
+        student_channels: Channels,
+        teacher_channels: Channels,
+        strides: Mapping[str, float],
+        loss_weight: float = 7.0,
+        num_tokens: int = 6,
+        weight_mask: bool = True,
+        custom_mask: bool = True,
+        custom_mask_warmup: int = 7000,
+        projector: bool = True,
+    ) -> None:
+        super().__init__(student_channels, teacher_channels, strides)
+        if not (math.isfinite(loss_weight) and loss_weight >= 0):
+            raise ValueError(f"loss_weight must be a finite number >= 0, got {loss_weight!r}")
+        if num_tokens < 2:
+            raise ValueError(f"num_tokens must be at least 2 (the dice term compares token pairs), got {num_tokens!r}")
+        if custom_mask_warmup < 0:
+            raise ValueError(f"custom_mask_warmup must be >= 0, got {custom_mask_warmup!r}")
+        self.loss_weight = loss_weight
+        self.num_tokens = num_tokens
+        self.weight_mask = weight_mask
+        self.custom_mask = custom_mask
+        self.custom_mask_warmup = custom_mask_warmup
+        # seeded by the caller: tokens, then the weight convs, level by level
+        self.mask_modules = nn.ModuleDict({
+            lvl: MaskModule(self.teacher_channels[lvl], num_tokens, weight_mask) for lvl in self.levels
+        })
+        self.projectors = self.make_projectors(projector)
+        self.register_buffer("kd_steps", torch.zeros((), dtype=torch.long))
+
+    # -- stage 2 --------------------------------------------------------------------------------
+    def level_loss(self, level: str, student: Tensor, teacher: Tensor, custom: Tensor | None) -> Tensor:
+        """``MasKDLoss.forward`` on one level: a scalar.
+
+        ``student`` is aligned (``[N, C_t, H, W]``), ``teacher`` ``[N, C_t, H, W]``; ``custom`` a 0-d
+        bool tensor (use the student mask too) or ``None`` (``custom_mask`` off).
+        ``sum_HW (M (S - T))^2`` is computed as ``M^2 @ (S - T)^2`` over HW (``[N, T, C]``) without the
+        ``[N, T, C, H, W]`` product.
+        """
+        module = self.mask_modules[level]
+        with torch.no_grad():  # the tokens are frozen in stage 2
+            mask = module.masks(teacher)  # [N, T, H, W]
+            if custom is not None:
+                mask = torch.where(custom, mask * module.masks(student.detach()), mask)
+            weights = module.token_weights(teacher) if self.weight_mask else None
+        flat_mask = mask.flatten(2)  # [N, T, HW]
+        sq_diff = (student - teacher).square().flatten(2)  # [N, C, HW]
+        loss = (flat_mask.square() @ sq_diff.transpose(1, 2)) / flat_mask.sum(dim=2, keepdim=True)  # [N, T, C]
+        if weights is not None:
+            return (loss.mean(dim=2) * weights).sum(dim=1).mean()
+        return loss.mean()
+
+    def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        """Stage 2: ``maskd`` = ``loss_weight`` times ``MasKDLoss`` summed over levels.
+
+        In training mode each call advances ``kd_steps`` by one (on the device; read nowhere).
+        """
+        s, t = inputs.student_feats, inputs.teacher_feats
+        custom = self.kd_steps >= self.custom_mask_warmup if self.custom_mask else None
+        total = sum(self.level_loss(lvl, self.projectors[lvl](s[lvl]), t[lvl], custom) for lvl in self.levels)
+        if self.training:
+            self.kd_steps.add_(1)
+        return {self.method_name: self.loss_weight * total}
+
+    # -- stage 1 --------------------------------------------------------------------------------
+    def compute_stage1(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor],
+                       labels: Sequence[Tensor] | None) -> Stage1Output:
+        """Stage 1 (``maskd_hook.py``): the view ``maskd`` (level -> ``sum_t p_t (F * M_t)``,
+        ``[N, C_t, H, W]``) for the teacher's head, and ``dice`` (``dice_coeff`` summed over levels)."""
+        views, dice = {}, []
+        for lvl in self.levels:
+            views[lvl], level_dice = self.mask_modules[lvl].replace(teacher_feats[lvl])
+            dice.append(level_dice)
+        return Stage1Output({self.method_name: views}, {"dice": torch.stack(dice).sum()})
+
+    def stage1_modules(self) -> dict[str, nn.Module]:
+        """Stage 1 trains the per-level mask modules (tokens and token-weight convs)."""
+        return {"tokens": self.mask_modules}
