@@ -5,7 +5,7 @@
 
 Each step is forward + backward + SGD update of the student (and projector); the variants run
 round-robin (``liaf_lab.analysis.kd_step_overhead``), ``--repeats`` times after ``--warmup`` rounds,
-and the median is reported with its ratio to FitNet (target: LIAF-KD at most 1.10x FitNet).
+and the median is reported with its ratio to no KD and to FitNet (target: LIAF-KD at most 1.10x FitNet).
 ``benchmarks/gpu_suite.py`` reuses the functions below.
 """
 
@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--amp", action="store_true", help="autocast (CUDA fp16)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="none and registered methods or combinations (default: none, every registered one, liaf+maskd)")
     args = p.parse_args()
     device = resolve_device(args.device)
     cfg = load_config(args.config)
@@ -137,13 +139,13 @@ def main() -> None:
         batch = synthetic_batch(args.synthetic, cfg["input"]["min_size"], num_classes, device)
     else:
         batch, num_classes = dataset_batch(cfg, args.batch, device)
-    steps = build_steps(cfg, num_classes, device)
+    steps = build_steps(cfg, num_classes, device, args.methods or ["none", *list_distillers(), "liaf+maskd"])
     amp_dtype = torch.float16 if args.amp and device.type == "cuda" else None
     res = step_times(steps, batch, args.warmup, args.repeats, amp_dtype)
     print(f"config={args.config} device={device} batch={len(batch[0])} threads={torch.get_num_threads()} "
           f"amp={amp_dtype is not None} repeats={args.repeats}")
     for m, r in res.items():
-        print(f"  {m:7s} median step {r['median_ms']:8.1f} ms   x{r['ratio_vs_none']:.3f} vs no KD   "
+        print(f"  {m:11s} median step {r['median_ms']:8.1f} ms   x{r['ratio_vs_none']:.3f} vs no KD   "
               f"x{r['ratio_vs_fitnet']:.3f} vs FitNet")
     print(f"LIAF-KD / FitNet step ratio: {res['liaf']['ratio_vs_fitnet']:.3f} (target <= 1.10)")
     if device.type == "cuda":

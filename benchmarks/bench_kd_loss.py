@@ -1,0 +1,156 @@
+"""Every distiller's loss at COCO size against FitNet's: forward + backward time and peak memory.
+
+Inputs as ``bench_liaf_loss.py``: batch 2, 256 channels (teacher and student), the five FPN levels
+of an 800 x 1216 input, 20 random boxes per image. Each registered method (and ``--methods`` extra,
+e.g. ``liaf+maskd``) is built with its defaults and its stage-1 modules as initialised; the timed
+call is ``distiller(student_feats, teacher_feats, boxes).backward()``.
+
+Time: the methods run round-robin ``--repeats`` times after ``--warmup`` rounds; the median and its
+ratio to FitNet's are printed (on the CPU also the process CPU time, less sensitive to other jobs).
+Memory: on CUDA ``max_memory_allocated`` above the inputs; on the CPU the rise of the peak resident
+set during one forward + backward, each method in a fresh process (see ``bench_liaf_loss.py``).
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_kd_loss.py --device cpu --repeats 3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_liaf_loss import BATCH, CHANNELS, SIZES, STRIDES, _status_kib, make_inputs, timed  # noqa: E402
+
+from liaf_lab.distillers import create_distiller, list_distillers  # noqa: E402
+
+
+def build(method: str, device: torch.device):
+    torch.manual_seed(0)
+    distiller = create_distiller(method, CHANNELS, CHANNELS, STRIDES).to(device).train()
+    distiller.mark_stage1(1)  # stage-1 modules as initialised: the cost does not depend on their values
+    return distiller
+
+
+def fwd_bwd(distiller, student, teacher, boxes):
+    def run():
+        for s in student.values():
+            s.grad = None
+        distiller.zero_grad(set_to_none=True)
+        distiller(student, teacher, boxes).backward()
+
+    return run
+
+
+def bench_time(methods: list[str], device: torch.device, repeats: int, warmup: int) -> dict:
+    student, teacher, boxes = make_inputs(device)
+    for s in student.values():
+        s.requires_grad_(True)
+    runs = {m: fwd_bwd(build(m, device), student, teacher, boxes) for m in methods}
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(repeats):  # interleaved: drifts of a shared machine hit every method alike
+        for m, run in runs.items():
+            wall[m].append(timed(run, device))
+            if device.type == "cpu":
+                cpu[m].append(timed(run, device, cpu_time=True))
+    out = {}
+    for m in methods:
+        out[m] = {"ms": 1e3 * statistics.median(wall[m])}
+        if device.type == "cpu":
+            out[m]["cpu_ms"] = 1e3 * statistics.median(cpu[m])
+    for m in methods:
+        for key in list(out[m]):
+            out[m][f"{key}_ratio"] = out[m][key] / out["fitnet"][key]
+    return out
+
+
+def child_memory(method: str, device: torch.device) -> float:
+    """MiB one method's forward + backward adds at its peak (fresh process on the CPU)."""
+    student, teacher, boxes = make_inputs(device)
+    for s in student.values():
+        s.requires_grad_(True)
+    run = fwd_bwd(build(method, device), student, teacher, boxes)
+    run()  # warm-up
+    for s in student.values():
+        s.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    run()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def bench_memory(methods: list[str], device: torch.device) -> dict:
+    out = {}
+    for m in methods:
+        if device.type == "cuda":
+            out[m] = {"peak_mib": child_memory(m, device)}
+        else:
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+            res = subprocess.run([sys.executable, __file__, "--device", "cpu", "--child-memory", m],
+                                 capture_output=True, text=True, check=True, env=env)
+            out[m] = {"peak_mib": float(res.stdout.strip().splitlines()[-1])}
+    for m in methods:
+        out[m]["ratio"] = out[m]["peak_mib"] / out["fitnet"]["peak_mib"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--methods", nargs="*", default=["liaf+maskd"], help="combinations to add to the registered methods")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--skip", nargs="*", default=[], choices=["time", "memory"])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--child-memory", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.child_memory:
+        print(child_memory(args.child_memory, device))
+        return
+    methods = list(dict.fromkeys(["fitnet", *list_distillers(), *args.methods]))
+    print(f"# KD losses at COCO size: batch {BATCH}, {CHANNELS} ch, levels {list(SIZES.values())}, device {device}, "
+          f"threads {torch.get_num_threads()}, repeats {args.repeats}")
+    results = {}
+    if "time" not in args.skip:
+        results["time"] = t = bench_time(methods, device, args.repeats, args.warmup)
+        print("forward + backward, median (ratio to FitNet):")
+        for m, r in t.items():
+            cpu = f"   process CPU {r['cpu_ms']:8.0f} ms (x{r['cpu_ms_ratio']:.2f})" if "cpu_ms" in r else ""
+            print(f"  {m:11s} {r['ms']:8.0f} ms (x{r['ms_ratio']:.2f}){cpu}")
+    if "memory" not in args.skip:
+        results["memory"] = mem = bench_memory(methods, device)
+        print("peak memory of forward + backward (ratio to FitNet):")
+        for m, r in mem.items():
+            print(f"  {m:11s} {r['peak_mib']:8.0f} MiB (x{r['ratio']:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
