@@ -16,8 +16,6 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_kd_loss.py --device c
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -29,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_liaf_loss import BATCH, CHANNELS, SIZES, STRIDES, _status_kib, make_inputs, timed  # noqa: E402
+from bench_liaf_loss import BATCH, CHANNELS, SIZES, STRIDES, fwd_bwd, make_inputs, peak_rise_mib, timed  # noqa: E402
 
 from liaf_lab.distillers import create_distiller, list_distillers  # noqa: E402
 
@@ -39,16 +37,6 @@ def build(method: str, device: torch.device):
     distiller = create_distiller(method, CHANNELS, CHANNELS, STRIDES).to(device).train()
     distiller.mark_stage1(1)  # stage-1 modules as initialised: the cost does not depend on their values
     return distiller
-
-
-def fwd_bwd(distiller, student, teacher, boxes):
-    def run():
-        for s in student.values():
-            s.grad = None
-        distiller.zero_grad(set_to_none=True)
-        distiller(student, teacher, boxes).backward()
-
-    return run
 
 
 def bench_time(methods: list[str], device: torch.device, repeats: int, warmup: int) -> dict:
@@ -82,26 +70,7 @@ def child_memory(method: str, device: torch.device) -> float:
     student, teacher, boxes = make_inputs(device)
     for s in student.values():
         s.requires_grad_(True)
-    run = fwd_bwd(build(method, device), student, teacher, boxes)
-    run()  # warm-up
-    for s in student.values():
-        s.grad = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    run()
-    return (_status_kib("VmHWM") - base) / 1024
+    return peak_rise_mib(fwd_bwd(build(method, device), student, teacher, boxes), student, device)
 
 
 def bench_memory(methods: list[str], device: torch.device) -> dict:

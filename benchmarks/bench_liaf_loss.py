@@ -163,13 +163,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child_memory(method: str, device: torch.device) -> dict:
-    """One method's peak memory during forward + backward (run in a fresh process on CPU)."""
-    student, teacher, boxes = make_inputs(device)
-    for s in student.values():
-        s.requires_grad_(True)
-    liaf, fitnet = make_distillers(device)
-    run = fwd_bwd(liaf if method == "liaf" else fitnet, student, teacher, boxes)
+def peak_rise_mib(run, student: dict, device: torch.device) -> float:
+    """MiB that one call of ``run`` adds at its peak, after a warm-up call (CUDA: allocator peak; CPU:
+    VmHWM, meaningful in a fresh process)."""
     run()  # warm-up: lazy initialisation of kernels and thread pools
     for s in student.values():
         s.grad = None
@@ -180,7 +176,7 @@ def child_memory(method: str, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         run()
         torch.cuda.synchronize(device)
-        return {"peak_mib": (torch.cuda.max_memory_allocated(device) - base) / 2**20, "how": "cuda max_memory_allocated"}
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     try:  # hand freed heap memory back so the baseline is the live set
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
@@ -188,8 +184,18 @@ def child_memory(method: str, device: torch.device) -> dict:
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     run()
-    peak = _status_kib("VmHWM")
-    return {"peak_mib": (peak - base) / 1024, "how": "rise of peak RSS, VmHWM, in a fresh process"}
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def child_memory(method: str, device: torch.device) -> dict:
+    """One method's peak memory during forward + backward (run in a fresh process on CPU)."""
+    student, teacher, boxes = make_inputs(device)
+    for s in student.values():
+        s.requires_grad_(True)
+    liaf, fitnet = make_distillers(device)
+    run = fwd_bwd(liaf if method == "liaf" else fitnet, student, teacher, boxes)
+    how = "cuda max_memory_allocated" if device.type == "cuda" else "rise of peak RSS, VmHWM, in a fresh process"
+    return {"peak_mib": peak_rise_mib(run, student, device), "how": how}
 
 
 def bench_memory(device: torch.device) -> dict:
