@@ -81,3 +81,28 @@ def test_a_custom_class_voc_dataset_trains_through_the_cli(tmp_path, capsys):
                  "--device", "cpu", *[a for s in other for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "teacher.pt" in err and "WBC" in err
+
+
+TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--method", "nope", "--teacher", TEACHER],
+     "error: unknown distiller 'nope'; choose one of ['fgd', 'fitnet', 'liaf', 'maskd', 'mgd']"),
+    (["learn-stage1", "--method", "fgd", "--teacher", TEACHER], "error: method 'fgd' has no stage 1 to learn"),
+    (["distill", "--method", "mgd", "--teacher", TEACHER, "--stage1", TEACHER],
+     "error: --stage1 is for two-stage methods; 'mgd' has no stage 1"),
+    (["distill", "--method", "maskd", "--set", "kd.maskd.mask_ratio=0.5"],
+     "error: config tiny: unknown key kd.maskd.mask_ratio; the options of 'maskd' are ['loss_weight'"),
+    (["distill", "--method", "mgd"], "error: --teacher is required"),
+])
+def test_method_errors_are_one_line(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert _one_error_line(capsys).startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_the_registered_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "the registered distillers (fgd, fitnet, liaf, maskd, mgd)" in capsys.readouterr().out
