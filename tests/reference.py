@@ -250,3 +250,27 @@ def random_boxes(
     x1 = -overhang * img_w + u[:, 0] * ((1 + 2 * overhang) * img_w - bw)
     y1 = -overhang * img_h + u[:, 1] * ((1 + 2 * overhang) * img_h - bh)
     return torch.stack([x1, y1, x1 + bw, y1 + bh], dim=1).to(dtype)
+
+
+# -- shared test inputs of the distiller tests ---------------------------------------------------------
+STRIDES = {"p3": 4.0, "p4": 8.0}
+IMAGE = (32.0, 40.0)  # (H, W) pixels: p3 is 8 x 10, p4 is 4 x 5 (non-square, so [h, w] vs [w, h] shows)
+SIZES = {"p3": (8, 10), "p4": (4, 5)}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_feats(channels: int, n: int, seed: int, strides: Mapping[str, float] = STRIDES, requires_grad: bool = False,
+               dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+    """``{level: [n, channels, *SIZES[level]]}`` standard normal features for the levels of ``strides``."""
+    g = gen(seed)
+    return {lvl: torch.randn(n, channels, *SIZES[lvl], generator=g, dtype=dtype).requires_grad_(requires_grad)
+            for lvl in strides}
+
+
+def make_boxes(counts: Sequence[int], seed: int = 0, min_side: float = 3.0) -> list[Tensor]:
+    """One ``[count, 4]`` float64 box tensor per image on an ``IMAGE`` input (``random_boxes``)."""
+    g = gen(seed)
+    return [random_boxes(g, n, IMAGE, min_side=min_side, dtype=torch.float64) for n in counts]

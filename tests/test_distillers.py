@@ -7,7 +7,11 @@ import itertools
 import pytest
 import torch
 from reference import (
-    random_boxes,
+    SIZES,
+    STRIDES,
+    gen,
+    make_boxes,
+    make_feats,
     ref_diversity_loss,
     ref_fitnet_loss,
     ref_instance_mask,
@@ -20,27 +24,7 @@ from torch.func import functional_call
 from liaf_lab import FeatureDistiller, FitNetDistiller, LIAFDistiller, create_distiller, list_distillers, register_distiller
 from liaf_lab.distillers import registry
 
-STRIDES = {"p3": 4.0, "p4": 8.0}
-IMAGE = (32.0, 40.0)  # (H, W) pixels: p3 is 8 x 10, p4 is 4 x 5
-SIZES = {"p3": (8, 10), "p4": (4, 5)}
 TEACHER_C = 3
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_feats(channels: int, n: int, seed: int, requires_grad: bool = False) -> dict[str, torch.Tensor]:
-    g = gen(seed)
-    return {
-        lvl: torch.randn(n, channels, *SIZES[lvl], generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-        for lvl in STRIDES
-    }
-
-
-def make_boxes(counts, seed: int = 0) -> list[torch.Tensor]:
-    g = gen(seed)
-    return [random_boxes(g, n, IMAGE, min_side=3.0, dtype=torch.float64) for n in counts]
 
 
 def make_liaf(student_c: int = 2, seed: int = 0, **kw) -> LIAFDistiller:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import random_boxes
+from reference import IMAGE, SIZES, STRIDES, gen, make_feats, random_boxes
+from reference import make_boxes as _make_boxes
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -19,26 +20,12 @@ from liaf_lab.distillers.fgd import FGDDistiller, GcBlock, fgd_attention, fgd_ma
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads
 
-STRIDES = {"p3": 4.0, "p4": 8.0}
-IMAGE = (32.0, 40.0)  # (H, W) pixels: p3 is 8 x 10, p4 is 4 x 5 (non-square, so [h, w] vs [w, h] shows)
-SIZES = {"p3": (8, 10), "p4": (4, 5)}
 TEACHER_C = 4
 OPTIONS = {"temperature": 0.7, "alpha_fg": 1.3, "beta_bg": 0.6, "gamma_attention": 0.2, "lambda_global": 0.9}
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_feats(channels: int, n: int, seed: int, levels=STRIDES, requires_grad: bool = False) -> dict[str, Tensor]:
-    g = gen(seed)
-    return {lvl: torch.randn(n, channels, *SIZES[lvl], generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-            for lvl in levels}
-
-
 def make_boxes(counts, seed: int = 0) -> list[Tensor]:
-    g = gen(seed)
-    return [random_boxes(g, n, IMAGE, min_side=2.0, dtype=torch.float64) for n in counts]
+    return _make_boxes(counts, seed, min_side=2.0)
 
 
 def make_fgd(student_c: int = 3, strides=STRIDES, seed: int = 0, randomize: bool = True, **options) -> FGDDistiller:

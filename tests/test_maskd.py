@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import random_boxes
+from reference import STRIDES, gen, make_boxes, make_feats
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -22,26 +22,8 @@ from liaf_lab.distillers.maskd import MasKDDistiller
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads
 
-STRIDES = {"p3": 4.0, "p4": 8.0}
-IMAGE = (32.0, 40.0)  # (H, W): p3 is 8 x 10, p4 is 4 x 5
-SIZES = {"p3": (8, 10), "p4": (4, 5)}
 TEACHER_C = 3
 TOKENS = 3
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_feats(channels: int, n: int, seed: int, requires_grad: bool = False, strides=STRIDES) -> dict[str, Tensor]:
-    g = gen(seed)
-    return {lvl: torch.randn(n, channels, *SIZES[lvl], generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-            for lvl in strides}
-
-
-def make_boxes(counts, seed: int = 0) -> list[Tensor]:
-    g = gen(seed)
-    return [random_boxes(g, n, IMAGE, min_side=3.0, dtype=torch.float64) for n in counts]
 
 
 def make_maskd(student_c: int = 2, seed: int = 0, strides=STRIDES, **kw) -> MasKDDistiller:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import random_boxes
+from reference import STRIDES, gen, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
 from liaf_lab.distillers.mgd import MGDDistiller, random_keep_mask
@@ -17,26 +17,7 @@ from liaf_lab.distillers.mgd import MGDDistiller, random_keep_mask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads  # noqa: E402
 
-STRIDES = {"p3": 4.0, "p4": 8.0}
-IMAGE = (32.0, 40.0)  # (H, W) pixels: p3 is 8 x 10, p4 is 4 x 5
-SIZES = {"p3": (8, 10), "p4": (4, 5)}
 TEACHER_C = 3
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_feats(channels: int, n: int, seed: int, strides=STRIDES, requires_grad: bool = False,
-               dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    g = gen(seed)
-    return {lvl: torch.randn(n, channels, *SIZES[lvl], generator=g, dtype=dtype).requires_grad_(requires_grad)
-            for lvl in strides}
-
-
-def make_boxes(counts, seed: int = 0) -> list[torch.Tensor]:
-    g = gen(seed)
-    return [random_boxes(g, n, IMAGE, min_side=3.0, dtype=torch.float64) for n in counts]
 
 
 def make_mgd(student_c: int = 2, seed: int = 0, strides=STRIDES, **kw) -> MGDDistiller:
