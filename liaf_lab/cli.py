@@ -225,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
                          **resume)
             if is_main():
                 save_checkpoint(stage1_out / "stage1.pt", distiller.state_dict())
+                stats = stage1_out / "stage1_stats.json"
+                if stats.exists():
+                    print(f"stage-1 statistics ({stats}):\n{stats.read_text()}")
         if stage1_command:
             return 0
         if distiller is None:

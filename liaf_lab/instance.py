@@ -6,6 +6,7 @@ Shapes: ``N`` images, ``I`` instances in the batch (the per-image boxes concaten
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,6 +17,9 @@ from torchvision.ops import roi_align
 from .validation import check_boxes, check_tensor, check_values, should_validate
 
 Normalize = Literal["image", "batch"]
+# The factor on Eq. 3's logits ``F_ROI . E_k``: none (the paper), ``1/sqrt(C h w)`` (attention's
+# scaling), or learned per level (``exp(s)``, ``s`` starting at ``log(1/sqrt(C h w))``).
+LogitScale = Literal["none", "sqrt_dim", "learned"]
 
 
 def concat_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -74,6 +78,30 @@ def segment_softmax(logits: Tensor, index: Tensor, num_segments: int) -> Tensor:
     return z / total.gather(1, idx)
 
 
+def score_entropy(scores: Tensor, batch_index: Tensor, num_images: int) -> Tensor:
+    """How selective Eq. 3's scores are: each selector's normalised entropy per image, ``[K, N]``.
+
+    With ``p_i = A_ki / sum_{j in image} A_kj`` (the scores renormalised within each image, so this
+    also reads ``normalize="batch"`` scores), ``H_kn = -sum_i p_i log p_i / log n_n`` over the
+    ``n_n`` instances of image ``n``: 1 for uniform scores (no selection), 0 for all weight on one
+    instance. NaN for images with fewer than two instances, where no choice is made.
+
+    Args:
+        scores: ``[K, I]`` per-selector scores (``InstanceSelectors.scores``).
+        batch_index: ``[I]`` image of each instance, ``< num_images``.
+        num_images: N.
+    """
+    k = scores.shape[0]
+    counts = torch.zeros(num_images, dtype=scores.dtype, device=scores.device).index_add(
+        0, batch_index, torch.ones_like(batch_index, dtype=scores.dtype))
+    totals = scores.new_zeros(k, num_images).index_add(1, batch_index, scores)
+    p = scores / totals[:, batch_index]
+    plogp = torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p))
+    entropy = scores.new_zeros(k, num_images).index_add(1, batch_index, -plogp)
+    norm = counts.clamp_min(2).log()
+    return torch.where(counts >= 2, entropy / norm, torch.full_like(entropy, float("nan")))
+
+
 def diversity_loss(E: Tensor, *, validate: bool = True) -> Tensor:
     """Eq. 4: ``2 * sum_{i != j} E_i . E_j / (sum_i |E_i|^2 + sum_j |E_j|^2)``.
 
@@ -105,6 +133,9 @@ class InstanceSelectors(nn.Module):
         normalize: ``"image"`` (default) takes the softmax over the instances of each image;
             ``"batch"`` over all instances of the batch, as the paper's batched ``F_ROI`` reads.
         init_std: std of the normal initialisation.
+        logit_scale: the temperature of Eq. 3, which the paper leaves out: ``"none"`` (the paper's
+            ``softmax(F_ROI . E_k)``), ``"sqrt_dim"`` (logits times ``1/sqrt(C h w)``) or ``"learned"``
+            (times ``exp(log_scale)``, a parameter of this module starting at ``log(1/sqrt(C h w))``).
     """
 
     def __init__(
@@ -114,6 +145,7 @@ class InstanceSelectors(nn.Module):
         roi_size: tuple[int, int] = (7, 7),
         normalize: Normalize = "image",
         init_std: float = 0.01,
+        logit_scale: LogitScale = "none",
     ) -> None:
         super().__init__()
         if num_selectors < 1:
@@ -122,10 +154,22 @@ class InstanceSelectors(nn.Module):
             raise ValueError(f"channels must be at least 1, got {channels}")
         if normalize not in ("image", "batch"):
             raise ValueError(f"normalize must be 'image' or 'batch', got {normalize!r}")
+        if logit_scale not in ("none", "sqrt_dim", "learned"):
+            raise ValueError(f"logit_scale must be 'none', 'sqrt_dim' or 'learned', got {logit_scale!r}")
         self.channels = channels
         self.roi_size = tuple(roi_size)
         self.normalize = normalize
-        self.weight = nn.Parameter(torch.randn(num_selectors, channels * roi_size[0] * roi_size[1]) * init_std)
+        self.logit_scale = logit_scale
+        dim = channels * roi_size[0] * roi_size[1]
+        self.weight = nn.Parameter(torch.randn(num_selectors, dim) * init_std)
+        if logit_scale == "learned":
+            self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
+
+    def logit_factor(self, detach: bool = False) -> Tensor | float:
+        """The factor on Eq. 3's logits (``logit_scale``): 1, ``1/sqrt(C h w)`` or ``exp(log_scale)``."""
+        if self.logit_scale == "learned":
+            return (self.log_scale.detach() if detach else self.log_scale).exp()
+        return 1.0 if self.logit_scale == "none" else self.weight.shape[1] ** -0.5
 
     @property
     def num_selectors(self) -> int:
@@ -137,15 +181,17 @@ class InstanceSelectors(nn.Module):
         batch_index: Tensor,
         weight: Tensor | None = None,
         *,
+        factor: Tensor | float | None = None,
         num_images: int | None = None,
         validate: bool = True,
     ) -> Tensor:
-        """Eq. 3: ``A_k = softmax(F_ROI @ E_k)`` for every selector.
+        """Eq. 3: ``A_k = softmax(t * F_ROI @ E_k)`` for every selector, ``t`` the ``logit_scale`` factor.
 
         Args:
             roi_feats: ``[I, C, h, w]`` from ``roi_instance_features``.
             batch_index: ``[I]`` image of each instance.
             weight: use these selector rows instead of ``self.weight`` (e.g. a detached copy).
+            factor: use this logit factor instead of ``self.logit_factor()`` (e.g. a detached copy).
             num_images: the number of images N (``batch_index < N``); if ``None`` it is read from
                 ``batch_index`` on the device (one device read).
             validate: check the inputs (one device read); ``False`` when the caller has checked them.
@@ -164,7 +210,8 @@ class InstanceSelectors(nn.Module):
             if num_images is not None and batch_index.numel() and int(batch_index.max()) >= num_images:
                 raise ValueError(f"batch_index holds image {int(batch_index.max())} but num_images is {num_images}")
         weight = self.weight if weight is None else weight
-        logits = weight @ roi_feats.flatten(1).t().to(weight.dtype)
+        factor = self.logit_factor() if factor is None else factor
+        logits = factor * (weight @ roi_feats.flatten(1).t().to(weight.dtype))
         if roi_feats.shape[0] == 0:
             return logits
         if self.normalize == "batch":

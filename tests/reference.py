@@ -58,8 +58,9 @@ def ref_roi_features(
     return torch.stack(feats), torch.tensor(index, dtype=torch.long)
 
 
-def ref_scores(roi_feats: Tensor, batch_index: Tensor, weight: Tensor, per_image: bool = True) -> Tensor:
-    """Eq. 3: for each selector k, ``softmax(F_ROI . E_k)`` over each image's instances (or the batch).
+def ref_scores(roi_feats: Tensor, batch_index: Tensor, weight: Tensor, per_image: bool = True,
+               factor: float | Tensor = 1.0) -> Tensor:
+    """Eq. 3: for each selector k, ``softmax(factor * F_ROI . E_k)`` over each image's instances (or the batch).
 
     Returns ``[K, I]``.
     """
@@ -72,7 +73,7 @@ def ref_scores(roi_feats: Tensor, batch_index: Tensor, weight: Tensor, per_image
         row: list[Tensor | None] = [None] * I
         for g in groups:
             members = [i for i in range(I) if g is None or index[i] == g]
-            logits = torch.stack([torch.dot(flat[i], weight[k]) for i in members])
+            logits = torch.stack([factor * torch.dot(flat[i], weight[k]) for i in members])
             probs = torch.softmax(logits, dim=0)
             for position, i in enumerate(members):
                 row[i] = probs[position]
@@ -140,12 +141,13 @@ def ref_level_scores(
     per_image: bool = True,
     roi_size: tuple[int, int] = (7, 7),
     sampling_ratio: int = 2,
+    factor: float | Tensor = 1.0,
 ) -> Tensor:
-    """Eq. 2, 3, 6 on one level: the mean score ``A [I]`` of every instance."""
+    """Eq. 2, 3, 6 on one level: the mean score ``A [I]`` of every instance (logits times ``factor``)."""
     roi_feats, index = ref_roi_features(feats, boxes, stride, roi_size, sampling_ratio)
     if roi_feats.shape[0] == 0:
         return weight.new_zeros(0)
-    return _mean_over_selectors(ref_scores(roi_feats, index, weight, per_image))
+    return _mean_over_selectors(ref_scores(roi_feats, index, weight, per_image, factor))
 
 
 def ref_level_mse(teacher_hat: Tensor, student_hat: Tensor) -> Tensor:
@@ -173,6 +175,7 @@ def ref_liaf_loss(
     diversity_weight: float | None = None,
     roi_size: tuple[int, int] = (7, 7),
     sampling_ratio: int = 2,
+    logit_factors: Mapping[str, float | Tensor] | None = None,
 ) -> Tensor:
     """Eq. 9 literally, per level: ``(1/CHW) ||M^T * F^T - f_phi(M^S * F^S)||^2``, averaged over the
     batch, summed over levels, times ``loss_weight``.
@@ -181,6 +184,7 @@ def ref_liaf_loss(
     student feature when the channels differ and the raw one when they agree. ``detach_scores`` cuts
     the gradient from the scores into the features, ``freeze_selectors`` the gradient into ``E``.
     With ``diversity_weight`` set, ``diversity_weight * mean_levels(Eq. 4)`` is added.
+    ``logit_factors``: per level the factor on Eq. 3's logits (frozen with the selectors); default 1.
     """
     total = None
     for level, stride in strides.items():
@@ -188,12 +192,15 @@ def ref_liaf_loss(
         project = projectors[level]
         weight = selector_weights[level]
         weight = weight.detach() if freeze_selectors else weight
+        factor = 1.0 if logit_factors is None else logit_factors[level]
+        if freeze_selectors and isinstance(factor, Tensor):
+            factor = factor.detach()
         s_scores_in = s if s.shape[1] == t.shape[1] else project(s)
         t_scores_in = t
         if detach_scores:
             s_scores_in, t_scores_in = s_scores_in.detach(), t_scores_in.detach()
-        a_t = ref_level_scores(t_scores_in, boxes, stride, weight, per_image, roi_size, sampling_ratio)
-        a_s = ref_level_scores(s_scores_in, boxes, stride, weight, per_image, roi_size, sampling_ratio)
+        a_t = ref_level_scores(t_scores_in, boxes, stride, weight, per_image, roi_size, sampling_ratio, factor)
+        a_s = ref_level_scores(s_scores_in, boxes, stride, weight, per_image, roi_size, sampling_ratio, factor)
         if mask_side == "shared":
             a_t = a_s = (a_t + a_s) / 2
         if mask_scale == "count":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from reference import (
     ref_instance_mask,
     ref_level_scores,
     ref_liaf_loss,
+    ref_roi_features,
+    ref_scores,
 )
 from torch import nn
 from torch.func import functional_call
@@ -52,6 +55,7 @@ def ref_kwargs(d: LIAFDistiller) -> dict:
         diversity_weight=None if d.freeze_selectors else d.diversity_weight,
         roi_size=d.roi_size,
         sampling_ratio=d.sampling_ratio,
+        logit_factors={lvl: d.selectors[lvl].logit_factor() for lvl in d.levels},
     )
 
 
@@ -334,6 +338,60 @@ def test_stage1_selector_gradient_matches_reference():
     ) + sum(ref_diversity_loss(w) for w in ws) / len(ws)
     torch.testing.assert_close(loss, want)
     assert_grads_close(grads(loss, ws), grads(want, ws))
+
+
+@pytest.mark.parametrize("logit_scale", ["sqrt_dim", "learned"])
+@pytest.mark.parametrize("freeze_selectors", [True, False])
+def test_liaf_logit_scale_matches_reference(logit_scale, freeze_selectors):
+    """Eq. 3 with a temperature: logits times ``1/sqrt(C h w)``, or a learned ``exp(s)`` per level."""
+    d = make_liaf(2, logit_scale=logit_scale, freeze_selectors=freeze_selectors, detach_scores=False)
+    dim = TEACHER_C * 3 * 3
+    if logit_scale == "learned":
+        with torch.no_grad():
+            d.selectors["p3"].log_scale.fill_(0.7)  # levels differ, and no level sits at its start value
+        torch.testing.assert_close(d.selectors["p4"].log_scale, torch.tensor(-0.5 * math.log(dim), dtype=torch.float64))
+    student, teacher = make_feats(2, 3, seed=1, requires_grad=True), make_feats(TEACHER_C, 3, seed=2)
+    boxes = make_boxes((3, 0, 2), seed=3)
+    loss = d(student, teacher, boxes)
+    want = ref_liaf_loss(student, teacher, boxes, **ref_kwargs(d))
+    torch.testing.assert_close(loss, want)
+    wrt = [*student.values(), *d.parameters()]
+    assert_grads_close(grads(loss, wrt), grads(want, wrt))
+    factors = {lvl: float(d.selectors[lvl].logit_factor()) for lvl in d.levels}
+    if logit_scale == "sqrt_dim":
+        assert factors == {lvl: dim ** -0.5 for lvl in d.levels}
+    # the paper's unscaled logits give another loss: the reference check sees the factor
+    unscaled = ref_liaf_loss(student, teacher, boxes, **{**ref_kwargs(d), "logit_factors": None})
+    assert abs(float(loss) - float(unscaled)) > 1e-6 * abs(float(loss))
+    if logit_scale == "learned":
+        scale_grad = torch.autograd.grad(loss, d.selectors["p3"].log_scale, allow_unused=True)[0]
+        assert (scale_grad is None) == freeze_selectors
+        assert "selectors.p3.log_scale" in dict(d.named_parameters())
+        params = {id(p) for p in d.stage2_parameters()}
+        assert (id(d.selectors["p3"].log_scale) in params) != freeze_selectors
+        stage1 = {id(p) for m in d.stage1_modules().values() for p in m.parameters()}
+        assert id(d.selectors["p3"].log_scale) in stage1
+
+
+def test_liaf_stage1_stats_are_the_selector_entropies():
+    d = make_liaf(2)
+    teacher, boxes = make_feats(TEACHER_C, 3, 2), make_boxes((3, 1, 2), seed=6)
+    stats = d.stage1_stats(teacher, boxes)
+    assert set(stats) == {f"selector_entropy_{lvl}" for lvl in d.levels}
+    for lvl, stride in STRIDES.items():
+        got = stats[f"selector_entropy_{lvl}"]
+        assert got.shape == (3, d.selectors[lvl].num_selectors)
+        assert bool(got[1].isnan().all())  # one instance: no choice made
+        roi, index = ref_roi_features(teacher[lvl], boxes, stride, (3, 3), 2)
+        scores = ref_scores(roi, index, d.selectors[lvl].weight)
+        for n, first in ((0, 0), (2, 4)):
+            for k in range(scores.shape[0]):
+                p = scores[k, first:first + len(boxes[n])]
+                want = -sum(float(x) * math.log(float(x)) for x in p) / math.log(len(p))
+                assert abs(float(got[n, k]) - want) < 1e-9
+    with pytest.raises(ValueError, match="channels"):
+        d.stage1_stats(make_feats(2, 3, 2), boxes)
+    assert FitNetDistiller(2, TEACHER_C, STRIDES).double().stage1_stats(teacher, boxes) == {}
 
 
 # -- gradcheck of the whole loss ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from liaf_lab.data import CocoDetectionDataset, collate_fn, detection_transforms
 from liaf_lab.distillers import LIAFDistiller
 from liaf_lab.engine import (
-    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, inherit_neck_and_head, learn_stage1, load_checkpoint,
+    CheckpointError, TrainConfig, coco_metrics, evaluate_coco, inherit_neck_and_head, learn_stage1, stage1_stats, load_checkpoint,
     save_checkpoint, train_detector,
 )
 from liaf_lab.engine.schedule import lr_factor
@@ -96,6 +96,15 @@ def test_stage1_trains_only_the_selectors(tiny_data, tmp_path):
     changed = {k for k, v in distiller.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {f"selectors.{lvl}.weight" for lvl in distiller.levels} | {"stage1_steps"}
     assert distiller.stage1_ready and int(distiller.stage1_steps) == 3
+    # after stage 1: each selector's score entropy per image, averaged over the images with >= 2 boxes
+    stats = json.loads((tmp_path / "stage1_stats.json").read_text())
+    assert set(stats) == {f"selector_entropy_{lvl}" for lvl in distiller.levels}
+    again = stage1_stats(teacher, distiller, train, device="cpu", batch_size=3)
+    multi = sum(len(train[i][1]["boxes"]) >= 2 for i in range(len(train)))
+    for name, entry in stats.items():
+        assert len(entry["mean"]) == 3 and entry["images"] == [multi] * 3
+        assert all(0 <= h <= 1 for h in entry["mean"])
+        assert again[name]["mean"] == pytest.approx(entry["mean"])  # the batch size changes nothing
 
 
 def test_training_lowers_the_loss_and_evaluation_reports_coco_metrics(tiny_data, tmp_path):

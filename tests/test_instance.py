@@ -18,7 +18,7 @@ from reference import (
 )
 
 from liaf_lab import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features
-from liaf_lab.instance import concat_boxes, segment_softmax
+from liaf_lab.instance import concat_boxes, score_entropy, segment_softmax
 
 PROPERTY = settings(max_examples=30, deadline=None)
 
@@ -301,3 +301,62 @@ def test_segment_softmax_ignores_empty_segments():
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     out = segment_softmax(logits, torch.tensor([0, 2, 2]), 4)
     torch.testing.assert_close(out, torch.tensor([[1.0, 1 / (1 + math.e), 1 / (1 + math.exp(-1))]]))
+
+
+# -- Eq. 3's temperature and the scores' entropy --------------------------------------------------------
+@pytest.mark.parametrize("logit_scale", ["none", "sqrt_dim", "learned"])
+def test_selector_logit_scale_matches_reference(logit_scale):
+    sel = InstanceSelectors(4, 3, (2, 2), logit_scale=logit_scale).double()
+    with torch.no_grad():
+        sel.weight.normal_(generator=gen(8))
+    roi = torch.randn(5, 3, 2, 2, generator=gen(9), dtype=torch.float64)
+    index = torch.tensor([0, 0, 1, 1, 1])
+    factor = {"none": 1.0, "sqrt_dim": 12 ** -0.5, "learned": 12 ** -0.5}[logit_scale]
+    torch.testing.assert_close(sel.scores(roi, index), ref_scores(roi, index, sel.weight, factor=factor))
+    if logit_scale != "none":  # the factor changes the scores
+        assert not torch.allclose(sel.scores(roi, index), ref_scores(roi, index, sel.weight))
+    if logit_scale == "learned":
+        with torch.no_grad():
+            sel.log_scale.fill_(1.5)
+        torch.testing.assert_close(sel.scores(roi, index), ref_scores(roi, index, sel.weight, factor=math.exp(1.5)))
+        assert torch.autograd.gradcheck(lambda s: sel.scores(roi, index, factor=s.exp()),
+                                        (torch.tensor(0.3, dtype=torch.float64, requires_grad=True),))
+
+
+def test_selector_logit_scale_is_checked():
+    with pytest.raises(ValueError, match="logit_scale"):
+        InstanceSelectors(2, 3, logit_scale="cosine")
+
+
+def ref_entropy(scores, index, num_images):
+    """Each selector's entropy per image, of the scores renormalised within the image, over log(n)."""
+    out = torch.full((scores.shape[0], num_images), float("nan"), dtype=torch.float64)
+    for k in range(scores.shape[0]):
+        for n in range(num_images):
+            p = [float(scores[k, i]) for i in range(len(index)) if int(index[i]) == n]
+            if len(p) >= 2:
+                total = sum(p)
+                out[k, n] = -sum(x / total * math.log(x / total) for x in p if x > 0) / math.log(len(p))
+    return out
+
+
+@pytest.mark.parametrize("normalize", ["image", "batch"])
+def test_score_entropy_matches_reference(normalize):
+    sel = InstanceSelectors(3, 2, (2, 2), normalize=normalize).double()
+    roi = torch.randn(7, 2, 2, 2, generator=gen(3), dtype=torch.float64) * 3
+    index = torch.tensor([0, 0, 0, 2, 3, 3, 3])
+    with torch.no_grad():
+        scores = sel.scores(roi, index, num_images=5)
+    got = score_entropy(scores, index, 5)
+    want = ref_entropy(scores, index, 5)
+    assert got.shape == (3, 5)
+    assert torch.equal(got.isnan(), want.isnan())  # images 1 and 4 have no boxes, image 2 one
+    torch.testing.assert_close(got.nan_to_num(-1), want.nan_to_num(-1))
+
+
+def test_score_entropy_bounds():
+    index = torch.tensor([0, 0, 0, 1, 1])
+    uniform = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.5, 0.5]])
+    one_hot = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0]])
+    torch.testing.assert_close(score_entropy(uniform, index, 2), torch.ones(1, 2))
+    torch.testing.assert_close(score_entropy(one_hot, index, 2), torch.zeros(1, 2))

@@ -287,3 +287,15 @@ class FeatureDistiller(nn.Module):
                        labels: Sequence[Tensor] | None) -> Stage1Output:
         """The method's stage 1 on checked inputs."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def stage1_stats(self, teacher_feats: Features, boxes: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Per-image statistics of what stage 1 learned, for reports: name -> ``[N, ...]`` (NaN where
+        undefined), e.g. LIAF-KD's selector entropies. Empty for methods that define none."""
+        boxes = self.check_teacher_inputs(teacher_feats, boxes, None)
+        check_values({"teacher_feats": self.at_levels(teacher_feats)}, {"boxes": boxes})
+        return self.compute_stage1_stats({lvl: teacher_feats[lvl] for lvl in self.levels}, boxes)
+
+    def compute_stage1_stats(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor]) -> dict[str, Tensor]:
+        """``stage1_stats`` on checked inputs; none by default."""
+        return {}

@@ -59,3 +59,7 @@ class CombinedDistiller(FeatureDistiller):
                 views.update(out.views)
                 terms.update({self._name(name, k): v for k, v in out.terms.items()})
         return Stage1Output(views, terms)
+
+    def compute_stage1_stats(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor]) -> dict[str, Tensor]:
+        return {f"{name}_{k}": v for name, part in self.parts.items()
+                for k, v in part.compute_stage1_stats(teacher_feats, boxes).items()}

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..instance import InstanceSelectors, Normalize, instance_mask, roi_instance_features
+from ..instance import (
+    InstanceSelectors, LogitScale, Normalize, concat_boxes, instance_mask, roi_instance_features, score_entropy,
+)
 from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, feature_mse
 from .registry import register_distiller
 
@@ -70,6 +72,8 @@ class LIAFDistiller(FeatureDistiller):
         freeze_selectors: keep ``E`` fixed in stage 2; otherwise ``E`` learns from the distillation
             loss plus ``diversity_weight * L_div``.
         diversity_weight: mu of Eq. 5.
+        logit_scale: the temperature of Eq. 3 (``InstanceSelectors``): ``"none"`` (paper),
+            ``"sqrt_dim"`` (``1/sqrt(C h w)``) or ``"learned"`` (learned in stage 1 with ``E``).
     """
 
     two_stage = True
@@ -90,6 +94,7 @@ class LIAFDistiller(FeatureDistiller):
         detach_scores: bool = True,
         freeze_selectors: bool = True,
         diversity_weight: float = 1.0,
+        logit_scale: LogitScale = "none",
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
         self.loss_weight = loss_weight
@@ -106,7 +111,8 @@ class LIAFDistiller(FeatureDistiller):
         self.freeze_selectors = freeze_selectors
         self.diversity_weight = diversity_weight
         self.selectors = nn.ModuleDict({
-            lvl: InstanceSelectors(num_selectors, self.teacher_channels[lvl], self.roi_size, normalize)
+            lvl: InstanceSelectors(num_selectors, self.teacher_channels[lvl], self.roi_size, normalize,
+                                   logit_scale=logit_scale)
             for lvl in self.levels
         })
 
@@ -119,9 +125,12 @@ class LIAFDistiller(FeatureDistiller):
         per_selector: bool = False,
         weight: Tensor | None = None,
         *,
+        factor: Tensor | float | None = None,
         validate: bool = True,
     ) -> Tensor:
         """Eq. 2, 3, 6 on one level: ``[I]`` mean scores, or ``[K, I]`` with ``per_selector``.
+
+        ``weight`` and ``factor`` replace the selectors' rows and logit factor (e.g. detached copies).
 
         ``feats`` must have the teacher's channels (project student features first when they differ).
         ``validate=False`` skips the input checks (the caller has made them) and reads nothing
@@ -130,7 +139,8 @@ class LIAFDistiller(FeatureDistiller):
         roi_feats, batch_index = roi_instance_features(
             feats, boxes, self.strides[level], self.roi_size, self.sampling_ratio, validate=validate
         )
-        scores = self.selectors[level].scores(roi_feats, batch_index, weight, num_images=len(boxes), validate=False)
+        scores = self.selectors[level].scores(roi_feats, batch_index, weight, factor=factor, num_images=len(boxes),
+                                               validate=False)
         return scores if per_selector else scores.mean(dim=0)
 
     def scaled(self, scores: Tensor, boxes: Sequence[Tensor]) -> Tensor:
@@ -172,14 +182,15 @@ class LIAFDistiller(FeatureDistiller):
         """``(M^T, M^S)`` for one level, each ``[N, 1, H, W]``, following the mask options."""
         # The two gradient options are independent: ``freeze_selectors`` stops the gradient into E,
         # ``detach_scores`` the gradient into the features (student and projector) through the scores.
-        weight = self.selectors[level].weight
-        weight = weight.detach() if self.freeze_selectors else weight
+        selectors = self.selectors[level]
+        weight = selectors.weight.detach() if self.freeze_selectors else selectors.weight
+        factor = selectors.logit_factor(detach=self.freeze_selectors)
         size = tuple(teacher.shape[-2:])
         student_in = self.student_roi_input(level, student, projected)
         if self.detach_scores:
             teacher, student_in = teacher.detach(), student_in.detach()
-        a_t = self.instance_scores(level, teacher, boxes, weight=weight, validate=validate)
-        a_s = self.instance_scores(level, student_in, boxes, weight=weight, validate=validate)
+        a_t = self.instance_scores(level, teacher, boxes, weight=weight, factor=factor, validate=validate)
+        a_s = self.instance_scores(level, student_in, boxes, weight=weight, factor=factor, validate=validate)
         if self.mask_side == "shared":
             m = self.level_mask(level, (a_t + a_s) / 2, boxes, size, validate=False)
             return m, m
@@ -246,8 +257,18 @@ class LIAFDistiller(FeatureDistiller):
             masked[lvl] = feats * self.level_mask(lvl, scores, boxes, tuple(feats.shape[-2:]), validate=False)
         return Stage1Output({self.method_name: masked}, {"diversity": self.diversity_weight * self.diversity_loss()})
 
+    def compute_stage1_stats(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor]) -> dict[str, Tensor]:
+        """``selector_entropy_<level>``: ``[N, K]``, each selector's normalised score entropy per image
+        (``score_entropy``; 1 = uniform, 0 = one instance; NaN below two instances)."""
+        stats = {}
+        for lvl, feats in teacher_feats.items():
+            scores = self.instance_scores(lvl, feats, boxes, per_selector=True, validate=False)
+            _, batch_index = concat_boxes(boxes)
+            stats[f"selector_entropy_{lvl}"] = score_entropy(scores, batch_index.to(scores.device), len(boxes)).t()
+        return stats
+
     def stage1_modules(self) -> dict[str, nn.Module]:
-        """Stage 1 trains the selectors ``E``."""
+        """Stage 1 trains the selectors ``E`` (and the learned logit scale)."""
         return {"selectors": self.selectors}
 
     def stage2_parameters(self) -> list[nn.Parameter]:

@@ -118,7 +118,7 @@ def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.op
     raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {cfg.optimizer!r}")
 
 
-def _to_device(images: Sequence[Tensor], targets: Sequence[dict], device: torch.device):
+def to_device(images: Sequence[Tensor], targets: Sequence[dict], device: torch.device):
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
                for t in targets]
@@ -445,7 +445,7 @@ def fit(
         loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate_fn, num_workers=cfg.num_workers,
                             generator=torch.Generator())
         for images, targets in loader:
-            images, targets = _to_device(images, targets, device)
+            images, targets = to_device(images, targets, device)
             reseed(cfg.seed, "step", ddp.rank(), it)
             with torch.autocast(device.type, enabled=use_amp):
                 losses = model(images, targets)

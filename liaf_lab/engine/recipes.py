@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller
-from ..models.detectors import check_num_classes
-from .distributed import resolve_device
+from ..models import detector_features
+from ..models.detectors import check_num_classes, match_levels
+from .distributed import is_main, resolve_device
 from .evaluate import evaluate_coco
-from .loop import FitResult, TrainConfig, fit
+from .loop import FitResult, TrainConfig, to_device, fit
 from .steps import DetectorStep, DistillStep, Stage1Step
 
 
@@ -66,7 +68,43 @@ def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
     result = fit(step, modules, dataset, collate_fn, cfg, out_dir, device, f"stage 1 ({distiller.method_name})",
                  run_config=run_config, new_schedule=new_schedule)
     distiller.mark_stage1(result.iterations)
+    if out_dir is not None and is_main():
+        stats = stage1_stats(teacher, distiller, dataset, collate_fn, device, batch_size=cfg.batch_size)
+        if stats:
+            (Path(out_dir) / "stage1_stats.json").write_text(json.dumps(stats, indent=2))
     return result
+
+
+def stage1_stats(teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
+                 collate_fn: Callable = default_collate, device: torch.device | str | None = None,
+                 batch_size: int = 8, max_images: int = 512) -> dict[str, dict[str, Any]]:
+    """The distiller's ``stage1_stats`` over the first ``max_images`` images of ``dataset``, averaged.
+
+    Returns name -> ``{"mean": [..] (the per-image values' mean over the images where they are
+    defined, one entry per trailing index, e.g. per selector), "images": [..] (how many)}``; empty
+    for a method without statistics. ``learn_stage1`` writes it to ``stage1_stats.json``.
+    """
+    device = resolve_device(device)
+    teacher = teacher.to(device).eval()
+    distiller = distiller.to(device)
+    levels = match_levels(distiller.strides, teacher)
+    subset = Subset(dataset, range(min(len(dataset), max_images)))
+    values: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for images, targets in DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+            images, targets = to_device(images, targets, device)
+            _, targets_t, feats = detector_features(teacher, images, targets)
+            stats = distiller.stage1_stats({lvl: feats[src] for lvl, src in levels.items()},
+                                           [t["boxes"] for t in targets_t])
+            for name, v in stats.items():
+                values.setdefault(name, []).append(v.double().cpu())
+    out = {}
+    for name, parts in values.items():
+        v = torch.cat(parts)
+        defined = ~v.isnan()
+        out[name] = {"mean": v.nan_to_num(0.0).sum(0).div(defined.sum(0).clamp_min(1)).tolist(),
+                     "images": defined.sum(0).tolist()}
+    return out
 
 
 def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
