@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from liaf_lab import create_distiller, list_distillers
+from liaf_lab.distillers import KDInputs
 from liaf_lab.validation import debug_enabled
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
@@ -85,17 +86,42 @@ def make_inputs(num_levels: int, device: torch.device, batch: int = BATCH, seed:
     return strides, student, teacher, boxes, (IMAGE, IMAGE)
 
 
+def make_kd_inputs(num_levels: int, device: torch.device, needs: frozenset[str], num_classes: int = 4,
+                   batch: int = BATCH, seed: int = 0) -> KDInputs:
+    """``make_inputs`` as ``KDInputs``, with what a method ``needs``: random ``cls_logits`` of both
+    sides (one anchor per cell, ``num_classes`` logits), one stride-sized prior per cell (FCOS's), a generator."""
+    strides, student, teacher, boxes, image_size = make_inputs(num_levels, device, batch, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
+                      image_size, [image_size] * batch)
+    if "head_outputs" in needs:
+        inputs.student_head, inputs.teacher_head = (
+            {lvl: {"cls_logits": torch.randn(batch, num_classes, *f.shape[-2:], generator=g).to(device)}
+             for lvl, f in student.items()} for _ in range(2))
+    if "priors" in needs:
+        inputs.priors = {}
+        for lvl, f in student.items():
+            s = strides[lvl]
+            ys, xs = torch.meshgrid(torch.arange(f.shape[-2]), torch.arange(f.shape[-1]), indexing="ij")
+            centre = torch.stack([xs, ys], -1).reshape(-1, 2).float().add(0.5).mul(s)
+            inputs.priors[lvl] = torch.cat([centre - s / 2, centre + s / 2], 1).to(device)
+    if "generator" in needs:
+        inputs.generator = torch.Generator(device).manual_seed(seed)
+    return inputs
+
+
 def distiller_reads(name: str, num_levels: int, device: str | torch.device = "cpu", **options) -> dict[str, int]:
-    """Reads of one ``forward`` (and of one ``stage1``, if the distiller has it) of distiller ``name``.
+    """Reads of one ``loss_terms`` (and of one ``stage1``, if the distiller has it) of distiller ``name``.
 
     ``options``: further keyword arguments of the distiller (e.g. ``mask_scale="count"`` for LIAF).
     """
     device = torch.device(device)
-    strides, student, teacher, boxes, image_size = make_inputs(num_levels, device)
+    strides, _, teacher, boxes, image_size = make_inputs(num_levels, device)
     torch.manual_seed(0)
     distiller = create_distiller(name, student_channels=STUDENT_C, teacher_channels=TEACHER_C,
                                  strides=strides, **options).to(device)
-    calls = {"forward": lambda: distiller(student, teacher, boxes, image_size=image_size)}
+    inputs = make_kd_inputs(num_levels, device, distiller.needs)
+    calls = {"forward": lambda: distiller.loss_terms(inputs)}
     if distiller.two_stage:
         calls["stage1"] = lambda: distiller.stage1(teacher, boxes, image_size=image_size)
     out = {}

@@ -107,3 +107,12 @@ def test_a_study_folder_refuses_another_config_or_thread_count(tmp_path, small):
     _open_study(out, _study_spec("bench", small, {}, threads=1), ["fitnet"], [1])
     saved = json.loads((out / "study.json").read_text())
     assert saved["methods"] == ["none", "fitnet"] and saved["seeds"] == [0, 1]
+    # options of a method no saved run reads (a method new to the folder) change no saved run ...
+    _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5"], {}, threads=1), ["mgd"], [0])
+    assert json.loads((out / "study.json").read_text())["methods"] == ["none", "fitnet", "mgd"]
+    # ... but those of a method that ran, or the options every method shares, do
+    for changed, key in (("kd.fitnet.loss_weight=0.3", "config.kd.fitnet.loss_weight"),
+                         ("kd.mgd.alpha=0.25", "config.kd.mgd.alpha"), ("kd.inherit=true", "config.kd.inherit")):
+        with pytest.raises(StudyError, match=key):
+            _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5", changed], {}, threads=1),
+                        ["none"], [0])

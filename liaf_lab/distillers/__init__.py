@@ -7,13 +7,21 @@ from .fitnet import FitNetDistiller
 from .liaf import InstanceScorer, LIAFDistiller
 from .maskd import MasKDDistiller
 from .mgd import MGDDistiller
+from .acam import ACAMDistiller
+from .defeat import DeFeatDistiller
+from .fgfi import FGFIDistiller
+from .gid import GIDDistiller
+from .ima import IMADistiller
+from .samkd import SAMKDDistiller
 from .combined import CombinedDistiller
 from .registry import (
     BASELINE, create_distiller, list_distillers, method_label, method_options, method_parts, register_distiller,
 )
 
 __all__ = [
-    "BASELINE", "CombinedDistiller", "FGDDistiller", "FeatureDistiller", "FitNetDistiller", "InstanceScorer", "KDInputs", "LIAFDistiller", "MGDDistiller", "MasKDDistiller",
+    "ACAMDistiller", "BASELINE", "CombinedDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
+    "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LIAFDistiller", "MGDDistiller",
+    "MasKDDistiller", "SAMKDDistiller",
     "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_options",
     "method_parts", "register_distiller",
 ]

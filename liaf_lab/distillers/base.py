@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..validation import check_boxes, check_feature_dict, check_image_size, check_level_size, check_values
+from ..validation import (
+    check_boxes,
+    check_feature_dict,
+    check_image_size,
+    check_level_size,
+    check_values,
+)
 
 Channels = int | Mapping[str, int]
 Features = Mapping[str, Tensor]
@@ -203,8 +209,67 @@ class FeatureDistiller(nn.Module):
             raise ValueError(f"distiller {self.method_name!r} needs {sorted(set(missing))}, which a call with features "
                              "and boxes alone does not give; train it with liaf_lab.distill (DistillStep computes "
                              "them from the detectors) or pass them in KDInputs")
-        check_values({"student_feats": self.at_levels(s_feats), "teacher_feats": self.at_levels(t_feats)},
-                     {"boxes": boxes})
+        values = {"student_feats": self.at_levels(s_feats), "teacher_feats": self.at_levels(t_feats)}
+        if "head_outputs" in self.needs:
+            values |= self.check_head_outputs(inputs)
+        if "priors" in self.needs:
+            self.check_priors(inputs)
+            values["priors"] = self.at_levels(inputs.priors)
+            if "head_outputs" in self.needs:
+                self.check_head_anchors(inputs)
+        check_values(values, {"boxes": boxes})
+
+    def check_head_outputs(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """The ``head_keys`` of both sides at every level: ``[N, D, H_l, W_l]`` on the features' grid, the
+        same ``D`` on both sides (shapes only). Returns them by name, for the one value check."""
+        out = {}
+        for lvl in self.levels:
+            n, _, h, w = inputs.student_feats[lvl].shape
+            for key in self.head_keys:
+                shapes = []
+                for side, head in (("student_head", inputs.student_head), ("teacher_head", inputs.teacher_head)):
+                    x = head.get(lvl, {}).get(key) if isinstance(head, Mapping) else None
+                    if x is None:
+                        has = {k: list(v) for k, v in head.items()} if isinstance(head, Mapping) else head
+                        raise ValueError(f"distiller {self.method_name!r} reads {side}[{lvl!r}][{key!r}], which is "
+                                         f"missing (it has {has})")
+                    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] != n or x.shape[2:] != (h, w):
+                        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                        raise ValueError(f"{side}[{lvl!r}][{key!r}] must be [{n}, D, {h}, {w}] (the level's grid), "
+                                         f"got {got}")
+                    shapes.append(x.shape)
+                    out.setdefault(f"{side}[{lvl}]", {})[key] = x
+                if shapes[0] != shapes[1]:
+                    raise ValueError(f"distiller {self.method_name!r}: student and teacher {key!r} at level {lvl!r} "
+                                     f"have shapes {tuple(shapes[0])} and {tuple(shapes[1])}; the two detectors must "
+                                     "have the same classes and anchors per cell")
+        return out
+
+    def priors_per_cell(self, inputs: KDInputs) -> dict[str, int]:
+        """``A`` per level: the priors per cell of the level's grid (from shapes; ``check_priors`` checked them)."""
+        return {lvl: inputs.priors[lvl].shape[0] // (inputs.student_feats[lvl].shape[2] * inputs.student_feats[lvl].shape[3])
+                for lvl in self.levels}
+
+    def check_head_anchors(self, inputs: KDInputs) -> None:
+        """Each head output's channels are ``A * D`` for the ``A`` priors per cell."""
+        for lvl, a in self.priors_per_cell(inputs).items():
+            for key in self.head_keys:
+                channels = inputs.student_head[lvl][key].shape[1]
+                if channels % a:
+                    raise ValueError(f"distiller {self.method_name!r}: {key!r} at level {lvl!r} has {channels} channels, "
+                                     f"not a multiple of the {a} priors per cell")
+
+    def check_priors(self, inputs: KDInputs) -> None:
+        """``priors[level]`` is ``[A * H_l * W_l, 4]`` for a whole number ``A >= 1`` of priors per cell."""
+        for lvl in self.levels:
+            if lvl not in inputs.priors:
+                raise ValueError(f"distiller {self.method_name!r}: priors lack the level {lvl!r}")
+            p, (h, w) = inputs.priors[lvl], inputs.student_feats[lvl].shape[2:]
+            if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[1] != 4 or p.shape[0] == 0 \
+                    or p.shape[0] % (h * w):
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"priors[{lvl!r}] must be [A * {h} * {w}, 4] (A priors per cell of the level's "
+                                 f"grid), got {got}")
 
     # -- stage 2 --------------------------------------------------------------------------------
     def loss_terms(self, inputs: KDInputs) -> dict[str, Tensor]:

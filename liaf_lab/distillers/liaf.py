@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..instance import (
-    InstanceSelectors, LogitScale, Normalize, concat_boxes, instance_mask, roi_instance_features, score_entropy,
+    InstanceSelectors,
+    LogitScale,
+    Normalize,
+    concat_boxes,
+    instance_mask,
+    roi_instance_features,
+    score_entropy,
 )
 from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, feature_mse
 from .registry import register_distiller

@@ -1,0 +1,341 @@
+"""ACAM-KD: Adaptive and Cooperative Attention Masking for Knowledge Distillation (Lan and Tian).
+
+The paper has no public code; every equation below is the paper's (Eq. 2-9) and every choice the
+paper leaves open is an option of ``ACAMDistiller``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
+
+from .base import Channels, FeatureDistiller, KDInputs
+from .maskd import dice_coeff
+from .registry import register_distiller
+
+ChannelUnits = Literal["scalar", "vector"]
+Detach = Literal["none", "student"]
+DiceMasks = Literal["both", "channel", "spatial"]
+DiceForm = Literal["ratio", "pairwise"]
+LevelReduction = Literal["sum", "mean"]
+BatchReduction = Literal["image", "pooled"]
+
+
+def mask_diversity(masks: Tensor) -> Tensor:
+    """Eq. 8 per image, averaged over images: ``2 sum_{i != j} M_i . M_j / (sum_i |M_i|^2 + sum_j |M_j|^2)``.
+
+    ``masks`` is ``[N, M, D]`` (D: the channels or the cells of one mask); returns a scalar. Both sums of
+    the denominator run over all M masks, so per image this is ``sum_{i != j} M_i . M_j / sum_i |M_i|^2``
+    (0 for orthogonal masks, ``M - 1`` for identical ones). Sigmoid masks are positive, so the
+    denominator is too.
+    """
+    gram = masks @ masks.transpose(1, 2)  # [N, M, M]: M_i . M_j
+    norms = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1)  # [N]: sum_i |M_i|^2
+    return ((gram.sum(dim=(1, 2)) - norms) / norms).mean()
+
+
+def _attend_chunk(teacher_rows: Tensor, query: nn.Linear, key: Tensor, spatial_weight: Tensor, spatial_bias: Tensor,
+                  *groups: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 2-5 for one block of query cells, without ``W_v`` (applied by the caller, see ``fused_masks``).
+
+    Args:
+        teacher_rows: ``[N, R, C]`` the teacher features of R query cells (channels last).
+        query: ``W_q`` of Eq. 2 (``C -> C_q``).
+        key: ``[N, HW, C_q]`` ``K`` of Eq. 2 for every cell.
+        spatial_weight, spatial_bias: ``m^s W_v`` ``[M, C]`` and ``m^s b_v`` ``[M]``.
+        groups: the (aligned) student features ``[N, HW, C / G]`` split into G channel groups, each
+            as wide as ``C_q`` where ``C_q`` divides ``C`` (fused kernels need value, query and key of
+            one width); the attention weights are the same for every group.
+    Returns:
+        ``(m^s . z)`` of the R cells ``[N, R, M]`` and the sum over the R cells of ``A f_align(F^S)`` ``[N, C]``.
+    """
+    q = query(teacher_rows)[:, None]  # [N, 1, R, C_q]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.cat([  # Eq. 3: softmax over the HW keys of Q K / sqrt(C_q), times each group
+        F.scaled_dot_product_attention(q, key[:, None], group[:, None], scale=scale)[:, 0] for group in groups
+    ], dim=2)  # A f_align(F^S): [N, R, C]
+    return out @ spatial_weight.T + spatial_bias, out.sum(dim=1)
+
+
+class SquaredErrorSums(torch.autograd.Function):
+    """``D^2 = (F^T - f_align(F^S))^2`` summed over channels and over cells: all that Eq. 6-7 read of ``D``.
+
+    ``forward(teacher, *groups)`` takes the teacher ``[G, N, HW, C / G]`` (channel ``g C / G + j`` at
+    ``[g, :, :, j]``) and the aligned student as G tensors ``[N, HW, C / G]``, and returns ``[N, HW]``
+    and ``[N, C]`` in at least float32 (sums over HW overflow half precision). It keeps only its inputs
+    for the backward pass, which forms ``D`` once more instead of keeping ``D`` or ``D^2``.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher: Tensor, *groups: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(teacher, *groups)
+        wide = torch.promote_types(teacher.dtype, torch.float32)
+        cells, channels = 0, []
+        for g, group in enumerate(groups):
+            sq = (teacher[g].to(wide) - group).square_()
+            cells = cells + sq.sum(dim=2)
+            channels.append(sq.sum(dim=1))
+        return cells, torch.cat(channels, dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_cells: Tensor, grad_channels: Tensor) -> tuple[Tensor | None, ...]:
+        teacher, *groups = ctx.saved_tensors
+        grad_groups = grad_channels.chunk(len(groups), dim=1)
+        grads = [  # d/dS of sum_{p,k} D^2 w = -2 D w, with D = T - S
+            (group.to(grad_cells.dtype) - teacher[g]).mul_(grad_cells[:, :, None] + grad_groups[g][:, None, :]).mul_(2)
+            for g, group in enumerate(groups)
+        ]
+        teacher_grad = -torch.stack(grads).to(teacher.dtype) if ctx.needs_input_grad[0] else None
+        return teacher_grad, *(grad.to(group.dtype) for grad, group in zip(grads, groups))
+
+
+class CooperativeMasking(nn.Module):
+    """STCA-FF and ASCM of one FPN level (Sec. 3.1-3.2): the fusion projections and the selection units.
+
+    Args:
+        channels: C (the teacher's; the student side is aligned first).
+        num_masks: M.
+        channel_units: ``"scalar"``: ``m^c`` in ``R^M`` as the paper writes it, so
+            ``M^c_{m,k} = sigmoid(m^c_m v_k)`` (an outer product); ``"vector"``: ``m^c`` in ``R^{M x C}``,
+            ``M^c_{m,k} = sigmoid(m^c_{m,k} v_k)``.
+
+    ``W_q``, ``W_k`` (``C -> C_q = C // 2``, at least 1) and ``W_v`` (``C -> C``) are the 1x1 convs of
+    Eq. 2, kept as ``nn.Linear`` (the same map and initialisation) because they act on channels-last
+    ``[N, HW, C]`` features. The units start from N(0, 0.01) (assumption: MasKD's token init; the paper
+    gives none), so every mask starts near 0.5.
+    """
+
+    def __init__(self, channels: int, num_masks: int, channel_units: ChannelUnits) -> None:
+        super().__init__()
+        reduced = max(channels // 2, 1)
+        self.query = nn.Linear(channels, reduced)
+        self.key = nn.Linear(channels, reduced)
+        self.value = nn.Linear(channels, channels)
+        unit_shape = (num_masks,) if channel_units == "scalar" else (num_masks, channels)
+        self.channel_units = nn.Parameter(torch.empty(unit_shape).normal_(0, 0.01))
+        self.spatial_units = nn.Parameter(torch.empty(num_masks, channels).normal_(0, 0.01))
+        # value groups of width C_q where C_q divides C (so fused kernels accept the attention)
+        self.groups = channels // reduced if channels % reduced == 0 else 1
+
+    def fused_masks(self, teacher: Tensor, groups: tuple[Tensor, ...], rows_per_block: int) -> tuple[Tensor, Tensor]:
+        """Eq. 2-5: the channel masks ``M^c`` ``[N, M, C]`` and the spatial masks ``M^s`` ``[N, M, HW]``.
+
+        Args:
+            teacher: ``[N, HW, C]`` ``F^T`` (channels last).
+            groups: the aligned student ``f_align(F^S)`` as ``self.groups`` contiguous channel groups
+                ``[N, HW, C / G]`` (channels ``g C / G`` to ``(g + 1) C / G - 1`` in group g).
+            rows_per_block: query cells per attention call.
+
+        ``F_fused = A V`` (Eq. 4) is never formed, nor is ``A``: the masks read ``F_fused`` only through
+        ``v = mean_HW F_fused`` and ``m^s . z``, and since each row of ``A`` sums to 1,
+        ``A V = (A f_align(F^S)) W_v^T + b_v``. So each block of query cells attends over the aligned
+        student itself (``scaled_dot_product_attention``), keeps only ``[N, R, M]`` and ``[N, C]``, and is
+        recomputed in the backward pass (``torch.utils.checkpoint``), so no ``[N, HW, C]`` output and,
+        where the attention falls back to the math kernel, no ``[N, R, HW]`` block outlives its call.
+        """
+        cells = groups[0].shape[1]
+        key_weights = self.key.weight.chunk(len(groups), dim=1)
+        key = self.key.bias + sum(group @ w.T for group, w in zip(groups, key_weights))  # Eq. 2: [N, HW, C_q]
+        spatial_weight = self.spatial_units @ self.value.weight  # m^s W_v: [M, C]
+        spatial_bias = self.spatial_units @ self.value.bias  # [M]
+        logits, sums = [], []
+        for start in range(0, cells, rows_per_block):
+            args = (teacher[:, start:start + rows_per_block], self.query, key, spatial_weight, spatial_bias, *groups)
+            if torch.is_grad_enabled():
+                block_logits, block_sum = recompute_in_backward(_attend_chunk, *args, use_reentrant=False,
+                                                                preserve_rng_state=False)
+            else:
+                block_logits, block_sum = _attend_chunk(*args)
+            logits.append(block_logits)
+            sums.append(block_sum)
+        spatial = torch.sigmoid(torch.cat(logits, dim=1).transpose(1, 2))  # Eq. 5: sigma(m^s . z), [N, M, HW]
+        pooled = self.value(torch.stack(sums).sum(dim=0) / cells)  # v = mean_HW F_fused: [N, C]
+        units = self.channel_units if self.channel_units.dim() == 2 else self.channel_units[:, None]
+        channel = torch.sigmoid(units[None] * pooled[:, None, :])  # Eq. 5: sigma(m^c . v), [N, M, C]
+        return channel, spatial
+
+
+@register_distiller("acam", label="ACAM-KD")
+class ACAMDistiller(FeatureDistiller):
+    """ACAM-KD: cross-attention fusion of teacher and student, adaptive channel and spatial masks.
+
+    Per FPN level, with ``F^T`` the teacher feature and ``f_align(F^S)`` the aligned student
+    (``[N, C, H, W]``), the terms of Eq. 9 are
+
+    * ``channel``: ``alpha * L^c_distill`` (Eq. 6),
+      ``(1/M) sum_m ||M^c_m (F^T - f_align(F^S))||^2 / (HW sum_k M^c_{m,k})``;
+    * ``spatial``: ``alpha * L^s_distill`` (Eq. 7),
+      ``(1/M) sum_m ||M^s_m (F^T - f_align(F^S))||^2 / (C sum_p M^s_{m,p})``;
+    * ``div``: ``lambda_div * L_div`` (Eq. 8, Dice diversity of the masks).
+
+    The masks come from ``F_fused = softmax(Q K / sqrt(C_q)) V`` (Eq. 2-4: Q from the teacher, K and
+    V from the student, 1x1 projections, ``C_q = C / 2``) through ``sigmoid(m^c . v)`` and
+    ``sigmoid(m^s . z)`` (Eq. 5; ``v`` the spatial mean of ``F_fused``, ``z`` its flattened cells).
+    Everything learns in the one distillation stage, jointly with the student ("our approach learns
+    masks adaptively and continuously throughout the KD process", Sec. 3; "dynamically generates
+    feature importance masks during distillation", Sec. 3.2): ``two_stage`` is False.
+
+    What the paper leaves open, and the choice made:
+
+    * Eq. 2 writes ``K = W_k F^S`` with ``F^S`` of C channels; K and V read the aligned student
+      ``f_align(F^S)`` (the tensor Eq. 6-7 compare), so ``W_k``, ``W_v`` are ``C_t``-wide.
+    * The sum of Eq. 9 is minimised over everything, with no stop-gradient stated: by default
+      (``detach="none"``) the fused feature, and through it the masks, carry gradient into the student
+      and ``f_align``. Note that the masks sit squared in the numerator and once in the denominator,
+      so the distillation terms alone favour small masks.
+    * Eq. 5's ``m^c in R^M`` times ``v in R^{1 x C}`` gives ``M^c in R^{M x C}`` only as an outer
+      product (``channel_units="scalar"``); ``"vector"`` is the per-channel reading.
+    * Eq. 8 is written for "a set of learnable masks" after both sets are defined and Eq. 9 has one
+      ``L_div``: by default (``dice_masks="both"``) the term is the sum of Eq. 8 over the channel and
+      over the spatial masks; Sec. 5.4 and Fig. 3 speak of the spatial masks only (``"spatial"``).
+      Eq. 8 is one ratio of sums (``dice_form="ratio"``, the default); ``"pairwise"`` is MasKD's public
+      ``dice_coeff`` (the mean over pairs of ``2 a.b / (a.a + b.b)``), which the paper's name for the
+      loss suggests.
+    * The equations are per image: ``batch_reduction="image"`` averages each image's Eq. 6-7 over
+      the batch; ``"pooled"`` sums numerators and normalisers over the batch first. Eq. 8 is always
+      averaged over images. Levels: summed (``level_reduction="sum"``, as MasKD and FGD sum their FPN
+      losses) or averaged.
+    * One fusion module and one set of units per level (assumption, as MasKD keeps one mask module per
+      level).
+
+    Args (beyond ``FeatureDistiller``'s):
+        alpha: alpha of Eq. 9 (paper: 1).
+        lambda_div: lambda of Eq. 9 (paper: 1).
+        num_masks: M, for both the channel and the spatial masks (paper: 6 for detection); at least 2.
+        projector: learn ``f_align``, a 1x1 conv per level (also where the channels agree, as MasKD's
+            align module); without it the channels must agree.
+        channel_units, detach, dice_masks, dice_form, batch_reduction, level_reduction: see above;
+            ``detach="student"`` feeds K and V a detached ``f_align(F^S)``, so the student and
+            ``f_align`` learn from the masked difference only while the fusion and units still learn.
+        query_chunk: query cells per attention call (a block of rows of ``A``; the HW x HW ``A`` is never
+            formed, see ``CooperativeMasking.fused_masks``).
+        max_attention_elements: the most elements one call's attention block (images x query cells x
+            HW) may have, the memory the math kernel would take for it; blocks shrink to
+            fit, and a level where even one query cell per image does not fit is a ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        student_channels: Channels,
+        teacher_channels: Channels,
+        strides: Mapping[str, float],
+        alpha: float = 1.0,
+        lambda_div: float = 1.0,
+        num_masks: int = 6,
+        projector: bool = True,
+        channel_units: ChannelUnits = "scalar",
+        detach: Detach = "none",
+        dice_masks: DiceMasks = "both",
+        dice_form: DiceForm = "ratio",
+        batch_reduction: BatchReduction = "image",
+        level_reduction: LevelReduction = "sum",
+        query_chunk: int = 1024,
+        max_attention_elements: int = 2**28,
+    ) -> None:
+        super().__init__(student_channels, teacher_channels, strides)
+        for name, value in (("alpha", alpha), ("lambda_div", lambda_div)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, value, allowed in (("channel_units", channel_units, ("scalar", "vector")),
+                                     ("detach", detach, ("none", "student")),
+                                     ("dice_masks", dice_masks, ("both", "channel", "spatial")),
+                                     ("dice_form", dice_form, ("ratio", "pairwise")),
+                                     ("batch_reduction", batch_reduction, ("image", "pooled")),
+                                     ("level_reduction", level_reduction, ("sum", "mean"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if num_masks < 2:
+            raise ValueError(f"num_masks must be at least 2 (the diversity term compares pairs), got {num_masks!r}")
+        for name, value in (("query_chunk", query_chunk), ("max_attention_elements", max_attention_elements)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.alpha = alpha
+        self.lambda_div = lambda_div
+        self.num_masks = num_masks
+        self.channel_units = channel_units
+        self.detach = detach
+        self.dice_masks = dice_masks
+        self.dice_form = dice_form
+        self.batch_reduction = batch_reduction
+        self.level_reduction = level_reduction
+        self.query_chunk = query_chunk
+        self.max_attention_elements = max_attention_elements
+        self.projectors = self.make_projectors(projector)
+        self.masking = nn.ModuleDict({
+            lvl: CooperativeMasking(self.teacher_channels[lvl], num_masks, channel_units) for lvl in self.levels
+        })
+
+    def rows_per_block(self, level: str, images: int, cells: int) -> int:
+        """Query cells per attention call at ``level``: ``query_chunk``, fewer where the block
+        (images x rows x ``cells``) would exceed ``max_attention_elements``."""
+        per_row = max(images * cells, 1)
+        rows = min(self.query_chunk, cells, self.max_attention_elements // per_row)
+        if rows < 1:
+            raise ValueError(
+                f"{self.label} level {level!r}: the attention over {cells} cells for {images} images needs "
+                f"{per_row} elements per query cell, more than max_attention_elements="
+                f"{self.max_attention_elements}; distil a coarser level or raise max_attention_elements")
+        return rows
+
+    def masked_losses(self, channel: Tensor, spatial: Tensor, cell_sq: Tensor,
+                      channel_sq: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. 6 and Eq. 7 of one level: ``(L^c, L^s)``, scalars.
+
+        ``channel`` ``[N, M, C]`` and ``spatial`` ``[N, M, HW]`` are the masks; ``cell_sq`` ``[N, HW]`` and
+        ``channel_sq`` ``[N, C]`` the squared difference summed over channels and over cells. A mask
+        constant over cells (channels) factors out of the norm, so
+        ``||M^c_m D||^2 = sum_k (M^c_{m,k})^2 sum_p D_{k,p}^2`` and likewise for ``M^s``.
+        """
+        cells, channels = cell_sq.shape[1], channel_sq.shape[1]
+        parts = []
+        for masks, sq, size in ((channel, channel_sq, cells), (spatial, cell_sq, channels)):
+            numerator = (masks.square() @ sq[:, :, None])[..., 0]  # [N, M]
+            normaliser = size * masks.sum(dim=2)  # [N, M]
+            if self.batch_reduction == "image":
+                parts.append((numerator / normaliser).mean())
+            else:
+                parts.append((numerator.sum(dim=0) / normaliser.sum(dim=0)).mean())
+        return parts[0], parts[1]
+
+    def diversity(self, channel: Tensor, spatial: Tensor) -> Tensor:
+        """``L_div`` of one level (Eq. 8 or ``dice_coeff``) over the masks ``dice_masks`` names."""
+        form = mask_diversity if self.dice_form == "ratio" else dice_coeff
+        chosen = {"both": (channel, spatial), "channel": (channel,), "spatial": (spatial,)}[self.dice_masks]
+        return torch.stack([form(masks) for masks in chosen]).sum()
+
+    def level_terms(self, level: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(L^c, L^s, L_div)`` of one level (Eq. 2-8) for ``student`` ``[N, C_s, H, W]`` and ``teacher``
+        ``[N, C_t, H, W]``."""
+        n, _, height, width = teacher.shape
+        cells = height * width
+        rows = self.rows_per_block(level, n, cells)
+        masking = self.masking[level]
+        size = (n, masking.groups, teacher.shape[1] // masking.groups, cells)
+        # f_align(F^S) and F^T as [G, N, HW, C / G]: the student's contiguous (each group one block), the
+        # teacher's a view
+        aligned = self.projectors[level](student).reshape(size).permute(1, 0, 3, 2).contiguous()
+        teacher_groups = teacher.reshape(size).permute(1, 0, 3, 2)
+        groups = aligned.unbind(0)
+        key_value = tuple(g.detach() for g in groups) if self.detach == "student" else groups
+        channel, spatial = masking.fused_masks(teacher.flatten(2).transpose(1, 2), key_value, rows)
+        with torch.autocast(teacher.device.type, enabled=False):  # sums over HW overflow half precision
+            cell_sq, channel_sq = SquaredErrorSums.apply(teacher_groups, *groups)
+            channel, spatial = channel.to(cell_sq.dtype), spatial.to(cell_sq.dtype)
+            loss_c, loss_s = self.masked_losses(channel, spatial, cell_sq, channel_sq)
+            return loss_c, loss_s, self.diversity(channel, spatial)
+
+    def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        """Eq. 9 without the task loss: ``channel`` and ``spatial`` (times ``alpha``) and ``div`` (times
+        ``lambda_div``), each reduced over levels by ``level_reduction``."""
+        s, t = inputs.student_feats, inputs.teacher_feats
+        per_level = torch.stack([torch.stack(self.level_terms(lvl, s[lvl], t[lvl])) for lvl in self.levels])
+        total = per_level.sum(dim=0) if self.level_reduction == "sum" else per_level.mean(dim=0)
+        return {"channel": self.alpha * total[0], "spatial": self.alpha * total[1], "div": self.lambda_div * total[2]}
