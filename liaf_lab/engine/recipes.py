@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import collate_fn as default_collate
@@ -17,7 +17,7 @@ from ..models import detector_features
 from ..models.detectors import check_num_classes, match_levels
 from .distributed import is_main, resolve_device
 from .evaluate import evaluate_coco
-from .loop import FitResult, TrainConfig, to_device, fit
+from .loop import FitResult, TrainConfig, fit, to_device
 from .steps import DetectorStep, DistillStep, Stage1Step
 
 
