@@ -60,6 +60,8 @@ def build(name: str, num_classes: int, seed: int) -> nn.Module:
         return RetinaNet(r18_fpn(True), num_classes, **SMALL)
     if name == "fcos":
         return FCOS(r18_fpn(True), num_classes, **SMALL)
+    if name == "gfl":  # liaf_lab's own (torchvision has no GFL)
+        return tiny("gfl", num_classes, seed)
     if name == "fasterrcnn":
         return FasterRCNN(r18_fpn(False), num_classes, **SMALL, **RCNN_SMALL)
     if name == "maskrcnn":
@@ -143,7 +145,7 @@ def test_detector_features_is_the_path_of_run_detector():
 
 # -- every torchvision detector trains and distils through the public API -------------------------------
 
-@pytest.mark.parametrize("name", ["retinanet", "fcos", "fasterrcnn", "mobilenet", "maskrcnn"])
+@pytest.mark.parametrize("name", ["retinanet", "fcos", "gfl", "fasterrcnn", "mobilenet", "maskrcnn"])
 def test_train_and_distill_any_torchvision_detector(shapes, name):
     num_classes = len(shapes.class_names) + 1
     student, teacher = build(name, num_classes, 0), build(name, num_classes, 1)

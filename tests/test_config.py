@@ -15,7 +15,8 @@ SHIPPED_TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
 def test_presets_pass_their_own_check(name):
     cfg = load_config(name)
     assert set(cfg) == {"data", "input", "teacher", "student", "kd", "train_teacher", "stage1", "distill"}
-    assert input_size(cfg) == {"tiny": (160, 267), "bench": (160, 267), "paper": (800, 1333)}[name]
+    assert input_size(cfg) == {"tiny": (160, 267), "bench": (160, 267), "paper": (800, 1333), "gfl_tiny": (160, 267),
+                                "gfl_coco": (800, 1333), "gfl_kitti": (800, 1333)}[name]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -25,7 +26,7 @@ def test_presets_pass_their_own_check(name):
                          r"'test_images', 'test_ann', 'skip_bad_images'\]"),
     ("kd.liaf.loss_wieght=5", r"unknown key kd.liaf.loss_wieght; the options of 'liaf' are \['loss_weight', "
                               r"'projector', 'num_selectors', 'roi_size', 'sampling_ratio', 'normalize', 'mask_scale', "
-                              r"'mask_side', 'detach_scores', 'freeze_selectors', 'diversity_weight'\]"),
+                              r"'mask_side', 'detach_scores', 'freeze_selectors', 'diversity_weight', 'logit_scale'\]"),
     ("kd.mask_scale=count", r"kd.mask_scale is an option of \['liaf'\]: set it per method, e.g. kd.liaf.mask_scale"),
     ("kd.nope.x=1", r"no distiller is registered as 'nope' \(\[kd.nope\]\); registered: \["),
     ("kd.liaf.mask_ratio=0.65", r"unknown key kd.liaf.mask_ratio; the options of 'liaf' are"),
@@ -47,7 +48,7 @@ def test_presets_pass_their_own_check(name):
     ("kd.liaf.normalize=images", r"kd.liaf.normalize='images' must be one of \['image', 'batch'\]"),
     ("kd.inherit=1", r"kd.inherit=1 must be true or false"),
     ("kd.fitnet.loss_weight=-1", r"kd.fitnet.loss_weight=-1 must be a non-negative number"),
-    ("teacher.arch=yolo", r"teacher.arch='yolo' must be one of \['retinanet', 'fcos', 'fasterrcnn'\]"),
+    ("teacher.arch=yolo", r"teacher.arch='yolo' must be one of \['retinanet', 'fcos', 'fasterrcnn', 'gfl'\]"),
     ("input.min_size=320.0", r"input.min_size=320.0 must be a positive int"),
     ("input.max_size=100", r"input.min_size=160 is larger than input.max_size=100"),
     ("data.kind=kitti", r"\[data\] with kind = 'kitti': missing keys \['root'\]; its keys are "

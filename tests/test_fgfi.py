@@ -17,7 +17,8 @@ from torch.func import functional_call
 
 from liaf_lab.distillers import create_distiller, method_label, method_options
 from liaf_lab.distillers.base import KDInputs
-from liaf_lab.distillers.fgfi import FGFIDistiller, imitation_masks, prior_boxes
+from liaf_lab.distillers.base import prior_boxes
+from liaf_lab.distillers.fgfi import FGFIDistiller, imitation_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads
@@ -74,11 +75,12 @@ def ref_iou(a: list[float], b: list[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def ref_priors(priors: Tensor, side: float) -> list[list[float]]:
-    """Each prior as floats; a zero-area one becomes the ``side``-wide square on its centre."""
+def ref_priors(priors: Tensor, stride: float, scale: float) -> list[list[float]]:
+    """Each prior as floats; a point (both sides at most one stride) becomes the ``scale * stride`` square on it."""
     out = []
+    side = scale * stride
     for p in priors.tolist():
-        if (p[2] - p[0]) * (p[3] - p[1]) > 0:
+        if p[2] - p[0] > stride or p[3] - p[1] > stride:
             out.append(p)
         else:
             cx, cy = (p[0] + p[2]) / 2, (p[1] + p[3]) / 2
@@ -91,7 +93,7 @@ def ref_masks(priors, boxes, strides, psi: float, scale: float, iou_max: str) ->
     per box the IoU map over the priors, its max (this level, or every level), and every cell with an
     anchor above ``psi * max`` (OR over anchors and boxes)."""
     levels = list(strides)
-    plist = {lvl: ref_priors(priors[lvl], scale * strides[lvl]) for lvl in levels}
+    plist = {lvl: ref_priors(priors[lvl], strides[lvl], scale) for lvl in levels}
     masks = {lvl: [] for lvl in levels}
     for image_boxes in boxes:
         per_level = {lvl: [[0.0] * SIZES[lvl][1] for _ in range(SIZES[lvl][0])] for lvl in levels}
@@ -210,10 +212,11 @@ def test_a_box_equal_to_an_anchor_marks_the_cells_of_its_good_anchors():
     assert imitation_masks(priors, [box], {"p3": (8, 10)}, {"p3": 4.0}, psi=0.0)["p3"].sum() > 5
 
 
-def test_point_priors_become_stride_sized_squares():
-    points = torch.tensor([[10.0, 6.0, 10.0, 6.0], [0.0, 0.0, 4.0, 8.0]], dtype=torch.float64)
-    torch.testing.assert_close(prior_boxes(points, 8.0), torch.tensor([[6.0, 2.0, 14.0, 10.0], [0.0, 0.0, 4.0, 8.0]],
-                                                                      dtype=torch.float64))
+def test_point_priors_become_squares_of_point_prior_scale_strides():
+    """A zero-size point and a one-cell anchor (torchvision FCOS) are points; a wider anchor is kept."""
+    priors = torch.tensor([[10.0, 6.0, 10.0, 6.0], [0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 8.0]], dtype=torch.float64)
+    want = torch.tensor([[6.0, 2.0, 14.0, 10.0], [-2.0, -2.0, 6.0, 6.0], [0.0, 0.0, 4.0, 8.0]], dtype=torch.float64)
+    torch.testing.assert_close(prior_boxes(priors, 4.0, 2.0), want)
 
 
 def test_gradcheck_tiny_double():

@@ -98,6 +98,17 @@ def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
     return F.mse_loss(student, teacher, reduction="mean")
 
 
+def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tensor:
+    """The box each prior ``[P, 4]`` stands for -> ``[P, 4]``: the prior itself, or for a point prior
+    (both sides ``<= stride``: an anchor-free detector's location, e.g. FCOS's one-cell anchor or a
+    zero-size point) the square of side ``point_prior_scale * stride`` centred on it."""
+    centre = (priors[:, :2] + priors[:, 2:]) / 2
+    half = point_prior_scale * stride / 2
+    square = torch.cat([centre - half, centre + half], dim=1)
+    point = ((priors[:, 2:] - priors[:, :2]) <= stride).all(dim=1, keepdim=True)
+    return torch.where(point, square, priors)
+
+
 class FeatureDistiller(nn.Module):
     """The base of every distiller: its FPN levels, channels and strides, the input checks, the stages.
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, prior_boxes
 from .registry import register_distiller
 
 IoUMax = Literal["level", "all"]
@@ -42,14 +42,6 @@ def adaptation_layers(student_channels: Mapping[str, int], teacher_channels: Map
     return nn.ModuleDict(layers)
 
 
-def prior_boxes(priors: Tensor, side: float) -> Tensor:
-    """``priors [P, 4]``, each zero-area prior (an anchor-free point) replaced by the ``side``-wide square on it."""
-    area = (priors[:, 2] - priors[:, 0]) * (priors[:, 3] - priors[:, 1])
-    centre = (priors[:, :2] + priors[:, 2:]) / 2
-    square = torch.cat([centre - side / 2, centre + side / 2], dim=1)
-    return torch.where((area > 0)[:, None], priors, square)
-
-
 def imitation_masks(
     priors: Mapping[str, Tensor],
     boxes: Sequence[Tensor],
@@ -65,7 +57,7 @@ def imitation_masks(
     ``F = psi * max(m)`` (strictly above); a cell is in the mask where any of its ``A`` priors passes
     for any box of its image (OR over anchors and boxes). ``iou_max="level"`` takes ``max(m)`` over
     the level's priors (the public code's single feature map); ``"all"`` over the priors of every
-    level in ``sizes``. Zero-area priors become squares of side ``point_prior_scale * stride``.
+    level in ``sizes``. Point priors (``base.prior_boxes``) become squares of side ``point_prior_scale * stride``.
 
     Args:
         priors: level -> ``[H*W*A, 4]`` in input pixels, cells row-major then anchors (shared by the images).
@@ -78,7 +70,7 @@ def imitation_masks(
     dtype = torch.promote_types(torch.promote_types(first.dtype, torch.float32),
                                 boxes[0].dtype if len(boxes) else torch.float32)
     rois, batch_index = concat_boxes([b.to(first.device, dtype) for b in boxes])
-    ious = {lvl: box_iou(prior_boxes(priors[lvl].to(dtype), point_prior_scale * strides[lvl]), rois)
+    ious = {lvl: box_iou(prior_boxes(priors[lvl].to(dtype), strides[lvl], point_prior_scale), rois)
             for lvl in sizes}  # [P, I]
     best = {lvl: iou.amax(dim=0) for lvl, iou in ious.items()}  # [I]
     if iou_max == "all":
@@ -116,9 +108,9 @@ class FGFIDistiller(FeatureDistiller):
           DeFeat port also drops it for FPN levels).
         * IoU is torchvision's ``box_iou`` (continuous coordinates; the public code adds 1 pixel).
         * An empty mask gives 0 (``N_p`` clamped to at least 1; the public code divides by 0).
-        * Anchor-free detectors (FCOS) give zero-area points: each becomes a square of side
-          ``point_prior_scale * stride`` (8, the octave base scale of ATSS/GFL anchors; the paper
-          treats anchor-based detectors only).
+        * Anchor-free detectors give point priors (FCOS: one cell, or zero size): each becomes a
+          square of side ``point_prior_scale * stride`` (8, the octave base scale of ATSS/GFL
+          anchors; the paper treats anchor-based detectors only), as GID does (``base.prior_boxes``).
 
     Args (beyond ``FeatureDistiller``'s):
         loss_weight: the imitation loss weight lambda (public ``--ilw`` default 0.01).

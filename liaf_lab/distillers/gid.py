@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, prior_boxes
 from .registry import register_distiller
 
 RoiLevel = Literal["size", "prior"]
@@ -50,16 +50,6 @@ def flat_logits(logits: Tensor, num_priors: int) -> Tensor:
     n, channels, h, w = logits.shape
     a = num_priors // (h * w)
     return logits.view(n, a, channels // a, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, channels // a)
-
-
-def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tensor:
-    """The GI box of each prior ``[P, 4]`` -> ``[P, 4]``: the prior itself, or for a point prior (both
-    sides ``<= stride``) the square of side ``point_prior_scale * stride`` centred on it."""
-    centre = (priors[:, :2] + priors[:, 2:]) / 2
-    half = point_prior_scale * stride / 2
-    square = torch.cat([centre - half, centre + half], dim=1)
-    point = ((priors[:, 2:] - priors[:, :2]) <= stride).all(dim=1, keepdim=True)
-    return torch.where(point, square, priors)
 
 
 def pair_iou(a: Tensor, b: Tensor) -> Tensor:

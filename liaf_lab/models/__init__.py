@@ -1,5 +1,6 @@
-"""torchvision detectors: a factory on width-scaled ResNet-FPN backbones, and one forward pass that exposes
-the FPN of any torchvision RetinaNet, FCOS or Faster R-CNN (levels and strides read from feature shapes)."""
+"""torchvision detectors (and liaf_lab's GFL): a factory on width-scaled ResNet-FPN backbones, and one forward pass
+that exposes the FPN of any torchvision RetinaNet, FCOS or Faster R-CNN, or a GFL (levels and strides read from
+feature shapes)."""
 
 from .backbones import ScaledResNet, backbone_strides, eval_mode, fpn_levels, resnet_fpn
 from .detectors import (
@@ -17,10 +18,11 @@ from .detectors import (
     save_detector,
     shared_strides,
 )
+from .gfl import GFL
 from .taps import DetectorOutput, detector_arch, detector_features, head_outputs, loss_on_features, run_detector
 
 __all__ = [
-    "DETECTOR_CLASSES", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "check_num_classes",
+    "DETECTOR_CLASSES", "GFL", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "check_num_classes",
     "count_parameters", "create_detector", "default_anchor_sizes", "detector_arch", "detector_features",
     "detector_meta", "detector_num_classes", "eval_mode", "fpn_levels", "fpn_strides", "head_outputs",
     "load_detector_weights",

@@ -1,12 +1,12 @@
-"""Factory for torchvision RetinaNet / FCOS / Faster R-CNN on a width-scaled ResNet-FPN.
+"""Factory for torchvision RetinaNet / FCOS / Faster R-CNN and liaf_lab's GFL on a width-scaled ResNet-FPN.
 
-Class convention (the same for all three archs): ``num_classes`` counts the background, i.e. it is
+Class convention (the same for all four archs): ``num_classes`` counts the background, i.e. it is
 the number of foreground classes + 1, and target labels are ``1..num_classes-1`` with 0 meaning
 background. For Faster R-CNN this is torchvision's softmax convention (logit 0 = background). For
-RetinaNet and FCOS the sigmoid head has one logit per label value and is indexed by the label
+RetinaNet, FCOS and GFL the sigmoid head has one logit per label value and is indexed by the label
 directly (``gt_classes_target[anchor, label] = 1``), so labels must be ``< num_classes``; the logit
 for label 0 is never a positive and only learns "no object" (this is how torchvision's COCO
-RetinaNet/FCOS use 91 outputs). An untrained RetinaNet/FCOS may therefore still emit label 0.
+RetinaNet/FCOS use 91 outputs). An untrained RetinaNet/FCOS/GFL may therefore still emit label 0.
 
 Anchors: one base size per FPN level (see ``default_anchor_sizes``), scaled with ``min_size`` so
 that small inputs get small anchors; pass ``anchor_sizes`` to choose them.
@@ -30,11 +30,13 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .backbones import backbone_strides, resnet_fpn
+from .gfl import GFL, OCTAVE_BASE_SCALE, GFLAnchorGenerator
 
-Arch = Literal["retinanet", "fcos", "fasterrcnn"]
-DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
-# Base anchor size in units of the level's stride at min_size=800 (torchvision's defaults).
-_ANCHOR_STRIDE_FACTOR = {"retinanet": 4.0, "fasterrcnn": 8.0}
+Arch = Literal["retinanet", "fcos", "fasterrcnn", "gfl"]
+DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN,
+                                                "gfl": GFL}
+# Base anchor size in units of the level's stride at min_size=800 (torchvision's defaults; GFL: mmdetection's).
+_ANCHOR_STRIDE_FACTOR = {"retinanet": 4.0, "fasterrcnn": 8.0, "gfl": float(OCTAVE_BASE_SCALE)}
 _REFERENCE_MIN_SIZE = 800
 
 
@@ -56,9 +58,10 @@ class FCOSHeadGN(FCOSHead):
 def default_anchor_sizes(arch: Arch, strides: Sequence[float], min_size: int) -> tuple[int, ...]:
     """One base anchor size (pixels of the resized input) per FPN level.
 
-    RetinaNet: ``4 * stride``, Faster R-CNN: ``8 * stride``, both times ``min_size / 800`` and never
+    RetinaNet: ``4 * stride``, Faster R-CNN and GFL: ``8 * stride``, all times ``min_size / 800`` and never
     below the stride, which gives torchvision's defaults (32..512) at ``min_size=800`` and 8..128
-    on P3-P7 for 128-200 px inputs. FCOS: the stride itself (FCOS's anchor is the location's cell;
+    on P3-P7 for 128-200 px inputs (GFL: mmdetection's 8 x stride at 800; its anchors only serve the
+    ATSS assignment). FCOS: the stride itself (FCOS's anchor is the location's cell;
     its scale ranges and box coder are defined relative to it).
     """
     if arch == "fcos":
@@ -93,7 +96,7 @@ def create_detector(
     """Build torchvision's RetinaNet, FCOS or FasterRCNN on ``resnet_fpn(depth, width_mult, fpn_channels)``.
 
     Args:
-        arch: ``"retinanet"`` / ``"fcos"`` (P3-P7, strides 8..128) or ``"fasterrcnn"`` (P2-P6, 4..64).
+        arch: ``"retinanet"`` / ``"fcos"`` / ``"gfl"`` (P3-P7, strides 8..128) or ``"fasterrcnn"`` (P2-P6, 4..64).
         num_classes: foreground classes + 1 (background included; see the module docstring).
         depth, width_mult, fpn_channels: backbone size (see ``resnet_fpn``).
         min_size, max_size: torchvision's resize of the shorter / longer image side.
@@ -104,11 +107,11 @@ def create_detector(
         class_names: the foreground classes the weights must have been trained on (checked against
             a ``save_detector`` file; ignored for plain state dicts).
         **kwargs: passed to the torchvision constructor (e.g. ``score_thresh``, ``nms_thresh``,
-            ``detections_per_img`` for RetinaNet/FCOS; ``box_score_thresh``, ``rpn_*`` for Faster R-CNN;
-            ``image_mean``, ``image_std``, ``size_divisible`` for all).
+            ``detections_per_img`` for RetinaNet/FCOS/GFL, ``reg_max`` for GFL; ``box_score_thresh``,
+            ``rpn_*`` for Faster R-CNN; ``image_mean``, ``image_std``, ``size_divisible`` for all).
 
     Returns:
-        The torchvision model, with ``model.liaf_arch`` (the ``arch`` string) and ``model.liaf_config``
+        The model (torchvision's, or ``GFL``), with ``model.liaf_arch`` (the ``arch`` string) and ``model.liaf_config``
         (the arguments that rebuild it, anchor sizes included).
     """
     if arch not in DETECTOR_CLASSES:
@@ -124,7 +127,7 @@ def create_detector(
     sizes = tuple(anchor_sizes)
     if len(sizes) != len(strides) or not all(s > 0 for s in sizes):
         raise ValueError(f"anchor_sizes needs one positive size per FPN level {list(strides)}, got {sizes}")
-    anchors = _anchor_generator(arch, sizes)
+    anchors = GFLAnchorGenerator(sizes, list(strides.values())) if arch == "gfl" else _anchor_generator(arch, sizes)
     if arch == "retinanet":
         model: nn.Module = RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size,
                                      anchor_generator=anchors, **kwargs)
@@ -132,6 +135,8 @@ def create_detector(
         head = FCOSHeadGN(fpn_channels, num_classes, math.gcd(32, fpn_channels))
         model = FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors,
                      head=head, **kwargs)
+    elif arch == "gfl":
+        model = GFL(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, **kwargs)
     else:
         roi_pool = MultiScaleRoIAlign([lvl for lvl in strides if lvl != "pool"], output_size=7, sampling_ratio=2)
         model = FasterRCNN(backbone, num_classes, min_size=min_size, max_size=max_size,
@@ -207,7 +212,7 @@ def match_levels(strides: Mapping[str, float], teacher: nn.Module) -> dict[str, 
 def detector_num_classes(model: nn.Module) -> int:
     """Class count of a detector's classifier (background included).
 
-    RetinaNet / FCOS: ``head.classification_head.num_classes``; Faster / Mask R-CNN:
+    RetinaNet / FCOS / GFL: ``head.classification_head.num_classes``; Faster / Mask R-CNN:
     ``roi_heads.box_predictor.cls_score.out_features``.
     """
     head = getattr(getattr(model, "head", None), "classification_head", None)
@@ -216,7 +221,7 @@ def detector_num_classes(model: nn.Module) -> int:
     cls_score = getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
     if isinstance(cls_score, nn.Linear):
         return int(cls_score.out_features)
-    raise TypeError(f"{type(model).__name__} has neither head.classification_head.num_classes (RetinaNet, FCOS) "
+    raise TypeError(f"{type(model).__name__} has neither head.classification_head.num_classes (RetinaNet, FCOS, GFL) "
                     "nor roi_heads.box_predictor.cls_score (Faster R-CNN): cannot read its class count")
 
 

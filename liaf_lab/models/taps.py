@@ -1,11 +1,12 @@
 """One forward pass of a torchvision detector that also hands out its FPN features and head logits.
 
 ``run_detector`` re-assembles the forward of torchvision's ``RetinaNet``, ``FCOS`` and
-``FasterRCNN`` from their public pieces (``transform``, ``backbone``, ``head`` /
-``rpn`` + ``roi_heads``, ``compute_loss``, ``postprocess_detections``, ``transform.postprocess``)
-so that the backbone runs once and the caller gets the task loss, the FPN features, the targets in
-resized-input pixels and the per-level classification logits together. With the same RNG state it
-gives the same losses (train mode) and detections (eval mode) as ``model(images, targets)``.
+``FasterRCNN`` (and of liaf_lab's ``GFL``, built like them) from their public pieces
+(``transform``, ``backbone``, ``head`` / ``rpn`` + ``roi_heads``, ``compute_loss``,
+``postprocess_detections``, ``transform.postprocess``) so that the backbone runs once and the caller
+gets the task loss, the FPN features, the targets in resized-input pixels and the per-level
+classification logits together. With the same RNG state it gives the same losses (train mode) and
+detections (eval mode) as ``model(images, targets)``.
 
 Differences from ``model(images, targets)``, all additive:
 
@@ -38,10 +39,12 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .backbones import fpn_levels
 from .detectors import fpn_strides
+from .gfl import GFL
 
 Target = dict[str, Tensor]
 FeaturesFn = Callable[[OrderedDict[str, Tensor], list[Target] | None], Mapping[str, Tensor]]
-SUPPORTED = "torchvision RetinaNet, FCOS or FasterRCNN (or MaskRCNN / KeypointRCNN, run as their box part)"
+SUPPORTED = ("torchvision RetinaNet, FCOS or FasterRCNN (or MaskRCNN / KeypointRCNN, run as their box part), "
+             "or liaf_lab's GFL")
 
 
 @dataclass
@@ -58,7 +61,8 @@ class DetectorOutput:
             ``None`` without targets. Distillers must use these boxes, not the original ones.
         head_outputs: level -> output name -> ``[N, A*D, H_l, W_l]`` (channel ``a*D + d``): RetinaNet
             ``cls_logits`` (D = K classes, A anchors) and ``bbox_regression`` (D = 4); FCOS the same with
-            A = 1 plus ``bbox_ctrness``; Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
+            A = 1 plus ``bbox_ctrness``; GFL ``cls_logits`` and ``bbox_regression`` (A = 1, D = 4 x (reg_max + 1)
+            distance-bin logits); Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
             Computed on the features the heads saw (after ``features_fn``).
         priors: level -> ``[H_l * W_l * A, 4]`` anchors in resized-input pixels, in the order of the
             head outputs' cells (row-major over H_l, W_l, then anchors).
@@ -83,11 +87,14 @@ class DetectorOutput:
 # The per-level head outputs each architecture gives (``DetectorOutput.head_outputs``).
 HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"),
                 "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
-                "fasterrcnn": ("objectness", "bbox_deltas")}
+                "fasterrcnn": ("objectness", "bbox_deltas"),
+                "gfl": ("cls_logits", "bbox_regression")}
 
 
 def detector_arch(model: nn.Module) -> str:
-    """``"retinanet"``, ``"fcos"`` or ``"fasterrcnn"`` (also Mask / Keypoint R-CNN); ``TypeError`` otherwise."""
+    """``"retinanet"``, ``"fcos"``, ``"gfl"`` or ``"fasterrcnn"`` (also Mask / Keypoint R-CNN); else ``TypeError``."""
+    if isinstance(model, GFL):
+        return "gfl"
     if isinstance(model, RetinaNet):
         return "retinanet"
     if isinstance(model, FCOS):
@@ -177,13 +184,13 @@ def _per_level_outputs(flat: Tensor, features: Mapping[str, Tensor], num_anchors
 
 
 def _dense_heads(
-    model: RetinaNet | FCOS,
+    model: RetinaNet | FCOS | GFL,
     image_list: ImageList,
     features: OrderedDict[str, Tensor],
     targets: list[Target] | None,
     original_sizes: list[tuple[int, int]] | None,
 ) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """RetinaNet / FCOS: head, anchors, loss (if targets), detections (if original sizes), per-level outputs."""
+    """RetinaNet / FCOS / GFL: head, anchors, loss (if targets), detections (if original sizes), per-level outputs."""
     feats = list(features.values())
     head_outputs = model.head(feats)  # cls_logits [N, sum(H*W*A), K], bbox_regression [N, sum(H*W*A), 4], ...
     anchors = model.anchor_generator(image_list, feats)
@@ -193,7 +200,7 @@ def _dense_heads(
 
     losses: dict[str, Tensor] = {}
     if targets is not None:
-        if isinstance(model, FCOS):
+        if isinstance(model, (FCOS, GFL)):
             losses = model.compute_loss(targets, head_outputs, anchors, per_level)
         else:
             losses = model.compute_loss(targets, head_outputs, anchors)
@@ -296,8 +303,8 @@ def run_detector(
 
     Args:
         model: torchvision ``RetinaNet``, ``FCOS`` or ``FasterRCNN`` (``MaskRCNN``/``KeypointRCNN``:
-            the box part) with any FPN backbone (e.g. from ``create_detector`` or torchvision's
-            constructors). Its mode decides the outputs: train -> losses; eval -> detections, plus
+            the box part), or liaf_lab's ``GFL``, with any FPN backbone (e.g. from ``create_detector``
+            or torchvision's constructors). Its mode decides the outputs: train -> losses; eval -> detections, plus
             losses when ``targets`` are given.
         images: per image a float ``[3, H_i, W_i]`` tensor in ``[0, 1]``.
         targets: per image ``{"boxes": float [n_i, 4] (x1, y1, x2, y2, original pixels),
