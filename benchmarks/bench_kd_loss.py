@@ -1,9 +1,11 @@
 """Every distiller's loss at COCO size against FitNet's: forward + backward time and peak memory.
 
 Inputs as ``bench_liaf_loss.py``: batch 2, 256 channels (teacher and student), the five FPN levels
-of an 800 x 1216 input, 20 random boxes per image. Each registered method (and ``--methods`` extra,
-e.g. ``liaf+maskd``) is built with its defaults and its stage-1 modules as initialised; the timed
-call is ``distiller(student_feats, teacher_feats, boxes).backward()``.
+of an 800 x 1216 input, 20 random boxes per image; for methods that read head outputs, random
+RetinaNet-sized ``cls_logits`` (9 anchors x 80 classes per cell, the student's with gradient) and
+RetinaNet's 9 anchors per cell as priors. Each registered method (and ``--methods`` extra, e.g.
+``liaf+maskd``) is built with its defaults and its stage-1 modules as initialised; the timed call is
+``sum(distiller.loss_terms(inputs).values()).backward()``.
 
 Time: the methods run round-robin ``--repeats`` times after ``--warmup`` rounds; the median and its
 ratio to FitNet's are printed (on the CPU also the process CPU time, less sensitive to other jobs).
@@ -27,9 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_liaf_loss import BATCH, CHANNELS, SIZES, STRIDES, fwd_bwd, make_inputs, peak_rise_mib, timed  # noqa: E402
+from bench_liaf_loss import BATCH, CHANNELS, IMAGE, SIZES, STRIDES, make_inputs, peak_rise_mib, timed  # noqa: E402
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 
-from liaf_lab.distillers import create_distiller, list_distillers  # noqa: E402
+from liaf_lab.distillers import KDInputs, create_distiller, list_distillers  # noqa: E402
+
+ANCHORS, CLASSES = 9, 80  # RetinaNet on COCO
 
 
 def build(method: str, device: torch.device):
@@ -39,11 +44,52 @@ def build(method: str, device: torch.device):
     return distiller
 
 
-def bench_time(methods: list[str], device: torch.device, repeats: int, warmup: int) -> dict:
+def retinanet_priors(device: torch.device) -> dict[str, torch.Tensor]:
+    """RetinaNet's anchors per level ``[H*W*9, 4]`` (sizes 4 x stride x 2^(0, 1/3, 2/3), ratios 0.5, 1, 2)."""
+    out = {}
+    for lvl, (h, w) in SIZES.items():
+        s = STRIDES[lvl]
+        base = AnchorGenerator().generate_anchors([4 * s * 2 ** (i / 3) for i in range(3)], [0.5, 1.0, 2.0])
+        ys, xs = torch.meshgrid(torch.arange(h) * s, torch.arange(w) * s, indexing="ij")
+        shifts = torch.stack([xs, ys, xs, ys], -1).reshape(-1, 1, 4)
+        out[lvl] = (shifts + base[None]).reshape(-1, 4).to(device)
+    return out
+
+
+def make_kd_inputs(distiller, device: torch.device) -> tuple[KDInputs, dict[str, torch.Tensor]]:
+    """The inputs of one step of ``distiller`` and the tensors whose gradient it computes (by name)."""
     student, teacher, boxes = make_inputs(device)
-    for s in student.values():
-        s.requires_grad_(True)
-    runs = {m: fwd_bwd(build(m, device), student, teacher, boxes) for m in methods}
+    inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
+                      IMAGE)
+    grads = {f"feats[{k}]": v.requires_grad_(True) for k, v in student.items()}
+    if "head_outputs" in distiller.needs:
+        g = torch.Generator().manual_seed(1)
+        inputs.student_head, inputs.teacher_head = (
+            {lvl: {"cls_logits": torch.randn(BATCH, ANCHORS * CLASSES, h, w, generator=g).to(device)}
+             for lvl, (h, w) in SIZES.items()} for _ in range(2))
+        grads |= {f"head[{k}]": v["cls_logits"].requires_grad_(True) for k, v in inputs.student_head.items()}
+    if "priors" in distiller.needs:
+        inputs.priors = retinanet_priors(device)
+    if "generator" in distiller.needs:
+        inputs.generator = torch.Generator(device).manual_seed(0)
+    return inputs, grads
+
+
+def kd_fwd_bwd(distiller, inputs: KDInputs, grads: dict[str, torch.Tensor]):
+    def run():
+        for t in grads.values():
+            t.grad = None
+        distiller.zero_grad(set_to_none=True)
+        sum(distiller.loss_terms(inputs).values()).backward()
+
+    return run
+
+
+def bench_time(methods: list[str], device: torch.device, repeats: int, warmup: int) -> dict:
+    runs = {}
+    for m in methods:
+        distiller = build(m, device)
+        runs[m] = kd_fwd_bwd(distiller, *make_kd_inputs(distiller, device))
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -67,10 +113,9 @@ def bench_time(methods: list[str], device: torch.device, repeats: int, warmup: i
 
 def child_memory(method: str, device: torch.device) -> float:
     """MiB one method's forward + backward adds at its peak (fresh process on the CPU)."""
-    student, teacher, boxes = make_inputs(device)
-    for s in student.values():
-        s.requires_grad_(True)
-    return peak_rise_mib(fwd_bwd(build(method, device), student, teacher, boxes), student, device)
+    distiller = build(method, device)
+    inputs, grads = make_kd_inputs(distiller, device)
+    return peak_rise_mib(kd_fwd_bwd(distiller, inputs, grads), grads, device)
 
 
 def bench_memory(methods: list[str], device: torch.device) -> dict:
