@@ -88,7 +88,8 @@ TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
 
 @pytest.mark.parametrize("argv, message", [
     (["distill", "--method", "nope", "--teacher", TEACHER],
-     "error: unknown distiller 'nope'; choose one of ['fgd', 'fitnet', 'liaf', 'maskd', 'mgd']"),
+     "error: unknown distiller 'nope'; choose one of ['acam', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid', 'ima', "
+     "'liaf', 'maskd', 'mgd', 'samkd']"),
     (["learn-stage1", "--method", "fgd", "--teacher", TEACHER], "error: method 'fgd' has no stage 1 to learn"),
     (["distill", "--method", "mgd", "--teacher", TEACHER, "--stage1", TEACHER],
      "error: --stage1 is for two-stage methods; 'mgd' has no stage 1"),
@@ -105,4 +106,5 @@ def test_method_errors_are_one_line(argv, message, capsys, tmp_path):
 def test_help_lists_the_registered_methods(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "the registered distillers (fgd, fitnet, liaf, maskd, mgd)" in capsys.readouterr().out
+    assert ("the registered distillers (acam, defeat, fgd, fgfi, fitnet, gid, ima, liaf, maskd, mgd, samkd)"
+            in " ".join(capsys.readouterr().out.split()))
