@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .builders import build_datasets, build_detector, build_distiller, train_config
     from .checkpoint import load_module_state
-    from .config import load_config, resolve_path
+    from .config import load_config, method_config, resolve_path
     from .data import collate_fn
     from .distillers import BASELINE
     from .engine import distill, evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector
@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stage1_command = args.command in ("learn-stage1", "learn-selectors")
     # What binds a run folder to this run: the whole resolved config, the command and its inputs.
-    run_config = {"command": "learn-stage1" if stage1_command else args.command, "seed": seed, "config": cfg,
+    run_config = {"command": "learn-stage1" if stage1_command else args.command, "seed": seed,
+                  "config": method_config(cfg, getattr(args, "method", None)),
                   "method": getattr(args, "method", None), "teacher": getattr(args, "teacher", None),
                   "stage1": getattr(args, "stage1", None)}
     resume = {"run_config": run_config, "new_schedule": args.new_schedule}

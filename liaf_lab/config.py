@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .distillers import list_distillers, method_options
+from .distillers import BASELINE, list_distillers, method_options, method_parts
 from .engine import TrainConfig, distill
 from .models import create_detector
 
@@ -170,6 +170,15 @@ def check_kd(kd: Mapping[str, Any]) -> None:
                                  f"([kd.{owners[0]}] in the file)")
             raise ValueError(f"unknown key kd.{key}; [kd] takes {list(KD_KEYS)} and one table per method "
                              f"([kd.<method>], methods {list_distillers()})")
+
+
+def method_config(cfg: Mapping[str, Any], method: str | None) -> dict[str, Any]:
+    """``cfg`` without the ``[kd.<m>]`` tables of the methods a run of ``method`` does not use (all of
+    them for ``None`` or ``"none"``): what binds the run's folder, so that another method's options
+    never block resuming it."""
+    parts = set() if method in (None, BASELINE) else set(method_parts(method))
+    kd = {k: v for k, v in cfg.get("kd", {}).items() if not isinstance(v, Mapping) or k in parts}
+    return {**cfg, "kd": kd}
 
 
 def kd_options(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:

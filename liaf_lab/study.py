@@ -175,7 +175,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
             threads: int) -> dict[str, Any]:
     """Train and evaluate one student of the study (in this process); returns its row."""
     from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
-    from .config import load_config
+    from .config import load_config, method_config
     from .engine import distill, evaluate_coco, learn_stage1, train_detector
     from .engine.distributed import resolve_device
     from .models import save_detector
@@ -193,7 +193,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     teacher = build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
     student = build_detector(cfg, "student", nc, seed=run.seed)
     tcfg = train_config(cfg, "distill", seed=run.seed)
-    run_config = {"config": cfg, "method": run.method, "teacher": teacher_path}
+    run_config = {"config": method_config(cfg, run.method), "method": run.method, "teacher": teacher_path}
     if run.method == BASELINE:
         train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config)
     else:

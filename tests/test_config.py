@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from liaf_lab.builders import build_detector, build_distiller
-from liaf_lab.config import PROJECT_ROOT, check_config, input_size, list_presets, load_config
+from liaf_lab.config import PROJECT_ROOT, check_config, input_size, list_presets, load_config, method_config
 
 SHIPPED_TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
 
@@ -128,3 +128,16 @@ def test_relative_weights_path_resolves_like_data_paths(tmp_path, monkeypatch):
     assert teacher.transform.min_size == (160,)
     with pytest.raises(FileNotFoundError, match=rf"nowhere.pt not found \(looked in {tmp_path} and {PROJECT_ROOT}\)"):
         build_detector(cfg, "teacher", 6, weights_path="nowhere.pt")
+
+
+def test_method_config_keeps_only_the_run_s_own_method_tables():
+    """What binds a run folder: another method's options never block resuming a run."""
+    cfg = load_config("tiny")
+    assert set(cfg["kd"]) > {"inherit", "liaf", "maskd", "fgd"}
+    liaf = method_config(cfg, "liaf")
+    assert liaf["kd"] == {"inherit": cfg["kd"]["inherit"], "liaf": cfg["kd"]["liaf"]}
+    assert set(method_config(cfg, "liaf+maskd")["kd"]) == {"inherit", "liaf", "maskd"}
+    assert method_config(cfg, "none")["kd"] == method_config(cfg, None)["kd"] == {"inherit": cfg["kd"]["inherit"]}
+    assert {k: v for k, v in liaf.items() if k != "kd"} == {k: v for k, v in cfg.items() if k != "kd"}
+    other = load_config("tiny", ["kd.fgd.temperature=0.3"])
+    assert method_config(other, "liaf") == liaf and method_config(other, "fgd") != method_config(cfg, "fgd")
