@@ -220,3 +220,14 @@ def test_no_method_name_or_class_is_tested_for_outside_the_distillers():
             if any(re.search(p, line) for p in patterns):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), True, "1"])
+def test_check_numbers_names_the_option(value):
+    from liaf_lab.distillers.base import check_numbers
+
+    check_numbers({"w": 0.0}, {"t": 1e-9})
+    with pytest.raises(ValueError, match=r"^w must be a finite number >= 0, got"):
+        check_numbers({"w": value})
+    with pytest.raises(ValueError, match=r"^t must be a finite number > 0, got"):
+        check_numbers(positive={"t": 0.0 if value == -1.0 else value})

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers
 from .maskd import dice_coeff
 from .registry import register_distiller
 
@@ -241,9 +241,7 @@ class ACAMDistiller(FeatureDistiller):
         max_attention_elements: int = 2**28,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        for name, value in (("alpha", alpha), ("lambda_div", lambda_div)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_numbers({"alpha": alpha, "lambda_div": lambda_div})
         for name, value, allowed in (("channel_units", channel_units, ("scalar", "vector")),
                                      ("detach", detach, ("none", "student")),
                                      ("dice_masks", dice_masks, ("both", "channel", "spatial")),

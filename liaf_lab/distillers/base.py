@@ -11,6 +11,7 @@ trains (``stage1_modules``) and gives the teacher features to run the frozen tea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
@@ -96,6 +97,15 @@ def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
     Both arguments are ``[N, C, H, W]`` and already masked and projected.
     """
     return F.mse_loss(student, teacher, reduction="mean")
+
+
+def check_numbers(nonnegative: Mapping[str, float] | None = None, positive: Mapping[str, float] | None = None) -> None:
+    """Options: each in ``nonnegative`` (loss weights) a finite number >= 0, each in ``positive``
+    (temperatures, sizes) a finite number > 0; else a one-line ``ValueError`` naming the option."""
+    for values, bound, ok in ((nonnegative or {}, ">= 0", lambda v: v >= 0), (positive or {}, "> 0", lambda v: v > 0)):
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tensor:

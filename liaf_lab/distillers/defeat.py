@@ -11,7 +11,6 @@ and ``KLDivergenceLoss`` (``mmdet/apis/train.py``) and the weights of its DeFeat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers
 from .fgfi import adaptation_layers
 from .registry import register_distiller
 
@@ -157,12 +156,8 @@ class DeFeatDistiller(FeatureDistiller):
         head_kl: HeadKL = "softmax",
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        for name, value in (("fg_weight", fg_weight), ("bg_weight", bg_weight), ("cls_pos_weight", cls_pos_weight),
-                            ("cls_neg_weight", cls_neg_weight)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        check_numbers({"fg_weight": fg_weight, "bg_weight": bg_weight, "cls_pos_weight": cls_pos_weight,
+                       "cls_neg_weight": cls_neg_weight}, {"temperature": temperature})
         if box_levels not in ("scale", "all"):
             raise ValueError(f"box_levels must be 'scale' or 'all', got {box_levels!r}")
         if head_kl not in ("softmax", "sigmoid"):

@@ -14,7 +14,6 @@ Equations are named by the public code's functions (the paper's numbering is not
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers
 from .registry import register_distiller
 
 
@@ -143,12 +142,8 @@ class FGDDistiller(FeatureDistiller):
         lambda_global: float = 5e-6,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-        for name, value in (("alpha_fg", alpha_fg), ("beta_bg", beta_bg), ("gamma_attention", gamma_attention),
-                            ("lambda_global", lambda_global)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative finite number, got {value}")
+        check_numbers({"alpha_fg": alpha_fg, "beta_bg": beta_bg, "gamma_attention": gamma_attention,
+                       "lambda_global": lambda_global}, {"temperature": temperature})
         small = {lvl: c for lvl, c in self.teacher_channels.items() if c < 2}
         if small:
             raise ValueError(f"FGD's GcBlock needs at least 2 teacher channels (C/2 >= 1), got {small}")

@@ -11,7 +11,6 @@ with its weight ``--ilw 0.01`` (``trainval_net_sup.py``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, prior_boxes
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers, prior_boxes
 from .registry import register_distiller
 
 IoUMax = Literal["level", "all"]
@@ -134,12 +133,9 @@ class FGFIDistiller(FeatureDistiller):
         adapter_relu: bool = False,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        if not (math.isfinite(loss_weight) and loss_weight >= 0):
-            raise ValueError(f"loss_weight must be a non-negative finite number, got {loss_weight!r}")
+        check_numbers({"loss_weight": loss_weight}, {"point_prior_scale": point_prior_scale})
         if not 0 <= psi <= 1:
             raise ValueError(f"psi must lie in [0, 1], got {psi!r}")
-        if not (math.isfinite(point_prior_scale) and point_prior_scale > 0):
-            raise ValueError(f"point_prior_scale must be a positive finite number, got {point_prior_scale!r}")
         if iou_max not in ("level", "all"):
             raise ValueError(f"iou_max must be 'level' or 'all', got {iou_max!r}")
         self.loss_weight = loss_weight

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .base import Channels, FeatureDistiller, KDInputs, prior_boxes
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers, prior_boxes
 from .registry import register_distiller
 
 RoiLevel = Literal["size", "prior"]
@@ -199,10 +199,9 @@ class GIDDistiller(FeatureDistiller):
         response_iou: float = 0.5,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        for name, value in (("feature_weight", feature_weight), ("relation_weight", relation_weight),
-                            ("response_weight", response_weight)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_numbers({"feature_weight": feature_weight, "relation_weight": relation_weight,
+                       "response_weight": response_weight},
+                      {"canonical_size": canonical_size, "point_prior_scale": point_prior_scale})
         for name, value in (("num_instances", num_instances), ("pre_nms", pre_nms), ("roi_size", roi_size),
                             ("sampling_ratio", sampling_ratio)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -210,9 +209,6 @@ class GIDDistiller(FeatureDistiller):
         for name, value in (("nms_iou", nms_iou), ("response_iou", response_iou)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        for name, value in (("canonical_size", canonical_size), ("point_prior_scale", point_prior_scale)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if roi_level not in ("size", "prior"):
             raise ValueError(f"roi_level must be 'size' or 'prior', got {roi_level!r}")
         for side, channels in (("student", self.student_channels), ("teacher", self.teacher_channels)):

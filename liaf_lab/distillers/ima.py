@@ -54,7 +54,6 @@ boxes) falls back to its image's statistics and importance, so the loss still co
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers
 from .mgd import random_keep_mask
 from .registry import register_distiller
 
@@ -207,12 +206,9 @@ class IMADistiller(FeatureDistiller):
         projector: bool = False,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        if not (math.isfinite(loss_weight) and loss_weight >= 0):
-            raise ValueError(f"loss_weight must be a non-negative finite number, got {loss_weight!r}")
+        check_numbers({"loss_weight": loss_weight, "alpha": alpha})
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio!r}")
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha must be a non-negative finite number, got {alpha!r}")
         if instance not in ("image", "box"):
             raise ValueError(f"instance must be 'image' or 'box', got {instance!r}")
         if standardize not in ("both", "student", "none"):

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Channels, FeatureDistiller, KDInputs, Stage1Output
+from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, check_numbers
 from .registry import register_distiller
 
 DICE_EPS = 1e-12  # dice_coeff's epsilon, added to each squared norm
@@ -131,8 +131,7 @@ class MasKDDistiller(FeatureDistiller):
         projector: bool = True,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        if not (math.isfinite(loss_weight) and loss_weight >= 0):
-            raise ValueError(f"loss_weight must be a finite number >= 0, got {loss_weight!r}")
+        check_numbers({"loss_weight": loss_weight})
         if num_tokens < 2:
             raise ValueError(f"num_tokens must be at least 2 (the dice term compares token pairs), got {num_tokens!r}")
         if custom_mask_warmup < 0:

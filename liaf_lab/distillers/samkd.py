@@ -15,7 +15,6 @@ cells differ in size by one and neighbours may share a row (or column).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Channels, FeatureDistiller, KDInputs
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers
 from .registry import register_distiller
 
 Pyramid = Literal["1-2-4", "1-2", "1-4", "2-4", "1", "2", "4"]
@@ -216,13 +215,8 @@ class SAMKDDistiller(FeatureDistiller):
         always_project: bool = False,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
-        for name, value in (("alpha", alpha), ("beta", beta), ("omega_s", omega_s), ("omega_c", omega_c),
-                            ("lambda_s", lambda_s), ("mu_c", mu_c)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        for name, value in (("tau", tau), ("kl_temperature", kl_temperature)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_numbers({"alpha": alpha, "beta": beta, "omega_s": omega_s, "omega_c": omega_c, "lambda_s": lambda_s,
+                       "mu_c": mu_c}, {"tau": tau, "kl_temperature": kl_temperature})
         for name, value, allowed in (("pyramid", pyramid, Pyramid), ("small_levels", small_levels, SmallLevels),
                                      ("spatial_norm", spatial_norm, SpatialNorm),
                                      ("feature_norm", feature_norm, FeatureNorm),
