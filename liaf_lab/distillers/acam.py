@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
 from .maskd import dice_coeff
 from .registry import register_distiller
 
@@ -242,14 +242,10 @@ class ACAMDistiller(FeatureDistiller):
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
         check_numbers({"alpha": alpha, "lambda_div": lambda_div})
-        for name, value, allowed in (("channel_units", channel_units, ("scalar", "vector")),
-                                     ("detach", detach, ("none", "student")),
-                                     ("dice_masks", dice_masks, ("both", "channel", "spatial")),
-                                     ("dice_form", dice_form, ("ratio", "pairwise")),
-                                     ("batch_reduction", batch_reduction, ("image", "pooled")),
-                                     ("level_reduction", level_reduction, ("sum", "mean"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_choices(channel_units=(channel_units, ChannelUnits), detach=(detach, Detach),
+                      dice_masks=(dice_masks, DiceMasks), dice_form=(dice_form, DiceForm),
+                      batch_reduction=(batch_reduction, BatchReduction),
+                      level_reduction=(level_reduction, LevelReduction))
         if num_masks < 2:
             raise ValueError(f"num_masks must be at least 2 (the diversity term compares pairs), got {num_masks!r}")
         for name, value in (("query_chunk", query_chunk), ("max_attention_elements", max_attention_elements)):

@@ -12,6 +12,7 @@ trains (``stage1_modules``) and gives the teacher features to run the frozen tea
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
@@ -106,6 +107,15 @@ def check_numbers(nonnegative: Mapping[str, float] | None = None, positive: Mapp
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and ok(value)):
                 raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_choices(**options: tuple[object, object]) -> None:
+    """Options of a ``Literal`` type: ``name=(value, Literal[...])``; a value outside the literal's
+    choices is a one-line ``ValueError`` naming the option and listing its choices."""
+    for name, (value, choices) in options.items():
+        allowed = typing.get_args(choices)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
 from .fgfi import adaptation_layers
 from .registry import register_distiller
 
@@ -158,10 +158,7 @@ class DeFeatDistiller(FeatureDistiller):
         super().__init__(student_channels, teacher_channels, strides)
         check_numbers({"fg_weight": fg_weight, "bg_weight": bg_weight, "cls_pos_weight": cls_pos_weight,
                        "cls_neg_weight": cls_neg_weight}, {"temperature": temperature})
-        if box_levels not in ("scale", "all"):
-            raise ValueError(f"box_levels must be 'scale' or 'all', got {box_levels!r}")
-        if head_kl not in ("softmax", "sigmoid"):
-            raise ValueError(f"head_kl must be 'softmax' or 'sigmoid', got {head_kl!r}")
+        check_choices(box_levels=(box_levels, BoxLevels), head_kl=(head_kl, HeadKL))
         self.fg_weight = fg_weight
         self.bg_weight = bg_weight
         self.cls_pos_weight = cls_pos_weight

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers, prior_boxes
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers, prior_boxes
 from .registry import register_distiller
 
 IoUMax = Literal["level", "all"]
@@ -136,8 +136,7 @@ class FGFIDistiller(FeatureDistiller):
         check_numbers({"loss_weight": loss_weight}, {"point_prior_scale": point_prior_scale})
         if not 0 <= psi <= 1:
             raise ValueError(f"psi must lie in [0, 1], got {psi!r}")
-        if iou_max not in ("level", "all"):
-            raise ValueError(f"iou_max must be 'level' or 'all', got {iou_max!r}")
+        check_choices(iou_max=(iou_max, IoUMax))
         self.loss_weight = loss_weight
         self.psi = psi
         self.point_prior_scale = point_prior_scale

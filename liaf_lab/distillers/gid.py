@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers, prior_boxes
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers, prior_boxes
 from .registry import register_distiller
 
 RoiLevel = Literal["size", "prior"]
@@ -209,8 +209,7 @@ class GIDDistiller(FeatureDistiller):
         for name, value in (("nms_iou", nms_iou), ("response_iou", response_iou)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        if roi_level not in ("size", "prior"):
-            raise ValueError(f"roi_level must be 'size' or 'prior', got {roi_level!r}")
+        check_choices(roi_level=(roi_level, RoiLevel))
         for side, channels in (("student", self.student_channels), ("teacher", self.teacher_channels)):
             if len(set(channels.values())) > 1:
                 raise ValueError(f"GID pools each instance from one of the levels, so the {side} levels must share "

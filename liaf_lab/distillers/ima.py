@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
 from .mgd import random_keep_mask
 from .registry import register_distiller
 
@@ -209,10 +209,7 @@ class IMADistiller(FeatureDistiller):
         check_numbers({"loss_weight": loss_weight, "alpha": alpha})
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio!r}")
-        if instance not in ("image", "box"):
-            raise ValueError(f"instance must be 'image' or 'box', got {instance!r}")
-        if standardize not in ("both", "student", "none"):
-            raise ValueError(f"standardize must be 'both', 'student' or 'none', got {standardize!r}")
+        check_choices(instance=(instance, Instance), standardize=(standardize, Standardize))
         self.loss_weight = loss_weight
         self.mask_ratio = mask_ratio
         self.alpha = alpha

@@ -18,7 +18,7 @@ from ..instance import (
     roi_instance_features,
     score_entropy,
 )
-from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, feature_mse
+from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, check_choices, feature_mse
 from .registry import register_distiller
 
 MaskScale = Literal["literal", "count"]
@@ -105,10 +105,7 @@ class LIAFDistiller(FeatureDistiller):
         super().__init__(student_channels, teacher_channels, strides)
         self.loss_weight = loss_weight
         self.projectors = self.make_projectors(projector)
-        if mask_scale not in ("literal", "count"):
-            raise ValueError(f"mask_scale must be 'literal' or 'count', got {mask_scale!r}")
-        if mask_side not in ("separate", "shared"):
-            raise ValueError(f"mask_side must be 'separate' or 'shared', got {mask_side!r}")
+        check_choices(mask_scale=(mask_scale, MaskScale), mask_side=(mask_side, MaskSide))
         self.roi_size = tuple(roi_size)
         self.sampling_ratio = sampling_ratio
         self.mask_scale = mask_scale

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
 from .registry import register_distiller
 
 Pyramid = Literal["1-2-4", "1-2", "1-4", "2-4", "1", "2", "4"]
@@ -217,12 +217,9 @@ class SAMKDDistiller(FeatureDistiller):
         super().__init__(student_channels, teacher_channels, strides)
         check_numbers({"alpha": alpha, "beta": beta, "omega_s": omega_s, "omega_c": omega_c, "lambda_s": lambda_s,
                        "mu_c": mu_c}, {"tau": tau, "kl_temperature": kl_temperature})
-        for name, value, allowed in (("pyramid", pyramid, Pyramid), ("small_levels", small_levels, SmallLevels),
-                                     ("spatial_norm", spatial_norm, SpatialNorm),
-                                     ("feature_norm", feature_norm, FeatureNorm),
-                                     ("divergence", divergence, Divergence)):
-            if value not in allowed.__args__:
-                raise ValueError(f"{name} must be one of {list(allowed.__args__)}, got {value!r}")
+        check_choices(pyramid=(pyramid, Pyramid), small_levels=(small_levels, SmallLevels),
+                      spatial_norm=(spatial_norm, SpatialNorm), feature_norm=(feature_norm, FeatureNorm),
+                      divergence=(divergence, Divergence))
         if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
             raise ValueError(f"num_anchors must be a positive int, got {num_anchors!r}")
         self.alpha, self.beta, self.tau = alpha, beta, tau
