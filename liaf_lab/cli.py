@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paired replicates (default: 0 1 2)")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="a config key and the values to try; repeatable (every combination is run)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="screen the --grid values one at a time (the config as it is, then each value alone) "
+                        "instead of every combination")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in separate processes (default: 1)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default: 1); results depend on it, not on --jobs")
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         from .study import parse_grid, run_study
 
         result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid), args.overrides,
-                           args.device, args.jobs, args.threads, args.teacher)
+                           args.device, args.jobs, args.threads, args.teacher,
+                           "one_at_a_time" if args.one_at_a_time else "product")
         print(result.report.read_text())
         return 0
     if args.command == "demo":

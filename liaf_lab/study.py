@@ -1,6 +1,6 @@
 """Paired multi-seed studies: methods x seeds x an optional grid of config values, with 95% intervals.
 
-``run_study`` trains (or loads) one teacher, then for every grid variant, seed and method one
+``run_study`` trains (or loads) one teacher when a method needs it, then for every grid variant, seed and method one
 student, each in its own run folder (so a killed study resumes where it stopped and never redoes a
 finished run), evaluates it on the tuning split (``val``) and, when the config has one, on a held-out
 test split, and writes ``results.csv``/``results.json`` (one row per run) and ``report.md`` with
@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,9 @@ from .distillers import BASELINE
 # Config sections that do not change a student trained without KD: its runs are shared by every
 # grid variant that differs only there.
 KD_SECTIONS = ("kd", "stage1")
+
+GridMode = Literal["product", "one_at_a_time"]
+GRID_MODES: tuple[str, ...] = ("product", "one_at_a_time")
 
 
 class StudyError(ValueError):
@@ -80,16 +83,21 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     return grid
 
 
-def grid_variants(grid: dict[str, list[str]]) -> list[tuple[str, ...]]:
-    """Every combination of the grid's values as a tuple of ``section.key=value`` overrides."""
+def grid_variants(grid: dict[str, list[str]], mode: GridMode = "product") -> list[tuple[str, ...]]:
+    """The grid's variants as tuples of ``section.key=value`` overrides: every combination of the values
+    (``"product"``), or the config as it is plus each value alone (``"one_at_a_time"``, a screen)."""
+    if mode not in GRID_MODES:
+        raise StudyError(f"grid mode {mode!r} is not one of {list(GRID_MODES)}")
     if not grid:
         return [()]
+    if mode == "one_at_a_time":
+        return [(), *[(f"{k}={v}",) for k, values in grid.items() for v in values]]
     keys = list(grid)
     return [tuple(f"{k}={v}" for k, v in zip(keys, combo)) for combo in itertools.product(*grid.values())]
 
 
 def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]],
-                     overrides: list[str]) -> None:
+                     grid_mode: GridMode, overrides: list[str]) -> None:
     from .config import load_config
     from .distillers import method_parts
 
@@ -108,15 +116,16 @@ def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], 
                 raise StudyError(f"--methods {method}: {err}") from None
     if len(set(methods)) != len(methods):
         raise StudyError(f"--methods repeats a method: {list(methods)}")
-    for variant in grid_variants(grid):  # every value must make a valid config (keys and types checked)
+    for variant in grid_variants(grid, grid_mode):  # every value must make a valid config (keys and types checked)
         load_config(config, [*overrides, *variant])
 
 
-def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], threads: int) -> dict[str, Any]:
+def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], threads: int,
+                grid_mode: GridMode = "product") -> dict[str, Any]:
     from .config import load_config
 
     return {"config": json.loads(json.dumps(load_config(config, overrides), default=str)), "grid": grid,
-            "threads": threads}
+            "grid_mode": grid_mode, "threads": threads}
 
 
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
@@ -136,8 +145,9 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
         ran = {part for m in saved["methods"] if m != BASELINE for part in m.split("+")}
         diffs = {k: v for k, v in diffs.items()
                  if not (k.startswith("config.kd.") and k.split(".")[2] not in ran and len(k.split(".")) > 3)}
-        if saved["grid"] != spec["grid"]:
-            diffs["grid"] = (saved["grid"], spec["grid"])
+        for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
+            if saved.get(key, "product") != spec[key]:
+                diffs[key] = (saved.get(key, "product"), spec[key])
         if diffs:
             listed = describe_differences(diffs)
             raise StudyError(f"study folder {out} holds a study of another configuration ({listed}); use another "
@@ -171,7 +181,7 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
     return str(path)
 
 
-def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str, device: str | None,
+def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
             threads: int) -> dict[str, Any]:
     """Train and evaluate one student of the study (in this process); returns its row."""
     from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
@@ -190,13 +200,14 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg)
     nc = len(train.class_names) + 1
-    teacher = build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
     student = build_detector(cfg, "student", nc, seed=run.seed)
     tcfg = train_config(cfg, "distill", seed=run.seed)
-    run_config = {"config": method_config(cfg, run.method), "method": run.method, "teacher": teacher_path}
+    run_config = {"config": method_config(cfg, run.method), "method": run.method,
+                  "teacher": None if run.method == BASELINE else teacher_path}  # no-KD runs never read it
     if run.method == BASELINE:
         train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config)
     else:
+        teacher = build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
         distiller = build_distiller(run.method, cfg, student, seed=run.seed)
         if distiller.two_stage:
             learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=run.seed), folder / "stage1",
@@ -230,13 +241,17 @@ class StudyResult:
 def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
-              teacher_weights: str | None = None) -> StudyResult:
+              teacher_weights: str | None = None, grid_mode: GridMode = "product") -> StudyResult:
     """Run (or resume) a study and write its rows, report and figure in ``out_dir``.
 
     Args:
         methods: ``"none"`` (the baseline every difference is paired with) and registered distillers.
         seeds: one paired replicate each (>= 2 for an interval).
-        grid: ``{"section.key": [values]}``; every combination is a variant of every KD method.
+        grid: ``{"section.key": [values]}``; its variants (``grid_mode``) apply to every KD method.
+        grid_mode: ``"product"`` (every combination) or ``"one_at_a_time"`` (the config as it is, then
+            each value alone: a screen of many options at the cost of their number, not their product).
+        teacher_weights: the teacher checkpoint; without it one is trained in ``out_dir/teacher``, only if
+            a KD method needs it (a study of ``none`` alone trains no teacher).
         jobs: runs trained at once in separate processes, each with ``threads`` threads; results do not
             depend on ``jobs``, only on ``threads`` (recorded; a folder refuses another value).
     """
@@ -245,10 +260,11 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     if jobs < 1 or threads < 1:
         raise StudyError(f"jobs ({jobs}) and threads ({threads}) must be at least 1")
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
-    _check_arguments(config, methods, seeds, grid, overrides)
-    _open_study(out, _study_spec(config, overrides, grid, threads), methods, seeds)
-    teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights)
-    runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid) for s in seeds for m in methods))
+    _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
+    _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods, seeds)
+    needs_teacher = any(m != BASELINE for m in methods)
+    teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights) if needs_teacher else None
+    runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
     unique = list({r.folder: r for r in runs}.values())
     tasks = [(str(out), config, overrides, r, teacher_path, device, threads) for r in unique]
     rows: dict[str, dict[str, Any]] = {}
@@ -269,7 +285,7 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     from .study_report import write_study_report
 
     seconds = time.perf_counter() - start
-    report, summary = write_study_report(out, table, methods, seeds, grid, seconds)
+    report, summary = write_study_report(out, table, methods, seeds, grid, seconds, grid_mode)
     return StudyResult(table, report, seconds, summary)
 
 

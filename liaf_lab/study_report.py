@@ -98,7 +98,8 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
 
 
 def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
-                       grid: dict[str, list[str]], seconds: float) -> tuple[Path, dict[str, Any]]:
+                       grid: dict[str, list[str]], seconds: float,
+                       grid_mode: str = "product") -> tuple[Path, dict[str, Any]]:
     """``results.csv``, ``results.json``, ``study.png`` and ``report.md`` in ``out``."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as f:
@@ -113,7 +114,8 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
     run_minutes = sum(r["seconds"] for r in rows if "seconds" in r) / 60
     lines = [
         "# Study report", "",
-        f"Methods {list(methods)}, seeds {list(seeds)}, grid {grid or 'none'}; {len(rows)} runs "
+        f"Methods {list(methods)}, seeds {list(seeds)}, grid {grid or 'none'}"
+        + (" (one value at a time)" if grid and grid_mode == "one_at_a_time" else "") + f"; {len(rows)} runs "
         f"({run_minutes:.1f} min of training and evaluation in the runs, {seconds / 60:.1f} min for this call).", "",
         f"AP (COCO bbox, %) on the **{split}** split. The difference to `{BASELINE}` is paired by seed "
         "(same initial weights and batches); its interval is Student's t 95% over the seeds.",
@@ -130,13 +132,21 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
     lines += ["", *[f"- {verdict(m, e)}" for m, e in summary.items() if m != BASELINE], "", "![study](study.png)", ""]
     if grid:
         test_column = f"{split} AP |" if split != "val" else ""
-        lines += ["## Every variant", "", "| method | variant | val AP | " + test_column,
-                  "|---|---|---|" + ("---|" if split != "val" else "")]
+        lines += ["## Every variant", "",
+                  f"The paired difference to `{BASELINE}` on `val` (the tuning split), Student's t 95% over the seeds.",
+                  "", f"| method | variant | val AP | val AP - {BASELINE} [95% CI] | " + test_column,
+                  "|---|---|---|---|" + ("---|" if split != "val" else "")]
+        base = {r["seed"]: 100 * r["val_AP"] for r in rows if r["method"] == BASELINE}
         for method in methods:
             for variant in sorted({r["settings"] for r in rows if r["method"] == method}):
                 sel = [r for r in rows if r["method"] == method and r["settings"] == variant]
                 val = _pct([r["val_AP"] for r in sel])
                 cells = [f"{statistics.fmean(val):.2f}"]
+                if method == BASELINE:
+                    cells.append("(baseline)")
+                else:
+                    mean, low, high = paired_interval([v - base[r["seed"]] for v, r in zip(val, sel)])
+                    cells.append(_interval({"diff_mean": mean, "ci_low": low, "ci_high": high}))
                 if split != "val":
                     cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
                 lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")

@@ -11,7 +11,8 @@ import torch
 
 import liaf_lab.engine
 from liaf_lab.config import PROJECT_ROOT
-from liaf_lab.study import StudyError, _open_study, _study_spec, paired_interval, parse_grid, run_study
+from liaf_lab.study import (StudyError, _open_study, _study_spec, grid_variants, paired_interval, parse_grid,
+                            run_study)
 from liaf_lab.study_report import verdict
 
 TEACHER = str(PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt")
@@ -116,3 +117,38 @@ def test_a_study_folder_refuses_another_config_or_thread_count(tmp_path, small):
         with pytest.raises(StudyError, match=key):
             _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5", changed], {}, threads=1),
                         ["none"], [0])
+
+
+def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp_path, small, monkeypatch):
+    grid = parse_grid(["kd.liaf.mask_scale=count", "kd.liaf.loss_weight=0.2,0.05"])
+    assert grid_variants(grid, "one_at_a_time") == [(), ("kd.liaf.mask_scale=count",), ("kd.liaf.loss_weight=0.2",),
+                                                    ("kd.liaf.loss_weight=0.05",)]
+    assert len(grid_variants(grid)) == 2  # the product: count with each loss weight
+    with pytest.raises(StudyError, match="grid mode 'all' is not one of"):
+        grid_variants(grid, "all")
+    out = tmp_path / "screen"
+    small_grid = {"kd.liaf.mask_scale": ["count"]}
+    result = run_study(out, "bench", ["none", "liaf"], [0, 1], small_grid, small, device="cpu",
+                       teacher_weights=TEACHER, grid_mode="one_at_a_time")
+    assert sorted({r["settings"] for r in result.rows if r["method"] == "liaf"}) == ["default",
+                                                                                      "kd.liaf.mask_scale=count"]
+    assert len(list(out.rglob("result.json"))) == 6  # 2 no-KD runs + 2 variants x 2 seeds
+    report = (out / "report.md").read_text()
+    assert "(one value at a time)" in report and "| liaf | kd.liaf.mask_scale=count |" in report
+    base = {r["seed"]: r["val_AP"] for r in result.rows if r["method"] == "none"}
+    count = [100 * (r["val_AP"] - base[r["seed"]]) for r in result.rows if r["settings"] == "kd.liaf.mask_scale=count"]
+    mean, low, high = paired_interval(count)
+    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" in report
+    with pytest.raises(StudyError, match="grid_mode"):
+        run_study(out, "bench", ["none", "liaf"], [0, 1], small_grid, small, device="cpu", teacher_weights=TEACHER)
+
+
+def test_a_study_without_distillation_trains_no_teacher(tmp_path, small, monkeypatch):
+    import liaf_lab.study as study
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher was trained or loaded for a study of no-KD students")
+
+    monkeypatch.setattr(study, "_teacher", no_teacher)
+    result = run_study(tmp_path / "s", "bench", ["none"], [0], overrides=small, device="cpu")
+    assert [r["method"] for r in result.rows] == ["none"] and not (tmp_path / "s" / "teacher").exists()
