@@ -137,6 +137,22 @@ def test_coco_metrics_perfect_and_empty_predictions(tiny_data):
     assert coco_metrics(gt, [])["AP"] == 0.0
 
 
+def test_detections_of_the_background_class_are_left_out(tiny_data):
+    """torchvision's dense heads keep a logit for label 0 (background); a student may score it (a DeFeat
+    student did on the bench set). It has no category: left out, as COCOeval would ignore it."""
+    from liaf_lab.engine import predict_coco
+
+    val = _dataset(tiny_data, "val", train=False)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            box = torch.tensor([[1.0, 2.0, 11.0, 12.0]] * 2)
+            return [{"boxes": box, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])} for _ in images]
+
+    results = predict_coco(Fixed(), val, collate_fn, batch_size=2)
+    assert len(results) == len(val) and {r["category_id"] for r in results} == {val.label_to_cat_id[1]}
+
+
 def test_quick_demo_end_to_end(tiny_data, tmp_path):
     from liaf_lab.demo import run_demo
 

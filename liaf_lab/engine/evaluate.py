@@ -35,6 +35,8 @@ def predict_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = defa
             boxes = det["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]
             for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+                if label == 0:  # torchvision's background class (a trained student may still score it): no
+                    continue    # category, which COCOeval would ignore anyway
                 results.append({"image_id": int(target["image_id"]), "bbox": [round(v, 2) for v in box],
                                 "score": round(float(score), 5),
                                 "category_id": int(dataset.label_to_cat_id[int(label)])})
