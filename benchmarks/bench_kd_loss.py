@@ -35,11 +35,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers  # noqa: E402
 
 ANCHORS, CLASSES = 9, 80  # RetinaNet on COCO
+LEVELS = list(SIZES)  # --levels: the FPN levels distilled (ACAM-KD's memory target is stated at P3 alone)
 
 
 def build(method: str, device: torch.device):
     torch.manual_seed(0)
-    distiller = create_distiller(method, CHANNELS, CHANNELS, STRIDES).to(device).train()
+    distiller = create_distiller(method, CHANNELS, CHANNELS, {lvl: STRIDES[lvl] for lvl in LEVELS}).to(device).train()
     distiller.mark_stage1(1)  # stage-1 modules as initialised: the cost does not depend on their values
     return distiller
 
@@ -47,8 +48,8 @@ def build(method: str, device: torch.device):
 def retinanet_priors(device: torch.device) -> dict[str, torch.Tensor]:
     """RetinaNet's anchors per level ``[H*W*9, 4]`` (sizes 4 x stride x 2^(0, 1/3, 2/3), ratios 0.5, 1, 2)."""
     out = {}
-    for lvl, (h, w) in SIZES.items():
-        s = STRIDES[lvl]
+    for lvl in LEVELS:
+        (h, w), s = SIZES[lvl], STRIDES[lvl]
         base = AnchorGenerator().generate_anchors([4 * s * 2 ** (i / 3) for i in range(3)], [0.5, 1.0, 2.0])
         ys, xs = torch.meshgrid(torch.arange(h) * s, torch.arange(w) * s, indexing="ij")
         shifts = torch.stack([xs, ys, xs, ys], -1).reshape(-1, 1, 4)
@@ -59,6 +60,7 @@ def retinanet_priors(device: torch.device) -> dict[str, torch.Tensor]:
 def make_kd_inputs(distiller, device: torch.device) -> tuple[KDInputs, dict[str, torch.Tensor]]:
     """The inputs of one step of ``distiller`` and the tensors whose gradient it computes (by name)."""
     student, teacher, boxes = make_inputs(device)
+    student, teacher = ({lvl: feats[lvl] for lvl in LEVELS} for feats in (student, teacher))
     inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
                       IMAGE)
     grads = {f"feats[{k}]": v.requires_grad_(True) for k, v in student.items()}
@@ -66,7 +68,7 @@ def make_kd_inputs(distiller, device: torch.device) -> tuple[KDInputs, dict[str,
         g = torch.Generator().manual_seed(1)
         inputs.student_head, inputs.teacher_head = (
             {lvl: {"cls_logits": torch.randn(BATCH, ANCHORS * CLASSES, h, w, generator=g).to(device)}
-             for lvl, (h, w) in SIZES.items()} for _ in range(2))
+             for lvl, (h, w) in SIZES.items() if lvl in LEVELS} for _ in range(2))
         grads |= {f"head[{k}]": v["cls_logits"].requires_grad_(True) for k, v in inputs.student_head.items()}
     if "priors" in distiller.needs:
         inputs.priors = retinanet_priors(device)
@@ -125,7 +127,7 @@ def bench_memory(methods: list[str], device: torch.device) -> dict:
             out[m] = {"peak_mib": child_memory(m, device)}
         else:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-            res = subprocess.run([sys.executable, __file__, "--device", "cpu", "--child-memory", m],
+            res = subprocess.run([sys.executable, __file__, "--device", "cpu", "--child-memory", m, "--levels", *LEVELS],
                                  capture_output=True, text=True, check=True, env=env)
             out[m] = {"peak_mib": float(res.stdout.strip().splitlines()[-1])}
     for m in methods:
@@ -141,14 +143,18 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], choices=["time", "memory"])
     p.add_argument("--json", type=Path)
+    p.add_argument("--levels", nargs="+", default=list(SIZES), choices=list(SIZES),
+                   help="FPN levels to distil (default: all five)")
+    p.add_argument("--only", nargs="*", help="measure only these methods (FitNet is always measured)")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = p.parse_args()
+    LEVELS[:] = args.levels
     device = torch.device(args.device)
     if args.child_memory:
         print(child_memory(args.child_memory, device))
         return
-    methods = list(dict.fromkeys(["fitnet", *list_distillers(), *args.methods]))
-    print(f"# KD losses at COCO size: batch {BATCH}, {CHANNELS} ch, levels {list(SIZES.values())}, device {device}, "
+    methods = list(dict.fromkeys(["fitnet", *(args.only or [*list_distillers(), *args.methods])]))
+    print(f"# KD losses at COCO size: batch {BATCH}, {CHANNELS} ch, levels {[SIZES[lvl] for lvl in LEVELS]}, device {device}, "
           f"threads {torch.get_num_threads()}, repeats {args.repeats}")
     results = {}
     if "time" not in args.skip:

@@ -26,7 +26,7 @@ from liaf_lab.distillers.maskd import DICE_EPS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads
 
-TEACHER_C = 4  # C_q = 2: the value splits into two groups of width C_q
+TEACHER_C = 4  # C_q = 2
 MASKS = 3
 IMAGE_SIZE = (32, 40)
 
@@ -240,11 +240,10 @@ def test_levels_strides_and_channels_match_reference(strides, student_c):
 
 
 def test_without_projector_and_an_odd_width():
-    """No ``f_align`` (equal channels), and C = 5: ``C_q = 2`` does not divide C, so one value group."""
+    """No ``f_align`` (equal channels), and an odd C = 5 (``C_q = 2``)."""
     d = make_acam(5, teacher_c=5, projector=False)
     assert all(isinstance(p, nn.Identity) for p in d.projectors.values())
-    assert d.masking["p3"].query.out_features == 2 and d.masking["p3"].groups == 1
-    assert make_acam(3).masking["p3"].groups == 2
+    assert d.masking["p3"].query.out_features == 2
     student = make_feats(5, 2, seed=1, requires_grad=True)
     teacher = make_feats(5, 2, seed=2)
     got = d.loss_terms(KDInputs(student, teacher, make_boxes((1, 1))))
@@ -278,9 +277,9 @@ class Loss(nn.Module):
         return self.distiller({"p4": student}, self.teacher, [torch.zeros(0, 4)])
 
 
-@pytest.mark.parametrize("query_chunk", [1024, 7], ids=["one-block", "blocks"])
-def test_gradcheck_tiny_double(query_chunk):
-    d = make_acam(3, strides={"p4": 8.0}, num_masks=2, query_chunk=query_chunk)
+@pytest.mark.parametrize("budget", [2**20, 7 * 20], ids=["one-block", "blocks"])
+def test_gradcheck_tiny_double(budget):
+    d = make_acam(3, strides={"p4": 8.0}, num_masks=2, max_attention_elements=budget)  # 20 cells: 1 or 3 blocks
     student = make_feats(3, 1, seed=1, strides={"p4": 8.0}, requires_grad=True)["p4"]
     teacher = make_feats(TEACHER_C, 1, seed=2, strides={"p4": 8.0})
     wrapper = Loss(d, teacher)
@@ -294,13 +293,12 @@ def test_gradcheck_tiny_double(query_chunk):
 
 
 # -- the attention blocks ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{"query_chunk": 7}, {"query_chunk": 1}, {"max_attention_elements": 2 * 80 * 3}],
-                         ids=["chunk-7", "chunk-1", "budget-3-rows"])
-def test_blocks_of_queries_equal_one_block(options):
-    """Splitting the queries into blocks (80 and 20 cells: 7 does not divide them) changes nothing."""
+@pytest.mark.parametrize("rows", [7, 1, 3])
+def test_blocks_of_queries_equal_one_block(rows):
+    """Splitting the queries into blocks (80 and 20 cells: 7 and 3 do not divide them) changes nothing."""
     whole = make_acam(3)
-    blocks = make_acam(3, **options)
-    assert blocks.rows_per_block("p3", 2, 80) == options.get("query_chunk", 3)
+    blocks = make_acam(3, max_attention_elements=2 * 80 * rows)
+    assert whole.rows_per_block("p3", 2, 80) == 80 and blocks.rows_per_block("p3", 2, 80) == rows
     student, teacher, boxes = inputs(3, requires_grad=True)
     a = whole.loss_terms(KDInputs(student, teacher, boxes))
     b = blocks.loss_terms(KDInputs(student, teacher, boxes))
@@ -314,7 +312,7 @@ def test_blocks_of_queries_equal_one_block(options):
 
 def test_no_grad_path_equals_grad_path():
     """Without autograd the blocks are not checkpointed; the values agree."""
-    d = make_acam(3, query_chunk=5)
+    d = make_acam(3, max_attention_elements=2 * 80 * 5)
     student, teacher, boxes = inputs(3)
     with torch.no_grad():
         a = d(student, teacher, boxes)
@@ -330,7 +328,7 @@ def test_attention_too_large_is_a_value_error_naming_method_and_level():
 
 
 def test_scale_is_one_over_sqrt_cq():
-    """Eq. 3 divides by sqrt(C_q) (SDPA's default for query width C_q); a reference without it differs."""
+    """Eq. 3 divides by sqrt(C_q) (attention's scaling for query width C_q); a reference without it differs."""
     d = make_acam(3)
     student, teacher, boxes = inputs(3)
     with torch.no_grad():
@@ -442,7 +440,7 @@ def test_call_returns_the_sum_of_loss_terms():
 
 
 def test_compute_terms_reads_nothing_back():
-    d = make_acam(3, query_chunk=7)
+    d = make_acam(3, max_attention_elements=2 * 80 * 7)
     student, teacher, boxes = inputs(3, requires_grad=True)
     with count_device_reads() as reads:
         terms = d.compute_terms(KDInputs(student, teacher, boxes))
@@ -456,7 +454,7 @@ def test_registry_and_defaults():
     assert {k: v[1] for k, v in opts.items()} == {
         "alpha": 1.0, "lambda_div": 1.0, "num_masks": 6, "projector": True, "channel_units": "scalar",
         "detach": "none", "dice_masks": "both", "dice_form": "ratio", "batch_reduction": "image",
-        "level_reduction": "sum", "query_chunk": 1024, "max_attention_elements": 2**28}
+        "level_reduction": "sum", "max_attention_elements": 2**20}
     d = create_distiller("acam", 8, 16, {"0": 8.0})
     assert isinstance(d, ACAMDistiller) and d.method_name == "acam"
     m = d.masking["0"]
@@ -469,7 +467,7 @@ def test_registry_and_defaults():
 @pytest.mark.parametrize("option,value", [
     ("alpha", -1.0), ("alpha", float("nan")), ("lambda_div", -0.5), ("lambda_div", float("inf")), ("num_masks", 1),
     ("channel_units", "matrix"), ("detach", "masks"), ("dice_masks", "none"), ("dice_form", "mean"),
-    ("batch_reduction", "sum"), ("level_reduction", "max"), ("query_chunk", 0), ("max_attention_elements", 0),
+    ("batch_reduction", "sum"), ("level_reduction", "max"), ("max_attention_elements", 0),
 ])
 def test_bad_options(option, value):
     with pytest.raises(ValueError, match=option):

@@ -11,10 +11,8 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
 from .maskd import dice_coeff
@@ -41,60 +39,97 @@ def mask_diversity(masks: Tensor) -> Tensor:
     return ((gram.sum(dim=(1, 2)) - norms) / norms).mean()
 
 
-def _attend_chunk(teacher_rows: Tensor, query: nn.Linear, key: Tensor, spatial_weight: Tensor, spatial_bias: Tensor,
-                  *groups: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. 2-5 for one block of query cells, without ``W_v`` (applied by the caller, see ``fused_masks``).
+def _pointwise(weight: Tensor, x: Tensor) -> Tensor:
+    """A 1x1 conv without bias, ``[O, C]`` by ``[N, C, L]`` -> ``[N, O, L]``, as one batched matmul
+    (``weight @ x`` would keep a transposed copy of ``x`` for its backward)."""
+    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
 
-    Args:
-        teacher_rows: ``[N, R, C]`` the teacher features of R query cells (channels last).
-        query: ``W_q`` of Eq. 2 (``C -> C_q``).
-        key: ``[N, HW, C_q]`` ``K`` of Eq. 2 for every cell.
-        spatial_weight, spatial_bias: ``m^s W_v`` ``[M, C]`` and ``m^s b_v`` ``[M]``.
-        groups: the (aligned) student features ``[N, HW, C / G]`` split into G channel groups, each
-            as wide as ``C_q`` where ``C_q`` divides ``C`` (fused kernels need value, query and key of
-            one width); the attention weights are the same for every group.
-    Returns:
-        ``(m^s . z)`` of the R cells ``[N, R, M]`` and the sum over the R cells of ``A f_align(F^S)`` ``[N, C]``.
+
+def _attention_rows(teacher_rows: Tensor, query_weight: Tensor, query_bias: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 2-3 for R query cells: the scaled queries ``Q / sqrt(C_q)`` ``[N, R, C_q]`` and the rows of ``A``
+    ``[N, R, HW]``, from the teacher features of the cells ``[N, C, R]``, ``W_q`` ``[C_q, C]``, ``b_q`` and
+    ``K`` ``[N, C_q, HW]``."""
+    q = (_pointwise(query_weight, teacher_rows) + query_bias[:, None]).transpose(1, 2)  # Eq. 2: Q
+    q = q / math.sqrt(q.shape[-1])
+    return q, torch.softmax(q @ key, dim=-1)  # Eq. 3
+
+
+class BlockedAttention(torch.autograd.Function):
+    """``A value`` and ``A^T 1`` for ``A = softmax(Q K / sqrt(C_q))`` (Eq. 2-3), R query cells at a time.
+
+    ``forward(teacher, query_weight, query_bias, key, value, rows)`` takes ``F^T`` ``[N, C, HW]``, ``W_q``,
+    ``b_q``, ``K`` ``[N, C_q, HW]`` and a value ``[N, HW, M]``, and returns ``A value`` ``[N, HW, M]`` and
+    the column sums of ``A`` ``[N, HW]``. Only one block of rows of ``A`` (``[N, R, HW]``) exists at a
+    time, in both passes: backward forms each block again and adds its share of every gradient in
+    place, so memory does not grow with the number of blocks (per-block autograd records, as
+    ``torch.utils.checkpoint`` keeps, fragment the CPU heap by about one ``[N, HW]`` tensor per block).
     """
-    q = query(teacher_rows)[:, None]  # [N, 1, R, C_q]
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    out = torch.cat([  # Eq. 3: softmax over the HW keys of Q K / sqrt(C_q), times each group
-        F.scaled_dot_product_attention(q, key[:, None], group[:, None], scale=scale)[:, 0] for group in groups
-    ], dim=2)  # A f_align(F^S): [N, R, C]
-    return out @ spatial_weight.T + spatial_bias, out.sum(dim=1)
+
+    @staticmethod
+    def forward(ctx, teacher: Tensor, query_weight: Tensor, query_bias: Tensor, key: Tensor, value: Tensor,
+                rows: int) -> tuple[Tensor, Tensor]:
+        n, _, cells = teacher.shape
+        out = value.new_empty(n, cells, value.shape[2])
+        column_sums = key.new_zeros(n, cells)
+        for start in range(0, cells, rows):
+            _, attention = _attention_rows(teacher[:, :, start:start + rows], query_weight, query_bias, key)
+            out[:, start:start + rows] = attention @ value
+            column_sums += attention.sum(dim=1)
+        ctx.save_for_backward(teacher, query_weight, query_bias, key, value)
+        ctx.rows = rows
+        return out, column_sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, grad_sums: Tensor) -> tuple[Tensor | None, ...]:
+        teacher, query_weight, query_bias, key, value = ctx.saved_tensors
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        grad_weight, grad_bias = torch.zeros_like(query_weight), torch.zeros_like(query_bias)
+        grad_teacher = torch.zeros_like(teacher) if ctx.needs_input_grad[0] else None
+        scale = 1.0 / math.sqrt(key.shape[1])
+        for start in range(0, teacher.shape[2], ctx.rows):
+            rows = teacher[:, :, start:start + ctx.rows]
+            q, attention = _attention_rows(rows, query_weight, query_bias, key)
+            grad_rows_out = grad_out[:, start:start + ctx.rows]  # [N, R, M]
+            grad_value.baddbmm_(attention.transpose(1, 2), grad_rows_out)
+            grad_attention = torch.baddbmm(grad_sums[:, None, :], grad_rows_out, value.transpose(1, 2))
+            # softmax backward: dS = A (dA - rowsum(A dA)), in place on dA
+            grad_scores = grad_attention.sub_((attention * grad_attention).sum(dim=2, keepdim=True)).mul_(attention)
+            grad_key.baddbmm_(q.transpose(1, 2), grad_scores)  # scores = (Q / sqrt(C_q)) K
+            grad_q = (grad_scores @ key.transpose(1, 2)).mul_(scale)  # [N, R, C_q], w.r.t. the unscaled Q
+            grad_weight += (grad_q.transpose(1, 2) @ rows.transpose(1, 2)).sum(dim=0)
+            grad_bias += grad_q.sum(dim=(0, 1))
+            if grad_teacher is not None:
+                grad_teacher[:, :, start:start + ctx.rows] = _pointwise(query_weight.T, grad_q.transpose(1, 2))
+        return grad_teacher, grad_weight, grad_bias, grad_key, grad_value, None
 
 
 class SquaredErrorSums(torch.autograd.Function):
     """``D^2 = (F^T - f_align(F^S))^2`` summed over channels and over cells: all that Eq. 6-7 read of ``D``.
 
-    ``forward(teacher, *groups)`` takes the teacher ``[G, N, HW, C / G]`` (channel ``g C / G + j`` at
-    ``[g, :, :, j]``) and the aligned student as G tensors ``[N, HW, C / G]``, and returns ``[N, HW]``
-    and ``[N, C]`` in at least float32 (sums over HW overflow half precision). It keeps only its inputs
-    for the backward pass, which forms ``D`` once more instead of keeping ``D`` or ``D^2``.
+    ``forward(teacher, aligned)`` takes ``[N, C, HW]`` each and returns ``[N, HW]`` and ``[N, C]`` in at
+    least float32 (sums over HW overflow half precision). It keeps only its inputs for the backward
+    pass, which forms ``D`` once more instead of keeping ``D`` or ``D^2``.
     """
 
     @staticmethod
-    def forward(ctx, teacher: Tensor, *groups: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(teacher, *groups)
-        wide = torch.promote_types(teacher.dtype, torch.float32)
-        cells, channels = 0, []
-        for g, group in enumerate(groups):
-            sq = (teacher[g].to(wide) - group).square_()
-            cells = cells + sq.sum(dim=2)
-            channels.append(sq.sum(dim=1))
-        return cells, torch.cat(channels, dim=1)
+    def forward(ctx, teacher: Tensor, aligned: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(teacher, aligned)
+        sq = (teacher.to(torch.promote_types(teacher.dtype, torch.float32)) - aligned).square_()
+        return sq.sum(dim=1), sq.sum(dim=2)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_cells: Tensor, grad_channels: Tensor) -> tuple[Tensor | None, ...]:
-        teacher, *groups = ctx.saved_tensors
-        grad_groups = grad_channels.chunk(len(groups), dim=1)
-        grads = [  # d/dS of sum_{p,k} D^2 w = -2 D w, with D = T - S
-            (group.to(grad_cells.dtype) - teacher[g]).mul_(grad_cells[:, :, None] + grad_groups[g][:, None, :]).mul_(2)
-            for g, group in enumerate(groups)
-        ]
-        teacher_grad = -torch.stack(grads).to(teacher.dtype) if ctx.needs_input_grad[0] else None
-        return teacher_grad, *(grad.to(group.dtype) for grad, group in zip(grads, groups))
+    def backward(ctx, grad_cells: Tensor, grad_channels: Tensor) -> tuple[Tensor | None, Tensor]:
+        teacher, aligned = ctx.saved_tensors
+        # d/dS of sum_{k,p} D^2 w_kp = -2 D w, with D = T - S and w_kp = g_cells_p + g_channels_k, formed for
+        # a few channels at a time so that no second [N, C, HW] tensor exists
+        grad = aligned.to(grad_cells.dtype) - teacher
+        for part, channels in zip(grad.split(16, dim=1), grad_channels.split(16, dim=1)):
+            part.mul_(grad_cells[:, None, :] + channels[:, :, None])
+        grad.mul_(2)
+        teacher_grad = -grad.to(teacher.dtype) if ctx.needs_input_grad[0] else None
+        return teacher_grad, grad.to(aligned.dtype)
 
 
 class CooperativeMasking(nn.Module):
@@ -108,9 +143,9 @@ class CooperativeMasking(nn.Module):
             ``M^c_{m,k} = sigmoid(m^c_{m,k} v_k)``.
 
     ``W_q``, ``W_k`` (``C -> C_q = C // 2``, at least 1) and ``W_v`` (``C -> C``) are the 1x1 convs of
-    Eq. 2, kept as ``nn.Linear`` (the same map and initialisation) because they act on channels-last
-    ``[N, HW, C]`` features. The units start from N(0, 0.01) (assumption: MasKD's token init; the paper
-    gives none), so every mask starts near 0.5.
+    Eq. 2, kept as ``nn.Linear`` (the same map and initialisation; applied as ``W x + b`` to ``[N, C, HW]``
+    features). The units start from N(0, 0.01) (assumption: MasKD's token init; the paper gives none),
+    so every mask starts near 0.5.
     """
 
     def __init__(self, channels: int, num_masks: int, channel_units: ChannelUnits) -> None:
@@ -122,42 +157,35 @@ class CooperativeMasking(nn.Module):
         unit_shape = (num_masks,) if channel_units == "scalar" else (num_masks, channels)
         self.channel_units = nn.Parameter(torch.empty(unit_shape).normal_(0, 0.01))
         self.spatial_units = nn.Parameter(torch.empty(num_masks, channels).normal_(0, 0.01))
-        # value groups of width C_q where C_q divides C (so fused kernels accept the attention)
-        self.groups = channels // reduced if channels % reduced == 0 else 1
 
-    def fused_masks(self, teacher: Tensor, groups: tuple[Tensor, ...], rows_per_block: int) -> tuple[Tensor, Tensor]:
+    def fused_masks(self, teacher: Tensor, aligned: Tensor, rows_per_block: int) -> tuple[Tensor, Tensor]:
         """Eq. 2-5: the channel masks ``M^c`` ``[N, M, C]`` and the spatial masks ``M^s`` ``[N, M, HW]``.
 
         Args:
-            teacher: ``[N, HW, C]`` ``F^T`` (channels last).
-            groups: the aligned student ``f_align(F^S)`` as ``self.groups`` contiguous channel groups
-                ``[N, HW, C / G]`` (channels ``g C / G`` to ``(g + 1) C / G - 1`` in group g).
-            rows_per_block: query cells per attention call.
+            teacher: ``[N, C, HW]`` ``F^T``.
+            aligned: ``[N, C, HW]`` ``f_align(F^S)``, which K and V read.
+            rows_per_block: query cells per block of ``A``.
 
-        ``F_fused = A V`` (Eq. 4) is never formed, nor is ``A``: the masks read ``F_fused`` only through
-        ``v = mean_HW F_fused`` and ``m^s . z``, and since each row of ``A`` sums to 1,
-        ``A V = (A f_align(F^S)) W_v^T + b_v``. So each block of query cells attends over the aligned
-        student itself (``scaled_dot_product_attention``), keeps only ``[N, R, M]`` and ``[N, C]``, and is
-        recomputed in the backward pass (``torch.utils.checkpoint``), so no ``[N, HW, C]`` output and,
-        where the attention falls back to the math kernel, no ``[N, R, HW]`` block outlives its call.
+        Neither ``F_fused = A V`` (Eq. 4, ``[N, C, HW]``) nor the HW x HW ``A`` is formed: the masks read
+        ``F_fused`` only through ``m^s . z`` and ``v = mean_HW F_fused``, and since each row of ``A``
+        sums to 1, ``m^s . z_p = sum_q A_pq (m^s W_v f_align(F^S)_q) + m^s b_v`` and
+        ``v = W_v f_align(F^S) (A^T 1) / HW + b_v``. So each block of query cells forms its rows of
+        ``A`` (images x rows x HW) and keeps only ``[N, R, M]`` and the column sums ``[N, HW]``; the
+        backward pass forms each block again (``BlockedAttention``). The attention's value is M wide,
+        not C, and no block outlives its use.
         """
-        cells = groups[0].shape[1]
-        key_weights = self.key.weight.chunk(len(groups), dim=1)
-        key = self.key.bias + sum(group @ w.T for group, w in zip(groups, key_weights))  # Eq. 2: [N, HW, C_q]
+        cells = aligned.shape[2]
+        key = _pointwise(self.key.weight, aligned) + self.key.bias[:, None]  # Eq. 2: K, [N, C_q, HW]
         spatial_weight = self.spatial_units @ self.value.weight  # m^s W_v: [M, C]
-        spatial_bias = self.spatial_units @ self.value.bias  # [M]
-        logits, sums = [], []
-        for start in range(0, cells, rows_per_block):
-            args = (teacher[:, start:start + rows_per_block], self.query, key, spatial_weight, spatial_bias, *groups)
-            if torch.is_grad_enabled():
-                block_logits, block_sum = recompute_in_backward(_attend_chunk, *args, use_reentrant=False,
-                                                                preserve_rng_state=False)
-            else:
-                block_logits, block_sum = _attend_chunk(*args)
-            logits.append(block_logits)
-            sums.append(block_sum)
-        spatial = torch.sigmoid(torch.cat(logits, dim=1).transpose(1, 2))  # Eq. 5: sigma(m^s . z), [N, M, HW]
-        pooled = self.value(torch.stack(sums).sum(dim=0) / cells)  # v = mean_HW F_fused: [N, C]
+        spatial_value = _pointwise(spatial_weight, aligned).transpose(1, 2)  # [N, HW, M]
+        wide = torch.promote_types(key.dtype, torch.float32)
+        with torch.autocast(aligned.device.type, enabled=False):  # a softmax over HW cells: at least float32
+            attention_inputs = (teacher, self.query.weight, self.query.bias, key, spatial_value)
+            logits, attended = BlockedAttention.apply(*(t.to(wide) for t in attention_inputs),
+                                                      rows_per_block)  # [N, HW, M] and A^T 1: [N, HW]
+        spatial_bias = self.spatial_units @ self.value.bias  # m^s b_v: [M]
+        spatial = torch.sigmoid(logits.transpose(1, 2) + spatial_bias[:, None])  # Eq. 5: [N, M, HW]
+        pooled = self.value((aligned @ attended[:, :, None])[..., 0] / cells)  # v = mean_HW F_fused: [N, C]
         units = self.channel_units if self.channel_units.dim() == 2 else self.channel_units[:, None]
         channel = torch.sigmoid(units[None] * pooled[:, None, :])  # Eq. 5: sigma(m^c . v), [N, M, C]
         return channel, spatial
@@ -215,11 +243,10 @@ class ACAMDistiller(FeatureDistiller):
         channel_units, detach, dice_masks, dice_form, batch_reduction, level_reduction: see above;
             ``detach="student"`` feeds K and V a detached ``f_align(F^S)``, so the student and
             ``f_align`` learn from the masked difference only while the fusion and units still learn.
-        query_chunk: query cells per attention call (a block of rows of ``A``; the HW x HW ``A`` is never
-            formed, see ``CooperativeMasking.fused_masks``).
-        max_attention_elements: the most elements one call's attention block (images x query cells x
-            HW) may have, the memory the math kernel would take for it; blocks shrink to
-            fit, and a level where even one query cell per image does not fit is a ``ValueError``.
+        max_attention_elements: the most elements of one block of rows of ``A`` (images x query cells x
+            HW; the HW x HW ``A`` is never formed, see ``CooperativeMasking.fused_masks``). Blocks take as
+            many query cells as fit (2^20: 4 MiB in float32, 34 cells at P3 of an 800 x 1216 batch of
+            2); a level where even one query cell per image does not fit is a ``ValueError``.
     """
 
     def __init__(
@@ -237,8 +264,7 @@ class ACAMDistiller(FeatureDistiller):
         dice_form: DiceForm = "ratio",
         batch_reduction: BatchReduction = "image",
         level_reduction: LevelReduction = "sum",
-        query_chunk: int = 1024,
-        max_attention_elements: int = 2**28,
+        max_attention_elements: int = 2**20,
     ) -> None:
         super().__init__(student_channels, teacher_channels, strides)
         check_numbers({"alpha": alpha, "lambda_div": lambda_div})
@@ -248,9 +274,8 @@ class ACAMDistiller(FeatureDistiller):
                       level_reduction=(level_reduction, LevelReduction))
         if num_masks < 2:
             raise ValueError(f"num_masks must be at least 2 (the diversity term compares pairs), got {num_masks!r}")
-        for name, value in (("query_chunk", query_chunk), ("max_attention_elements", max_attention_elements)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_attention_elements < 1:
+            raise ValueError(f"max_attention_elements must be a positive int, got {max_attention_elements!r}")
         self.alpha = alpha
         self.lambda_div = lambda_div
         self.num_masks = num_masks
@@ -260,7 +285,6 @@ class ACAMDistiller(FeatureDistiller):
         self.dice_form = dice_form
         self.batch_reduction = batch_reduction
         self.level_reduction = level_reduction
-        self.query_chunk = query_chunk
         self.max_attention_elements = max_attention_elements
         self.projectors = self.make_projectors(projector)
         self.masking = nn.ModuleDict({
@@ -268,10 +292,10 @@ class ACAMDistiller(FeatureDistiller):
         })
 
     def rows_per_block(self, level: str, images: int, cells: int) -> int:
-        """Query cells per attention call at ``level``: ``query_chunk``, fewer where the block
-        (images x rows x ``cells``) would exceed ``max_attention_elements``."""
+        """Query cells per block of ``A`` at ``level``: as many as keep the block (images x rows x
+        ``cells``) within ``max_attention_elements``."""
         per_row = max(images * cells, 1)
-        rows = min(self.query_chunk, cells, self.max_attention_elements // per_row)
+        rows = min(cells, self.max_attention_elements // per_row)
         if rows < 1:
             raise ValueError(
                 f"{self.label} level {level!r}: the attention over {cells} cells for {images} images needs "
@@ -311,17 +335,12 @@ class ACAMDistiller(FeatureDistiller):
         n, _, height, width = teacher.shape
         cells = height * width
         rows = self.rows_per_block(level, n, cells)
-        masking = self.masking[level]
-        size = (n, masking.groups, teacher.shape[1] // masking.groups, cells)
-        # f_align(F^S) and F^T as [G, N, HW, C / G]: the student's contiguous (each group one block), the
-        # teacher's a view
-        aligned = self.projectors[level](student).reshape(size).permute(1, 0, 3, 2).contiguous()
-        teacher_groups = teacher.reshape(size).permute(1, 0, 3, 2)
-        groups = aligned.unbind(0)
-        key_value = tuple(g.detach() for g in groups) if self.detach == "student" else groups
-        channel, spatial = masking.fused_masks(teacher.flatten(2).transpose(1, 2), key_value, rows)
+        aligned = self.projectors[level](student).flatten(2)  # f_align(F^S): [N, C, HW]
+        teacher = teacher.flatten(2)
+        key_value = aligned.detach() if self.detach == "student" else aligned
+        channel, spatial = self.masking[level].fused_masks(teacher, key_value, rows)
         with torch.autocast(teacher.device.type, enabled=False):  # sums over HW overflow half precision
-            cell_sq, channel_sq = SquaredErrorSums.apply(teacher_groups, *groups)
+            cell_sq, channel_sq = SquaredErrorSums.apply(teacher, aligned)
             channel, spatial = channel.to(cell_sq.dtype), spatial.to(cell_sq.dtype)
             loss_c, loss_s = self.masked_losses(channel, spatial, cell_sq, channel_sq)
             return loss_c, loss_s, self.diversity(channel, spatial)
