@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import time
+import typing
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from .distillers import BASELINE
 KD_SECTIONS = ("kd", "stage1")
 
 GridMode = Literal["product", "one_at_a_time"]
-GRID_MODES: tuple[str, ...] = ("product", "one_at_a_time")
+GRID_MODES = typing.get_args(GridMode)
 
 
 class StudyError(ValueError):

@@ -68,6 +68,7 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
     """Per-seed AP of each method (points) with the mean and its 95% interval; paired differences beside."""
     many = len(summary) > 6  # long lists of method names: wider, with slanted labels
     fig = Figure(figsize=(12, 4.2) if many else (9, 3.6))
+    ticks = {"rotation": 45, "ha": "right"} if many else {}
     ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     names = list(summary)
     for i, name in enumerate(names):
@@ -79,7 +80,7 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
 
             half = stats.t.ppf(0.975, n - 1) * e["std"] / math.sqrt(n)
             ax.errorbar([i + 0.15], [e["mean"]], yerr=[half], fmt="o", color="black", capsize=4)
-    ax.set_xticks(range(len(names)), names, rotation=45 if many else 0, ha="right" if many else "center")
+    ax.set_xticks(range(len(names)), names, **ticks)
     ax.set_ylabel(f"AP on {split} (%)")
     ax.set_title("per seed; mean and 95% interval")
     others = [n for n in names if "diffs" in summary[n]]
@@ -90,7 +91,7 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
             err = [[e["diff_mean"] - e["ci_low"]], [e["ci_high"] - e["diff_mean"]]]
             bx.errorbar([i + 0.15], [e["diff_mean"]], yerr=err, fmt="o", color="black", capsize=4)
     bx.axhline(0, color="grey", lw=1)
-    bx.set_xticks(range(len(others)), others, rotation=45 if many else 0, ha="right" if many else "center")
+    bx.set_xticks(range(len(others)), others, **ticks)
     bx.set_ylabel(f"AP - {BASELINE} AP, same seed")
     bx.set_title("paired difference; 95% t interval")
     fig.tight_layout()
