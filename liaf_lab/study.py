@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .distillers import BASELINE
+from .progress import progress
 
 # Config sections that do not change a student trained without KD: its runs are shared by every
 # grid variant that differs only there.
@@ -269,7 +269,7 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     unique = list({r.folder: r for r in runs}.values())
     tasks = [(str(out), config, overrides, r, teacher_path, device, threads) for r in unique]
     rows: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(tasks), desc="study", dynamic_ncols=True)
+    bar = progress(total=len(tasks), desc="study", dynamic_ncols=True)
     if jobs == 1:
         for task in tasks:
             rows[task[3].folder] = run_one(*task)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .distillers import FitNetDistiller, LIAFDistiller
+from .progress import progress
 
 STRIDES = {"0": 8.0, "1": 16.0}
 
@@ -67,7 +67,7 @@ def run_toy(steps: int = 60, seed: int = 0, out_dir: str | Path | None = None) -
 
     liaf = LIAFDistiller(16, 32, STRIDES, num_selectors=4)
     opt = torch.optim.Adam(liaf.selectors.parameters(), lr=0.01, weight_decay=1e-3)
-    for _ in tqdm(range(steps), desc="stage 1 (selectors)"):
+    for _ in progress(range(steps), desc="stage 1 (selectors)"):
         images, boxes = make_batch(4, 64, gen)
         with torch.no_grad():
             feats = teacher(images)
@@ -88,7 +88,7 @@ def run_toy(steps: int = 60, seed: int = 0, out_dir: str | Path | None = None) -
         student = TinyPyramid(16)
         opt = torch.optim.SGD([*student.parameters(), *distiller.projectors.parameters()], lr=0.05, momentum=0.9)
         gen_s = torch.Generator().manual_seed(seed + 2)
-        for _ in tqdm(range(steps), desc=f"stage 2 ({name})"):
+        for _ in progress(range(steps), desc=f"stage 2 ({name})"):
             images, boxes = make_batch(4, 64, gen_s)
             with torch.no_grad():
                 t_feats = teacher(images)

@@ -15,6 +15,8 @@ from .efficiency import (
     peak_memory,
 )
 from .history import ScoreHistory
+from .maps import kd_inputs_for, method_weight_maps
+from .notebook import NotebookSession, setup_notebook
 from .viz import (
     draw_boxes,
     draw_mask,
@@ -29,8 +31,10 @@ from .viz import (
 from .widgets import MaskInspector
 
 __all__ = [
-    "DetectorCAM", "MaskInspector", "ScoreHistory", "compare_cams", "count_flops", "count_parameters",
+    "DetectorCAM", "MaskInspector", "NotebookSession", "ScoreHistory", "compare_cams", "count_flops", "count_parameters",
     "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars", "efficiency_table", "figure_digest",
-    "figure_to_png", "format_table", "fpn_features", "kd_step_overhead", "measure_latency", "peak_memory",
+    "figure_to_png", "format_table", "fpn_features", "kd_inputs_for", "kd_step_overhead", "measure_latency",
+    "method_weight_maps", "peak_memory",
     "plot_detections", "plot_instance_scores", "plot_masks", "plot_training_curves", "resize_for_detector",
+    "setup_notebook",
 ]

@@ -316,6 +316,22 @@ class FeatureDistiller(nn.Module):
         """The method's loss terms on checked inputs (nothing read back from the device)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """What the method weights or masks in its loss, for inspection, after checking ``inputs`` once.
+
+        Returns map name -> level -> ``[N, H_l, W_l]`` float maps on the level's grid (the ones the loss
+        uses, computed by the same functions). A map that differs between the sides comes as a pair
+        named ``"<name> (teacher)"`` and ``"<name> (student)"``. Empty for a method that weights every
+        cell alike (e.g. FitNet).
+        """
+        self.check_inputs(inputs)
+        return self.compute_weight_maps(inputs)
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """``weight_maps`` on checked inputs; none by default."""
+        return {}
+
     def forward(
         self,
         student_feats: Features,

@@ -214,6 +214,15 @@ class LIAFDistiller(FeatureDistiller):
         return {lvl: self.level_masks(lvl, student_feats[lvl], teacher_feats[lvl], boxes, validate=False)
                 for lvl in self.levels}
 
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """The masks of Eq. 7 (``mask_scale`` and ``mask_side`` applied): ``M (teacher)`` from ``A^T``
+        and ``M (student)`` from ``A^S``, each level ``[N, H, W]``."""
+        boxes = list(inputs.boxes)
+        pairs = {lvl: self.level_masks(lvl, inputs.student_feats[lvl], inputs.teacher_feats[lvl], boxes, validate=False)
+                 for lvl in self.levels}
+        return {"M (teacher)": {lvl: m_t[:, 0] for lvl, (m_t, _) in pairs.items()},
+                "M (student)": {lvl: m_s[:, 0] for lvl, (_, m_s) in pairs.items()}}
+
     # -- losses ---------------------------------------------------------------------------------
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
         """Eq. 8-9 on one level.

@@ -13,9 +13,9 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..data import collate_fn as default_collate
+from ..progress import progress
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L"]
 
@@ -29,7 +29,7 @@ def predict_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = defa
     # Its own generator: evaluating during training must not draw from the global RNG that training uses.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                         generator=torch.Generator())
-    for images, targets in tqdm(loader, desc=desc, leave=False):
+    for images, targets in progress(loader, desc=desc, leave=False):
         detections = model([im.to(device) for im in images])
         for det, target in zip(detections, targets):
             boxes = det["boxes"].float().cpu()

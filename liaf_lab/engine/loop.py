@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from . import distributed as ddp
 from ..checkpoint import (
     CheckpointError, load_checkpoint, load_module_state, previous_path, remove_orphan_temporaries, save_checkpoint,
 )
+from ..progress import progress
 from .schedule import lr_factor, make_scheduler
 from .seeding import SeededSamples, derive_seed, environment_info, reseed
 
@@ -434,7 +434,7 @@ def fit(
     last: dict[str, float] = {}
     warned_ratio = False
     step.train()
-    bar = tqdm(total=cfg.iterations, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
+    bar = progress(total=cfg.iterations, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
     tick = time.perf_counter()
     while it < cfg.iterations:
         epoch, offset = divmod(it, per_epoch)

@@ -119,7 +119,13 @@ class DistillStep(FrozenTeacherStep):
         self.levels = match_levels(distiller.strides, teacher)  # distiller level -> teacher level
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
-        """The student's task losses and the distiller's terms, each named ``kd_<term>``.
+        """The student's task losses and the distiller's terms, each named ``kd_<term>``."""
+        losses, inputs = self.kd_inputs(images, targets)
+        terms = self.distiller.loss_terms(inputs)
+        return {**losses, **{f"kd_{k}": v for k, v in terms.items()}}
+
+    def kd_inputs(self, images: Sequence[Tensor], targets: Sequence[dict]) -> tuple[dict[str, Tensor], KDInputs]:
+        """The student's task losses and what the distiller reads for this batch (``KDInputs``).
 
         Head outputs, priors and a generator are computed only for a distiller that ``needs`` them;
         the generator is seeded from torch's default generator, which the engine seeds from the run's
@@ -143,5 +149,4 @@ class DistillStep(FrozenTeacherStep):
             priors={lvl: out.priors[lvl] for lvl in self.levels} if "priors" in needs else None,
             generator=generator,
         )
-        terms = self.distiller.loss_terms(inputs)
-        return {**out.losses, **{f"kd_{k}": v for k, v in terms.items()}}
+        return out.losses, inputs
