@@ -303,3 +303,61 @@ def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float,
         return mean, -math.inf, math.inf
     half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+@dataclass
+class StudyRun:
+    """One finished run of a study folder, loaded for analysis (``load_study_run``).
+
+    Attributes:
+        method, seed, variant: which run; ``folder``: its folder.
+        config: the run's resolved config (from its ``run.json``).
+        student: the trained student (eval mode); ``distiller``: the trained distiller (eval mode,
+            stage-1 and stage-2 modules), or ``None`` for no KD.
+        result: the run's row (``result.json``: val/test COCO metrics, seconds).
+        class_names: the dataset's classes (label ``i`` is ``class_names[i - 1]``).
+    """
+
+    method: str
+    seed: int
+    variant: str
+    folder: Path
+    config: dict[str, Any]
+    student: Any
+    distiller: Any
+    result: dict[str, Any]
+    class_names: list[str]
+
+
+def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str = "default",
+                   device: str | torch.device = "cpu") -> StudyRun:
+    """Load a finished run of ``study_dir``: its student (``student.pt``) and distiller (from ``last.pt``).
+
+    Raises ``StudyError`` naming the problem: no study in the folder, or the run is not there or not
+    finished (the runs the folder holds are listed).
+    """
+    from .builders import build_detector, build_distiller
+    from .checkpoint import load_checkpoint, load_module_state
+
+    out = Path(study_dir)
+    if not (out / "study.json").is_file():
+        raise StudyError(f"{out} holds no study (no study.json): run `liaf-lab study --out {out}` first")
+    folder = out / Run(tuple(v for v in variant.split(",") if v != "default"), seed, method).folder
+    if not (folder / "result.json").is_file():
+        done = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").glob("*/*/seed*/result.json"))
+        raise StudyError(f"{out} has no finished run {method}/{variant}/seed{seed}; it has {done or 'none'}")
+    spec = json.loads((folder / "run.json").read_text())["spec"]["config"]
+    cfg, saved = spec["config"], load_checkpoint(folder / "student.pt")
+    names = list(saved["meta"]["class_names"])
+    student = build_detector(cfg, "student", len(names) + 1, weights_path=folder / "student.pt", class_names=names)
+    distiller = build_distiller(method, cfg, student, seed=seed)
+    if distiller is not None:
+        last = folder / "last.pt"
+        state = dict(load_checkpoint(last)["modules"]["distiller"])
+        for key in distiller.state_dict():  # runs saved before the stage-1 counter existed had a full stage 1
+            if key.endswith("stage1_steps"):
+                state.setdefault(key, torch.tensor(int(cfg["stage1"]["iterations"])))
+        load_module_state(distiller, state, last, f"a {method!r} distiller")
+        distiller = distiller.to(device).eval()
+    return StudyRun(method, seed, variant, folder, cfg, student.to(device).eval(), distiller,
+                    json.loads((folder / "result.json").read_text()), names)
