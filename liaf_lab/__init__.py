@@ -18,6 +18,7 @@ from .engine import TrainConfig, distill, evaluate_coco, learn_stage1, stage1_st
 from .instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features, score_entropy  # noqa: E402
 from .models import create_detector, fpn_strides, save_detector  # noqa: E402
 from .study import StudyRun, load_study_run, run_study  # noqa: E402
+from .study_report import StudySummary, load_study_summary  # noqa: E402
 from .validation import set_debug  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,5 +27,5 @@ __all__ = [
     "TrainConfig", "create_detector", "distill", "evaluate_coco", "fpn_strides", "learn_stage1", "stage1_stats", "train_detector",
     "FeatureDistiller", "FitNetDistiller", "InstanceSelectors", "KDInputs", "LIAFDistiller", "TorchvisionOpsError",
     "check_torchvision_ops", "create_distiller", "diversity_loss", "feature_mse", "instance_mask",
-    "list_distillers", "register_distiller", "roi_instance_features", "run_study", "StudyRun", "load_study_run", "score_entropy", "save_detector", "set_debug",
+    "list_distillers", "register_distiller", "roi_instance_features", "run_study", "StudyRun", "StudySummary", "load_study_run", "load_study_summary", "score_entropy", "save_detector", "set_debug",
 ]

@@ -162,9 +162,12 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
 
 def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
              teacher_weights: str | None) -> str:
-    """The study's teacher: ``teacher_weights`` if given, else trained once (seed 0) in ``out/teacher``."""
+    """The study's teacher: ``teacher_weights`` if given (as an absolute path, which every run records, so
+    a resumed study may name it relatively from another folder), else trained once (seed 0) in ``out/teacher``."""
     if teacher_weights is not None:
-        return str(teacher_weights)
+        from .config import resolve_path
+
+        return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
     if not path.exists():
         from .builders import build_datasets, build_detector, train_config
@@ -301,7 +304,7 @@ def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float,
     mean = statistics.fmean(diffs)
     if n < 2:
         return mean, -math.inf, math.inf
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 

@@ -7,12 +7,13 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from .study import BASELINE, paired_interval
+from .study import BASELINE, StudyError, paired_interval
 
 
 def _pct(values: Sequence[float]) -> list[float]:
@@ -64,7 +65,7 @@ def _interval(entry: dict[str, Any]) -> str:
     return f"{entry['diff_mean']:+.2f} [{entry['ci_low']:+.2f}, {entry['ci_high']:+.2f}]"
 
 
-def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
+def study_figure(summary: dict[str, Any], split: str) -> Figure:
     """Per-seed AP of each method (points) with the mean and its 95% interval; paired differences beside."""
     many = len(summary) > 6  # long lists of method names: wider, with slanted labels
     fig = Figure(figsize=(12, 4.2) if many else (9, 3.6))
@@ -95,8 +96,84 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
     bx.set_ylabel(f"AP - {BASELINE} AP, same seed")
     bx.set_title("paired difference; 95% t interval")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
+    """``study_figure`` saved to ``path``."""
+    study_figure(summary, split).savefig(path, dpi=100)
     return path
+
+
+def summary_table(summary: dict[str, Any]) -> list[str]:
+    """The report's Markdown table (one row per method) and a verdict sentence per KD method."""
+    lines = [f"| method | settings | seeds | AP mean ± std | AP - {BASELINE} [95% CI] |", "|---|---|---|---|---|"]
+    for method, e in summary.items():
+        lines.append(f"| {method} | {e['settings']} | {len(e['AP'])} | {e['mean']:.2f} ± {e['std']:.2f} | "
+                     f"{_interval(e)} |")
+    return lines + ["", *[f"- {verdict(m, e)}" for m, e in summary.items() if m != BASELINE]]
+
+
+@dataclass
+class StudySummary:
+    """A study folder read back (``load_study_summary``): its ``rows`` (one per run), ``methods``,
+    ``seeds``, ``grid``, the ``split`` the AP is reported on and the per-method ``summary``."""
+
+    rows: list[dict[str, Any]]
+    methods: list[str]
+    seeds: list[int]
+    grid: dict[str, list[str]]
+    split: str
+    summary: dict[str, Any]
+
+    def table(self) -> str:
+        """The Markdown table and verdicts of the study's report."""
+        return "\n".join(summary_table(self.summary))
+
+    def figure(self) -> Figure:
+        """``study_figure`` of the summary."""
+        return study_figure(self.summary, self.split)
+
+    def difference(self, a: str, b: str) -> tuple[float, float, float]:
+        """AP of method ``a`` minus method ``b`` on ``split``, paired by seed: ``(mean, low, high)``, the
+        Student's t 95% interval (each method at its chosen variant)."""
+        for name in (a, b):
+            if name not in self.summary:
+                raise StudyError(f"the study has no method {name!r}; it has {self.methods}")
+        ea, eb = self.summary[a], self.summary[b]
+        return paired_interval([x - y for x, y in zip(ea["AP"], eb["AP"])])
+
+
+def load_study_summary(study_dir: str | Path, config: str | None = None,
+                       overrides: Sequence[str] = ()) -> StudySummary:
+    """Read a study folder's ``study.json`` and ``results.json`` and summarise them as its report does.
+
+    With ``config`` (a preset name or path, with ``overrides``), the study must have been run on that
+    config (grid keys aside). Raises ``StudyError`` naming the problem: no study there, no finished rows yet, or a
+    study of another config (the differing keys are listed).
+    """
+    from .config import load_config
+    from .engine.loop import describe_differences, spec_differences
+
+    out = Path(study_dir)
+    if not (out / "study.json").is_file():
+        raise StudyError(f"{out} holds no study (no study.json): run `liaf-lab study --out {out}` first")
+    spec = json.loads((out / "study.json").read_text())
+    if config is not None:
+        expected = json.loads(json.dumps(load_config(config, list(overrides)), default=str))
+        diffs = {k: v for k, v in spec_differences({"config": spec["config"]}, {"config": expected}).items()
+                 if k.removeprefix("config.") not in spec["grid"]}
+        if diffs:
+            raise StudyError(f"{out} holds a study of another config than {config!r} "
+                             f"({describe_differences(diffs)}; \"now\" is {config!r})")
+    rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
+    if not rows:
+        raise StudyError(f"{out} has no results yet (results.json missing or empty): the study has not finished "
+                         "a pass; re-run the same `liaf-lab study` command to resume it")
+    methods = [m for m in spec["methods"] if any(r["method"] == m for r in rows)]
+    seeds = sorted({r["seed"] for r in rows})
+    split = "test" if all("test_AP" in r for r in rows) else "val"
+    return StudySummary(rows, methods, seeds, spec["grid"], split, summarise(rows, methods, spec["grid"], split))
 
 
 def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
@@ -127,11 +204,7 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
                      + (", and are reported on `test`." if split == "test" else
                         "; this config has no test split, so the AP below is that of the split they were tuned "
                         "on and is optimistic."))
-    lines += ["", f"| method | settings | seeds | AP mean ± std | AP - {BASELINE} [95% CI] |", "|---|---|---|---|---|"]
-    for method, e in summary.items():
-        lines.append(f"| {method} | {e['settings']} | {len(e['AP'])} | {e['mean']:.2f} ± {e['std']:.2f} | "
-                     f"{_interval(e)} |")
-    lines += ["", *[f"- {verdict(m, e)}" for m, e in summary.items() if m != BASELINE], "", "![study](study.png)", ""]
+    lines += ["", *summary_table(summary), "", "![study](study.png)", ""]
     if grid:
         test_column = f"{split} AP |" if split != "val" else ""
         lines += ["## Every variant", "",

@@ -152,3 +152,36 @@ def test_a_study_without_distillation_trains_no_teacher(tmp_path, small, monkeyp
     monkeypatch.setattr(study, "_teacher", no_teacher)
     result = run_study(tmp_path / "s", "bench", ["none"], [0], overrides=small, device="cpu")
     assert [r["method"] for r in result.rows] == ["none"] and not (tmp_path / "s" / "teacher").exists()
+
+
+def test_finished_runs_load_back_for_analysis(tmp_path, small, monkeypatch):
+    from liaf_lab import load_study_run, load_study_summary
+    from liaf_lab.checkpoint import load_checkpoint
+
+    out = tmp_path / "study"
+    monkeypatch.chdir(PROJECT_ROOT)  # the teacher named relatively resolves to the same absolute path as TEACHER
+    run_study(out, "bench", ["none", "liaf"], [0, 1], None, small, device="cpu",
+              teacher_weights="data_samples/checkpoints/teacher_tiny.pt")
+    run_study(out, "bench", ["none", "liaf"], [0, 1], None, small, device="cpu", teacher_weights=TEACHER)  # resumes
+    study = load_study_summary(out, config="bench", overrides=small)
+    report = (out / "report.md").read_text()
+    assert study.methods == ["none", "liaf"] and study.seeds == [0, 1] and study.split == "test"
+    assert all(line in report for line in study.table().splitlines() if line)
+    mean, low, high = study.difference("liaf", "none")
+    entry = study.summary["liaf"]
+    assert (mean, low, high) == pytest.approx((entry["diff_mean"], entry["ci_low"], entry["ci_high"]))
+    run = load_study_run(out, "liaf", 1)
+    saved = load_checkpoint(out / "runs/liaf/default/seed1/student.pt")["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in run.student.state_dict().items())
+    last = load_checkpoint(out / "runs/liaf/default/seed1/last.pt")["modules"]["distiller"]
+    assert all(torch.equal(v, last[k]) for k, v in run.distiller.state_dict().items())
+    assert run.result["test_AP"] == study.rows[[r["folder"] for r in study.rows].index(run.result["folder"])]["test_AP"]
+    assert load_study_run(out, "none", 0).distiller is None
+    with pytest.raises(StudyError, match="has no finished run liaf/default/seed7; it has"):
+        load_study_run(out, "liaf", 7)
+    with pytest.raises(StudyError, match="holds no study"):
+        load_study_summary(tmp_path / "empty")
+    with pytest.raises(StudyError, match="another config than 'tiny'"):
+        load_study_summary(out, config="tiny")
+    with pytest.raises(StudyError, match="no method 'fgd'"):
+        study.difference("fgd", "none")
