@@ -332,6 +332,19 @@ class StudyRun:
     class_names: list[str]
 
 
+def study_folder(study_dir: str | Path) -> Path:
+    """A study folder that must exist: a relative path from the current folder, else from the project
+    root (as data paths resolve); ``StudyError`` when it holds no ``study.json``."""
+    from .config import PROJECT_ROOT
+
+    out = Path(study_dir).expanduser()
+    if not out.is_absolute() and not out.exists() and (PROJECT_ROOT / out).exists():
+        out = PROJECT_ROOT / out
+    if not (out / "study.json").is_file():
+        raise StudyError(f"{out} holds no study (no study.json): run `liaf-lab study --out {out}` first")
+    return out
+
+
 def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str = "default",
                    device: str | torch.device = "cpu") -> StudyRun:
     """Load a finished run of ``study_dir``: its student (``student.pt``) and distiller (from ``last.pt``).
@@ -342,9 +355,7 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     from .builders import build_detector, build_distiller
     from .checkpoint import load_checkpoint, load_module_state
 
-    out = Path(study_dir)
-    if not (out / "study.json").is_file():
-        raise StudyError(f"{out} holds no study (no study.json): run `liaf-lab study --out {out}` first")
+    out = study_folder(study_dir)
     folder = out / Run(tuple(v for v in variant.split(",") if v != "default"), seed, method).folder
     if not (folder / "result.json").is_file():
         done = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").glob("*/*/seed*/result.json"))

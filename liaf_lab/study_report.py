@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from .study import BASELINE, StudyError, paired_interval
+from .study import BASELINE, StudyError, paired_interval, study_folder
 
 
 def _pct(values: Sequence[float]) -> list[float]:
@@ -155,9 +155,7 @@ def load_study_summary(study_dir: str | Path, config: str | None = None,
     from .config import load_config
     from .engine.loop import describe_differences, spec_differences
 
-    out = Path(study_dir)
-    if not (out / "study.json").is_file():
-        raise StudyError(f"{out} holds no study (no study.json): run `liaf-lab study --out {out}` first")
+    out = study_folder(study_dir)
     spec = json.loads((out / "study.json").read_text())
     if config is not None:
         expected = json.loads(json.dumps(load_config(config, list(overrides)), default=str))
