@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
@@ -46,7 +48,10 @@ from ..models.taps import detector_features
 from ..validation import check_boxes
 from .viz import check_image, draw_boxes, new_figure
 
-__all__ = ["DetectorCAM", "compare_cams", "detector_cam", "fpn_features", "resize_for_detector"]
+__all__ = [
+    "DetectorCAM", "cam_box_share", "cam_shares", "compare_cams", "detector_cam", "fpn_features", "plot_cam_shares",
+    "resize_for_detector", "summarise_cam_shares",
+]
 
 CamMethod = Literal["gradcam", "eigencam"]
 DetectorKind = Literal["dense", "two_stage"]
@@ -346,6 +351,111 @@ def detector_cam(
         return cam(image, target_boxes, target_labels)
 
 
+def cam_box_share(heat: np.ndarray | Tensor, boxes: Tensor) -> tuple[float, float]:
+    """``(share, area)``: the share of a CAM's mass inside the union of ``boxes`` ``[n, 4]`` (image
+    pixels, rounded to whole pixels), and the union's share of the image area (what a uniform map
+    would give). ``share`` is NaN for an empty map (all zero), which has no mass to place."""
+    heat = torch.as_tensor(heat, dtype=torch.float32)
+    if heat.dim() != 2:
+        raise ValueError(f"heat must be a [H, W] map, got {tuple(heat.shape)}")
+    (boxes,) = check_boxes("boxes", [torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()])
+    inside = torch.zeros_like(heat, dtype=torch.bool)
+    for x1, y1, x2, y2 in boxes.round().int().tolist():
+        inside[max(y1, 0):y2, max(x1, 0):x2] = True
+    total = float(heat.sum())
+    return (float(heat[inside].sum()) / total if total > 0 else math.nan), float(inside.float().mean())
+
+
+def cam_shares(models: Mapping[str, Sequence[nn.Module]], samples: Sequence[tuple[Tensor, Mapping[str, Tensor]]],
+               method: CamMethod = "gradcam") -> list[dict[str, Any]]:
+    """``cam_box_share`` of every model on every sample: one row per (model, seed, image).
+
+    Args:
+        models: name -> one detector per seed (e.g. ``{"no KD": [s0, s1, ...], "LIAF-KD": [...]}``; the
+            i-th detectors of all names are paired by seed ``i``).
+        samples: ``(image [3, H, W], {"boxes": [n, 4], "labels": [n]})``; every model explains the same
+            ground-truth instances.
+    Returns rows ``{"model", "seed", "image", "share", "area", "empty"}`` (``empty``: an all-zero map).
+    """
+    if not models or not samples:
+        raise ValueError("cam_shares needs at least one model and one sample")
+    rows = []
+    for name, seeds in models.items():
+        for seed, model in enumerate(seeds):
+            with DetectorCAM(model, method) as cam:
+                for index, (image, target) in enumerate(samples):
+                    if len(target["boxes"]) == 0:
+                        raise ValueError(f"sample {index} has no boxes: the share inside boxes is undefined")
+                    share, area = cam_box_share(cam(image, target["boxes"], target["labels"]), target["boxes"])
+                    rows.append({"model": name, "seed": seed, "image": index, "share": share, "area": area,
+                                 "empty": math.isnan(share)})
+    return rows
+
+
+def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """Per model: the mean share inside boxes over its non-empty maps, the spread across images (std of
+    the per-image shares, averaged over seeds) and across seeds (std of the per-seed means), the
+    number of empty maps, and with ``baseline`` the difference of per-seed means to the baseline's,
+    paired by seed, with its Student's t 95% interval (``liaf_lab.study.paired_interval``)."""
+    from ..study import paired_interval
+
+    def seed_means(name: str) -> dict[int, float]:
+        out = {}
+        for seed in sorted({r["seed"] for r in rows if r["model"] == name}):
+            values = [r["share"] for r in rows if r["model"] == name and r["seed"] == seed and not r["empty"]]
+            if values:
+                out[seed] = float(np.mean(values))
+        return out
+
+    base = seed_means(baseline) if baseline is not None else {}
+    summary = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        per_seed = seed_means(name)
+        image_std = [float(np.std([r["share"] for r in mine if r["seed"] == s and not r["empty"]], ddof=1))
+                     for s in per_seed if sum(r["seed"] == s and not r["empty"] for r in mine) > 1]
+        entry: dict[str, Any] = {
+            "model": name, "seeds": len(per_seed), "maps": len(mine), "empty maps": sum(r["empty"] for r in mine),
+            "share inside boxes": float(np.mean(list(per_seed.values()))) if per_seed else math.nan,
+            "std over images": float(np.mean(image_std)) if image_std else math.nan,
+            "std over seeds": float(np.std(list(per_seed.values()), ddof=1)) if len(per_seed) > 1 else math.nan,
+            "box area share": float(np.mean([r["area"] for r in mine])),
+        }
+        if baseline is not None and name != baseline:
+            paired = [per_seed[s] - base[s] for s in per_seed if s in base]
+            if paired:
+                mean, low, high = paired_interval(paired)
+                entry[f"- {baseline} [95% CI]"] = (f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(paired) > 1
+                                                   else f"{mean:+.3f} (one seed: no interval)")
+        summary.append(entry)
+    return summary
+
+
+def plot_cam_shares(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """The shares of ``cam_shares`` rows: per model, every non-empty map (grey, per image and seed), each
+    seed's mean (coloured) and the mean of those (black bar); the dashed line is the mean box area share
+    (a uniform map's value)."""
+    if not rows:
+        raise ValueError("no rows: compute them with cam_shares")
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = new_figure(1, panel=(1.2 + 1.1 * len(names), 3.4))
+    ax = axes[0, 0]
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for i, name in enumerate(names):
+        mine = [r for r in rows if r["model"] == name and not r["empty"]]
+        ax.scatter(i - 0.2 + 0.15 * rng.random(len(mine)), [r["share"] for r in mine], s=6, color="0.6")
+        seeds = sorted({r["seed"] for r in mine})
+        means = [float(np.mean([r["share"] for r in mine if r["seed"] == s])) for s in seeds]
+        ax.scatter([i + 0.15] * len(means), means, s=18, color=f"C{i}")
+        if means:
+            ax.hlines(float(np.mean(means)), i + 0.05, i + 0.3, color="black", lw=2)
+    ax.axhline(float(np.mean([r["area"] for r in rows])), color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("share of CAM inside GT boxes")
+    ax.set_ylim(0, 1)
+    return fig
+
+
 def compare_cams(
     models: Mapping[str, nn.Module],
     image: Tensor,
@@ -355,12 +465,16 @@ def compare_cams(
     alpha: float = 0.5,
     cmap: str = "jet",
     max_cells: int = 2304,
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """The image, then each model's CAM overlaid on it side by side (LIAF-KD Fig. 3).
 
     E.g. ``{"teacher": t, "baseline": s0, "LIAF-KD": s1}``. Pass the ground-truth boxes as
     ``target_boxes``/``target_labels`` so every model explains the same instances (without them
-    each Grad-CAM explains that model's own detections).
+    each Grad-CAM explains that model's own detections); they are drawn on every panel, named by
+    ``class_names``. Each CAM is scaled to [0, 1] (one colour bar); a panel whose map is all zero
+    says so in its title (Grad-CAM keeps only the positive part of its weighted sum, so a map can
+    be empty when that sum is negative everywhere).
     """
     if not models:
         raise ValueError("models is empty: pass a dict of name -> detector")
@@ -370,12 +484,19 @@ def compare_cams(
     height, width = img.shape[-2:]
     fig, axes = new_figure(1 + len(heats), panel=(3.5, 3.5 * height / width + 0.4))
     boxes = torch.as_tensor(target_boxes).reshape(-1, 4) if target_boxes is not None else torch.zeros(0, 4)
-    draw_boxes(axes[0, 0], img, boxes, target_labels)
+    draw_boxes(axes[0, 0], img, boxes, target_labels, class_names=class_names)
     axes[0, 0].set_title("image")
     cm = colormaps[cmap]
     for ax, (name, heat) in zip(axes[0, 1:], heats.items()):
         overlay = (1 - alpha) * img.permute(1, 2, 0).numpy() + alpha * cm(heat)[..., :3]
         ax.imshow(np.clip(overlay, 0, 1))
-        ax.set_axis_off()
-        ax.set_title(f"{name} ({method})")
+        draw_boxes(ax, None, boxes, target_labels, class_names=class_names, linewidth=1.0)
+        if target_boxes is not None and len(boxes):
+            share, _ = cam_box_share(heat, boxes)
+            note = "EMPTY map" if math.isnan(share) else f"{share:.2f} inside boxes"
+        else:
+            note = "EMPTY map" if not heat.any() else ""
+        ax.set_title(f"{name} ({method})\n{note}".rstrip(), fontsize=9)
+    fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cm), ax=list(axes[0, 1:]), fraction=0.02, pad=0.01,
+                 label=f"{method} (each map scaled to [0, 1])")
     return fig
