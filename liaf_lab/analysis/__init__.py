@@ -4,7 +4,10 @@ Every plotting function returns a ``matplotlib.figure.Figure``; library function
 naming the problem for bad input (no boxes, unknown level, a model that is no FPN detector).
 """
 
-from .cam import DetectorCAM, compare_cams, detector_cam, fpn_features, resize_for_detector
+from .cam import (
+    DetectorCAM, cam_box_share, cam_shares, compare_cams, detector_cam, fpn_features, resize_for_detector,
+    plot_cam_shares, summarise_cam_shares,
+)
 from .efficiency import (
     count_flops,
     count_parameters,
@@ -31,10 +34,11 @@ from .viz import (
 from .widgets import MaskInspector
 
 __all__ = [
-    "DetectorCAM", "MaskInspector", "NotebookSession", "ScoreHistory", "compare_cams", "count_flops", "count_parameters",
+    "DetectorCAM", "MaskInspector", "NotebookSession", "ScoreHistory", "cam_box_share", "cam_shares",
+    "compare_cams", "count_flops", "count_parameters",
     "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars", "efficiency_table", "figure_digest",
     "figure_to_png", "format_table", "fpn_features", "kd_inputs_for", "kd_step_overhead", "measure_latency",
     "method_weight_maps", "peak_memory",
-    "plot_detections", "plot_instance_scores", "plot_masks", "plot_training_curves", "resize_for_detector",
-    "setup_notebook",
+    "plot_cam_shares", "plot_detections", "plot_instance_scores", "plot_masks", "plot_training_curves", "resize_for_detector",
+    "setup_notebook", "summarise_cam_shares",
 ]
