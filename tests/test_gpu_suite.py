@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import liaf_lab as ll
+from liaf_lab.analysis.efficiency import gpu_suite_latency
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_suite  # noqa: E402
@@ -29,6 +30,10 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     sec = summary["sections"]
     assert summary["status"] == "ok" and summary["info"]["smoke"] is True
+    latency = gpu_suite_latency(tmp_path / "summary.json")  # what notebook 05's GPU column reads
+    assert [r["name"] for r in sec["latency"]["rows"]] == list(latency)
+    assert all(latency[r["name"]]["latency_ms"] == r["latency_ms"] for r in sec["latency"]["rows"])
+    assert gpu_suite_latency(tmp_path / "missing.json") == {}
     assert list(sec) == ["pytest", "syncs", "amp", "step", "memory", "latency"]
     assert sec["pytest"] == {"status": "skipped", "reason": "no CUDA device: the CUDA tests would all skip"}
     assert sec["syncs"]["reads"]["liaf"]["forward_L5"] <= sec["syncs"]["reads"]["fitnet"]["forward_L5"] + 1

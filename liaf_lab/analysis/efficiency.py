@@ -11,6 +11,7 @@ convolution-type ops are counted (no elementwise ops, no NMS). mmdetection-style
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import re
 import statistics
@@ -93,6 +94,13 @@ def count_flops(model: nn.Module, inputs: Inputs) -> int:
     return int(counter.get_total_flops())
 
 
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
+
+
 def measure_latency(
     model: nn.Module,
     inputs: Inputs,
@@ -104,7 +112,9 @@ def measure_latency(
 
     ``device`` (default: the model's) moves the model there (in place) and the inputs with it.
     On CUDA every timed call is bracketed by ``torch.cuda.synchronize``. Returns ``median_ms``,
-    ``mean_ms``, ``min_ms``, ``std_ms`` and ``fps`` (images per second at the median).
+    ``mean_ms``, ``min_ms``, ``std_ms``, ``iqr_ms`` (the interquartile range of the timings: the
+    timing noise a difference between two models must exceed) and ``fps`` (images per second at the
+    median).
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
@@ -126,6 +136,7 @@ def measure_latency(
         "mean_ms": statistics.fmean(times),
         "min_ms": min(times),
         "std_ms": statistics.pstdev(times),
+        "iqr_ms": _iqr(times),
         "fps": _num_images(inputs) * 1000 / median,
     }
 
@@ -191,7 +202,10 @@ def efficiency_table(
     warmup: int = 3,
     repeats: int = 10,
 ) -> list[dict[str, Any]]:
-    """One row per model: ``name, params_M, GFLOPs, latency_ms, FPS, peak_mem_MiB`` (Table 3).
+    """One row per model: ``name, params_M, GFLOPs, latency_ms, latency_iqr_ms, FPS, peak_mem_MiB`` (Table 3).
+
+    ``latency_ms`` is the median of ``repeats`` timed forward passes and ``latency_iqr_ms`` their
+    interquartile range: latencies of two models that differ by less than that are not told apart.
 
     Random images of ``image_size`` (H, W) are fed as a list for torchvision detectors (which then
     resize them to their ``min_size``/``max_size``) and as a ``[B, 3, H, W]`` batch otherwise.
@@ -223,6 +237,7 @@ def efficiency_table(
             "params_M": count_parameters(model) / 1e6,
             "GFLOPs": count_flops(model, inputs) / 1e9,
             "latency_ms": latency["median_ms"],
+            "latency_iqr_ms": latency["iqr_ms"],
             "FPS": latency["fps"],
             "peak_mem_MiB": memory,
         })
@@ -286,3 +301,21 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) if c in r else "" for c in cols) + " |")
     return "\n".join(lines)
+
+
+def gpu_suite_latency(summary_path: str | Path) -> dict[str, dict[str, Any]]:
+    """The latency rows of a GPU suite run (``benchmarks/gpu_suite.py``'s ``summary.json``) by model
+    name, with the device they ran on under ``"device"``; empty when the file is missing or its
+    latency section did not run (e.g. no CUDA device), so a table can say "not run". A relative path
+    is looked up from the current folder, then from the project root."""
+    from ..config import PROJECT_ROOT
+
+    path = Path(summary_path)
+    if not path.is_absolute() and not path.exists():
+        path = PROJECT_ROOT / path
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    section = summary.get("sections", {}).get("latency", {})
+    device = summary.get("info", {}).get("device", "?")
+    return {row["name"]: {**row, "device": device} for row in section.get("rows", [])}
