@@ -17,7 +17,7 @@ from .efficiency import (
     measure_latency,
     peak_memory,
 )
-from .history import ScoreHistory
+from .history import ScoreHistory, plot_score_gaps
 from .maps import kd_inputs_for, method_weight_maps
 from .notebook import NotebookSession, setup_notebook
 from .viz import (
@@ -39,6 +39,6 @@ __all__ = [
     "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars", "efficiency_table", "figure_digest",
     "figure_to_png", "format_table", "fpn_features", "kd_inputs_for", "kd_step_overhead", "measure_latency",
     "method_weight_maps", "peak_memory",
-    "plot_cam_shares", "plot_detections", "plot_instance_scores", "plot_masks", "plot_training_curves", "resize_for_detector",
+    "plot_cam_shares", "plot_detections", "plot_score_gaps", "plot_instance_scores", "plot_masks", "plot_training_curves", "resize_for_detector",
     "setup_notebook", "summarise_cam_shares",
 ]

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..distillers import InstanceScorer, KDInputs
 from .viz import check_levels, new_figure
 
-__all__ = ["ScoreHistory"]
+__all__ = ["ScoreHistory", "plot_score_gaps"]
 
 _FORMAT = "liaf_lab.ScoreHistory/1"
 
@@ -81,6 +82,42 @@ class ScoreHistory:
                         "iteration": int(iteration), "level": lvl, "side": side, "instance": i,
                         "mean": float(means[i]), "selectors": scores[:, i].tolist(),
                     })
+
+    def tracker(self, student: nn.Module, teacher: nn.Module, distiller: InstanceScorer, images: Sequence[Tensor],
+                targets: Sequence[Mapping[str, Tensor]], every: int) -> Callable[[int], None]:
+        """``distill(..., on_iteration=history.tracker(...))``: record the scores of the fixed ``images``
+        (``targets`` with ``"boxes"``, ``"labels"``) at iteration 0 (now) and every ``every`` iterations.
+
+        Features come from ``kd_inputs_for`` (both detectors in eval mode, modes restored), which draws
+        no random numbers, so tracking leaves the training run unchanged.
+        """
+        from .maps import kd_inputs_for
+
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+
+        def record(iteration: int) -> None:
+            if iteration % every == 0:
+                inputs = kd_inputs_for(student, teacher, distiller, images, targets)
+                self.record(iteration, distiller, inputs.student_feats, inputs.teacher_feats, inputs.boxes)
+
+        record(0)
+        return record
+
+    def gaps(self, level: str | None = None, selector: int | Literal["mean"] = "mean") -> dict[int, float]:
+        """Iteration -> the mean over instances of ``|A^S - A^T|`` at ``level`` (default the first)."""
+        if not self.records:
+            raise ValueError("the ScoreHistory is empty: call record() first")
+        level = check_levels(level, self.levels, "the ScoreHistory")[0] if level is not None else self.levels[0]
+        sides: dict[tuple[int, int], dict[str, float]] = {}
+        for r in self.records:
+            if r["level"] == level:
+                value = r["mean"] if selector == "mean" else r["selectors"][selector]
+                sides.setdefault((r["iteration"], r["instance"]), {})[r["side"]] = value
+        out: dict[int, list[float]] = {}
+        for (iteration, _), v in sorted(sides.items()):
+            out.setdefault(iteration, []).append(abs(v["student"] - v["teacher"]))
+        return {it: sum(v) / len(v) for it, v in out.items()}
 
     def to_records(self) -> list[dict[str, Any]]:
         """The records as a list of new dicts (safe to modify)."""
@@ -160,3 +197,30 @@ class ScoreHistory:
         for a in (ax, gap_ax):
             a.grid(alpha=0.3)
         return fig
+
+
+def plot_score_gaps(histories: Sequence[ScoreHistory], level: str | None = None) -> Figure:
+    """The mean ``|A^S - A^T|`` over instances against iterations for several runs (e.g. one per seed):
+    one thin line per run, their mean in black with a band of +- one standard deviation over runs."""
+    if not histories:
+        raise ValueError("histories is empty: pass one ScoreHistory per run")
+    series = [h.gaps(level) for h in histories]
+    iterations = sorted(set.intersection(*(set(s) for s in series)))
+    if not iterations:
+        raise ValueError("the histories share no recorded iteration: track them with the same `every`")
+    values = np.array([[s[it] for it in iterations] for s in series])
+    fig, axes = new_figure(1, panel=(5.0, 3.5))
+    ax = axes[0, 0]
+    for i, row in enumerate(values):
+        ax.plot(iterations, row, color=f"C{i}", lw=1, alpha=0.6, label=f"run {i}")
+    mean = values.mean(0)
+    ax.plot(iterations, mean, color="black", lw=2, label="mean")
+    if len(values) > 1:
+        std = values.std(0, ddof=1)
+        ax.fill_between(iterations, mean - std, mean + std, color="grey", alpha=0.25, label="+- 1 std over runs")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean |A^S - A^T| over instances")
+    ax.set_title(f"level {level if level is not None else histories[0].levels[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig

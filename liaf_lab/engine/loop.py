@@ -328,6 +328,7 @@ def fit(
     evaluate: Callable[[int], dict[str, float]] | None = None,
     run_config: dict[str, Any] | None = None,
     new_schedule: bool = False,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``step`` (``step(images, targets) -> dict of losses``) for ``cfg.iterations`` iterations.
 
@@ -350,6 +351,10 @@ def fit(
     ``cfg.on_nonfinite="skip"``, a non-finite step is skipped and counted. Under torchrun the step
     is wrapped in ``DistributedDataParallel``, the data is sharded per rank and the logged losses
     are averaged over ranks.
+
+    ``on_iteration(it)`` runs after every optimiser step (``it`` counts from 1), e.g. to record
+    statistics of fixed images; it must not draw from torch's random generators, so a run with it
+    trains exactly as one without.
     """
     device = ddp.resolve_device(device)
     distributed = ddp.init_distributed(device)
@@ -507,6 +512,9 @@ def fit(
                 tick = now
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
+            if on_iteration is not None:
+                on_iteration(it)
+                step.train()
             if evaluate is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
                 entry = {"iteration": it, **evaluate(it)}
                 evaluations.append(entry)

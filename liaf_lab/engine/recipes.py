@@ -110,10 +110,12 @@ def stage1_stats(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
 def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset,
             cfg: TrainConfig, out_dir: str | Path | None = None, device: torch.device | str | None = None,
             collate_fn: Callable = default_collate, val_dataset: Dataset | None = None,
-            inherit: bool = False, run_config: dict[str, Any] | None = None, new_schedule: bool = False) -> FitResult:
+            inherit: bool = False, run_config: dict[str, Any] | None = None, new_schedule: bool = False,
+            on_iteration: Callable[[int], None] | None = None) -> FitResult:
     """Stage 2: train ``student`` on its task loss plus ``distiller``'s loss against the frozen teacher.
 
     ``inherit`` first copies the teacher's neck and head into the student where shapes match.
+    ``on_iteration(it)`` runs after every step (see ``fit``), e.g. ``ScoreHistory.tracker``.
     """
     check_num_classes({"student": student, "teacher": teacher}, dataset)
     if not distiller.stage1_ready:
@@ -128,7 +130,7 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
         p.requires_grad_(True)
     return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
                collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",
-               periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule)
+               periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule, on_iteration)
 
 
 def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
