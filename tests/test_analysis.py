@@ -39,6 +39,7 @@ from liaf_lab.analysis import (  # noqa: E402
     plot_masks,
     plot_training_curves,
 )
+from liaf_lab.analysis.efficiency import _iqr  # noqa: E402
 from liaf_lab.analysis.viz import new_figure  # noqa: E402
 from liaf_lab.toy import STRIDES, TinyPyramid, make_batch  # noqa: E402
 
@@ -254,6 +255,8 @@ def test_latency_memory_and_tables(detectors: dict) -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).train()
     lat = measure_latency(net, torch.rand(2, 3, 32, 32), warmup=1, repeats=3)
     assert lat["median_ms"] > 0 and lat["fps"] == pytest.approx(2000 / lat["median_ms"])
+    assert 0 <= lat["iqr_ms"] <= lat["median_ms"] * 100
+    assert _iqr([5.0, 1.0, 3.0, 2.0, 4.0]) == 2.0 and _iqr([7.0]) == 0.0  # inclusive quartiles 2 and 4
     assert net.training  # mode restored
     assert peak_memory(lambda: torch.ones(4 * 2**20).sum()) >= 8  # 16 MiB tensor, allow slack
     rows = efficiency_table({"retinanet": detectors["retinanet"], "conv": net}, (64, 64), warmup=1, repeats=2)
@@ -262,7 +265,7 @@ def test_latency_memory_and_tables(detectors: dict) -> None:
         assert r["params_M"] > 0 and r["GFLOPs"] > 0 and r["latency_ms"] > 0 and r["FPS"] > 0
         assert math.isfinite(r["peak_mem_MiB"]) and r["peak_mem_MiB"] >= 0
     table = format_table(rows)
-    assert table.splitlines()[0] == "| name | params_M | GFLOPs | latency_ms | FPS | peak_mem_MiB |"
+    assert table.splitlines()[0] == "| name | params_M | GFLOPs | latency_ms | latency_iqr_ms | FPS | peak_mem_MiB |"
     assert len(table.splitlines()) == 4
     steps = kd_step_overhead({"base": lambda: torch.ones(64, 64) @ torch.ones(64, 64),
                               "kd": lambda: [torch.ones(64, 64) @ torch.ones(64, 64) for _ in range(4)]},

@@ -2,9 +2,12 @@
 
 A copy of ``notebooks/04_mask_inspector.ipynb`` (outputs cleared) runs in a JupyterLab server started
 on 127.0.0.1 in a temporary folder, in quick mode. The test runs all cells from the Run menu, waits
-for the widget's figure (an <img> in the widget's output area), then changes the FPN level in the
+for the widget's figure (an <img> in the widget's output area), checks that it shows the teacher's and
+the student's masks side by side (the panel titles in the image's ``alt`` text, a hover region per box
+on each mask panel) and the per-instance table (one row per box), then changes the FPN level in the
 dropdown and moves the image slider with the keyboard, and checks that the figure is redrawn each
-time.
+time; finally it selects FGD in the method dropdown (its maps replace the masks, the score controls
+hide) and FitNet (a message instead of the figure).
 
 Needs ``jupyterlab`` and ``playwright`` (pip) and Debian's ``chromium`` at /usr/bin/chromium
 (Playwright's own browser download is not used). Without them the test is skipped, unless
@@ -35,6 +38,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 NOTEBOOK = "04_mask_inspector.ipynb"
 WIDGET_IMG = ".widget-output img"
+TABLE_ROWS = ".widget-output table.liaf-instances tbody tr"
+HOVER_BOXES = ".widget-output .liaf-box"
 SERVER_START_S = 60
 RUN_ALL_S = 150
 REDRAW_S = 30
@@ -161,9 +166,17 @@ def test_mask_inspector_redraws_in_jupyterlab(lab):
             image = page.locator(WIDGET_IMG).first
             image.wait_for(state="visible", timeout=REDRAW_S * 1000)
             before = image.get_attribute("src")
-            assert before and before.startswith("data:image/png"), f"the widget shows no PNG figure: {before!r:.80}"
+            assert before and before.startswith("data:image/"), f"the widget shows no figure: {before!r:.80}"
             assert image.evaluate("img => img.naturalWidth > 0 && img.complete"), "the widget's figure did not load"
-            widget = page.locator(".widget-vbox", has=page.locator(WIDGET_IMG)).first
+            # LIAF-KD: teacher and student masks side by side, one table row and two hover regions per box
+            alt = image.get_attribute("alt")
+            assert "teacher mask M^T" in alt and "student mask M^S" in alt, f"not both mask panels: {alt!r}"
+            rows = page.locator(TABLE_ROWS).count()
+            assert rows > 0 and page.locator(HOVER_BOXES).count() == 2 * rows
+            assert page.locator(f"{TABLE_ROWS}[title]").count() == rows, "table rows without hover values"
+            header = page.locator(".widget-output table.liaf-instances thead").text_content()
+            assert all(col in header for col in ("class", "A^T", "A^S", "M^T", "M^S", "contribution")), header
+            widget = page.locator(".widget-vbox", has=page.locator(".widget-output")).first
             widget.scroll_into_view_if_needed()
             widget.screenshot(path=str(lab["shots"] / "before.png"))
 
@@ -191,8 +204,34 @@ def test_mask_inspector_redraws_in_jupyterlab(lab):
             handle.focus()
             moved = "ArrowLeft" if handle.get_attribute("aria-valuenow") not in (None, "0", "0.0") else "ArrowRight"
             page.keyboard.press(moved)
-            wait_redraw(after_level, f"pressing {moved} on the image slider")
+            after_slider = wait_redraw(after_level, f"pressing {moved} on the image slider")
             widget.screenshot(path=str(lab["shots"] / "after_slider.png"))
+
+            # 3. another method: FGD's maps (no instance scores), then FitNet's message
+            method = page.locator(".widget-dropdown", has=page.locator("label", has_text="method")).locator("select")
+            selector = page.locator(".widget-dropdown", has=page.locator("label", has_text="selector"))
+            assert selector.is_visible(), "LIAF-KD's selector dropdown is hidden"
+            method.select_option(label="FGD")
+            wait_redraw(after_slider, "selecting the method FGD")
+            try:
+                page.wait_for_function(
+                    """() => { const head = document.querySelector('.widget-output table.liaf-instances thead');
+                               return head && head.textContent.includes('spatial attention (teacher)'); }""",
+                    timeout=REDRAW_S * 1000)
+            except PlaywrightError:
+                fail("the table did not switch to FGD's maps")
+            assert "A^T" not in page.locator(".widget-output table.liaf-instances thead").text_content()
+            assert "spatial attention (student)" in page.locator(WIDGET_IMG).first.get_attribute("alt")
+            selector.wait_for(state="hidden", timeout=REDRAW_S * 1000)
+            widget.screenshot(path=str(lab["shots"] / "after_fgd.png"))
+            method.select_option(label="FitNet")
+            try:
+                page.locator(".widget-output .liaf-message", has_text="weights every cell alike").wait_for(
+                    timeout=REDRAW_S * 1000)
+            except PlaywrightError:
+                fail("selecting FitNet did not show its message")
+            assert page.locator(WIDGET_IMG).count() == 0, "FitNet still shows a figure"
+            widget.screenshot(path=str(lab["shots"] / "after_fitnet.png"))
         finally:
             browser.close()
     assert time.perf_counter() - start < 120, "the browser test took more than 2 minutes"

@@ -36,6 +36,15 @@ def ref_align(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     return torch.stack([sum(w[o, c] * x[:, c] for c in range(x.shape[1])) + b[o] for o in range(w.shape[0])], dim=1)
 
 
+def ref_owner(instances: list[list[tuple[int, int]]], h: int, w: int) -> int:
+    """The instance a cell belongs to: the smallest box covering it (index >= 1), else the image (0)."""
+    owner = 0
+    for k in range(1, len(instances)):
+        if (h, w) in instances[k] and (owner == 0 or len(instances[k]) < len(instances[owner])):
+            owner = k
+    return owner
+
+
 def ref_box_cells(box: torch.Tensor, stride: float, height: int, width: int) -> list[tuple[int, int]]:
     """The cells ``(h, w)`` of a box: ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2``."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -94,10 +103,7 @@ def ref_ima_loss(student, teacher, boxes, d: IMADistiller, generator, **override
                       if cells else None for cells in instances]
             for h in range(height):
                 for w in range(width):
-                    owner = 0
-                    for k in range(1, len(instances)):
-                        if (h, w) in instances[k] and (owner == 0 or len(instances[k]) < len(instances[owner])):
-                            owner = k
+                    owner = ref_owner(instances, h, w)
                     s_hat, t_hat = s[n, :, h, w], t[n, :, h, w]
                     if opt["standardize"] != "none":
                         s_hat = (s_hat - s_stats[owner][0]) / s_stats[owner][1]

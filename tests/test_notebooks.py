@@ -115,10 +115,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoint_dir(tmp_path_factory)
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == [
         "01_training_walkthrough.ipynb", "02_instance_selectors.ipynb", "03_gradcam_attention.ipynb",
-        "04_mask_inspector.ipynb", "05_efficiency.ipynb",
+        "04_mask_inspector.ipynb", "05_efficiency.ipynb", "06_methods_side_by_side.ipynb",
     ]
 
 

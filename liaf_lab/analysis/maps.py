@@ -1,18 +1,22 @@
 """What each method weights or masks, on real images: the distiller protocol's ``weight_maps`` computed
-from a student and a teacher detector, as in a training step."""
+from a student and a teacher detector, as in a training step, and drawn over the images."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, KDInputs
 from ..engine.steps import DistillStep
 from ..models.backbones import eval_mode
+from .viz import check_image, check_levels, draw_boxes, draw_mask, new_figure
 
-__all__ = ["kd_inputs_for", "method_weight_maps"]
+__all__ = ["kd_inputs_for", "method_weight_maps", "plot_weight_maps"]
+SIDES = (" (teacher)", " (student)")
 
 
 @torch.no_grad()
@@ -42,3 +46,118 @@ def method_weight_maps(student: nn.Module, teacher: nn.Module, distiller: Featur
     with eval_mode(distiller):
         maps = distiller.weight_maps(inputs)
     return inputs, {name: {lvl: m.detach().float().cpu() for lvl, m in levels.items()} for name, levels in maps.items()}
+
+
+def _groups(columns: Sequence[str]) -> list[list[str]]:
+    """``columns`` split into runs that share a colour scale: a pair ``"<x> (teacher)"``, ``"<x> (student)"``
+    standing next to each other, or one map."""
+    groups: list[list[str]] = []
+    for name in columns:
+        last = groups[-1] if groups else []
+        if len(last) == 1 and last[0].endswith(SIDES[0]) and name == last[0][: -len(SIDES[0])] + SIDES[1]:
+            last.append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _paired_order(names: Sequence[str]) -> list[str]:
+    """``names`` in order of first appearance, each ``"<x> (teacher)"`` directly followed by its ``"<x> (student)"``."""
+    order: list[str] = []
+    for name in names:
+        base = next((name[: -len(side)] for side in SIDES if name.endswith(side)), None)
+        group = [name] if base is None else [base + side for side in SIDES if base + side in names]
+        order += [n for n in group if n not in order]
+    return order
+
+
+def plot_weight_maps(
+    images: Sequence[Tensor],
+    inputs: KDInputs,
+    maps: Mapping[str, Mapping[str, Tensor]],
+    strides: Mapping[str, float],
+    level: str | None = None,
+    names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+    cmap: str = "magma",
+    alpha: float = 0.6,
+) -> Figure:
+    """A grid of weight maps at one FPN level: one row per image, one column per map.
+
+    Each panel is the image resized as the detector saw it, its ground-truth boxes with class names,
+    and the map's cells overlaid (each cell over ``stride x stride`` pixels from the top left). Every
+    map has one colour scale for all images, ``[min, max]`` over the images, with a colour bar below
+    its column; the two maps of a pair (``"<x> (teacher)"``, ``"<x> (student)"``) stand side by side and
+    share one scale and bar.
+
+    Args:
+        images: the N images ``[3, H, W]`` the inputs were computed from.
+        inputs, maps: what ``method_weight_maps`` returns for them: ``KDInputs`` (boxes and labels in
+            the resized input's pixels, each image's resized size) and map name -> level -> ``[N, H_l, W_l]``.
+        strides: level -> input pixels per cell (``distiller.strides``).
+        level: the level to show (default: the first level of the first map).
+        names: the maps to show, in this order (default: all, pairs side by side).
+        class_names: label ``i`` -> name (``"background"`` first), for the box captions.
+    Raises ``ValueError`` for no maps (a method that weights every cell alike), an unknown map name or
+    level, maps of another shape, or an image without boxes.
+    """
+    if not maps:
+        raise ValueError("there are no weight maps to plot: the method weights every cell alike (e.g. FitNet)")
+    columns = _paired_order(list(maps)) if names is None else list(names)
+    unknown = [n for n in columns if n not in maps]
+    if unknown or not columns:
+        raise ValueError(f"unknown weight map(s) {unknown or columns}; the maps are {list(maps)}")
+    level = check_levels(level, list(maps[columns[0]]), "the weight maps")[0] if level is not None \
+        else next(iter(maps[columns[0]]))
+    lacking = [n for n in columns if level not in maps[n]]
+    if lacking:
+        raise ValueError(f"the maps {lacking} have no level {level!r} (they have {[list(maps[n]) for n in lacking]})")
+    check_levels([level], list(strides), "strides")
+    boxes = list(inputs.boxes)
+    if len(images) != len(boxes):
+        raise ValueError(f"got {len(images)} images for inputs of {len(boxes)}: pass the images the maps were "
+                         "computed from")
+    empty = [i for i, b in enumerate(boxes) if len(b) == 0]
+    if empty:
+        raise ValueError(f"images {empty} have no ground-truth boxes: pick images with objects to compare the maps "
+                         "with")
+    grids = {}
+    for name in columns:
+        grid = maps[name][level]
+        if not isinstance(grid, Tensor) or grid.dim() != 3 or grid.shape[0] != len(images):
+            got = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+            raise ValueError(f"maps[{name!r}][{level!r}] must be [{len(images)}, H, W] (one map per image), got {got}")
+        grids[name] = grid.detach().float().cpu()
+    pictures = []
+    for i, image in enumerate(images):
+        img = check_image(image, f"images[{i}]")
+        size = tuple(inputs.image_sizes[i]) if inputs.image_sizes is not None else tuple(img.shape[1:])
+        if size != tuple(img.shape[1:]):
+            img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        pictures.append(img)
+    height, width = pictures[0].shape[1:]
+    fig, axes = new_figure(len(columns), len(pictures), panel=(2.6, 2.6 * height / width + 0.3))
+    j = 0
+    for group in _groups(columns):
+        vmin = min(float(grids[name].min()) for name in group)
+        vmax = max(float(grids[name].max()) for name in group)
+        vmax = vmax if vmax > vmin else vmin + 1.0  # a constant map: its colour is the scale's bottom
+        for name in group:
+            for i, img in enumerate(pictures):
+                ax = axes[i, j]
+                labels = inputs.labels[i] if inputs.labels is not None else None
+                draw_boxes(ax, img, boxes[i].detach().cpu(), labels, class_names=class_names, linewidth=1.0)
+                mappable = draw_mask(ax, grids[name][i].numpy(), tuple(img.shape[1:]), strides[level], vmin=vmin,
+                                     vmax=vmax, cmap=cmap, alpha=alpha)
+                if i == 0:
+                    ax.set_title(name, fontsize=9)
+                if j == 0:
+                    ax.text(-0.03, 0.5, f"image {i}", rotation=90, transform=ax.transAxes, ha="right", va="center",
+                            fontsize=8)
+            j += 1
+        fig.colorbar(mappable, ax=list(axes[:, j - len(group):j].flat), location="bottom", fraction=0.04, pad=0.01)
+    grid_h, grid_w = grids[columns[0]].shape[1:]
+    fig.suptitle(f"{title + ': ' if title else ''}level {level} ({grid_h}x{grid_w}, stride {strides[level]:g})",
+                 fontsize=10)
+    return fig

@@ -329,16 +329,22 @@ class ACAMDistiller(FeatureDistiller):
         chosen = {"both": (channel, spatial), "channel": (channel,), "spatial": (spatial,)}[self.dice_masks]
         return torch.stack([form(masks) for masks in chosen]).sum()
 
+    def level_masks(self, level: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Eq. 2-5 of one level: ``f_align(F^S)`` ``[N, C, HW]``, the channel masks ``M^c`` ``[N, M, C]`` and
+        the spatial masks ``M^s`` ``[N, M, HW]``, for ``student`` ``[N, C_s, H, W]`` and ``teacher``
+        ``[N, C_t, H, W]`` (``CooperativeMasking.fused_masks``, blockwise)."""
+        n, _, height, width = teacher.shape
+        rows = self.rows_per_block(level, n, height * width)
+        aligned = self.projectors[level](student).flatten(2)  # f_align(F^S): [N, C, HW]
+        key_value = aligned.detach() if self.detach == "student" else aligned
+        channel, spatial = self.masking[level].fused_masks(teacher.flatten(2), key_value, rows)
+        return aligned, channel, spatial
+
     def level_terms(self, level: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(L^c, L^s, L_div)`` of one level (Eq. 2-8) for ``student`` ``[N, C_s, H, W]`` and ``teacher``
         ``[N, C_t, H, W]``."""
-        n, _, height, width = teacher.shape
-        cells = height * width
-        rows = self.rows_per_block(level, n, cells)
-        aligned = self.projectors[level](student).flatten(2)  # f_align(F^S): [N, C, HW]
+        aligned, channel, spatial = self.level_masks(level, student, teacher)
         teacher = teacher.flatten(2)
-        key_value = aligned.detach() if self.detach == "student" else aligned
-        channel, spatial = self.masking[level].fused_masks(teacher, key_value, rows)
         with torch.autocast(teacher.device.type, enabled=False):  # sums over HW overflow half precision
             cell_sq, channel_sq = SquaredErrorSums.apply(teacher, aligned)
             channel, spatial = channel.to(cell_sq.dtype), spatial.to(cell_sq.dtype)
@@ -352,3 +358,18 @@ class ACAMDistiller(FeatureDistiller):
         per_level = torch.stack([torch.stack(self.level_terms(lvl, s[lvl], t[lvl])) for lvl in self.levels])
         total = per_level.sum(dim=0) if self.level_reduction == "sum" else per_level.mean(dim=0)
         return {"channel": self.alpha * total[0], "spatial": self.alpha * total[1], "div": self.lambda_div * total[2]}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """``spatial mask m`` (m = 1..M): Eq. 5's spatial masks ``M^s_m``, which weight Eq. 7, each level
+        ``[N, H, W]`` (``level_masks``: the loss's blockwise attention, one block of query rows at a
+        time; ``weight_maps`` runs it under ``no_grad``, so no graph is kept). The channel masks ``M^c``
+        weight channels, not cells: they are not maps.
+        """
+        maps: dict[str, dict[str, Tensor]] = {}
+        for lvl in self.levels:
+            teacher = inputs.teacher_feats[lvl]
+            _, _, spatial = self.level_masks(lvl, inputs.student_feats[lvl], teacher)
+            spatial = spatial.unflatten(2, teacher.shape[2:])  # [N, M, H, W]
+            for m in range(self.num_masks):
+                maps.setdefault(f"spatial mask {m + 1}", {})[lvl] = spatial[:, m]
+        return maps

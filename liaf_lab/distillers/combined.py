@@ -44,6 +44,12 @@ class CombinedDistiller(FeatureDistiller):
         return {self._name(name, k): v for name, part in self.parts.items()
                 for k, v in part.compute_terms(inputs).items()}
 
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """Each part's maps, named ``<part>_<map>`` as the terms are (parts in order, so random draws
+        follow ``compute_terms``)."""
+        return {self._name(name, k): v for name, part in self.parts.items()
+                for k, v in part.compute_weight_maps(inputs).items()}
+
     def stage2_parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts.values() for p in part.stage2_parameters()]
 

@@ -200,3 +200,9 @@ class DeFeatDistiller(FeatureDistiller):
             "cls_pos": self.cls_pos_weight * kl[0],
             "cls_neg": self.cls_neg_weight * kl[1],
         }
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """The two regions the terms are decoupled into, each level ``[N, H, W]``: ``object mask`` ``M``
+        (``masks``; ``fg`` and ``cls_pos`` sum over it) and ``background mask`` ``1 - M`` (``bg`` and ``cls_neg``)."""
+        masks = self.masks(inputs)
+        return {"object mask": masks, "background mask": {lvl: 1 - m for lvl, m in masks.items()}}

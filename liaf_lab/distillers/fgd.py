@@ -156,21 +156,36 @@ class FGDDistiller(FeatureDistiller):
         self.gc_student = nn.ModuleDict({lvl: GcBlock(self.teacher_channels[lvl]) for lvl in self.levels})
         self.gc_teacher = nn.ModuleDict({lvl: GcBlock(self.teacher_channels[lvl]) for lvl in self.levels})
 
+    def level_weights(self, level: str, aligned: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Public ``FeatureLoss.forward``'s attentions and masks on one level (``fgd_attention``, ``fgd_masks``).
+
+        ``aligned`` is the aligned student ``[N, C_t, H, W]``, ``teacher`` ``[N, C_t, H, W]``. Returns
+        ``foreground mask`` (``Mask_fg``) and ``background mask`` (``Mask_bg``) ``[N, H, W]``,
+        ``spatial attention (teacher)`` / ``(student)`` ``[N, H, W]`` and ``channel attention (teacher)``
+        / ``(student)`` ``[N, C_t]``.
+        """
+        s_spatial, s_channel = fgd_attention(aligned, self.temperature)
+        t_spatial, t_channel = fgd_attention(teacher, self.temperature)
+        fg, bg = fgd_masks([b.to(teacher.device) for b in boxes], self.strides[level], tuple(teacher.shape[2:]))
+        return {"foreground mask": fg, "background mask": bg,
+                "spatial attention (teacher)": t_spatial, "spatial attention (student)": s_spatial,
+                "channel attention (teacher)": t_channel, "channel attention (student)": s_channel}
+
     def level_losses(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> dict[str, Tensor]:
         """Public ``FeatureLoss.forward`` on one level, unweighted: ``fg``, ``bg``, ``attention``, ``global``.
 
         ``student`` ``[N, C_s, H, W]``, ``teacher`` ``[N, C_t, H, W]`` (detached); each result is a scalar.
         """
         student = self.projectors[level](student)
-        s_spatial, s_channel = fgd_attention(student, self.temperature)
-        t_spatial, t_channel = fgd_attention(teacher, self.temperature)
-        fg, bg = fgd_masks([b.to(teacher.device) for b in boxes], self.strides[level], tuple(teacher.shape[2:]))
+        w = self.level_weights(level, student, teacher, boxes)
+        s_spatial, s_channel = w["spatial attention (student)"], w["channel attention (student)"]
+        t_spatial, t_channel = w["spatial attention (teacher)"], w["channel attention (teacher)"]
         # get_fea_loss: (sqrt(S^T C^T M) (F^S - F^T))^2 = M S^T C^T (F^S - F^T)^2
         weighted = (student - teacher).square() * t_spatial[:, None] * t_channel[:, :, None, None]
         n = teacher.shape[0]
         return {
-            "fg": (weighted * fg.to(teacher.dtype)[:, None]).sum() / n,
-            "bg": (weighted * bg.to(teacher.dtype)[:, None]).sum() / n,
+            "fg": (weighted * w["foreground mask"].to(teacher.dtype)[:, None]).sum() / n,
+            "bg": (weighted * w["background mask"].to(teacher.dtype)[:, None]).sum() / n,
             "attention": ((s_channel - t_channel).abs().sum() + (s_spatial - t_spatial).abs().sum()) / n,
             "global": _sum_mse(self.gc_student[level](student), self.gc_teacher[level](teacher)),
         }
@@ -183,3 +198,19 @@ class FGDDistiller(FeatureDistiller):
                      for lvl in self.levels]
         return {name: weight * torch.stack([losses[name] for losses in per_level]).sum()
                 for name, weight in weights.items()}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """The spatial maps of ``level_weights``, each level ``[N, H, W]``: ``foreground mask``
+        (``Mask_fg``, the scale mask: ``1 / box cells`` inside boxes), ``background mask`` (``Mask_bg``),
+        and the pair ``spatial attention (teacher)`` / ``(student)`` (``fg`` and ``bg`` weight by the
+        teacher's; ``attention`` compares the two). The channel attentions weight channels, not cells:
+        they are not maps.
+        """
+        maps: dict[str, dict[str, Tensor]] = {}
+        for lvl in self.levels:
+            weights = self.level_weights(lvl, self.projectors[lvl](inputs.student_feats[lvl]),
+                                         inputs.teacher_feats[lvl], inputs.boxes)
+            for name, value in weights.items():
+                if value.dim() == 3:  # [N, H, W]; the channel attentions are [N, C]
+                    maps.setdefault(name, {})[lvl] = value
+        return maps

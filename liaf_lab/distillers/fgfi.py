@@ -159,3 +159,8 @@ class FGFIDistiller(FeatureDistiller):
             error = (self.adapters[lvl](inputs.student_feats[lvl]) - teacher).square() * mask
             losses.append(error.sum() / (2 * mask.sum()).clamp_min(1))
         return {"imitation": self.loss_weight * torch.stack(losses).mean()}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """``imitation mask``: the mask ``I`` of ``masks`` (1 at the near-object cells the student imitates,
+        else 0), each level ``[N, H, W]``."""
+        return {"imitation mask": self.masks(inputs)}

@@ -242,11 +242,28 @@ class GIDDistiller(FeatureDistiller):
         return boxes, teacher, student
 
     @torch.no_grad()
-    def select(self, inputs: KDInputs) -> tuple[Tensor, Tensor]:
-        """GISM on all levels together: ``index [N, K]`` into the levels' concatenated priors, ``valid [N, K]``."""
+    def prior_scores(self, inputs: KDInputs) -> tuple[Tensor, Tensor]:
+        """GISM's GI scores ``[N, P]`` (``gi_scores``) of the priors of all levels, concatenated in level
+        order, and their GI boxes ``[P, 4]``."""
         boxes, teacher, student = self.gi_boxes_and_logits(inputs)
         scores = torch.cat([gi_scores(t, s.detach()) for t, s in zip(teacher, student)], dim=1)
-        return select_instances(scores, torch.cat(boxes), self.num_instances, self.nms_iou, self.pre_nms)
+        return scores, torch.cat(boxes)
+
+    @torch.no_grad()
+    def select(self, inputs: KDInputs) -> tuple[Tensor, Tensor]:
+        """GISM on all levels together: ``index [N, K]`` into the levels' concatenated priors, ``valid [N, K]``."""
+        return select_instances(*self.prior_scores(inputs), self.num_instances, self.nms_iou, self.pre_nms)
+
+    def instances(self, boxes: list[Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
+        """The selected instances' GI boxes ``[N, K, 4]`` and the index (into ``levels``) of the level each
+        is pooled from ``[N, K]`` (``roi_level``), for the levels' GI boxes ``[P_l, 4]`` and ``index [N, K]``."""
+        n, k = index.shape
+        gi = torch.cat(boxes).index_select(0, index.flatten()).view(n, k, 4)  # [N, K, 4]
+        if self.roi_level == "size":
+            return gi, fpn_level(gi, [self.strides[lvl] for lvl in self.levels], self.canonical_size)
+        level = torch.cat([torch.full((b.shape[0],), i, dtype=torch.long, device=b.device)
+                           for i, b in enumerate(boxes)]).index_select(0, index.flatten()).view(n, k)
+        return gi, level
 
     # -- losses ---------------------------------------------------------------------------------
     def pool(self, feats: Mapping[str, Tensor], rois: Tensor, level: Tensor) -> Tensor:
@@ -271,12 +288,7 @@ class GIDDistiller(FeatureDistiller):
         """The three weighted terms for given instances (``select``'s ``index [N, K]`` and ``valid [N, K]``)."""
         boxes, teacher_logits, student_logits = self.gi_boxes_and_logits(inputs)
         n, k = index.shape
-        gi = torch.cat(boxes).index_select(0, index.flatten()).view(n, k, 4)  # [N, K, 4]
-        if self.roi_level == "size":
-            level = fpn_level(gi, [self.strides[lvl] for lvl in self.levels], self.canonical_size)
-        else:
-            level = torch.cat([torch.full((b.shape[0],), i, dtype=torch.long, device=b.device)
-                               for i, b in enumerate(boxes)]).index_select(0, index.flatten()).view(n, k)
+        gi, level = self.instances(boxes, index)
         batch = torch.arange(n, device=gi.device, dtype=gi.dtype)[:, None, None].expand(n, k, 1)
         rois, level = torch.cat([batch, gi], dim=2).view(n * k, 5), level.flatten()
         t = self.pool(inputs.teacher_feats, rois, level)
@@ -295,17 +307,50 @@ class GIDDistiller(FeatureDistiller):
         Per level ``boxes [P_l, 4]`` and logits ``[N, P_l, K]``; ``gi [N, K_gi, 4]``, ``valid [N, K_gi]``.
         """
         total, count = None, None
-        for b, t, s in zip(boxes, teacher, student):
-            with torch.no_grad():
-                iou = pair_iou(b[None, :, None, :], gi[:, None, :, :])  # [N, P_l, K_gi]
-                mask = ((iou >= self.response_iou) & valid[:, None, :]).any(dim=2).to(s.dtype)  # [N, P_l]
+        for mask, t, s in zip(self.response_masks(boxes, gi, valid), teacher, student):
+            mask = mask.to(s.dtype)
             bce = F.binary_cross_entropy_with_logits(s, t.sigmoid(), reduction="none").sum(dim=2)
             level_total, level_count = (bce * mask).sum(), mask.sum()
             total = level_total if total is None else total + level_total
             count = level_count if count is None else count + level_count
         return total / count.clamp_min(1)
 
+    @torch.no_grad()
+    def response_masks(self, boxes: list[Tensor], gi: Tensor, valid: Tensor) -> list[Tensor]:
+        """The GI mask of the response term: per level ``[N, P_l]`` bool, the priors whose GI box (``boxes``
+        ``[P_l, 4]``) has IoU ``>= response_iou`` with a valid GI of the image (``gi [N, K, 4]``, ``valid [N, K]``)."""
+        return [((pair_iou(b[None, :, None, :], gi[:, None, :, :]) >= self.response_iou)  # [N, P_l, K]
+                 & valid[:, None, :]).any(dim=2) for b in boxes]
+
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
         """GISM, then ``feature``, ``relation`` and ``response`` on the selected instances (weighted)."""
         index, valid = self.select(inputs)
         return self.losses_at(inputs, index, valid)
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """GISM's selection as the loss makes it, each level ``[N, H, W]``:
+
+        * ``selected instances``: the GI score of each selected instance (``select``, ``prior_scores``)
+          over its GI box on the level it is pooled from (``instances``; cells ``(h, w)`` with
+          ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2``, LIAF-KD's cell rule), the larger
+          score where two overlap, 0 elsewhere; what ``feature`` and ``relation`` read;
+        * ``response mask``: the share of the cell's priors in the GI mask (``response_masks``), where
+          ``response`` distils the class logits.
+        """
+        boxes, _, _ = self.gi_boxes_and_logits(inputs)
+        index, valid = self.select(inputs)
+        scores, _ = self.prior_scores(inputs)
+        gi, level = self.instances(boxes, index)
+        picked = scores.gather(1, index) * valid  # [N, K]
+        response = self.response_masks(boxes, gi, valid)
+        maps: dict[str, dict[str, Tensor]] = {"selected instances": {}, "response mask": {}}
+        for i, lvl in enumerate(self.levels):
+            n, _, height, width = inputs.teacher_feats[lvl].shape
+            hs = torch.arange(height, device=gi.device, dtype=gi.dtype) * self.strides[lvl]
+            ws = torch.arange(width, device=gi.device, dtype=gi.dtype) * self.strides[lvl]
+            in_y = (hs >= gi[..., 1:2]) & (hs < gi[..., 3:4])  # [N, K, H]
+            in_x = (ws >= gi[..., 0:1]) & (ws < gi[..., 2:3])  # [N, K, W]
+            inside = in_y[..., :, None] & in_x[..., None, :] & (level == i)[..., None, None]  # [N, K, H, W]
+            maps["selected instances"][lvl] = torch.where(inside, picked[..., None, None], 0.0).amax(dim=1)
+            maps["response mask"][lvl] = response[i].view(n, height, width, -1).to(picked.dtype).mean(dim=3)
+        return maps

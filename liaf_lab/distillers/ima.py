@@ -218,21 +218,34 @@ class IMADistiller(FeatureDistiller):
         self.scale_deflation = scale_deflation
         self.projectors = self.make_projectors(True if projector else "auto")
 
+    def level_parts(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor],
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor, BoxGeometry | None, Tensor | None]:
+        """What L_FMask weights on one level: ``f_align(F^S)`` ``[N, C_t, H, W]``, the random keep mask ``M``
+        ``[N, 1, H, W]`` (drawn from ``generator``), the instances' ``BoxGeometry`` (``None`` for
+        ``instance="image"``) and the scale deflation ``gamma`` ``[N, 1, HW]`` (``None`` without ``scale_deflation``).
+
+        ``student`` ``[N, C_s, H, W]``, ``teacher`` ``[N, C_t, H, W]`` (detached), ``boxes`` N tensors ``[n_i, 4]``.
+        """
+        aligned = self.projectors[level](student)
+        mask = random_keep_mask(aligned, self.mask_ratio, generator)
+        geometry = (BoxGeometry(boxes, self.strides[level], tuple(teacher.shape[2:]), teacher)
+                    if self.instance == "box" else None)
+        gamma = (scale_deflation(aligned.flatten(2), teacher.flatten(2), geometry, self.alpha)
+                 if self.scale_deflation else None)
+        return aligned, mask, geometry, gamma
+
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor],
                    generator: torch.Generator | None) -> Tensor:
         """L_FMask on one level, without ``loss_weight``: a scalar.
 
         ``student`` ``[N, C_s, H, W]``, ``teacher`` ``[N, C_t, H, W]`` (detached), ``boxes`` N tensors ``[n_i, 4]``.
         """
-        aligned = self.projectors[level](student)
-        masked = aligned * random_keep_mask(aligned, self.mask_ratio, generator)
-        geometry = (BoxGeometry(boxes, self.strides[level], tuple(teacher.shape[2:]), teacher)
-                    if self.instance == "box" else None)
-        s, t = masked.flatten(2), teacher.flatten(2)
+        aligned, mask, geometry, gamma = self.level_parts(level, student, teacher, boxes, generator)
+        s, t = (aligned * mask).flatten(2), teacher.flatten(2)
         s_hat = s if self.standardize == "none" else instance_standardize(s, geometry)
         t_hat = instance_standardize(t, geometry) if self.standardize == "both" else t
-        if self.scale_deflation:
-            s_hat = scale_deflation(aligned.flatten(2), t, geometry, self.alpha) * s_hat
+        if gamma is not None:
+            s_hat = gamma * s_hat
         return F.mse_loss(s_hat, t_hat, reduction="mean")
 
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
@@ -240,3 +253,25 @@ class IMADistiller(FeatureDistiller):
         s, t = inputs.student_feats, inputs.teacher_feats
         total = sum(self.level_loss(lvl, s[lvl], t[lvl], inputs.boxes, inputs.generator) for lvl in self.levels)
         return {self.method_name: self.loss_weight * total}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """The spatial weighting of L_FMask (``level_parts``), each level ``[N, H, W]``:
+
+        * ``keep mask``: the random mask ``M`` on the student (1 kept, 0 dropped), drawn from
+          ``inputs.generator`` level by level as ``compute_terms`` draws it, so a generator in the same
+          state gives the loss's mask (this call advances it);
+        * ``scale deflation``: ``gamma`` per cell, the factor on the standardised student (constant over
+          each image with ``instance="image"``; per owning box with ``"box"``, which is where the boxes
+          enter); absent with ``scale_deflation=False`` (``gamma = 1``).
+
+        Instance standardisation shifts and scales per channel; it weights no cell, so it is not a map.
+        """
+        maps: dict[str, dict[str, Tensor]] = {"keep mask": {}}
+        for lvl in self.levels:
+            teacher = inputs.teacher_feats[lvl]
+            _, mask, _, gamma = self.level_parts(lvl, inputs.student_feats[lvl], teacher, inputs.boxes,
+                                                 inputs.generator)
+            maps["keep mask"][lvl] = mask[:, 0]
+            if gamma is not None:
+                maps.setdefault("scale deflation", {})[lvl] = gamma.reshape(mask.shape[0], *teacher.shape[2:])
+        return maps

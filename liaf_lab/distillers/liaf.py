@@ -41,7 +41,9 @@ class InstanceScorer(Protocol):
     instances with selectors per level (LIAF-KD and any variant of it)."""
 
     levels: list[str]
+    strides: dict[str, float]
     selectors: nn.ModuleDict
+    projectors: nn.ModuleDict
 
     def check_inputs(self, inputs: KDInputs) -> None: ...
 
@@ -50,6 +52,8 @@ class InstanceScorer(Protocol):
 
     def level_masks(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor],
                     projected: Tensor | None = None, *, validate: bool = True) -> tuple[Tensor, Tensor]: ...
+
+    def scaled(self, scores: Tensor, boxes: Sequence[Tensor]) -> Tensor: ...
 
 
 @register_distiller("liaf", label="LIAF-KD")

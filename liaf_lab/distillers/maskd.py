@@ -32,6 +32,19 @@ def dice_coeff(masks: Tensor) -> Tensor:
     return (dice * off_diagonal).sum() / (masks.shape[0] * num_tokens * (num_tokens - 1))
 
 
+def cell_weight(masks: Tensor, weights: Tensor | None) -> Tensor:
+    """``MasKDLoss``'s weight of each cell: ``w = sum_t p_t M_t^2 / sum_HW M_t``, ``[N, H, W]``.
+
+    ``masks`` ``M`` is ``[N, T, H, W]``, ``weights`` ``p`` ``[N, T]`` (``None``: ``p_t = 1/T``, the public
+    mean over tokens). Per image the level's loss ``sum_t p_t mean_C [sum_HW (M_t D)^2 / sum_HW M_t]``
+    equals ``sum_HW w * mean_C D^2`` for ``D = S - T``.
+    """
+    per_token = masks.square() / masks.sum(dim=(2, 3), keepdim=True)  # [N, T, H, W]
+    if weights is None:
+        return per_token.mean(dim=1)
+    return (per_token * weights[:, :, None, None]).sum(dim=1)
+
+
 class MaskModule(nn.Module):
     """The receptive tokens of one FPN level (public ``MaskModule``).
 
@@ -149,20 +162,38 @@ class MasKDDistiller(FeatureDistiller):
         self.register_buffer("kd_steps", torch.zeros((), dtype=torch.long))
 
     # -- stage 2 --------------------------------------------------------------------------------
+    def custom_active(self) -> Tensor | None:
+        """Whether the student mask multiplies the teacher's now: a 0-d bool tensor (``kd_steps`` past
+        ``custom_mask_warmup``, read nowhere), or ``None`` with ``custom_mask`` off."""
+        return self.kd_steps >= self.custom_mask_warmup if self.custom_mask else None
+
+    @torch.no_grad()  # the tokens are frozen in stage 2
+    def level_masks(self, level: str, student: Tensor, teacher: Tensor,
+                    custom: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``MasKDLoss.forward``'s masks on one level: ``M`` ``[N, T, H, W]`` (the teacher's tokens,
+        times the student's where ``custom`` is true) and the token weights ``p`` ``[N, T]`` (``None``
+        without ``weight_mask``).
+
+        ``student`` is aligned (``[N, C_t, H, W]``), ``teacher`` ``[N, C_t, H, W]``; ``custom`` as
+        ``custom_active`` gives it.
+        """
+        module = self.mask_modules[level]
+        mask = module.masks(teacher)  # [N, T, H, W]
+        if custom is not None:
+            mask = torch.where(custom, mask * module.masks(student.detach()), mask)
+        return mask, module.token_weights(teacher) if self.weight_mask else None
+
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, custom: Tensor | None) -> Tensor:
         """``MasKDLoss.forward`` on one level: a scalar.
 
         ``student`` is aligned (``[N, C_t, H, W]``), ``teacher`` ``[N, C_t, H, W]``; ``custom`` a 0-d
-        bool tensor (use the student mask too) or ``None`` (``custom_mask`` off).
+        bool tensor (use the student mask too) or ``None`` (``custom_mask`` off). The public
+        ``sum_t p_t mean_C [sum_HW (M_t (S - T))^2 / sum_HW M_t]``, averaged over images;
         ``sum_HW (M (S - T))^2`` is computed as ``M^2 @ (S - T)^2`` over HW (``[N, T, C]``) without the
-        ``[N, T, C, H, W]`` product.
+        ``[N, T, C, H, W]`` product. (``cell_weight`` gives the same sum as one weight per cell, for
+        inspection; the order of the sums here is kept so that earlier runs replay bit for bit.)
         """
-        module = self.mask_modules[level]
-        with torch.no_grad():  # the tokens are frozen in stage 2
-            mask = module.masks(teacher)  # [N, T, H, W]
-            if custom is not None:
-                mask = torch.where(custom, mask * module.masks(student.detach()), mask)
-            weights = module.token_weights(teacher) if self.weight_mask else None
+        mask, weights = self.level_masks(level, student, teacher, custom)
         flat_mask = mask.flatten(2)  # [N, T, HW]
         sq_diff = (student - teacher).square().flatten(2)  # [N, C, HW]
         loss = (flat_mask.square() @ sq_diff.transpose(1, 2)) / flat_mask.sum(dim=2, keepdim=True)  # [N, T, C]
@@ -176,11 +207,31 @@ class MasKDDistiller(FeatureDistiller):
         In training mode each call advances ``kd_steps`` by one (on the device; read nowhere).
         """
         s, t = inputs.student_feats, inputs.teacher_feats
-        custom = self.kd_steps >= self.custom_mask_warmup if self.custom_mask else None
+        custom = self.custom_active()
         total = sum(self.level_loss(lvl, self.projectors[lvl](s[lvl]), t[lvl], custom) for lvl in self.levels)
         if self.training:
             self.kd_steps.add_(1)
         return {self.method_name: self.loss_weight * total}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """The masks of ``level_masks`` as the next training call of ``compute_terms`` uses them (student
+        mask included once ``kd_steps`` has passed the warm-up), each level ``[N, H, W]``:
+
+        * ``token t`` (t = 1..T): the receptive token's mask ``M_t``;
+        * ``cell weight``: ``cell_weight(M, p)``, the factor of each cell's channel-mean squared error
+          in the level's loss (before the mean over images and ``loss_weight``).
+
+        The token weights ``p`` are one number per image and token, not spatial: only inside ``cell weight``.
+        """
+        custom = self.custom_active()
+        maps: dict[str, dict[str, Tensor]] = {}
+        for lvl in self.levels:
+            mask, weights = self.level_masks(lvl, self.projectors[lvl](inputs.student_feats[lvl]),
+                                             inputs.teacher_feats[lvl], custom)
+            for t in range(self.num_tokens):
+                maps.setdefault(f"token {t + 1}", {})[lvl] = mask[:, t]
+            maps.setdefault("cell weight", {})[lvl] = cell_weight(mask, weights)
+        return maps
 
     # -- stage 1 --------------------------------------------------------------------------------
     def compute_stage1(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor],

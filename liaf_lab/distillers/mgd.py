@@ -65,13 +65,18 @@ class MGDDistiller(FeatureDistiller):
         self.align = self.make_projectors("auto")
         self.generation = nn.ModuleDict({lvl: generation_block(self.teacher_channels[lvl]) for lvl in self.levels})
 
+    def masked_input(self, level: str, student: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Eq. 2 on one level: the aligned student ``f_align(F^S)`` ``[N, C_t, H, W]`` and its random keep
+        mask ``M`` ``[N, 1, H, W]`` (``random_keep_mask``, drawn from ``generator``)."""
+        aligned = self.align[level](student)
+        return aligned, random_keep_mask(aligned, self.lambda_mask, generator)
+
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, generator: torch.Generator | None) -> Tensor:
         """Eq. 4 on one level (the public code's ``get_dis_loss``), without ``alpha``: a scalar.
 
         ``student`` is ``[N, C_s, H, W]``, ``teacher`` ``[N, C_t, H, W]``.
         """
-        aligned = self.align[level](student)
-        mask = random_keep_mask(aligned, self.lambda_mask, generator)
+        aligned, mask = self.masked_input(level, student, generator)
         generated = self.generation[level](aligned * mask)
         return (generated - teacher).square().sum() / teacher.shape[0]
 
@@ -80,3 +85,12 @@ class MGDDistiller(FeatureDistiller):
         s, t = inputs.student_feats, inputs.teacher_feats
         total = sum(self.level_loss(lvl, s[lvl], t[lvl], inputs.generator) for lvl in self.levels)
         return {self.method_name: self.alpha * total}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """``keep mask``: Eq. 2's random mask ``M`` (1 kept, 0 dropped), each level ``[N, H, W]``.
+
+        Drawn from ``inputs.generator`` level by level as ``compute_terms`` draws it, so a generator in
+        the same state gives the loss's mask (this call advances it).
+        """
+        return {"keep mask": {lvl: self.masked_input(lvl, inputs.student_feats[lvl], inputs.generator)[1][:, 0]
+                              for lvl in self.levels}}

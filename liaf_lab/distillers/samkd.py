@@ -68,6 +68,20 @@ def split_cells(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
                                                    rows.shape[1], cols.shape[1])
 
 
+def merge_cells(values: Tensor, rows: Tensor, cols: Tensor, valid: Tensor, size: tuple[int, int]) -> Tensor:
+    """The cells of one channel back on the grid (``split_cells`` undone): ``[N * n * n, 1, L_h, L_w]`` ->
+    ``[N, H, W]``, each pixel the mean over the cells that hold it (neighbours share a row or column
+    where ``n`` does not divide a side); padded positions (``valid [N * n * n, 1, L_h, L_w]`` 0) are ignored.
+    """
+    height, width = size
+    n_img = values.shape[0] // (rows.shape[0] * cols.shape[0])
+    index = (rows[:, None, :, None] * width + cols[None, :, None, :]).expand(n_img, -1, -1, -1, -1).reshape(n_img, -1)
+    valid = valid.expand_as(values).reshape(n_img, -1)
+    total = values.new_zeros(n_img, height * width).scatter_add_(1, index, (values.reshape(n_img, -1) * valid))
+    count = valid.new_zeros(n_img, height * width).scatter_add_(1, index, valid)
+    return (total / count).view(n_img, height, width)
+
+
 def spatial_attention(teacher: Tensor, valid: Tensor, count: Tensor, tau: float, norm: SpatialNorm) -> Tensor:
     """Eq. 1 per cell: ``A^s = phi(sigmoid(|F^T_i|^2 / (tau C)))`` over the pixels ``i`` of the cell.
 
@@ -260,6 +274,25 @@ class SAMKDDistiller(FeatureDistiller):
         block = self.spatial_blocks[level]
         return block[2](block[1](block[0](masked)) * valid)
 
+    def cells_of(self, teacher: Tensor, cells: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The ``cells x cells`` pyramid cells of ``teacher [N, C_t, H, W]``: ``rows [n, L_h]``, ``cols [n, L_w]``
+        (``cell_index``), ``valid [B, 1, L_h, L_w]`` (1 inside the cell), ``count [B, 1, 1, 1]`` (its pixels)
+        and the teacher's cells ``[B, C_t, L_h, L_w]`` (zero outside), ``B = N * n * n``."""
+        n_img, _, height, width = teacher.shape
+        rows, valid_rows = cell_index(height, cells, teacher.device)
+        cols, valid_cols = cell_index(width, cells, teacher.device)
+        valid = (valid_rows[:, None, :, None] & valid_cols[None, :, None, :]).to(teacher.dtype)  # [n, n, L_h, L_w]
+        valid = valid.flatten(0, 1)[None, :, None].expand(n_img, -1, -1, -1, -1).flatten(0, 1)  # [B, 1, L_h, L_w]
+        return rows, cols, valid, valid.sum((2, 3), keepdim=True), split_cells(teacher, rows, cols) * valid
+
+    def cell_masks(self, t: Tensor, valid: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Eq. 1-4 on the teacher's cells ``t [B, C, L_h, L_w]``: the spatial attention ``A^s [B, 1, L_h, L_w]``
+        and the masks ``M^s [B, 1, L_h, L_w]`` and ``M^c [B, C, 1, 1]`` (0 = masked)."""
+        attention = spatial_attention(t, valid, count, self.tau, self.spatial_norm)
+        keep_s = (attention < self.omega_s).to(t.dtype)
+        keep_c = (channel_attention(t, count, self.tau) < self.omega_c).to(t.dtype)
+        return attention, keep_s, keep_c
+
     def scale_terms(self, level: str, cells: int, aligned: Tensor, teacher: Tensor, s_logits: Tensor,
                     t_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 1-12 for one pyramid size ``cells`` (``n x n`` cells) on one level, summed over images and cells.
@@ -267,17 +300,10 @@ class SAMKDDistiller(FeatureDistiller):
         ``aligned`` ``Theta(F^S)`` and ``teacher`` are ``[N, C_t, H, W]``; the logits ``[N, A*K, H, W]``.
         Returns the unweighted ``(sum_R |F^T - F_rec|^2, sum_R W D)``, scalars.
         """
-        n_img, _, height, width = teacher.shape
-        rows, valid_rows = cell_index(height, cells, teacher.device)
-        cols, valid_cols = cell_index(width, cells, teacher.device)
-        valid = (valid_rows[:, None, :, None] & valid_cols[None, :, None, :]).to(teacher.dtype)  # [n, n, L_h, L_w]
-        valid = valid.flatten(0, 1)[None, :, None].expand(n_img, -1, -1, -1, -1).flatten(0, 1)  # [B, 1, L_h, L_w]
-        count = valid.sum((2, 3), keepdim=True)
-        t = split_cells(teacher, rows, cols) * valid
+        rows, cols, valid, count, t = self.cells_of(teacher, cells)
         s = split_cells(aligned, rows, cols) * valid
         # Eq. 1-4: the teacher's masks (0 = masked)
-        keep_s = (spatial_attention(t, valid, count, self.tau, self.spatial_norm) < self.omega_s).to(t.dtype)
-        keep_c = (channel_attention(t, count, self.tau) < self.omega_c).to(t.dtype)
+        _, keep_s, keep_c = self.cell_masks(t, valid, count)
         # Eq. 5-8
         rebuilt = (self.lambda_s * self.rebuild_spatial(level, s * keep_s, valid)
                    + self.mu_c * self.channel_blocks[level](s * keep_c))
@@ -315,3 +341,26 @@ class SAMKDDistiller(FeatureDistiller):
             features.append(torch.stack([f for f, _ in parts]).sum() / norm)
             logits.append(torch.stack([g for _, g in parts]).sum() / n_img)
         return {"feature": self.alpha * torch.stack(features).sum(), "logit": self.beta * torch.stack(logits).sum()}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """Per pyramid size ``n`` (``cell_masks`` on the teacher's cells), each level ``[N, H, W]``:
+
+        * ``spatial attention nxn``: Eq. 1's ``A^s``, normalised within each of the ``n x n`` cells
+          (``spatial_norm``);
+        * ``spatial mask nxn``: Eq. 3's ``M^s`` (0 where ``A^s >= omega_s``: the cells the student
+          must rebuild; 1 elsewhere).
+
+        Where neighbouring cells share a row or column (``n`` does not divide a side) a pixel shows the
+        mean over its cells (``merge_cells``). A level smaller than ``n`` (skipped by the loss) is absent
+        from that size's maps. The channel masks ``M^c`` weight channels, not pixels: they are not maps.
+        """
+        maps: dict[str, dict[str, Tensor]] = {}
+        for lvl in self.levels:
+            teacher = inputs.teacher_feats[lvl]
+            size = tuple(teacher.shape[2:])
+            for n in self.level_pyramid(lvl, *size):
+                rows, cols, valid, count, t = self.cells_of(teacher, n)
+                attention, keep_s, _ = self.cell_masks(t, valid, count)
+                maps.setdefault(f"spatial attention {n}x{n}", {})[lvl] = merge_cells(attention, rows, cols, valid, size)
+                maps.setdefault(f"spatial mask {n}x{n}", {})[lvl] = merge_cells(keep_s, rows, cols, valid, size)
+        return maps
