@@ -281,3 +281,31 @@ def make_boxes(counts: Sequence[int], seed: int = 0, min_side: float = 3.0) -> l
     """One ``[count, 4]`` float64 box tensor per image on an ``IMAGE`` input (``random_boxes``)."""
     g = gen(seed)
     return [random_boxes(g, n, IMAGE, min_side=min_side, dtype=torch.float64) for n in counts]
+
+
+def assert_seeded_draws(distiller: Callable[..., Tensor], student: Mapping[str, Tensor], teacher: Mapping[str, Tensor],
+                        boxes: Sequence[Tensor]) -> None:
+    """A method that draws random numbers: the same generator seed gives the same loss bit for bit,
+    another seed another loss."""
+    with torch.no_grad():
+        a = distiller(student, teacher, boxes, generator=gen(123))
+        b = distiller(student, teacher, boxes, generator=gen(123))
+        c = distiller(student, teacher, boxes, generator=gen(124))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def assert_default_generator_draws(distiller: Callable[..., Tensor], student: Mapping[str, Tensor],
+                                   teacher: Mapping[str, Tensor], boxes: Sequence[Tensor],
+                                   reference: Callable[[], Tensor]) -> None:
+    """Without a generator the draws come from torch's default one: reseeding it repeats the loss,
+    which equals ``reference()`` run after the same reseed."""
+    with torch.no_grad():
+        torch.manual_seed(42)
+        a = distiller(student, teacher, boxes)
+        torch.manual_seed(42)
+        b = distiller(student, teacher, boxes)
+        torch.manual_seed(42)
+        want = reference()
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, want)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import STRIDES, gen, make_boxes, make_feats
+from reference import STRIDES, assert_default_generator_draws, assert_seeded_draws, gen, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
 from liaf_lab.distillers.ima import IMADistiller
@@ -303,27 +303,13 @@ def test_same_seed_same_loss_bit_for_bit_other_seed_other_loss(instance):
     d = IMADistiller(2, TEACHER_C, STRIDES, instance=instance)
     student = make_feats(2, 2, 1, dtype=torch.float32)
     teacher = make_feats(TEACHER_C, 2, 2, dtype=torch.float32)
-    boxes = make_boxes((2, 1))
-    with torch.no_grad():
-        a = d(student, teacher, boxes, generator=gen(123))
-        b = d(student, teacher, boxes, generator=gen(123))
-        c = d(student, teacher, boxes, generator=gen(124))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert_seeded_draws(d, student, teacher, make_boxes((2, 1)))
 
 
 def test_without_generator_draws_from_torch_default():
     d = make_ima(2)
     student, teacher, boxes = make_feats(2, 2, 1), make_feats(TEACHER_C, 2, 2), make_boxes((1, 1))
-    with torch.no_grad():
-        torch.manual_seed(42)
-        a = d(student, teacher, boxes)
-        torch.manual_seed(42)
-        b = d(student, teacher, boxes)
-        torch.manual_seed(42)
-        want = ref_ima_loss(student, teacher, boxes, d, None)
-    assert torch.equal(a, b)
-    torch.testing.assert_close(a, want)
+    assert_default_generator_draws(d, student, teacher, boxes, lambda: ref_ima_loss(student, teacher, boxes, d, None))
 
 
 @pytest.mark.parametrize("instance", ["image", "box"])

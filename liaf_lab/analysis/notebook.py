@@ -83,8 +83,7 @@ def setup_notebook(checkpoints: str | Path | None = None, quick: bool | None = N
     _display_settings(jpeg)
     use_text_progress(True)
     torch.manual_seed(0)
-    shown = folder.relative_to(PROJECT_ROOT) if folder.resolve().is_relative_to(PROJECT_ROOT) and folder.is_absolute() \
-        else folder
+    shown = folder.relative_to(PROJECT_ROOT) if folder.is_absolute() and folder.is_relative_to(PROJECT_ROOT) else folder
     print(f"checkpoints: {shown}")
     print(f"quick mode: {quick}")
     models = load_demo_models("tiny", checkpoint_dir=folder)
