@@ -13,6 +13,7 @@ from .distillers import (  # noqa: E402
     feature_mse,
     list_distillers,
     register_distiller,
+    register_variant,
 )
 from .engine import TrainConfig, distill, evaluate_coco, learn_stage1, stage1_stats, train_detector  # noqa: E402
 from .instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features, score_entropy  # noqa: E402
@@ -27,5 +28,5 @@ __all__ = [
     "TrainConfig", "create_detector", "distill", "evaluate_coco", "fpn_strides", "learn_stage1", "stage1_stats", "train_detector",
     "FeatureDistiller", "FitNetDistiller", "InstanceSelectors", "KDInputs", "LIAFDistiller", "TorchvisionOpsError",
     "check_torchvision_ops", "create_distiller", "diversity_loss", "feature_mse", "instance_mask",
-    "list_distillers", "register_distiller", "roi_instance_features", "run_study", "StudyRun", "StudySummary", "load_study_run", "load_study_summary", "score_entropy", "save_detector", "set_debug",
+    "list_distillers", "register_distiller", "register_variant", "roi_instance_features", "run_study", "StudyRun", "StudySummary", "load_study_run", "load_study_summary", "score_entropy", "save_detector", "set_debug",
 ]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .distillers import BASELINE, list_distillers, method_options, method_parts
+from .distillers import BASELINE, list_distillers, method_options, method_parts, variant_of
 from .engine import TrainConfig, distill
 from .models import create_detector
 
@@ -176,16 +176,27 @@ def method_config(cfg: Mapping[str, Any], method: str | None) -> dict[str, Any]:
     """``cfg`` without the ``[kd.<m>]`` tables of the methods a run of ``method`` does not use (all of
     them for ``None`` or ``"none"``): what binds the run's folder, so that another method's options
     never block resuming it."""
-    parts = set() if method in (None, BASELINE) else set(method_parts(method))
-    kd = {k: v for k, v in cfg.get("kd", {}).items() if not isinstance(v, Mapping) or k in parts}
+    tables = method_tables(method)
+    kd = {k: v for k, v in cfg.get("kd", {}).items() if not isinstance(v, Mapping) or k in tables}
     return {**cfg, "kd": kd}
 
 
+def method_tables(method: str | None) -> set[str]:
+    """The ``[kd.<m>]`` tables a run of ``method`` reads: one per part, and a variant's method's too."""
+    parts = set() if method in (None, BASELINE) else set(method_parts(method))
+    return parts | {variant_of(p)[0] for p in parts}
+
+
 def kd_options(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """The config's options of one registered ``method`` (``[kd.<method>]``), as its constructor takes them."""
-    options = method_options(method)
-    return {k: tuple(v) if typing.get_origin(options[k][0]) is tuple else v
-            for k, v in cfg.get("kd", {}).get(method, {}).items()}
+    """The config's options of one registered ``method`` (``[kd.<method>]``), as its constructor takes them.
+
+    A variant (``register_variant``) takes its method's table without the options it fixes, then its own.
+    """
+    options, kd = method_options(method), cfg.get("kd", {})
+    of, fixed = variant_of(method)
+    table = {k: v for k, v in kd.get(of, {}).items() if k not in fixed} if of != method else {}
+    table.update(kd.get(method, {}))
+    return {k: tuple(v) if typing.get_origin(options[k][0]) is tuple else v for k, v in table.items()}
 
 
 def check_data(data: Mapping[str, Any]) -> str:

@@ -53,13 +53,15 @@ class Run:
     def relevant(self) -> tuple[str, ...]:
         """The overrides that change this run: a no-KD student ignores the KD sections, and a method
         ignores the options of other methods (``kd.<other>.key``)."""
-        parts = [] if self.method == BASELINE else self.method.split("+")
+        from .config import method_tables
+
+        tables = method_tables(self.method)
 
         def matters(override: str) -> bool:
             keys = override.partition("=")[0].split(".")
             if keys[0] not in KD_SECTIONS:
                 return True
-            return bool(parts) and (len(keys) == 2 or keys[1] in parts)
+            return bool(tables) and (len(keys) == 2 or keys[1] in tables)
 
         return tuple(o for o in self.variant if matters(o))
 
@@ -131,6 +133,7 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
 
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
     """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow)."""
+    from .config import method_tables
     from .engine.loop import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
@@ -143,7 +146,7 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
                              f"--threads {saved['threads']} or use another --out")
         diffs = spec_differences({"config": saved["config"]}, {"config": spec["config"]})
         # A [kd.<method>] table no saved run reads (a method new to the study) changes no saved run.
-        ran = {part for m in saved["methods"] if m != BASELINE for part in m.split("+")}
+        ran = {table for m in saved["methods"] for table in method_tables(m)}
         diffs = {k: v for k, v in diffs.items()
                  if not (k.startswith("config.kd.") and k.split(".")[2] not in ran and len(k.split(".")) > 3)}
         for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products

@@ -27,7 +27,7 @@ def test_presets_pass_their_own_check(name):
     ("kd.liaf.loss_wieght=5", r"unknown key kd.liaf.loss_wieght; the options of 'liaf' are \['loss_weight', "
                               r"'projector', 'num_selectors', 'roi_size', 'sampling_ratio', 'normalize', 'mask_scale', "
                               r"'mask_side', 'detach_scores', 'freeze_selectors', 'diversity_weight', 'logit_scale'\]"),
-    ("kd.mask_scale=count", r"kd.mask_scale is an option of \['liaf'\]: set it per method, e.g. kd.liaf.mask_scale"),
+    ("kd.mask_scale=count", r"kd.mask_scale is an option of \['liaf', 'liaf_paper'\]: set it per method, e.g. kd.liaf.mask_scale"),
     ("kd.nope.x=1", r"no distiller is registered as 'nope' \(\[kd.nope\]\); registered: \["),
     ("kd.liaf.mask_ratio=0.65", r"unknown key kd.liaf.mask_ratio; the options of 'liaf' are"),
     ("kd.mgd.mask_ratio=0.65", r"unknown key kd.mgd.mask_ratio; the options of 'mgd' are \['alpha', 'lambda_mask'\]"),
@@ -141,3 +141,15 @@ def test_method_config_keeps_only_the_run_s_own_method_tables():
     assert {k: v for k, v in liaf.items() if k != "kd"} == {k: v for k, v in cfg.items() if k != "kd"}
     other = load_config("tiny", ["kd.fgd.temperature=0.3"])
     assert method_config(other, "liaf") == liaf and method_config(other, "fgd") != method_config(cfg, "fgd")
+
+
+def test_a_variant_reads_its_method_s_table_except_the_options_it_fixes():
+    """``liaf_paper`` takes ``[kd.liaf]`` (loss weight, selectors) but keeps its literal options; its own table wins."""
+    cfg = load_config("tiny", ["kd.liaf.normalize=image", "kd.liaf.mask_scale=count", "kd.liaf.num_selectors=4",
+                               "kd.liaf_paper.loss_weight=0.3"])
+    student = build_detector(cfg, "student", 6)
+    d = build_distiller("liaf_paper", cfg, student)
+    assert d.mask_scale == "literal" and all(s.normalize == "batch" and s.num_selectors == 4
+                                              for s in d.selectors.values())
+    assert d.loss_weight == 0.3
+    assert set(method_config(cfg, "liaf_paper")["kd"]) == {"inherit", "liaf", "liaf_paper"}

@@ -445,6 +445,35 @@ def test_register_distiller_adds_and_rejects_duplicates():
     assert "test-dummy" not in list_distillers()
 
 
+def test_paper_literal_variant_is_liaf_with_the_literal_options_fixed():
+    """``liaf_paper``: the same class and losses as ``liaf`` built with the paper's readings."""
+    from liaf_lab.distillers import method_label, method_options, variant_of
+
+    literal = {"normalize": "batch", "mask_scale": "literal", "mask_side": "separate", "logit_scale": "none"}
+    assert variant_of("liaf_paper") == ("liaf", literal) and variant_of("liaf") == ("liaf", {})
+    assert method_label("liaf_paper") == "LIAF-KD (paper-literal)"
+    ours, paper = method_options("liaf"), method_options("liaf_paper")
+    assert ours.keys() == paper.keys() and ours["normalize"][1] == "image"
+    assert {k: v[1] for k, v in paper.items()} == {**{k: v[1] for k, v in ours.items()}, **literal}
+    assert all(paper[k][0] == ours[k][0] for k in ours)  # same option types
+    strides = {"0": 8.0, "1": 16.0}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        d = create_distiller("liaf_paper", 4, 6, strides, mask_scale="count")  # a given option still wins
+        torch.manual_seed(0)
+        ref = create_distiller("liaf", 4, 6, strides, **{**literal, "mask_scale": "count"})
+    assert isinstance(d, LIAFDistiller) and d.method_name == "liaf_paper" and d.mask_scale == "count"
+    assert all(s.normalize == "batch" for s in d.selectors.values())
+    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), ref.state_dict().values()))
+    s = {lvl: torch.randn(2, 4, 8, 8) for lvl in strides}
+    t = {lvl: torch.randn(2, 6, 8, 8) for lvl in strides}
+    boxes = [torch.tensor([[2.0, 2.0, 30.0, 40.0], [10.0, 5.0, 50.0, 60.0]]), torch.tensor([[0.0, 0.0, 20.0, 20.0]])]
+    assert torch.equal(d(s, t, boxes), ref(s, t, boxes))  # batch softmax couples the two images in both
+    with pytest.raises(ValueError, match="unknown option 'nope' of distiller 'liaf'"):
+        registry.register_variant("test-variant", of="liaf", label="x", nope=1)
+    assert "test-variant" not in list_distillers()
+
+
 @pytest.mark.parametrize("option,value", [("mask_scale", "sum"), ("mask_side", "student"), ("normalize", "all")])
 def test_liaf_rejects_unknown_options(option, value):
     with pytest.raises(ValueError, match=option):

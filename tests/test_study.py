@@ -11,7 +11,7 @@ import torch
 
 import liaf_lab.engine
 from liaf_lab.config import PROJECT_ROOT
-from liaf_lab.study import (StudyError, _open_study, _study_spec, grid_variants, paired_interval, parse_grid,
+from liaf_lab.study import (Run, StudyError, _open_study, _study_spec, grid_variants, paired_interval, parse_grid,
                             run_study)
 from liaf_lab.study_report import verdict
 
@@ -111,6 +111,11 @@ def test_a_study_folder_refuses_another_config_or_thread_count(tmp_path, small):
     # options of a method no saved run reads (a method new to the folder) change no saved run ...
     _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5"], {}, threads=1), ["mgd"], [0])
     assert json.loads((out / "study.json").read_text())["methods"] == ["none", "fitnet", "mgd"]
+    # a variant's runs read its method's table: once liaf_paper ran, [kd.liaf] binds the folder
+    _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5"], {}, threads=1), ["liaf_paper"], [0])
+    with pytest.raises(StudyError, match="config.kd.liaf.loss_weight"):
+        _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5", "kd.liaf.loss_weight=0.3"], {},
+                                     threads=1), ["none"], [0])
     # ... but those of a method that ran, or the options every method shares, do
     for changed, key in (("kd.fitnet.loss_weight=0.3", "config.kd.fitnet.loss_weight"),
                          ("kd.mgd.alpha=0.25", "config.kd.mgd.alpha"), ("kd.inherit=true", "config.kd.inherit")):
@@ -124,6 +129,10 @@ def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp
     assert grid_variants(grid, "one_at_a_time") == [(), ("kd.liaf.mask_scale=count",), ("kd.liaf.loss_weight=0.2",),
                                                     ("kd.liaf.loss_weight=0.05",)]
     assert len(grid_variants(grid)) == 2  # the product: count with each loss weight
+    # a variant reads its method's table; a no-KD run reads none; other methods' tables never matter
+    variant = ("kd.liaf.loss_weight=0.2", "kd.fitnet.loss_weight=0.3", "distill.lr=0.01")
+    assert Run(variant, 0, "liaf_paper").relevant == ("kd.liaf.loss_weight=0.2", "distill.lr=0.01")
+    assert Run(variant, 0, "none").relevant == ("distill.lr=0.01",)
     with pytest.raises(StudyError, match="grid mode 'all' is not one of"):
         grid_variants(grid, "all")
     out = tmp_path / "screen"

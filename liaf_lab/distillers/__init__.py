@@ -16,6 +16,7 @@ from .samkd import SAMKDDistiller
 from .combined import CombinedDistiller
 from .registry import (
     BASELINE, create_distiller, list_distillers, method_label, method_options, method_parts, register_distiller,
+    register_variant, variant_of,
 )
 
 __all__ = [
@@ -23,5 +24,5 @@ __all__ = [
     "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LIAFDistiller", "MGDDistiller",
     "MasKDDistiller", "SAMKDDistiller",
     "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_options",
-    "method_parts", "register_distiller",
+    "method_parts", "register_distiller", "register_variant", "variant_of",
 ]

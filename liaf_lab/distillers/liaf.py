@@ -19,7 +19,7 @@ from ..instance import (
     score_entropy,
 )
 from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, check_choices, feature_mse
-from .registry import register_distiller
+from .registry import register_distiller, register_variant
 
 MaskScale = Literal["literal", "count"]
 MaskSide = Literal["separate", "shared"]
@@ -291,3 +291,10 @@ class LIAFDistiller(FeatureDistiller):
         """The projectors, and the selectors unless ``freeze_selectors``."""
         params = list(self.projectors.parameters())
         return params if self.freeze_selectors else params + list(self.selectors.parameters())
+
+
+# The paper read literally (docs/method.md, "Options the paper leaves open"): Eq. 3's softmax over the
+# batched F_ROI without a temperature, Eq. 7's mask A_i on instances and 1 on background, M^T on the
+# teacher and M^S on the student. ``liaf`` differs only in ``normalize="image"``.
+register_variant("liaf_paper", of="liaf", label="LIAF-KD (paper-literal)", normalize="batch", mask_scale="literal",
+                 mask_side="separate", logit_scale="none")

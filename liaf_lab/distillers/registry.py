@@ -36,6 +36,36 @@ def register_distiller(name: str, label: str | None = None) -> Callable[[T], T]:
     return add
 
 
+def register_variant(name: str, of: str, label: str, **fixed: Any) -> type[FeatureDistiller]:
+    """Register ``name`` as the method ``of`` with the options ``fixed`` (e.g. a paper's literal reading).
+
+    The variant is a subclass of ``of``'s class whose constructor defaults are ``fixed``; options given
+    to ``create_distiller`` still override them. A config gives it ``[kd.<of>]``'s options except the
+    fixed ones, then ``[kd.<name>]``'s (``config.kd_options``).
+    """
+    parent = _REGISTRY[of]
+    check_options(of, fixed)
+    signature = inspect.signature(parent.__init__)
+    hints = typing.get_type_hints(parent.__init__)
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        parent.__init__(self, *args, **{**fixed, **options})
+
+    __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(default=fixed.get(p.name, p.default)) for p in signature.parameters.values()])
+    __init__.__annotations__ = hints
+    doc = f"{label}: ``{of}`` ({parent.__name__}) with {', '.join(f'{k}={v!r}' for k, v in fixed.items())}."
+    cls = type(f"{parent.__name__}_{name}", (parent,), {"__init__": __init__, "__doc__": doc,
+                                                        "variant_of": of, "fixed_options": dict(fixed)})
+    return register_distiller(name, label)(cls)
+
+
+def variant_of(name: str) -> tuple[str, dict[str, Any]]:
+    """``(method, fixed options)`` a registered name is a variant of; ``(name, {})`` for a method itself."""
+    cls = _REGISTRY[name]
+    return getattr(cls, "variant_of", name), dict(getattr(cls, "fixed_options", {}))
+
+
 def list_distillers() -> list[str]:
     """The registered method names (combine them with ``+``)."""
     return sorted(_REGISTRY)
