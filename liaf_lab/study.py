@@ -18,7 +18,7 @@ import statistics
 import time
 import typing
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -282,8 +282,9 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
             bar.update(1)
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            for task, row in zip(tasks, pool.map(_run_task, tasks)):
-                rows[task[3].folder] = row
+            futures = {pool.submit(_run_task, task): task[3].folder for task in tasks}
+            for future in as_completed(futures):  # the bar moves as runs finish, in any order
+                rows[futures[future]] = future.result()
                 bar.update(1)
     bar.close()
     # One row per (variant, seed, method); a no-KD run serves every variant that differs only in KD settings.

@@ -204,22 +204,31 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
                         "on and is optimistic."))
     lines += ["", *summary_table(summary), "", "![study](study.png)", ""]
     if grid:
-        test_column = f"{split} AP |" if split != "val" else ""
+        screen = grid_mode == "one_at_a_time"
         lines += ["## Every variant", "",
-                  f"The paired difference to `{BASELINE}` on `val` (the tuning split), Student's t 95% over the seeds.",
-                  "", f"| method | variant | val AP | val AP - {BASELINE} [95% CI] | " + test_column,
-                  "|---|---|---|---|" + ("---|" if split != "val" else "")]
-        base = {r["seed"]: 100 * r["val_AP"] for r in rows if r["method"] == BASELINE}
+                  f"The paired difference to `{BASELINE}` on `val` (the tuning split), Student's t 95% over the seeds"
+                  + (", and, one value at a time, to the same method's preset (`default`) of the same seed." if screen
+                     else "."),
+                  "", f"| method | variant | val AP | val AP - {BASELINE} [95% CI] | "
+                  + ("val AP - preset [95% CI] | " if screen else "") + (f"{split} AP |" if split != "val" else ""),
+                  "|---|---|---|---|" + ("---|" if screen else "") + ("---|" if split != "val" else "")]
+        val_ap = {(r["method"], r["variant"], r["seed"]): 100 * r["val_AP"] for r in rows}
+
+        def paired(sel: list[dict[str, Any]], method: str, variant: str | None) -> str:
+            """``sel`` minus ``method``'s runs of the same seed, of ``variant`` (``None``: each row's own)."""
+            diffs = [val_ap[(r["method"], r["variant"], r["seed"])] - val_ap[(method, variant or r["variant"], r["seed"])]
+                     for r in sel]
+            mean, low, high = paired_interval(diffs)
+            return _interval({"diff_mean": mean, "ci_low": low, "ci_high": high})
+
         for method in methods:
             for variant in sorted({r["settings"] for r in rows if r["method"] == method}):
                 sel = [r for r in rows if r["method"] == method and r["settings"] == variant]
-                val = _pct([r["val_AP"] for r in sel])
-                cells = [f"{statistics.fmean(val):.2f}"]
-                if method == BASELINE:
-                    cells.append("(baseline)")
-                else:
-                    mean, low, high = paired_interval([v - base[r["seed"]] for v, r in zip(val, sel)])
-                    cells.append(_interval({"diff_mean": mean, "ci_low": low, "ci_high": high}))
+                cells = [f"{statistics.fmean(_pct([r['val_AP'] for r in sel])):.2f}"]
+                cells.append("(baseline)" if method == BASELINE else paired(sel, BASELINE, None))
+                if screen:
+                    cells.append("(preset)" if variant == "default" or method == BASELINE
+                                 else paired(sel, method, "default"))
                 if split != "val":
                     cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
                 lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")

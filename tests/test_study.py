@@ -147,7 +147,12 @@ def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp
     base = {r["seed"]: r["val_AP"] for r in result.rows if r["method"] == "none"}
     count = [100 * (r["val_AP"] - base[r["seed"]]) for r in result.rows if r["settings"] == "kd.liaf.mask_scale=count"]
     mean, low, high = paired_interval(count)
-    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" in report
+    preset = {r["seed"]: r["val_AP"] for r in result.rows if r["method"] == "liaf" and r["settings"] == "default"}
+    vs_preset = paired_interval([100 * (r["val_AP"] - preset[r["seed"]]) for r in result.rows
+                                 if r["settings"] == "kd.liaf.mask_scale=count"])
+    row = next(line for line in report.splitlines() if line.startswith("| liaf | kd.liaf.mask_scale=count |"))
+    assert f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {vs_preset[0]:+.2f} [{vs_preset[1]:+.2f}, {vs_preset[2]:+.2f}] |" in row
+    assert "| liaf | default |" in report and "(preset)" in report
     with pytest.raises(StudyError, match="grid_mode"):
         run_study(out, "bench", ["none", "liaf"], [0, 1], small_grid, small, device="cpu", teacher_weights=TEACHER)
 
