@@ -208,8 +208,11 @@ def run(args: argparse.Namespace) -> int:
                        val_dataset=val, **resume)
         name = "teacher.pt"
     else:
-        if not args.teacher and (stage1_command or args.method != BASELINE):
-            raise ValueError("--teacher is required (train one with `liaf-lab train-teacher`)")
+        inherit = cfg["kd"].get("inherit", False)
+        if not args.teacher and (stage1_command or args.method != BASELINE or inherit):
+            raise ValueError("--teacher is required (train one with `liaf-lab train-teacher`)"
+                             + ("; with kd.inherit = true the no-KD student starts from its neck and head too"
+                                if args.method == BASELINE else ""))
         teacher = (build_detector(cfg, "teacher", num_classes, weights_path=args.teacher, class_names=classes)
                    if args.teacher else None)
         model = build_detector(cfg, "student", num_classes, seed=seed)
@@ -237,10 +240,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if distiller is None:
             train_detector(model, train, train_config(cfg, "distill", seed=seed), out, args.device,
-                           desc="student (no KD)", val_dataset=val, **resume)
+                           desc="student (no KD)", val_dataset=val, inherit_from=teacher if inherit else None,
+                           **resume)
         else:
             distill(model, teacher, distiller, train, train_config(cfg, "distill", seed=seed), out, args.device,
-                    val_dataset=val, inherit=cfg["kd"].get("inherit", False), **resume)
+                    val_dataset=val, inherit=inherit, **resume)
         name = "student.pt"
     if is_main():
         save_detector(out / name, model, classes)

@@ -69,15 +69,16 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
             tcfg = train_config(cfg, "distill", seed=seed)
             run_config = {"config": cfg, "method": method, "teacher": teacher_source}
             kd = build_distiller(method, cfg, student, seed=seed)
-            if kd is None:
+            inherit = cfg["kd"].get("inherit", False)
+            if kd is None:  # inherits too when the KD students do: every student starts from the same weights
                 train_detector(student, train, tcfg, run / method, device, desc="student (no KD)", val_dataset=val,
-                               run_config=run_config)
+                               run_config=run_config, inherit_from=teacher if inherit else None)
             else:
                 if kd.two_stage:
                     learn_stage1(teacher, kd, train, train_config(cfg, "stage1", seed=seed), run / method / "stage1",
                                  device, run_config=run_config)
                 distill(student, teacher, kd, train, tcfg, run / method, device, val_dataset=val,
-                        inherit=cfg["kd"].get("inherit", False), run_config=run_config)
+                        inherit=inherit, run_config=run_config)
                 save_checkpoint(run / method / "distiller.pt", kd.state_dict())
             save_detector(run / method / "student.pt", student, train.class_names)
             metrics = evaluate_coco(student, val, collate_fn, device=device, out_json=run / method / "eval.json",

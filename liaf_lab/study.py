@@ -51,7 +51,7 @@ class Run:
 
     @property
     def relevant(self) -> tuple[str, ...]:
-        """The overrides that change this run: a no-KD student ignores the KD sections, and a method
+        """The overrides that change this run: a no-KD student ignores the KD sections but ``kd.inherit``, and a method
         ignores the options of other methods (``kd.<other>.key``)."""
         from .config import method_tables
 
@@ -59,7 +59,7 @@ class Run:
 
         def matters(override: str) -> bool:
             keys = override.partition("=")[0].split(".")
-            if keys[0] not in KD_SECTIONS:
+            if keys[0] not in KD_SECTIONS or keys[:2] == ["kd", "inherit"]:  # the no-KD control inherits too
                 return True
             return bool(tables) and (len(keys) == 2 or keys[1] in tables)
 
@@ -209,18 +209,20 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     nc = len(train.class_names) + 1
     student = build_detector(cfg, "student", nc, seed=run.seed)
     tcfg = train_config(cfg, "distill", seed=run.seed)
-    run_config = {"config": method_config(cfg, run.method), "method": run.method,
-                  "teacher": None if run.method == BASELINE else teacher_path}  # no-KD runs never read it
-    if run.method == BASELINE:
-        train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config)
+    inherit = cfg["kd"].get("inherit", False)
+    run_config = {"config": method_config(cfg, run.method), "method": run.method,  # a no-KD run reads the
+                  "teacher": teacher_path if run.method != BASELINE or inherit else None}  # teacher only to inherit
+    teacher = (build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
+               if run_config["teacher"] else None)
+    if run.method == BASELINE:  # starts from the teacher's neck and head too when the KD students do
+        train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config,
+                       inherit_from=teacher)
     else:
-        teacher = build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
         distiller = build_distiller(run.method, cfg, student, seed=run.seed)
         if distiller.two_stage:
             learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=run.seed), folder / "stage1",
                          device, run_config=run_config)
-        distill(student, teacher, distiller, train, tcfg, folder, device, inherit=cfg["kd"].get("inherit", False),
-                run_config=run_config)
+        distill(student, teacher, distiller, train, tcfg, folder, device, inherit=inherit, run_config=run_config)
     save_detector(folder / "student.pt", student, train.class_names)
     dev = resolve_device(device)
     row: dict[str, Any] = {"method": run.method, "seed": run.seed, "variant": ",".join(run.variant) or "default",
@@ -269,7 +271,11 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
     _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
     _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods, seeds)
-    needs_teacher = any(m != BASELINE for m in methods)
+    from .config import load_config
+
+    needs_teacher = any(m != BASELINE for m in methods) or any(
+        load_config(config, [*overrides, *variant])["kd"].get("inherit", False)
+        for variant in grid_variants(grid, grid_mode))
     teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights) if needs_teacher else None
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
     unique = list({r.folder: r for r in runs}.values())

@@ -89,13 +89,16 @@ TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
 @pytest.mark.parametrize("argv, message", [
     (["distill", "--method", "nope", "--teacher", TEACHER],
      "error: unknown distiller 'nope'; choose one of ['acam', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid', 'ima', "
-     "'liaf', 'maskd', 'mgd', 'samkd']"),
+     "'liaf', 'liaf_paper', 'maskd', 'mgd', 'samkd']"),
     (["learn-stage1", "--method", "fgd", "--teacher", TEACHER], "error: method 'fgd' has no stage 1 to learn"),
     (["distill", "--method", "mgd", "--teacher", TEACHER, "--stage1", TEACHER],
      "error: --stage1 is for two-stage methods; 'mgd' has no stage 1"),
     (["distill", "--method", "maskd", "--set", "kd.maskd.mask_ratio=0.5"],
      "error: config tiny: unknown key kd.maskd.mask_ratio; the options of 'maskd' are ['loss_weight'"),
     (["distill", "--method", "mgd"], "error: --teacher is required"),
+    (["distill", "--method", "none", "--set", "kd.inherit=true"],
+     "error: --teacher is required (train one with `liaf-lab train-teacher`); with kd.inherit = true the no-KD "
+     "student starts from its neck and head too"),
 ])
 def test_method_errors_are_one_line(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2

@@ -190,6 +190,34 @@ def test_inheritance_copies_matching_neck_and_head_only(tiny_data):
     assert not any(k.startswith("backbone.fpn.") for k in thin_copied)
 
 
+def test_a_no_kd_student_inherits_like_a_distilled_one(tiny_data, tmp_path):
+    """``train_detector(inherit_from=teacher)`` = inherit, then train; a resumed run does not inherit again."""
+    train = _dataset(tiny_data, "train", train=True)
+    nc = len(train.class_names) + 1
+    torch.manual_seed(0)
+    teacher = create_detector("fcos", nc, depth=34, width_mult=0.25, fpn_channels=16, min_size=64, max_size=64)
+    make = lambda: create_detector("fcos", nc, depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
+    cfg = TrainConfig(iterations=2, batch_size=2, warmup=0, checkpoint_every=1, log_every=1)
+    torch.manual_seed(1)
+    inherited = make()
+    torch.manual_seed(1)
+    by_hand, scratch = make(), None
+    torch.manual_seed(1)
+    scratch = make()
+    train_detector(inherited, train, cfg, tmp_path / "a", inherit_from=teacher)
+    inherit_neck_and_head(by_hand, teacher)
+    train_detector(by_hand, train, cfg, tmp_path / "b")
+    train_detector(scratch, train, cfg, tmp_path / "c")
+    a, b, c = inherited.state_dict(), by_hand.state_dict(), scratch.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if k.startswith("head."))
+    # resuming the finished run: the checkpoint's weights stand, nothing is copied over them
+    torch.manual_seed(1)
+    again = make()
+    train_detector(again, train, cfg, tmp_path / "a", inherit_from=make())
+    assert all(torch.equal(again.state_dict()[k], a[k]) for k in a)
+
+
 def test_evaluation_does_not_draw_from_the_training_rng(tiny_data):
     val = _dataset(tiny_data, "val", train=False)
     model = _detector(len(val.class_names) + 1)

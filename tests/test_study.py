@@ -168,6 +168,16 @@ def test_a_study_without_distillation_trains_no_teacher(tmp_path, small, monkeyp
     assert [r["method"] for r in result.rows] == ["none"] and not (tmp_path / "s" / "teacher").exists()
 
 
+def test_the_no_kd_control_inherits_when_the_students_do(tmp_path, small):
+    """With ``kd.inherit`` every student, the no-KD one too, starts from the teacher's neck and head."""
+    assert Run(("kd.inherit=true",), 0, "none").relevant == ("kd.inherit=true",)
+    out = tmp_path / "s"
+    run_study(out, "bench", ["none"], [0], overrides=[*small, "kd.inherit=true"], device="cpu",
+              teacher_weights=TEACHER)
+    run = json.loads((out / "runs" / "none" / "default" / "seed0" / "run.json").read_text())
+    assert run["spec"]["config"]["teacher"] == TEACHER and run["spec"]["config"]["config"]["kd"]["inherit"] is True
+
+
 def test_finished_runs_load_back_for_analysis(tmp_path, small, monkeypatch):
     from liaf_lab import load_study_run, load_study_summary
     from liaf_lab.checkpoint import load_checkpoint

@@ -38,13 +38,18 @@ def periodic_eval(model: nn.Module, val_dataset: Dataset | None, collate_fn: Cal
 def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path | None = None,
                    device: torch.device | str | None = None, collate_fn: Callable = default_collate,
                    desc: str = "detector", val_dataset: Dataset | None = None,
-                   run_config: dict[str, Any] | None = None, new_schedule: bool = False) -> FitResult:
+                   run_config: dict[str, Any] | None = None, new_schedule: bool = False,
+                   inherit_from: nn.Module | None = None) -> FitResult:
     """Train a detector on its task loss (the teacher, or the student without KD).
 
     With ``val_dataset`` and ``cfg.eval_every``, COCO AP is measured every ``eval_every`` iterations.
     ``run_config`` and ``new_schedule``: what binds ``out_dir`` to this run (see ``fit``).
+    ``inherit_from``: first copy this detector's neck and head into ``model`` where shapes match, as
+    ``distill(inherit=True)`` does: the no-KD control of students that inherit from their teacher.
     """
     check_num_classes(model, dataset)
+    if inherit_from is not None and not _resuming(out_dir):
+        inherit_neck_and_head(model, inherit_from)
     return fit(DetectorStep(model), {"model": model}, dataset, collate_fn, cfg, out_dir, device, desc,
                periodic_eval(model, val_dataset, collate_fn, device), run_config, new_schedule)
 
@@ -122,7 +127,7 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
         raise ValueError(f"distiller {distiller.method_name!r} has a learned stage 1 ({list(distiller.stage1_modules())}) "
                          "that was neither run nor loaded: call learn_stage1(teacher, distiller, ...) first, or load "
                          "its stage-1 state (CLI: --stage1 stage1.pt)")
-    if inherit and not (out_dir is not None and (Path(out_dir) / "last.pt").exists()):
+    if inherit and not _resuming(out_dir):
         inherit_neck_and_head(student, teacher)
     for p in distiller.parameters():
         p.requires_grad_(False)
@@ -131,6 +136,11 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
     return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
                collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",
                periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule, on_iteration)
+
+
+def _resuming(out_dir: str | Path | None) -> bool:
+    """Whether ``fit`` will resume from ``out_dir/last.pt`` (whose weights replace any initialisation)."""
+    return out_dir is not None and (Path(out_dir) / "last.pt").exists()
 
 
 def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> list[str]:
