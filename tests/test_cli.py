@@ -109,5 +109,5 @@ def test_method_errors_are_one_line(argv, message, capsys, tmp_path):
 def test_help_lists_the_registered_methods(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert ("the registered distillers (acam, defeat, fgd, fgfi, fitnet, gid, ima, liaf, maskd, mgd, samkd)"
+    assert ("the registered distillers (acam, defeat, fgd, fgfi, fitnet, gid, ima, liaf, liaf_paper, maskd, mgd, samkd)"
             in " ".join(capsys.readouterr().out.split()))
