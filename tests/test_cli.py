@@ -97,8 +97,8 @@ TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
      "error: config tiny: unknown key kd.maskd.mask_ratio; the options of 'maskd' are ['loss_weight'"),
     (["distill", "--method", "mgd"], "error: --teacher is required"),
     (["distill", "--method", "none", "--set", "kd.inherit=true"],
-     "error: --teacher is required (train one with `liaf-lab train-teacher`); with kd.inherit = true the no-KD "
-     "student starts from its neck and head too"),
+     ("error: --teacher is required (train one with `liaf-lab train-teacher`); with kd.inherit = true the no-KD "
+      "student starts from its neck and head too")),
 ])
 def test_method_errors_are_one_line(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
