@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config, method_config, resolve_path
     from .data import collate_fn
     from .distillers import BASELINE
-    from .engine import distill, evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector
+    from .engine import evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector, train_student
     from .models import save_detector
     from .engine.distributed import is_main, resolve_device
 
@@ -238,13 +238,8 @@ def run(args: argparse.Namespace) -> int:
                     print(f"stage-1 statistics ({stats}):\n{stats.read_text()}")
         if stage1_command:
             return 0
-        if distiller is None:
-            train_detector(model, train, train_config(cfg, "distill", seed=seed), out, args.device,
-                           desc="student (no KD)", val_dataset=val, inherit_from=teacher if inherit else None,
-                           **resume)
-        else:
-            distill(model, teacher, distiller, train, train_config(cfg, "distill", seed=seed), out, args.device,
-                    val_dataset=val, inherit=inherit, **resume)
+        train_student(model, teacher, distiller, train, train_config(cfg, "distill", seed=seed), out, args.device,
+                      inherit=inherit, val_dataset=val, **resume)  # stage 1 was learned or loaded above
         name = "student.pt"
     if is_main():
         save_detector(out / name, model, classes)

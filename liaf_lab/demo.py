@@ -12,7 +12,7 @@ from typing import Any
 from .builders import build_datasets, build_detector, build_distiller, train_config
 from .config import PROJECT_ROOT, load_config
 from .data import collate_fn
-from .engine import distill, evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector
+from .engine import evaluate_coco, load_checkpoint, save_checkpoint, train_detector, train_student
 from .engine.distributed import resolve_device
 from .models import save_detector
 from .report import write_report
@@ -69,16 +69,10 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
             tcfg = train_config(cfg, "distill", seed=seed)
             run_config = {"config": cfg, "method": method, "teacher": teacher_source}
             kd = build_distiller(method, cfg, student, seed=seed)
-            inherit = cfg["kd"].get("inherit", False)
-            if kd is None:  # inherits too when the KD students do: every student starts from the same weights
-                train_detector(student, train, tcfg, run / method, device, desc="student (no KD)", val_dataset=val,
-                               run_config=run_config, inherit_from=teacher if inherit else None)
-            else:
-                if kd.two_stage:
-                    learn_stage1(teacher, kd, train, train_config(cfg, "stage1", seed=seed), run / method / "stage1",
-                                 device, run_config=run_config)
-                distill(student, teacher, kd, train, tcfg, run / method, device, val_dataset=val,
-                        inherit=inherit, run_config=run_config)
+            train_student(student, teacher, kd, train, tcfg, run / method, device,
+                          stage1_cfg=train_config(cfg, "stage1", seed=seed), inherit=cfg["kd"].get("inherit", False),
+                          val_dataset=val, run_config=run_config)
+            if kd is not None:
                 save_checkpoint(run / method / "distiller.pt", kd.state_dict())
             save_detector(run / method / "student.pt", student, train.class_names)
             metrics = evaluate_coco(student, val, collate_fn, device=device, out_json=run / method / "eval.json",

@@ -193,7 +193,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     """Train and evaluate one student of the study (in this process); returns its row."""
     from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
     from .config import load_config, method_config
-    from .engine import distill, evaluate_coco, learn_stage1, train_detector
+    from .engine import evaluate_coco, train_student
     from .engine.distributed import resolve_device
     from .models import save_detector
 
@@ -214,15 +214,9 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
                   "teacher": teacher_path if run.method != BASELINE or inherit else None}  # teacher only to inherit
     teacher = (build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
                if run_config["teacher"] else None)
-    if run.method == BASELINE:  # starts from the teacher's neck and head too when the KD students do
-        train_detector(student, train, tcfg, folder, device, desc=f"no KD seed {run.seed}", run_config=run_config,
-                       inherit_from=teacher)
-    else:
-        distiller = build_distiller(run.method, cfg, student, seed=run.seed)
-        if distiller.two_stage:
-            learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=run.seed), folder / "stage1",
-                         device, run_config=run_config)
-        distill(student, teacher, distiller, train, tcfg, folder, device, inherit=inherit, run_config=run_config)
+    train_student(student, teacher, build_distiller(run.method, cfg, student, seed=run.seed), train, tcfg, folder,
+                  device, stage1_cfg=train_config(cfg, "stage1", seed=run.seed), inherit=inherit,
+                  run_config=run_config, desc=f"no KD seed {run.seed}")
     save_detector(folder / "student.pt", student, train.class_names)
     dev = resolve_device(device)
     row: dict[str, Any] = {"method": run.method, "seed": run.seed, "variant": ",".join(run.variant) or "default",

@@ -138,6 +138,28 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
                periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule, on_iteration)
 
 
+def train_student(student: nn.Module, teacher: nn.Module | None, distiller: FeatureDistiller | None,
+                  dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, device: torch.device | str | None = None,
+                  *, stage1_cfg: TrainConfig | None = None, inherit: bool = False, val_dataset: Dataset | None = None,
+                  run_config: dict[str, Any] | None = None, new_schedule: bool = False,
+                  desc: str = "student (no KD)") -> FitResult:
+    """One student of a comparison: trained on its task loss alone when ``distiller`` is ``None``, else
+    distilled, after learning a stage 1 not yet learned in ``out_dir/stage1`` with ``stage1_cfg``.
+
+    With ``inherit`` every student, the no-KD one too, first takes the teacher's neck and head, so the
+    students of a seed start from the same weights and their difference is the KD loss's.
+    """
+    if distiller is None:
+        return train_detector(student, dataset, cfg, out_dir, device, desc=desc, val_dataset=val_dataset,
+                              run_config=run_config, new_schedule=new_schedule,
+                              inherit_from=teacher if inherit else None)
+    if not distiller.stage1_ready and stage1_cfg is not None:
+        learn_stage1(teacher, distiller, dataset, stage1_cfg, Path(out_dir) / "stage1", device, run_config=run_config,
+                     new_schedule=new_schedule)
+    return distill(student, teacher, distiller, dataset, cfg, out_dir, device, val_dataset=val_dataset,
+                   inherit=inherit, run_config=run_config, new_schedule=new_schedule)
+
+
 def _resuming(out_dir: str | Path | None) -> bool:
     """Whether ``fit`` will resume from ``out_dir/last.pt`` (whose weights replace any initialisation)."""
     return out_dir is not None and (Path(out_dir) / "last.pt").exists()
