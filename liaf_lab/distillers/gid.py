@@ -241,18 +241,24 @@ class GIDDistiller(FeatureDistiller):
             student.append(flat_logits(inputs.student_head[lvl]["cls_logits"], priors.shape[0]))
         return boxes, teacher, student
 
+    @staticmethod
     @torch.no_grad()
-    def prior_scores(self, inputs: KDInputs) -> tuple[Tensor, Tensor]:
+    def prior_scores(teacher: list[Tensor], student: list[Tensor]) -> Tensor:
         """GISM's GI scores ``[N, P]`` (``gi_scores``) of the priors of all levels, concatenated in level
-        order, and their GI boxes ``[P, 4]``."""
-        boxes, teacher, student = self.gi_boxes_and_logits(inputs)
-        scores = torch.cat([gi_scores(t, s.detach()) for t, s in zip(teacher, student)], dim=1)
-        return scores, torch.cat(boxes)
+        order, from the per-level logits ``[N, P_l, K]`` of ``gi_boxes_and_logits``."""
+        return torch.cat([gi_scores(t, s.detach()) for t, s in zip(teacher, student)], dim=1)
+
+    @torch.no_grad()
+    def select_scored(self, boxes: list[Tensor], scores: Tensor) -> tuple[Tensor, Tensor]:
+        """GISM on all levels together (``select_instances``), for the levels' GI boxes ``[P_l, 4]`` and the
+        scores ``[N, P]`` of ``prior_scores``: ``index [N, K]`` into the concatenated priors, ``valid [N, K]``."""
+        return select_instances(scores, torch.cat(boxes), self.num_instances, self.nms_iou, self.pre_nms)
 
     @torch.no_grad()
     def select(self, inputs: KDInputs) -> tuple[Tensor, Tensor]:
         """GISM on all levels together: ``index [N, K]`` into the levels' concatenated priors, ``valid [N, K]``."""
-        return select_instances(*self.prior_scores(inputs), self.num_instances, self.nms_iou, self.pre_nms)
+        boxes, teacher, student = self.gi_boxes_and_logits(inputs)
+        return self.select_scored(boxes, self.prior_scores(teacher, student))
 
     def instances(self, boxes: list[Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
         """The selected instances' GI boxes ``[N, K, 4]`` and the index (into ``levels``) of the level each
@@ -337,9 +343,9 @@ class GIDDistiller(FeatureDistiller):
         * ``response mask``: the share of the cell's priors in the GI mask (``response_masks``), where
           ``response`` distils the class logits.
         """
-        boxes, _, _ = self.gi_boxes_and_logits(inputs)
-        index, valid = self.select(inputs)
-        scores, _ = self.prior_scores(inputs)
+        boxes, teacher, student = self.gi_boxes_and_logits(inputs)
+        scores = self.prior_scores(teacher, student)
+        index, valid = self.select_scored(boxes, scores)
         gi, level = self.instances(boxes, index)
         picked = scores.gather(1, index) * valid  # [N, K]
         response = self.response_masks(boxes, gi, valid)
