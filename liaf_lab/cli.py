@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default: 1); results depend on it, not on --jobs")
     p.add_argument("--teacher", help="teacher weights (default: trained once in OUT/teacher)")
+    p.add_argument("--pairwise", action="store_true",
+                   help="compare every pair of methods, not only each method with none (one Holm correction over "
+                        "the whole family)")
+    p.add_argument("--versus", nargs="+", default=[], metavar="METHOD",
+                   help="also compare every other method with these (e.g. --versus liaf)")
+    p.add_argument("--target-halfwidth", type=float, metavar="D",
+                   help="fixed-width intervals (Stein's two-stage rule): --seeds is the pilot, then each comparison "
+                        "gets the seeds a 95%% half-width of D AP needs, at most --max-seeds")
+    p.add_argument("--max-seeds", type=int, metavar="N", help="the seed budget of --target-halfwidth")
 
     p = sub.add_parser("train-teacher", help="train the teacher detector on its task loss")
     _common(p)
@@ -163,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid), args.overrides,
                            args.device, args.jobs, args.threads, args.teacher,
-                           "one_at_a_time" if args.one_at_a_time else "product")
+                           "one_at_a_time" if args.one_at_a_time else "product", args.pairwise, args.versus,
+                           args.target_halfwidth, args.max_seeds)
         print(result.report.read_text())
         return 0
     if args.command == "demo":

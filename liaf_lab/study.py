@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import statistics
 import time
 import typing
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch
 
 from .distillers import BASELINE
 from .progress import progress
+from .verdicts import paired_interval  # noqa: F401  (re-exported: liaf_lab.study.paired_interval)
 
 # Config sections that do not change a student trained without KD: its runs are shared by every
 # grid variant that differs only there.
@@ -131,8 +131,13 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
             "grid_mode": grid_mode, "threads": threads}
 
 
-def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
-    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow)."""
+def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int],
+                family: dict[str, Any] | None = None) -> None:
+    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow).
+
+    ``family`` (``study_report.Family.as_dict()``) is recorded; a fixed-width study's target and pilot are
+    part of its design and may not change (its budget ``max_seeds`` and the comparisons made may).
+    """
     from .config import method_tables
     from .engine.loop import describe_differences, spec_differences
     from .engine.seeding import environment_info
@@ -152,6 +157,11 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
         for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
             if saved.get(key, "product") != spec[key]:
                 diffs[key] = (saved.get(key, "product"), spec[key])
+        old, new = saved.get("family") or {}, family or {}
+        if old.get("target_half_width") is not None:
+            for key in ("target_half_width", "pilot"):
+                if old.get(key) != new.get(key):
+                    diffs[f"family.{key}"] = (old.get(key), new.get(key))
         if diffs:
             listed = describe_differences(diffs)
             raise StudyError(f"study folder {out} holds a study of another configuration ({listed}); use another "
@@ -160,7 +170,8 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
         seeds = sorted(set(saved["seeds"]) | set(seeds))
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps({**spec, "methods": list(methods), "seeds": list(seeds),
-                                                "environment": environment_info()}, indent=2))
+                                                "family": family or {}, "environment": environment_info()},
+                                               indent=2))
 
 
 def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
@@ -244,12 +255,14 @@ class StudyResult:
 def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
-              teacher_weights: str | None = None, grid_mode: GridMode = "product") -> StudyResult:
-    """Run (or resume) a study and write its rows, report and figure in ``out_dir``.
+              teacher_weights: str | None = None, grid_mode: GridMode = "product", pairwise: bool = False,
+              versus: Sequence[str] = (), target_half_width: float | None = None,
+              max_seeds: int | None = None) -> StudyResult:
+    """Run (or resume) a study and write its rows, report, comparisons and figure in ``out_dir``.
 
     Args:
         methods: ``"none"`` (the baseline every difference is paired with) and registered distillers.
-        seeds: one paired replicate each (>= 2 for an interval).
+        seeds: one paired replicate each (>= 2 for an interval); with ``target_half_width``, the pilot.
         grid: ``{"section.key": [values]}``; its variants (``grid_mode``) apply to every KD method.
         grid_mode: ``"product"`` (every combination) or ``"one_at_a_time"`` (the config as it is, then
             each value alone: a screen of many options at the cost of their number, not their product).
@@ -257,14 +270,23 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
             a KD method needs it (a study of ``none`` alone trains no teacher).
         jobs: runs trained at once in separate processes, each with ``threads`` threads; results do not
             depend on ``jobs``, only on ``threads`` (recorded; a folder refuses another value).
+        pairwise, versus: the family of comparisons (``study_report.Family``): by default each method
+            against the baseline; ``pairwise`` adds every pair, ``versus`` every method against these.
+            Verdicts follow Holm-adjusted p-values over the family.
+        target_half_width, max_seeds: fixed-width intervals by Stein's two-stage rule: after the pilot
+            (``seeds``), each comparison gets the seeds its pilot spread says a 95% half-width of
+            ``target_half_width`` AP needs, at most ``max_seeds`` (the next integers after the pilot).
     """
+    from .study_report import Family, plan_seeds, write_study_report
+
     start = time.perf_counter()
     out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)
     if jobs < 1 or threads < 1:
         raise StudyError(f"jobs ({jobs}) and threads ({threads}) must be at least 1")
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
     _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
-    _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods, seeds)
+    family = _check_family(methods, seeds, grid, grid_mode, pairwise, versus, target_half_width, max_seeds)
+    _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods, seeds, family.as_dict())
     from .config import load_config
 
     needs_teacher = any(m != BASELINE for m in methods) or any(
@@ -272,10 +294,35 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         for variant in grid_variants(grid, grid_mode))
     teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights) if needs_teacher else None
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
-    unique = list({r.folder: r for r in runs}.values())
-    tasks = [(str(out), config, overrides, r, teacher_path, device, threads) for r in unique]
+    rows = _execute([(str(out), config, overrides, r, teacher_path, device, threads) for r in runs], jobs, "study")
+    if family.target_half_width is not None:  # Stein's second stage: the seeds the pilot's spread asks for
+        plan = plan_seeds(_table(runs, rows), methods, grid, grid_mode, family)
+        extra = [Run(() if v == "default" else tuple(v.split(",")), s, m)
+                 for (m, v), wanted in plan.items() for s in wanted if s not in family.pilot]
+        runs = list(dict.fromkeys([*runs, *extra]))
+        if extra:
+            _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods,
+                        sorted({r.seed for r in runs}), family.as_dict())
+        rows.update(_execute([(str(out), config, overrides, r, teacher_path, device, threads) for r in extra
+                              if r.folder not in rows], jobs, "study, stage 2"))
+    table = _table(runs, rows)
+    seconds = time.perf_counter() - start
+    report, summary = write_study_report(out, table, methods, sorted({r.seed for r in runs}), grid, seconds,
+                                         grid_mode, family)
+    return StudyResult(table, report, seconds, summary)
+
+
+def _table(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (variant, seed, method); a no-KD run serves every variant that differs only in KD settings."""
+    return [{**rows[r.folder], "variant": ",".join(r.variant) or "default",
+             "settings": ",".join(r.relevant) or "default"} for r in runs]
+
+
+def _execute(tasks: list[tuple], jobs: int, desc: str) -> dict[str, dict[str, Any]]:
+    """Run (or load) each task's run, ``jobs`` at a time in separate processes; ``{folder: row}``."""
+    tasks = list({task[3].folder: task for task in tasks}.values())
     rows: dict[str, dict[str, Any]] = {}
-    bar = progress(total=len(tasks), desc="study", dynamic_ncols=True)
+    bar = progress(total=len(tasks), desc=desc, dynamic_ncols=True)
     if jobs == 1:
         for task in tasks:
             rows[task[3].folder] = run_one(*task)
@@ -287,29 +334,35 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
                 rows[futures[future]] = future.result()
                 bar.update(1)
     bar.close()
-    # One row per (variant, seed, method); a no-KD run serves every variant that differs only in KD settings.
-    table = [{**rows[r.folder], "variant": ",".join(r.variant) or "default",
-              "settings": ",".join(r.relevant) or "default"} for r in runs]
-    from .study_report import write_study_report
-
-    seconds = time.perf_counter() - start
-    report, summary = write_study_report(out, table, methods, seeds, grid, seconds, grid_mode)
-    return StudyResult(table, report, seconds, summary)
+    return rows
 
 
-def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of paired differences and its Student's t confidence interval ``(mean, low, high)``.
+def _check_family(methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]], grid_mode: GridMode,
+                  pairwise: bool, versus: Sequence[str], target_half_width: float | None, max_seeds: int | None):
+    """The study's ``Family`` of comparisons, or a ``StudyError`` naming what is wrong with its arguments."""
+    from .study_report import Family
 
-    With one difference the interval is ``(-inf, inf)``: one seed cannot bound anything.
-    """
-    from scipy import stats
-
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return mean, -math.inf, math.inf
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
-    return mean, mean - half, mean + half
+    for ref in versus:
+        if ref not in methods or ref == BASELINE:
+            raise StudyError(f"--versus {ref}: not one of the study's KD methods {[m for m in methods if m != BASELINE]}")
+    if target_half_width is None:
+        if max_seeds is not None:
+            raise StudyError("--max-seeds is the seed budget of --target-halfwidth; give both or neither")
+        return Family(pairwise, tuple(versus))
+    if not (isinstance(target_half_width, (int, float)) and math.isfinite(target_half_width)
+            and target_half_width > 0):
+        raise StudyError(f"--target-halfwidth must be a finite number of AP points > 0, got {target_half_width}")
+    if max_seeds is None:
+        raise StudyError("--target-halfwidth needs --max-seeds, the most seeds a comparison may use (the budget)")
+    if len(seeds) < 2:
+        raise StudyError(f"--target-halfwidth: the pilot (--seeds) needs at least 2 seeds to measure the spread, "
+                         f"got {len(seeds)}")
+    if max_seeds < len(seeds):
+        raise StudyError(f"--max-seeds {max_seeds} is below the pilot's {len(seeds)} seeds (--seeds)")
+    if grid and grid_mode == "product":
+        raise StudyError("--target-halfwidth works without a grid or with a one-at-a-time screen (--one-at-a-time), "
+                         "whose family is each value against its method's preset")
+    return Family(pairwise, tuple(versus), float(target_half_width), int(max_seeds), tuple(seeds))
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""A study's report: per method mean AP ± std and the paired difference to the baseline with its 95% interval."""
+"""A study's report: per method mean AP ± std, and a family of paired comparisons with Holm-adjusted verdicts.
+
+``study_comparisons`` is the one place that turns a study's rows into comparisons (``liaf_lab.verdicts``):
+the report, ``comparisons.csv``/``.json``, ``load_study_summary`` and the notebooks all call it.
+"""
 
 from __future__ import annotations
 
@@ -7,54 +11,196 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from .study import BASELINE, StudyError, paired_interval, study_folder
+from .study import BASELINE, StudyError, study_folder
+from .verdicts import Comparison, PairedData, compare_family, paired_interval, stein_sample_size
+
+
+@dataclass(frozen=True)
+class Family:
+    """Which comparisons a study makes, and how many seeds each gets.
+
+    ``pairwise``: every pair of methods, not only each method against the baseline; ``versus``: methods
+    every other method is also compared with. ``target_half_width`` (AP points) with ``max_seeds``:
+    Stein's two-stage rule from the first ``len(pilot)`` seeds (``liaf_lab.verdicts``).
+    """
+
+    pairwise: bool = False
+    versus: tuple[str, ...] = ()
+    target_half_width: float | None = None
+    max_seeds: int | None = None
+    pilot: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pairwise": self.pairwise, "versus": list(self.versus), "target_half_width": self.target_half_width,
+                "max_seeds": self.max_seeds, "pilot": list(self.pilot)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Family:
+        """Studies saved before families existed compare each method with the baseline."""
+        d = d or {}
+        return cls(bool(d.get("pairwise", False)), tuple(d.get("versus", ())), d.get("target_half_width"),
+                   d.get("max_seeds"), tuple(d.get("pilot", ())))
+
+    def pairs(self, methods: Sequence[str]) -> list[tuple[str, str]]:
+        """``(a, b)`` for every comparison ``a - b`` of the family, in the order of ``methods``."""
+        out = [(m, BASELINE) for m in methods if m != BASELINE]
+        if self.pairwise:
+            out += [(methods[j], methods[i]) for i in range(len(methods)) for j in range(i + 1, len(methods))
+                    if BASELINE not in (methods[i], methods[j])]
+        for ref in self.versus:
+            out += [(ref, m) for m in methods if m not in (ref, BASELINE)
+                    and (ref, m) not in out and (m, ref) not in out]
+        return out
+
+    def seeds_for(self, pilot_diffs: Sequence[float]) -> int:
+        """Seeds a comparison gets: Stein's ``n`` from its pilot differences, capped by ``max_seeds``."""
+        assert self.target_half_width is not None and self.max_seeds is not None
+        return min(self.max_seeds, stein_sample_size(pilot_diffs, self.target_half_width))
 
 
 def _pct(values: Sequence[float]) -> list[float]:
     return [100 * v for v in values]
 
 
-def summarise(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]],
-              split: str) -> dict[str, Any]:
+def report_split(rows: list[dict[str, Any]]) -> str:
+    """``"test"`` when every row has a test AP (the split results are reported on), else ``"val"``."""
+    return "test" if rows and all("test_AP" in r for r in rows) else "val"
+
+
+def seed_order(seeds: Sequence[int], family: Family) -> list[int]:
+    """The order in which a comparison takes its seeds: a fixed-width study's pilot first, then ascending."""
+    pilot = [s for s in family.pilot if s in seeds]
+    return pilot + sorted(s for s in seeds if s not in pilot)
+
+
+def extra_seeds(family: Family) -> list[int]:
+    """The seeds a fixed-width study may add after its pilot: the next integers, up to ``max_seeds`` in all."""
+    assert family.max_seeds is not None
+    start = max(family.pilot) + 1
+    return list(range(start, start + family.max_seeds - len(family.pilot)))
+
+
+def _ap(rows: list[dict[str, Any]], split: str) -> dict[tuple[str, str], dict[int, float]]:
+    """AP (%) on ``split`` by ``(method, variant)`` and seed."""
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        out.setdefault((r["method"], r["variant"]), {})[r["seed"]] = 100 * r[f"{split}_AP"]
+    return out
+
+
+def chosen_variants(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]]) -> dict[str, str]:
+    """Per method, the grid variant with the best mean AP on ``val`` (the tuning split); without a grid, its one
+    variant."""
+    val = _ap(rows, "val")
+    chosen = {}
+    for method in methods:
+        variants = sorted(v for (m, v) in val if m == method)
+        chosen[method] = (max(variants, key=lambda v: statistics.fmean(val[(method, v)].values())) if grid
+                          else variants[0])
+    return chosen
+
+
+def _paired(name_a: str, a: dict[int, float], name_b: str, b: dict[int, float], order: Sequence[int],
+            family: Family, split: str) -> PairedData:
+    """The differences ``a - b`` on their common seeds, in ``order``; a fixed-width family takes Stein's
+    number of them (fewer while the study is unfinished)."""
+    common = [s for s in order if s in a and s in b]
+    pilot = None
+    if family.target_half_width is not None:
+        pilot = len(family.pilot)
+        if common[:pilot] != list(family.pilot):
+            raise StudyError(f"{name_a} − {name_b} on {split}: the pilot seeds {list(family.pilot)} are not all "
+                             f"finished (have {common})")
+        pilot_diffs = [a[s] - b[s] for s in common[:pilot]]
+        common = common[: family.seeds_for(pilot_diffs)]
+    return PairedData(name_a, name_b, common, [a[s] - b[s] for s in common], pilot, family.target_half_width)
+
+
+def study_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]], split: str,
+                      family: Family = Family()) -> list[Comparison]:
+    """The study's family of comparisons on ``split``: each method (at its variant chosen on ``val``) minus
+    the baseline, plus every pair with ``family.pairwise`` and every method against ``family.versus``;
+    one Holm correction over them all."""
+    ap, chosen = _ap(rows, split), chosen_variants(rows, methods, grid)
+    order = seed_order(sorted({r["seed"] for r in rows}), family)
+    pairs = [_paired(a, ap[(a, chosen[a])], b, ap[(b, chosen[a] if b == BASELINE else chosen[b])], order, family,
+                     split) for a, b in family.pairs(list(methods))]
+    return compare_family("methods", split, pairs)
+
+
+def screen_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], family: Family = Family()
+                       ) -> list[Comparison]:
+    """A one-at-a-time screen's own family, on ``val`` (the tuning split): every variant of a method minus
+    the method's preset (``default``) on the same seeds, one Holm correction over all of them."""
+    ap = _ap(rows, "val")
+    order = seed_order(sorted({r["seed"] for r in rows}), family)
+    pairs = []
+    for method in methods:
+        if method == BASELINE or (method, "default") not in ap:
+            continue
+        for (m, variant), values in sorted(ap.items()):
+            if m == method and variant != "default":
+                pairs.append(_paired(f"{method} [{variant}]", values, f"{method} [default]", ap[(method, "default")],
+                                     order, family, "val"))
+    return compare_family("screen", "val", pairs)
+
+
+def plan_seeds(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]], grid_mode: str,
+               family: Family) -> dict[tuple[str, str], list[int]]:
+    """A fixed-width study's second stage, from the pilot's rows: the seeds each ``(method, variant)`` needs.
+
+    Each comparison of the family (a screen's own family for a one-at-a-time grid) needs Stein's number of
+    seeds, capped by ``max_seeds``; a method needs the most any of its comparisons does, and in a screen the
+    baseline as many as any variant.
+    """
+    order = [*family.pilot, *extra_seeds(family)]
+    if grid_mode == "one_at_a_time":
+        keys = {f"{m} [{v}]": (m, v) for (m, v) in _ap(rows, "val")}
+        named = [(keys[c.a], keys[c.b], c) for c in screen_comparisons(rows, methods, family)]
+    else:
+        chosen = chosen_variants(rows, methods, grid)
+        named = [((c.a, chosen[c.a]), (c.b, chosen[c.a] if c.b == BASELINE else chosen[c.b]), c)
+                 for c in study_comparisons(rows, methods, grid, report_split(rows), family)]
+    need: dict[tuple[str, str], int] = {}
+    for key_a, key_b, c in named:
+        n = family.seeds_for(c.diffs[: len(family.pilot)])
+        for key in (key_a, key_b):
+            need[key] = max(need.get(key, 0), n)
+    if grid_mode == "one_at_a_time":
+        most = max(need.values(), default=len(family.pilot))
+        need.update({(m, v): most for (m, v) in _ap(rows, "val") if m == BASELINE})
+    return {key: order[:n] for key, n in need.items()}
+
+
+def summarise(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]], split: str,
+              family: Family = Family()) -> dict[str, Any]:
     """Per method: the variant chosen on ``val`` (best mean AP), and on ``split`` its AP per seed, mean, std
-    and the paired difference to the baseline of the same seed with its Student's t 95% interval."""
-    by = {(r["method"], r["variant"], r["seed"]): r for r in rows}
-    variants = sorted({r["variant"] for r in rows})
-    seeds = sorted({r["seed"] for r in rows})
+    and its comparison with the baseline (the paired differences, their 95% interval, p-value and
+    Holm-adjusted p-value over the study's family)."""
+    ap, chosen = _ap(rows, split), chosen_variants(rows, methods, grid)
+    order = seed_order(sorted({r["seed"] for r in rows}), family)
+    settings = {(r["method"], r["variant"]): r.get("settings", r["variant"]) for r in rows}
+    versus_baseline = {c.a: c for c in study_comparisons(rows, methods, grid, split, family) if c.b == BASELINE}
     summary: dict[str, Any] = {}
     for method in methods:
-        def val_mean(v: str) -> float:
-            return statistics.fmean(by[(method, v, s)]["val_AP"] for s in seeds)
-
-        chosen = max(variants, key=val_mean) if grid else variants[0]
-        ap = [100 * by[(method, chosen, s)][f"{split}_AP"] for s in seeds]
-        entry: dict[str, Any] = {"variant": chosen, "settings": by[(method, chosen, seeds[0])]["settings"],
-                                 "seeds": seeds, "AP": ap, "mean": statistics.fmean(ap),
-                                 "std": statistics.stdev(ap) if len(ap) > 1 else 0.0}
-        if method != BASELINE:
-            diffs = [a - 100 * by[(BASELINE, chosen, s)][f"{split}_AP"] for a, s in zip(ap, seeds)]
-            mean, low, high = paired_interval(diffs)
-            entry.update({"diffs": diffs, "diff_mean": mean, "ci_low": low, "ci_high": high,
-                          "half_width": (high - low) / 2})
+        values = ap[(method, chosen[method])]
+        seeds = [s for s in order if s in values]
+        entry: dict[str, Any] = {"variant": chosen[method], "settings": settings[(method, chosen[method])],
+                                 "seeds": seeds, "AP": [values[s] for s in seeds]}
+        entry.update(mean=statistics.fmean(entry["AP"]), std=statistics.stdev(entry["AP"]) if len(seeds) > 1 else 0.0)
+        if method in versus_baseline:
+            c = versus_baseline[method]
+            entry.update({"paired_seeds": c.seeds, "diffs": c.diffs, "diff_mean": c.mean_diff, "ci_low": c.ci_low,
+                          "ci_high": c.ci_high, "half_width": c.half_width, "p_value": c.p_value,
+                          "p_holm": c.p_holm, "verdict": c.verdict})
         summary[method] = entry
     return summary
-
-
-def verdict(method: str, entry: dict[str, Any]) -> str:
-    """A plain sentence on the paired difference: distinguishable from the baseline or not."""
-    n = len(entry["seeds"])
-    if n < 2:
-        return f"{method}: one seed gives no interval; nothing can be said about the difference."
-    if entry["ci_low"] <= 0 <= entry["ci_high"]:
-        return f"{method}: not distinguishable from the baseline with {n} seeds."
-    side = "above" if entry["diff_mean"] > 0 else "below"
-    return f"{method}: {side} the baseline with {n} seeds (the 95% interval excludes 0)."
 
 
 def _interval(entry: dict[str, Any]) -> str:
@@ -66,7 +212,10 @@ def _interval(entry: dict[str, Any]) -> str:
 
 
 def study_figure(summary: dict[str, Any], split: str) -> Figure:
-    """Per-seed AP of each method (points) with the mean and its 95% interval; paired differences beside."""
+    """Per-seed AP of each method (points) with the mean and its 95% interval; paired differences beside,
+    each method's marker filled where its Holm-adjusted verdict separates it from the baseline."""
+    from .verdicts import t_quantile
+
     many = len(summary) > 6  # long lists of method names: wider, with slanted labels
     fig = Figure(figsize=(12, 4.2) if many else (9, 3.6))
     ticks = {"rotation": 45, "ha": "right"} if many else {}
@@ -77,9 +226,7 @@ def study_figure(summary: dict[str, Any], split: str) -> Figure:
         ax.scatter([i] * len(e["AP"]), e["AP"], s=14, alpha=0.6, color=f"C{i}")
         n = len(e["AP"])
         if n > 1:
-            from scipy import stats
-
-            half = stats.t.ppf(0.975, n - 1) * e["std"] / math.sqrt(n)
+            half = t_quantile(n - 1) * e["std"] / math.sqrt(n)
             ax.errorbar([i + 0.15], [e["mean"]], yerr=[half], fmt="o", color="black", capsize=4)
     ax.set_xticks(range(len(names)), names, **ticks)
     ax.set_ylabel(f"AP on {split} (%)")
@@ -90,11 +237,13 @@ def study_figure(summary: dict[str, Any], split: str) -> Figure:
         bx.scatter([i] * len(e["diffs"]), e["diffs"], s=14, alpha=0.6, color=f"C{names.index(name)}")
         if not math.isinf(e["ci_high"]):
             err = [[e["diff_mean"] - e["ci_low"]], [e["ci_high"] - e["diff_mean"]]]
-            bx.errorbar([i + 0.15], [e["diff_mean"]], yerr=err, fmt="o", color="black", capsize=4)
+            separated = e["verdict"] in ("above", "below")
+            bx.errorbar([i + 0.15], [e["diff_mean"]], yerr=err, fmt="o", color="black", capsize=4,
+                        markerfacecolor="black" if separated else "white")
     bx.axhline(0, color="grey", lw=1)
     bx.set_xticks(range(len(others)), others, **ticks)
     bx.set_ylabel(f"AP - {BASELINE} AP, same seed")
-    bx.set_title("paired difference; 95% t interval")
+    bx.set_title("paired difference, 95% t interval\n(filled: Holm-adjusted p < 0.05 over the family)")
     fig.tight_layout()
     return fig
 
@@ -106,18 +255,49 @@ def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
 
 
 def summary_table(summary: dict[str, Any]) -> list[str]:
-    """The report's Markdown table (one row per method) and a verdict sentence per KD method."""
-    lines = [f"| method | settings | seeds | AP mean ± std | AP - {BASELINE} [95% CI] |", "|---|---|---|---|---|"]
+    """The report's Markdown table, one row per method: seeds, AP, and the comparison with the baseline."""
+    lines = [f"| method | settings | seeds | AP mean ± std | AP - {BASELINE} [95% CI] | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for method, e in summary.items():
+        p = f"{e['p_holm']:.3g}" if "p_holm" in e else ""
         lines.append(f"| {method} | {e['settings']} | {len(e['AP'])} | {e['mean']:.2f} ± {e['std']:.2f} | "
-                     f"{_interval(e)} |")
-    return lines + ["", *[f"- {verdict(m, e)}" for m, e in summary.items() if m != BASELINE]]
+                     f"{_interval(e)} | {p} | {e.get('verdict', '(baseline)')} |")
+    return lines
+
+
+def comparisons_table(comparisons: Sequence[Comparison]) -> list[str]:
+    """A Markdown table of a family's comparisons, then one verdict sentence each."""
+    if not comparisons:
+        return []
+    c0 = comparisons[0]
+    fam = (f"The family `{c0.family}` on `{c0.split}` has {c0.family_size} comparison"
+           + ("s; verdicts follow the Holm-adjusted p-value at 5%, which holds for the family as a whole."
+              if c0.family_size > 1 else "; a family of one needs no correction."))
+    lines = [fam, "", "| a − b | seeds | mean [95% CI] | p | p (Holm) | verdict | bootstrap 95% | a above b |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        boot = "" if math.isinf(c.boot_high) else f"[{c.boot_low:+.2f}, {c.boot_high:+.2f}]"
+        lines.append(f"| {c.a} − {c.b} | {c.n} | {c.interval()} | {c.p_value:.3g} | {c.p_holm:.3g} | {c.verdict} | "
+                     f"{boot} | {c.win_fraction:.0%} |")
+    return lines + ["", *[f"- {c.sentence()}" for c in comparisons]]
+
+
+def write_comparisons(out: Path, comparisons: Sequence[Comparison]) -> None:
+    """``comparisons.csv`` and ``comparisons.json`` in ``out``: one row per comparison (AP in percent)."""
+    rows = [c.as_row() for c in comparisons]
+    (out / "comparisons.json").write_text(json.dumps(rows, indent=2))
+    fields = list(Comparison.__dataclass_fields__)
+    with (out / "comparisons.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
 
 
 @dataclass
 class StudySummary:
     """A study folder read back (``load_study_summary``): its ``rows`` (one per run), ``methods``,
-    ``seeds``, ``grid``, the ``split`` the AP is reported on and the per-method ``summary``."""
+    ``seeds``, ``grid``, the ``split`` the AP is reported on, the per-method ``summary``, the ``family`` of
+    comparisons it declared and those ``comparisons``."""
 
     rows: list[dict[str, Any]]
     methods: list[str]
@@ -125,23 +305,47 @@ class StudySummary:
     grid: dict[str, list[str]]
     split: str
     summary: dict[str, Any]
+    family: Family = field(default_factory=Family)
+    comparisons: list[Comparison] = field(default_factory=list)
 
     def table(self) -> str:
-        """The Markdown table and verdicts of the study's report."""
-        return "\n".join(summary_table(self.summary))
+        """The Markdown tables and verdicts of the study's report."""
+        return "\n".join([*summary_table(self.summary), "", *comparisons_table(self.comparisons)])
 
     def figure(self) -> Figure:
         """``study_figure`` of the summary."""
         return study_figure(self.summary, self.split)
 
+    def compare(self, pairwise: bool = False, versus: Sequence[str] = (), split: str | None = None,
+                methods: Sequence[str] | None = None) -> list[Comparison]:
+        """The comparisons of another family of this study's runs (Holm-corrected over that family)."""
+        methods = list(methods or self.methods)
+        for name in [*methods, *versus]:
+            self._check(name)
+        family = Family(pairwise, tuple(versus), self.family.target_half_width, self.family.max_seeds,
+                        self.family.pilot)
+        return study_comparisons(self.rows, methods, self.grid, split or self.split, family)
+
+    def comparison(self, a: str, b: str) -> Comparison:
+        """The comparison ``a - b`` of the study's own family (``StudyError`` if the family lacks it)."""
+        for c in self.comparisons:
+            if (c.a, c.b) == (a, b):
+                return c
+        raise StudyError(f"the study's family has no comparison {a} − {b}; it has "
+                         f"{[f'{c.a} − {c.b}' for c in self.comparisons]} (see compare(pairwise=True))")
+
     def difference(self, a: str, b: str) -> tuple[float, float, float]:
         """AP of method ``a`` minus method ``b`` on ``split``, paired by seed: ``(mean, low, high)``, the
-        Student's t 95% interval (each method at its chosen variant)."""
+        per-comparison Student's t 95% interval (each method at its chosen variant; no family correction)."""
         for name in (a, b):
-            if name not in self.summary:
-                raise StudyError(f"the study has no method {name!r}; it has {self.methods}")
+            self._check(name)
         ea, eb = self.summary[a], self.summary[b]
-        return paired_interval([x - y for x, y in zip(ea["AP"], eb["AP"])])
+        pb = dict(zip(eb["seeds"], eb["AP"]))
+        return paired_interval([x - pb[s] for s, x in zip(ea["seeds"], ea["AP"]) if s in pb])
+
+    def _check(self, name: str) -> None:
+        if name not in self.summary:
+            raise StudyError(f"the study has no method {name!r}; it has {self.methods}")
 
 
 def load_study_summary(study_dir: str | Path, config: str | None = None,
@@ -170,23 +374,29 @@ def load_study_summary(study_dir: str | Path, config: str | None = None,
                          "a pass; re-run the same `liaf-lab study` command to resume it")
     methods = [m for m in spec["methods"] if any(r["method"] == m for r in rows)]
     seeds = sorted({r["seed"] for r in rows})
-    split = "test" if all("test_AP" in r for r in rows) else "val"
-    return StudySummary(rows, methods, seeds, spec["grid"], split, summarise(rows, methods, spec["grid"], split))
+    split, family = report_split(rows), Family.from_dict(spec.get("family"))
+    return StudySummary(rows, methods, seeds, spec["grid"], split, summarise(rows, methods, spec["grid"], split, family),
+                        family, study_comparisons(rows, methods, spec["grid"], split, family))
 
 
 def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
-                       grid: dict[str, list[str]], seconds: float,
-                       grid_mode: str = "product") -> tuple[Path, dict[str, Any]]:
-    """``results.csv``, ``results.json``, ``study.png`` and ``report.md`` in ``out``."""
+                       grid: dict[str, list[str]], seconds: float, grid_mode: str = "product",
+                       family: Family = Family()) -> tuple[Path, dict[str, Any]]:
+    """``results.csv``, ``results.json``, ``summary.json``, ``comparisons.csv``/``.json``, ``study.png`` and
+    ``report.md`` in ``out``."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    split = "test" if all("test_AP" in r for r in rows) else "val"
-    summary = summarise(rows, methods, grid, split)
+    split = report_split(rows)
+    summary = summarise(rows, methods, grid, split, family)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    main = study_comparisons(rows, methods, grid, split, family)
+    tuning = study_comparisons(rows, methods, grid, "val", family) if split == "test" else []
+    screen = screen_comparisons(rows, methods, family) if grid and grid_mode == "one_at_a_time" else []
+    write_comparisons(out, [*main, *tuning, *screen])
     plot_study(summary, out / "study.png", split)
     run_minutes = sum(r["seconds"] for r in rows if "seconds" in r) / 60
     lines = [
@@ -194,44 +404,60 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
         f"Methods {list(methods)}, seeds {list(seeds)}, grid {grid or 'none'}"
         + (" (one value at a time)" if grid and grid_mode == "one_at_a_time" else "") + f"; {len(rows)} runs "
         f"({run_minutes:.1f} min of training and evaluation in the runs, {seconds / 60:.1f} min for this call).", "",
-        f"AP (COCO bbox, %) on the **{split}** split. The difference to `{BASELINE}` is paired by seed "
-        "(same initial weights and batches); its interval is Student's t 95% over the seeds.",
+        f"AP (COCO bbox, %) on the **{split}** split. Differences are paired by seed (same initial weights and "
+        "batches); each interval is Student's t 95% for that comparison alone, and each verdict follows the "
+        "Holm-adjusted p-value over the study's family of comparisons (`comparisons.csv`).",
     ]
+    if family.target_half_width is not None:
+        lines.append(f"Seeds were chosen by Stein's two-stage rule for a half-width of {family.target_half_width} AP "
+                     f"(pilot seeds {list(family.pilot)}, at most {family.max_seeds} seeds): each interval is "
+                     "mean ± t(pilot − 1) · s_pilot / √n, and the table gives the seeds and half-width each "
+                     "comparison reached.")
     if grid:
         lines.append("Grid values were chosen per method by the best mean AP on the `val` split"
                      + (", and are reported on `test`." if split == "test" else
                         "; this config has no test split, so the AP below is that of the split they were tuned "
                         "on and is optimistic."))
-    lines += ["", *summary_table(summary), "", "![study](study.png)", ""]
+    lines += ["", *summary_table(summary), "", *comparisons_table(main), "", "![study](study.png)", ""]
+    if tuning:
+        lines += ["## The same family on `val` (the tuning split)", "", *comparisons_table(tuning), ""]
     if grid:
-        screen = grid_mode == "one_at_a_time"
-        lines += ["## Every variant", "",
-                  f"The paired difference to `{BASELINE}` on `val` (the tuning split), Student's t 95% over the seeds"
-                  + (", and, one value at a time, to the same method's preset (`default`) of the same seed." if screen
-                     else "."),
-                  "", f"| method | variant | val AP | val AP - {BASELINE} [95% CI] | "
-                  + ("val AP - preset [95% CI] | " if screen else "") + (f"{split} AP |" if split != "val" else ""),
-                  "|---|---|---|---|" + ("---|" if screen else "") + ("---|" if split != "val" else "")]
-        val_ap = {(r["method"], r["variant"], r["seed"]): 100 * r["val_AP"] for r in rows}
-
-        def paired(sel: list[dict[str, Any]], method: str, variant: str | None) -> str:
-            """``sel`` minus ``method``'s runs of the same seed, of ``variant`` (``None``: each row's own)."""
-            diffs = [val_ap[(r["method"], r["variant"], r["seed"])] - val_ap[(method, variant or r["variant"], r["seed"])]
-                     for r in sel]
-            mean, low, high = paired_interval(diffs)
-            return _interval({"diff_mean": mean, "ci_low": low, "ci_high": high})
-
-        for method in methods:
-            for variant in sorted({r["settings"] for r in rows if r["method"] == method}):
-                sel = [r for r in rows if r["method"] == method and r["settings"] == variant]
-                cells = [f"{statistics.fmean(_pct([r['val_AP'] for r in sel])):.2f}"]
-                cells.append("(baseline)" if method == BASELINE else paired(sel, BASELINE, None))
-                if screen:
-                    cells.append("(preset)" if variant == "default" or method == BASELINE
-                                 else paired(sel, method, "default"))
-                if split != "val":
-                    cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
-                lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")
+        lines += _variant_table(rows, methods, split, grid_mode)
+    if screen:
+        lines += ["## The screen: each value against its method's preset", "", *comparisons_table(screen), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path, summary
+
+
+def _variant_table(rows: list[dict[str, Any]], methods: Sequence[str], split: str, grid_mode: str) -> list[str]:
+    """Every grid variant on ``val`` against the baseline (and, in a screen, its method's preset): tuning
+    information, per comparison, without family correction."""
+    screen = grid_mode == "one_at_a_time"
+    lines = ["## Every variant", "",
+             f"The paired difference to `{BASELINE}` on `val` (the tuning split), Student's t 95% over the seeds"
+             + (", and, one value at a time, to the same method's preset (`default`) of the same seed" if screen
+                else "") + "; per comparison, without family correction (the screen's verdicts are below).",
+             "", f"| method | variant | val AP | val AP - {BASELINE} [95% CI] | "
+             + ("val AP - preset [95% CI] | " if screen else "") + (f"{split} AP |" if split != "val" else ""),
+             "|---|---|---|---|" + ("---|" if screen else "") + ("---|" if split != "val" else "")]
+    val = _ap(rows, "val")
+
+    def paired(method: str, variant: str, other: str, other_variant: str) -> str:
+        a, b = val[(method, variant)], val[(other, other_variant)]
+        mean, low, high = paired_interval([a[s] - b[s] for s in sorted(a) if s in b])
+        return _interval({"diff_mean": mean, "ci_low": low, "ci_high": high})
+
+    for method in methods:
+        for settings in sorted({r["settings"] for r in rows if r["method"] == method}):
+            sel = [r for r in rows if r["method"] == method and r["settings"] == settings]
+            variant = sel[0]["variant"]
+            cells = [f"{statistics.fmean(_pct([r['val_AP'] for r in sel])):.2f}"]
+            cells.append("(baseline)" if method == BASELINE else paired(method, variant, BASELINE, variant))
+            if screen:
+                cells.append("(preset)" if settings == "default" or method == BASELINE
+                             else paired(method, variant, method, "default"))
+            if split != "val":
+                cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
+            lines.append(f"| {method} | {settings} | " + " | ".join(cells) + " |")
+    return lines + [""]

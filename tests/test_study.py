@@ -13,7 +13,7 @@ import liaf_lab.engine
 from liaf_lab.config import PROJECT_ROOT
 from liaf_lab.study import (Run, StudyError, _open_study, _study_spec, grid_variants, paired_interval, parse_grid,
                             run_study)
-from liaf_lab.study_report import verdict
+from liaf_lab.verdicts import Comparison
 
 TEACHER = str(PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt")
 
@@ -31,10 +31,14 @@ def test_paired_interval_is_students_t():
     half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) from tables, sd = 1
     assert mean == 2.0 and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
     assert paired_interval([0.7]) == (0.7, -math.inf, math.inf)
-    entry = {"seeds": [0, 1, 2], "diff_mean": 2.0, "ci_low": low, "ci_high": high}
-    assert verdict("liaf", entry) == "liaf: not distinguishable from the baseline with 3 seeds."
-    entry.update(ci_low=0.5)
-    assert verdict("liaf", entry) == "liaf: above the baseline with 3 seeds (the 95% interval excludes 0)."
+    c = Comparison("methods", "liaf", "none", "test", 3, [0, 1, 2], 2.0, low, high, half, 0.04, 0.12, 3,
+                   "not distinguishable", 1.0, 3.0, 1.0)
+    assert c.sentence() == ("liaf is not distinguishable from none with 3 seeds: +2.00 [-0.48, +4.48] "
+                            "(Holm-adjusted p = 0.12 over a family of 3 comparisons).")
+    c = Comparison("methods", "liaf", "none", "test", 3, [0, 1, 2], 2.0, 0.5, 3.5, 1.5, 0.01, 0.01, 1,
+                   "above", 1.0, 3.0, 1.0)
+    assert c.sentence() == ("liaf is above none with 3 seeds: +2.00 [+0.50, +3.50] (the only comparison of its "
+                            "family (no correction)).")
 
 
 def test_study_pairs_runs_resumes_without_retraining_and_reports(tmp_path, small, monkeypatch):
@@ -48,7 +52,13 @@ def test_study_pairs_runs_resumes_without_retraining_and_reports(tmp_path, small
     assert len(rows) == 8 and {"val_AP", "test_AP", "test_AP50", "test_AR100", "seconds"} <= rows[0].keys()
     report = (out / "report.md").read_text()
     assert "Student's t 95%" in report and "chosen per method by the best mean AP on the `val` split" in report
-    assert "liaf: " in report and (out / "study.png").stat().st_size > 0
+    assert "- liaf is " in report and "The family `methods` on `test` has 1 comparison" in report
+    assert (out / "study.png").stat().st_size > 0
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    assert [(c["a"], c["b"], c["split"]) for c in comparisons] == [("liaf", "none", "test"), ("liaf", "none", "val")]
+    with (out / "comparisons.csv").open() as f:
+        assert {"a", "b", "split", "n", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
+                "verdict"} <= set(next(csv.DictReader(f)))
     assert (out / "runs" / "liaf" / "kd.liaf.loss_weight=0.2" / "seed1" / "stage1" / "last.pt").exists()
     # every method of one seed starts from the same student weights (paired comparison)
     none = json.loads((out / "runs/none/default/seed0/run.json").read_text())["spec"]["config"]["config"]

@@ -1,0 +1,42 @@
+"""Every figure quoted in README.md, docs/ and the notebooks' text agrees with the shipped result it names."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from liaf_lab.config import PROJECT_ROOT
+
+spec = importlib.util.spec_from_file_location("quoted_numbers", PROJECT_ROOT / "tools" / "quoted_numbers.py")
+quoted = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quoted)
+
+
+def test_every_quoted_figure_is_generated_from_its_artefact():
+    found = quoted.problems()
+    assert not found, "\n".join(found)
+
+
+def test_a_stale_span_and_a_hand_typed_figure_are_named_with_file_and_line():
+    docs = [("docs/results.md", "intro\nLIAF-KD <!-- n:diff study=bench9 a=liaf b=none -->+9.99 [+0.1, +0.2]<!-- /n -->\n"
+                                "and FitNet +1.63 by hand\n"),
+            ("docs/method.md", "an interval [+0.10, +0.20] typed by hand\n```\n[+1.00, +2.00] in code\n```\n"),
+            ("README.md", "## Archive: gone\nold +1.25\n## Next\nnew 2.5 and torch `2.13.0`\n")]
+    found = quoted.problems(docs)
+    assert any(f.startswith("docs/results.md:2: n:diff study=bench9 a=liaf b=none says '+9.99") and
+               "'+2.57 [+0.15, +5.00]'" in f for f in found)
+    assert any(f.startswith("docs/results.md:3: figure '+1.63' is typed by hand") for f in found)
+    assert any(f.startswith("docs/method.md:1: figure '[+0.10, +0.20]'") for f in found)
+    assert not any(f.startswith("docs/method.md:3") for f in found)  # code is exempt
+    assert [f.split(" is typed")[0] for f in found if f.startswith("README")] == ["README.md:4: figure '2.5'"]
+
+
+def test_spans_render_from_the_study_functions():
+    assert quoted.render("diff", {"study": "bench9", "a": "fgfi", "b": "none"}) == "+5.00 [+3.06, +6.94]"
+    assert quoted.render("count", {"study": "bench9", "pairwise": "1", "what": "size"}) == "78"
+    assert quoted.render("verdict", {"study": "bench9", "a": "liaf", "b": "none"}) == "not distinguishable"
+    with pytest.raises(quoted.QuoteError, match="no shipped study 'nope'"):
+        quoted.render("mean", {"study": "nope", "method": "liaf"})
+    found = quoted.problems([("docs/x.md", "<!-- n:mean study=bench9 method=dino -->1<!-- /n -->")])
+    assert found and "cannot compute n:mean" in found[0] and "no method 'dino'" in found[0]

@@ -1,0 +1,239 @@
+"""Every figure quoted in README.md, docs/ and the notebooks' text, generated from a shipped result file.
+
+A quoted figure sits between two HTML comments (invisible once rendered) that say how to compute it::
+
+    LIAF-KD − no KD <!-- n:diff study=bench12 a=liaf b=none -->+0.79 [+0.34, +1.24]<!-- /n -->
+
+``python tools/quoted_numbers.py`` checks that every such span holds what its artefact gives today, and
+that no figure is typed by hand where none may be (README.md and docs/results.md outside archive
+sections; study intervals anywhere in docs/ and the notebooks' Markdown). ``--write`` regenerates the
+spans in place. Studies are read from ``data_samples/studies/<name>/`` (``study.json`` and
+``results.json``, shipped) with ``liaf_lab.load_study_summary``, the function the reports use.
+
+Kinds (``key=value`` arguments; ``split`` defaults to the study's report split; ``pairwise=1`` or
+``versus=m`` choose the family a comparison is corrected over, default each method against ``none``):
+
+- ``methods study=S``: the per-method Markdown table; ``family study=S``: the family's comparison table.
+- ``diff``, ``p``, ``p_holm``, ``verdict``, ``wins``, ``n``, ``halfwidth`` ``study=S a=A b=B``: one comparison.
+- ``mean``, ``aps``, ``seeds`` ``study=S method=M``: a method's AP mean ± std, per-seed APs, seed count.
+- ``count study=S what=excludes0|separated|size``: comparisons of the family whose 95% interval
+  excludes 0, whose Holm verdict separates them, or how many there are.
+- ``minutes study=S``: minutes of run time of the study's rows.
+- ``distillers``: the registered method names; ``params config=C role=R``: a detector's parameters (M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "data_samples" / "studies"
+SPAN = re.compile(r"<!-- n:(?P<kind>\w+)(?P<args>(?: [\w.]+=[^ >]+)*) -->(?P<text>.*?)<!-- /n -->", re.S)
+ARCHIVE_BLOCK = re.compile(r"<!-- archive:.*?-->.*?<!-- /archive -->", re.S)
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
+DECIMAL = re.compile(r"(?<![\w.])[+−-]?\d+\.\d+(?![\w.]*\d)")
+INTERVAL = re.compile(r"\[\s*[+−-]?\d+\.\d+,\s*[+−-]?\d+\.\d+\s*\]")
+STRICT = ("README.md", "docs/results.md")  # no hand-typed decimal figure at all outside archives
+
+
+class QuoteError(ValueError):
+    """A span that cannot be computed (unknown kind, study, method or comparison)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _study(name: str):
+    from liaf_lab import load_study_summary
+
+    folder = STUDIES / name
+    if not (folder / "results.json").is_file():
+        raise QuoteError(f"no shipped study {name!r} (expected {folder}/study.json and results.json)")
+    return load_study_summary(folder)
+
+
+@functools.lru_cache(maxsize=None)
+def _family(name: str, split: str, pairwise: bool, versus: tuple[str, ...]):
+    return _study(name).compare(pairwise=pairwise, versus=versus, split=split or None)
+
+
+def _comparisons(args: dict[str, str]):
+    return _family(args["study"], args.get("split", ""), args.get("pairwise") == "1",
+                   tuple(v for v in args.get("versus", "").split(",") if v))
+
+
+def _comparison(args: dict[str, str]):
+    for c in _comparisons(args):
+        if (c.a, c.b) == (args["a"], args["b"]):
+            return c
+    raise QuoteError(f"study {args['study']} has no comparison {args['a']} − {args['b']} in that family")
+
+
+def _entry(args: dict[str, str]) -> dict:
+    study = _study(args["study"])
+    if "split" in args and args["split"] != study.split:
+        from liaf_lab.study_report import summarise
+
+        return summarise(study.rows, study.methods, study.grid, args["split"], study.family)[args["method"]]
+    if args["method"] not in study.summary:
+        raise QuoteError(f"study {args['study']} has no method {args['method']!r}")
+    return study.summary[args["method"]]
+
+
+def render(kind: str, args: dict[str, str]) -> str:
+    """The text a span of ``kind`` with ``args`` holds."""
+    from liaf_lab.study_report import comparisons_table, summary_table
+
+    if kind == "methods":
+        return "\n" + "\n".join(summary_table(_study(args["study"]).summary)) + "\n"
+    if kind == "family":
+        return "\n" + "\n".join(comparisons_table(_comparisons(args))) + "\n"
+    if kind in ("diff", "p", "p_holm", "verdict", "wins", "n", "halfwidth"):
+        c = _comparison(args)
+        return {"diff": c.interval, "p": lambda: f"{c.p_value:.2g}", "p_holm": lambda: f"{c.p_holm:.2g}",
+                "verdict": lambda: c.verdict, "wins": lambda: f"{round(c.win_fraction * c.n)} of {c.n}",
+                "n": lambda: str(c.n), "halfwidth": lambda: f"{c.half_width:.2f}"}[kind]()
+    if kind == "mean":
+        e = _entry(args)
+        return f"{e['mean']:.2f} ± {e['std']:.2f}"
+    if kind == "aps":
+        return " / ".join(f"{v:.2f}" for v in _entry(args)["AP"])
+    if kind == "seeds":
+        return str(len(_entry(args)["AP"]))
+    if kind == "count":
+        comps = _comparisons(args)
+        what = args["what"]
+        if what == "size":
+            return str(len(comps))
+        if what == "excludes0":
+            return str(sum(not c.ci_low <= 0 <= c.ci_high for c in comps))
+        if what == "separated":
+            return str(sum(c.verdict in ("above", "below") for c in comps))
+        raise QuoteError(f"count what={what!r} is not excludes0, separated or size")
+    if kind == "minutes":
+        return f"{sum(r.get('seconds', 0) for r in _study(args['study']).rows) / 60:.1f}"
+    if kind == "distillers":
+        from liaf_lab import list_distillers
+
+        return ", ".join(f"`{n}`" for n in list_distillers())
+    if kind == "params":
+        return f"{_params(args['config'], args['role']) / 1e6:.2f} M"
+    raise QuoteError(f"unknown kind {kind!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _params(config: str, role: str) -> int:
+    from liaf_lab.builders import build_detector
+    from liaf_lab.config import load_config
+
+    model = build_detector(load_config(config), role, 6)  # the bench and tiny presets have 5 classes
+    return sum(p.numel() for p in model.parameters())
+
+
+def _parse_args(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split())
+
+
+def texts() -> list[tuple[str, str]]:
+    """``(name, text)`` of every checked document: README.md, docs/*.md, and each notebook's Markdown cells
+    (named ``notebooks/X.ipynb#cell``)."""
+    out = [("README.md", (ROOT / "README.md").read_text())]
+    out += [(f"docs/{p.name}", p.read_text()) for p in sorted((ROOT / "docs").glob("*.md"))]
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        out += [(f"notebooks/{nb.name}#{i}", "".join(c["source"])) for i, c in enumerate(cells)
+                if c["cell_type"] == "markdown"]
+    return out
+
+
+def regenerate(text: str) -> str:
+    """``text`` with every span's content recomputed."""
+    return SPAN.sub(lambda m: f"<!-- n:{m['kind']}{m['args']} -->{render(m['kind'], _parse_args(m['args']))}"
+                              "<!-- /n -->", text)
+
+
+def _line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _blank(text: str, pattern: re.Pattern) -> str:
+    """``text`` with ``pattern``'s matches replaced by spaces (newlines kept, so line numbers hold)."""
+    return pattern.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+
+
+def _archive_sections(text: str) -> str:
+    """Blank the sections whose heading says "Archive" (to the next heading of the same or a higher level)."""
+    lines, out, level = text.split("\n"), [], None
+    for line in lines:
+        heading = re.match(r"(#+) ", line)
+        if heading and level is not None and len(heading.group(1)) <= level:
+            level = None
+        if heading and "Archive" in line:
+            level = len(heading.group(1))
+        out.append(" " * len(line) if level is not None else line)
+    return "\n".join(out)
+
+
+def problems(docs: list[tuple[str, str]] | None = None) -> list[str]:
+    """``file:line: what`` for each span of ``docs`` (default: ``texts()``) that differs from its artefact,
+    and each hand-typed figure."""
+    found = []
+    for name, text in texts() if docs is None else docs:
+        for m in SPAN.finditer(text):
+            try:
+                want = render(m["kind"], _parse_args(m["args"]))
+            except (QuoteError, KeyError) as err:
+                found.append(f"{name}:{_line(text, m.start())}: cannot compute n:{m['kind']}{m['args']}: {err}")
+                continue
+            if m["text"] != want:
+                found.append(f"{name}:{_line(text, m.start())}: n:{m['kind']}{m['args']} says {m['text'].strip()!r}, "
+                             f"its artefact gives {want.strip()!r} (run python tools/quoted_numbers.py --write)")
+        bare = _archive_sections(_blank(_blank(_blank(text, SPAN), ARCHIVE_BLOCK), CODE))
+        bare = re.sub(r"<!--.*?-->|\]\([^)]*\)", lambda m: " " * len(m.group(0)), bare, flags=re.S)
+        pattern = DECIMAL if name in STRICT else INTERVAL
+        for m in pattern.finditer(bare):
+            found.append(f"{name}:{_line(bare, m.start())}: figure {m.group(0)!r} is typed by hand: generate it from "
+                         "a shipped result (a <!-- n:... --> span) or move it to an archive section")
+    return found
+
+
+def write() -> int:
+    """Regenerate every span in place; returns the number of files changed."""
+    changed = 0
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        if (new := regenerate(text)) != text:
+            path.write_text(new)
+            changed += 1
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        raw = nb.read_text()
+        data = json.loads(raw)
+        edited = False
+        for cell in data["cells"]:
+            if cell["cell_type"] == "markdown":
+                text = "".join(cell["source"])
+                if (new := regenerate(text)) != text:
+                    cell["source"], edited = new.splitlines(keepends=True), True
+        if edited:
+            nb.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+            changed += 1
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="regenerate the spans in place, then check")
+    args = parser.parse_args(argv)
+    if args.write:
+        print(f"{write()} file(s) regenerated")
+    found = problems()
+    for line in found:
+        print(line)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
