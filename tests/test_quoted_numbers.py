@@ -40,3 +40,16 @@ def test_spans_render_from_the_study_functions():
         quoted.render("mean", {"study": "nope", "method": "liaf"})
     found = quoted.problems([("docs/x.md", "<!-- n:mean study=bench9 method=dino -->1<!-- /n -->")])
     assert found and "cannot compute n:mean" in found[0] and "no method 'dino'" in found[0]
+
+
+def test_shipped_comparisons_are_what_the_shipped_rows_give():
+    """``comparisons.json`` beside a shipped study's rows is the family its report computes (test, then val)."""
+    import json
+
+    from liaf_lab import load_study_summary
+
+    for folder in sorted((PROJECT_ROOT / "data_samples" / "studies").iterdir()):
+        if (folder / "comparisons.json").is_file():
+            study = load_study_summary(folder)
+            rows = [c.as_row() for c in [*study.comparisons, *study.compare(split="val")]]
+            assert json.loads((folder / "comparisons.json").read_text()) == json.loads(json.dumps(rows)), folder.name
