@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import check_data, input_size, kd_options, resolve_path
-from .data import CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
+from .data import KITTI_MERGE, CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
+from .data.voc import check_disjoint_image_sets
 from .distillers import BASELINE, FeatureDistiller, create_distiller, method_parts
 from .engine import TrainConfig
 from .engine.seeding import seeded
@@ -24,42 +25,67 @@ def build_datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
     """``(train, val)`` datasets from ``cfg["data"]`` (kind ``coco``, ``kitti``, ``voc`` or ``shapes``; keys in
     docs/data.md).
 
-    Unknown or missing keys and train/val class lists that differ are ``ValueError``s.
+    Unknown or missing keys, train/val class lists that differ and VOC image sets that share images are
+    ``ValueError``s.
     """
-    from .data import KITTI_MERGE, check_same_classes
+    from .data import check_same_classes
 
     data = cfg["data"]
     kind = check_data(data)
     tf = {"train": detection_transforms(train=True), "val": detection_transforms(train=False)}
-    skip = data.get("skip_bad_images", False)
     if kind in ("coco", "shapes"):
         train, val = (_coco_split(data, s, tf[s]) for s in ("train", "val"))
     elif kind == "kitti":
-        options = {k: data[k] for k in ("classes", "merge") if k in data}
-        if "classes" in data and "merge" not in data:  # the default merge, restricted to the kept classes
-            options["merge"] = {k: v for k, v in KITTI_MERGE.items() if v in data["classes"]}
-        root = resolve_path(data["root"])
-        train, val = (KittiDataset(root, split=s, transforms=tf[s], skip_bad_images=skip, **options)
-                      for s in ("train", "val"))
+        train, val = (_kitti_split(data, s, tf[s]) for s in ("train", "val"))
     else:
-        root = resolve_path(data["root"])
-        train = VOCDataset(root, data.get("train_set", "train"), tf["train"], data.get("classes"), skip)
+        train = _voc_split(data, "train", tf["train"])
         # Without data.classes, val takes the classes discovered in train (a class val lacks is no error).
-        val = VOCDataset(root, data.get("val_set", "val"), tf["val"], data.get("classes", train.class_names), skip)
+        val = _voc_split(data, "val", tf["val"], train.class_names)
     check_same_classes(train, val)
     return train, val
 
 
-def build_test_dataset(cfg: dict[str, Any]) -> Dataset | None:
-    """The held-out ``test`` split (``data.test_images``/``test_ann``, or ``shapes``' ``num_test``), else ``None``.
+def build_test_dataset(cfg: dict[str, Any], class_names: Sequence[str] | None = None) -> Dataset | None:
+    """The held-out ``test`` split, else ``None``: COCO's ``data.test_images``/``test_ann``, shapes'
+    ``num_test``, VOC's ``test_set``, KITTI's ``test_fraction`` or ``test_ids``.
 
-    Studies tune on ``val`` and report on ``test``.
+    Studies tune on ``val`` and report on ``test``. ``class_names``: the train set's classes, which a VOC
+    test set takes when ``data.classes`` is not set (default: those discovered in the train set).
     """
     data = cfg["data"]
     kind = check_data(data)
+    tf = detection_transforms(train=False)
     if (kind == "coco" and "test_ann" in data) or (kind == "shapes" and data.get("num_test", 0) > 0):
-        return _coco_split(data, "test", detection_transforms(train=False))
+        return _coco_split(data, "test", tf)
+    if kind == "kitti" and ("test_fraction" in data or "test_ids" in data):
+        return _kitti_split(data, "test", tf)
+    if kind == "voc" and "test_set" in data:
+        if class_names is None and "classes" not in data:
+            class_names = _voc_split(data, "train", tf).class_names
+        return _voc_split(data, "test", tf, class_names)
     return None
+
+
+def _kitti_split(data: dict[str, Any], split: str, transforms) -> KittiDataset:
+    options = {k: data[k] for k in ("classes", "merge", "test_fraction", "test_ids") if k in data}
+    if "classes" in data and "merge" not in data:  # the default merge, restricted to the kept classes
+        options["merge"] = {k: v for k, v in KITTI_MERGE.items() if v in data["classes"]}
+    return KittiDataset(resolve_path(data["root"]), split=split, transforms=transforms,
+                        skip_bad_images=data.get("skip_bad_images", False), **options)
+
+
+def _voc_split(data: dict[str, Any], split: str, transforms, class_names: Sequence[str] | None = None) -> VOCDataset:
+    """The ``split`` image set, with ``data.classes``, else ``class_names``, else the classes it holds.
+
+    Every split's image set is read first, and two that share an image are a ``ValueError``.
+    """
+    root = resolve_path(data["root"])
+    image_sets = {"train": data.get("train_set", "train"), "val": data.get("val_set", "val")}
+    if "test_set" in data:
+        image_sets["test"] = data["test_set"]
+    check_disjoint_image_sets(root, image_sets)
+    return VOCDataset(root, image_sets[split], transforms, data.get("classes", class_names),
+                      data.get("skip_bad_images", False))
 
 
 def _coco_split(data: dict[str, Any], split: str, transforms) -> CocoDetectionDataset:

@@ -33,9 +33,11 @@ Change any setting with --set section.key=value, a method's option with --set kd
 stage1, distill; an unknown section or key, or a value of the wrong type, is an error naming it. Input size of both detectors: --set input.min_size=320
 (shorter side; input.max_size caps the longer one, default min_size * 1333 / 800).
 Data keys (docs/data.md):
-  data.kind = coco (default): data.train_images, data.train_ann, data.val_images, data.val_ann
-  data.kind = kitti:          data.root (KITTI training/), data.classes, data.merge
-  data.kind = voc:            data.root (VOC layout), data.train_set, data.val_set, data.classes
+  data.kind = coco (default): data.train_images, data.train_ann, data.val_images, data.val_ann,
+                              data.test_images, data.test_ann
+  data.kind = kitti:          data.root (KITTI training/), data.classes, data.merge,
+                              data.test_fraction or data.test_ids
+  data.kind = voc:            data.root (VOC layout), data.train_set, data.val_set, data.test_set, data.classes
   any kind:                   data.skip_bad_images = true
 Relative paths (data, --teacher, --weights, --stage1) are looked up from the current folder, then the project root.
 Interrupted runs resume from OUT/last.pt when started again with the same --out (bit-identical to an

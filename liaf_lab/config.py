@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .data.kitti import check_test_split
 from .distillers import BASELINE, list_distillers, method_options, method_parts, variant_of
 from .engine import TrainConfig, distill
 from .models import create_detector
@@ -40,13 +41,15 @@ REQUIRED_SECTIONS = ("data", "input", "teacher", "student")
 # [data], per kind: the keys it needs and those it may have (docs/data.md).
 DATA_REQUIRED = {"coco": ("train_images", "train_ann", "val_images", "val_ann"), "kitti": ("root",), "voc": ("root",),
                  "shapes": ("num_train", "num_val")}
-DATA_OPTIONAL = {"coco": ("test_images", "test_ann"), "kitti": ("classes", "merge"),
-                 "voc": ("train_set", "val_set", "classes"), "shapes": ("num_test", "image_size", "seed", "cache")}
+DATA_OPTIONAL = {"coco": ("test_images", "test_ann"), "kitti": ("classes", "merge", "test_fraction", "test_ids"),
+                 "voc": ("train_set", "val_set", "test_set", "classes"),
+                 "shapes": ("num_test", "image_size", "seed", "cache")}
 DATA_TYPES: dict[str, Any] = {
     "kind": Literal[tuple(DATA_REQUIRED)], "train_images": str, "train_ann": str, "val_images": str, "val_ann": str,
-    "test_images": str, "test_ann": str, "root": str, "train_set": str, "val_set": str, "classes": list[str],
-    "merge": dict[str, str], "skip_bad_images": bool, "num_train": int, "num_val": int, "num_test": int,
-    "image_size": int, "seed": int, "cache": str,
+    "test_images": str, "test_ann": str, "root": str, "train_set": str, "val_set": str, "test_set": str,
+    "classes": list[str], "merge": dict[str, str], "test_fraction": float, "test_ids": list[str],
+    "skip_bad_images": bool, "num_train": int, "num_val": int, "num_test": int, "image_size": int, "seed": int,
+    "cache": str,
 }
 _DETECTOR_TYPES = typing.get_type_hints(create_detector)
 # section -> key -> type, and the keys a section must have.
@@ -211,6 +214,8 @@ def check_data(data: Mapping[str, Any]) -> str:
         raise ValueError(f"[data] with kind = {kind!r}: {problems}; its keys are {allowed}")
     for key, value in data.items():
         check_value(f"data.{key}", value, DATA_TYPES[key])
+    if kind == "kitti":
+        check_test_split(data.get("test_fraction"), data.get("test_ids"), prefix="data.")
     return kind
 
 

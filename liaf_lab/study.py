@@ -216,7 +216,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     start = time.perf_counter()
     cfg = load_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
-    test = build_test_dataset(cfg)
+    test = build_test_dataset(cfg, train.class_names)
     nc = len(train.class_names) + 1
     student = build_detector(cfg, "student", nc, seed=run.seed)
     tcfg = train_config(cfg, "distill", seed=run.seed)

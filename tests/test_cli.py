@@ -56,7 +56,8 @@ def test_help_lists_the_data_and_input_keys(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for key in ("input.min_size", "input.max_size", "data.train_images", "data.val_ann", "data.root",
-                "data.classes", "data.merge", "data.train_set", "data.skip_bad_images"):
+                "data.classes", "data.merge", "data.train_set", "data.test_set", "data.test_fraction", "data.test_ids",
+                "data.skip_bad_images"):
         assert key in out
 
 
@@ -65,8 +66,8 @@ def test_a_custom_class_voc_dataset_trains_through_the_cli(tmp_path, capsys):
     import torch
     from test_data import _voc_fixture
 
-    objects = {f"img{i}": [("WBC", (2, 2, 18, 14), 0), ("RBC", (20, 10, 36, 28), 0)] for i in range(4)}
-    root = _voc_fixture(tmp_path / "cells", objects, sets={"train": list(objects), "val": list(objects)[:2]})
+    objects = {f"img{i}": [("WBC", (2, 2, 18, 14), 0), ("RBC", (20, 10, 36, 28), 0)] for i in range(6)}
+    root = _voc_fixture(tmp_path / "cells", objects, sets={"train": list(objects)[:4], "val": list(objects)[4:]})
     out = tmp_path / "teacher"
     sets = ["data.kind=voc", f"data.root='{root}'", "data.classes=['WBC', 'RBC']", "input.min_size=64",
             "train_teacher.iterations=1", "train_teacher.batch_size=2", "train_teacher.warmup=0",

@@ -16,7 +16,7 @@ def test_presets_pass_their_own_check(name):
     cfg = load_config(name)
     assert set(cfg) == {"data", "input", "teacher", "student", "kd", "train_teacher", "stage1", "distill"}
     assert input_size(cfg) == {"tiny": (160, 267), "bench": (160, 267), "paper": (800, 1333), "gfl_tiny": (160, 267),
-                                "gfl_coco": (800, 1333), "gfl_kitti": (800, 1333)}[name]
+                                "gfl_coco": (800, 1333), "gfl_kitti": (800, 1333), "raccoon": (256, 427)}[name]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -52,7 +52,7 @@ def test_presets_pass_their_own_check(name):
     ("input.min_size=320.0", r"input.min_size=320.0 must be a positive int"),
     ("input.max_size=100", r"input.min_size=160 is larger than input.max_size=100"),
     ("data.kind=kitti", r"\[data\] with kind = 'kitti': missing keys \['root'\]; its keys are "
-                        r"\['kind', 'root', 'classes', 'merge', 'skip_bad_images'\]"),
+                        r"\['kind', 'root', 'classes', 'merge', 'test_fraction', 'test_ids', 'skip_bad_images'\]"),
     ("data.kind=yolo", r"data.kind='yolo' must be one of \['coco', 'kitti', 'voc', 'shapes'\]"),
     ("data.kind=[1]", r"data.kind=\[1\] must be one of \['coco', 'kitti', 'voc', 'shapes'\]"),
     ("data.skip_bad_images=yes", r"data.skip_bad_images='yes' must be true or false"),
@@ -106,6 +106,28 @@ def test_changing_data_kind_drops_the_other_kinds_keys():
         load_config("tiny", ["data.kind=voc", "data.root=/data/voc", "data.classes=['a', 1]"])
     with pytest.raises(ValueError, match=r"data.merge=\{'Van': 1\} must be a table of strings to strings"):
         load_config("tiny", ["data.kind=kitti", "data.root=/k", "data.merge={'Van': 1}"])
+
+
+
+def test_test_split_keys_are_known_and_checked():
+    voc = load_config("tiny", ["data.kind=voc", "data.root=/data/voc", "data.test_set=test"])
+    assert voc["data"] == {"kind": "voc", "root": "/data/voc", "test_set": "test"}
+    kitti = ["data.kind=kitti", "data.root=/k"]
+    assert load_config("tiny", [*kitti, "data.test_fraction=0.1"])["data"]["test_fraction"] == 0.1
+    assert load_config("tiny", [*kitti, "data.test_ids=['000001']"])["data"]["test_ids"] == ["000001"]
+    for override, message in [
+        ("data.test_fraction=1.5", r"data.test_fraction=1.5 must be between 0 and 1, exclusive"),
+        ("data.test_fraction=0", r"data.test_fraction=0 must be between 0 and 1, exclusive"),
+        ("data.test_fraction=a", r"data.test_fraction='a' must be a non-negative number"),
+        ("data.test_ids=000001", r"data.test_ids='000001' must be a list of strings"),
+        ("data.test_set=test", r"\[data\] with kind = 'kitti': unknown keys \['test_set'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config("tiny", [*kitti, override])
+    with pytest.raises(ValueError, match=r"data.test_fraction and data.test_ids are both set"):
+        load_config("tiny", [*kitti, "data.test_fraction=0.1", "data.test_ids=['000001']"])
+    with pytest.raises(ValueError, match=r"\[data\] with kind = 'voc': unknown keys \['test_fraction'\]"):
+        load_config("tiny", ["data.kind=voc", "data.root=/data/voc", "data.test_fraction=0.1"])
 
 
 def test_one_key_sets_the_input_size_of_both_detectors_and_the_distiller():

@@ -17,12 +17,14 @@ from torchvision import tv_tensors
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from liaf_lab.builders import build_datasets
+from liaf_lab.builders import build_datasets, build_test_dataset
+from liaf_lab.config import load_config, resolve_path
 from liaf_lab.data import (
     SHAPE_CLASSES, VOC_CLASSES, CocoDetectionDataset, DatasetWarning, KittiDataset, VOCDataset,
     check_same_classes, collate_fn, detection_transforms, generate_scenes,
 )
 from liaf_lab.data.common import BoxSanitizer
+from liaf_lab.data.kitti import kitti_splits
 from liaf_lab.engine import coco_metrics, evaluate_coco
 from liaf_lab.data.transforms import Compose, RandomHorizontalFlip, Resize, ToDtype, ToImage
 
@@ -586,6 +588,100 @@ def test_build_datasets_passes_classes_and_checks_them(tmp_path):
     train, val = build_datasets({"data": {"kind": "kitti", "root": str(kitti), "classes": ["Car", "Cyclist"]}})
     assert train.class_names == val.class_names == ["Car", "Cyclist"]
     assert train[1][1]["labels"].tolist() == [] and train[1][1]["ignore_boxes"].shape == (3, 4)  # pedestrians ignored
+
+
+# ---------------------------------------------------------------- held-out test splits
+
+
+def test_kitti_test_split_rule():
+    ids = [f"{i:06d}" for i in range(10)]
+    plain = kitti_splits(ids[::-1])  # unchanged without a test split: the sorted ids split 8:2
+    assert plain == {"all": ids, "train": ids[:8], "val": ids[8:]}
+    held = kitti_splits(ids, test_fraction=0.2)  # the last 20%, then 8:2 of the other eight
+    assert held["test"] == ids[8:] and held["train"] == ids[:6] and held["val"] == ids[6:8]
+    listed = kitti_splits(ids, test_ids=["000007", "000002"])
+    assert listed["test"] == ["000002", "000007"] and listed["val"] == ["000008", "000009"]
+    assert listed["train"] == ["000000", "000001", "000003", "000004", "000005", "000006"]
+    for splits in (held, listed):
+        assert sorted(splits["train"] + splits["val"] + splits["test"]) == ids
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"test_fraction": 1.0}, r"^test_fraction=1.0 must be between 0 and 1, exclusive"),
+    ({"test_fraction": 0}, r"^test_fraction=0 must be between 0 and 1, exclusive"),
+    ({"test_fraction": -0.2}, r"^test_fraction=-0.2 must be between 0 and 1"),
+    ({"test_fraction": 0.2, "test_ids": ["000001"]}, r"^test_fraction and test_ids are both set"),
+    ({"test_ids": ["000001", "000042", "x"]}, r"^test_ids names 2 ids with no image in image_2/: '000042', 'x'$"),
+    ({"test_ids": ["000001", "000001"]}, r"^test_ids repeats 1 ids: '000001'$"),
+    ({"test_fraction": 0.04}, r"leaves test empty \(train 8, val 2, test 0\); hold out more ids$"),
+    ({"test_fraction": 0.95}, r"leaves train and val empty \(train 0, val 0, test 10\); hold out fewer ids$"),
+])
+def test_kitti_bad_test_splits_are_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message) as err:
+        kitti_splits([f"{i:06d}" for i in range(10)], **options)
+    assert "\n" not in str(err.value)
+
+
+def test_kitti_test_split_through_the_dataset_and_the_config(tmp_path):
+    root = _kitti_fixture(tmp_path)
+    test = KittiDataset(root, split="test", test_ids=["000001"])
+    assert [t["image_id"] for _, t in test] == [1]
+    with pytest.raises(ValueError, match=r"split must be one of \['all', 'train', 'val'\], got 'test' \(a test "
+                                         r"split needs test_fraction or test_ids\)"):
+        KittiDataset(root, split="test")
+    with pytest.raises(ValueError, match="ids loads the given images: give it without test_fraction"):
+        KittiDataset(root, ids=["000001"], test_fraction=0.2)
+    cfg = {"data": {"kind": "kitti", "root": str(root)}}
+    assert build_test_dataset(cfg) is None  # no test split unless asked
+    cfg["data"]["test_fraction"] = 0.2  # 5 ids: test the last one, then 3 train and 1 val
+    (train, val), test = build_datasets(cfg), build_test_dataset(cfg)
+    ids = [[t["image_id"] for _, t in ds] for ds in (train, val, test)]
+    assert ids == [[0, 1, 2], [3], [4]] and test.class_names == train.class_names
+    cfg["data"] = {"kind": "kitti", "root": str(root), "test_ids": ["000042"]}
+    with pytest.raises(ValueError, match=r"test_ids names 1 ids with no image in image_2/: '000042'"):
+        build_datasets(cfg)  # before anything trains
+    with pytest.raises(ValueError, match=r"data.test_fraction=1.5 must be between 0 and 1, exclusive"):
+        build_datasets({"data": {"kind": "kitti", "root": str(root), "test_fraction": 1.5}})
+
+
+def test_voc_test_set_takes_train_classes_and_overlaps_are_errors_naming_the_images(tmp_path):
+    objects = {f"img{i}": [("RBC", (2, 2, 9, 9), 0)] for i in range(12)}
+    objects["img0"] = [("WBC", (3, 3, 20, 20), 0)]
+    stems = list(objects)
+    root = _voc_fixture(tmp_path, objects, sets={"train": stems[:6], "val": stems[6:9], "test": stems[9:],
+                                                 "trainval": stems[:9]})
+    cfg = {"data": {"kind": "voc", "root": str(root)}}
+    assert build_test_dataset(cfg) is None
+    cfg["data"]["test_set"] = "test"
+    (train, val), test = build_datasets(cfg), build_test_dataset(cfg)
+    assert (len(train), len(val), len(test)) == (6, 3, 3)
+    assert test.class_names == train.class_names == ["RBC", "WBC"]  # the test set alone holds only RBC
+    assert build_test_dataset(cfg, ["WBC", "RBC"]).class_names == ["WBC", "RBC"]  # the caller's train classes
+    cfg["data"]["test_set"] = "trainval"
+    with pytest.raises(ValueError, match=r"^the train and test image sets \('train', 'trainval'\) of .* share 6 "
+                                         r"images: img0, img1, img2, img3, img4 and 1 more; .*make the lists "
+                                         r"disjoint$"):
+        build_datasets(cfg)  # raised when the datasets are built, before anything trains
+    with pytest.raises(ValueError, match=r"the train and test image sets"):
+        build_test_dataset(cfg)
+    cfg["data"].update(train_set="train", val_set="trainval", test_set="test")
+    with pytest.raises(ValueError, match=r"^the train and val image sets \('train', 'trainval'\) .* share 6 images"):
+        build_datasets(cfg)
+    cfg["data"].update(val_set="val", test_set="absent")
+    with pytest.raises(FileNotFoundError, match=r"ImageSets.*absent\.txt not found"):
+        build_datasets(cfg)
+
+
+
+def test_raccoon_preset_loads_its_fixed_splits():
+    cfg = load_config("raccoon")
+    try:
+        resolve_path(cfg["data"]["root"])
+    except FileNotFoundError:
+        pytest.skip("the Raccoon dataset is not at ../shared/data/raccoon beside the checkout")
+    (train, val), test = build_datasets(cfg), build_test_dataset(cfg)
+    assert (len(train), len(val), len(test)) == (140, 30, 30)
+    assert train.class_names == val.class_names == test.class_names == ["raccoon"]
 
 
 # ---------------------------------------------------------------- transforms and collation

@@ -219,3 +219,49 @@ def test_finished_runs_load_back_for_analysis(tmp_path, small, monkeypatch):
         load_study_summary(out, config="tiny")
     with pytest.raises(StudyError, match="no method 'fgd'"):
         study.difference("fgd", "none")
+
+
+def _tiny_run(root, kind: str, *split_keys: str) -> list[str]:
+    """The tiny preset on a tiny VOC- or KITTI-layout folder: 64 px, 2 iterations (``split_keys`` add a test split).
+
+    Splits of two images or more: at 64 px FCOS's last level is 1 x 1, which GroupNorm refuses for one image.
+    """
+    return [f"data.kind={kind}", f"data.root='{root}'", *split_keys, "input.min_size=64", "input.max_size=64",
+            "distill.iterations=2", "distill.batch_size=2", "distill.warmup=1", "distill.eval_every=0"]
+
+
+@pytest.mark.parametrize("kind", ["voc", "kitti"])
+def test_studies_on_voc_and_kitti_tune_on_val_and_report_on_test(tmp_path, kind):
+    from test_data import _kitti_fixture, _voc_fixture
+
+    if kind == "voc":
+        objects = {f"img{i}": [("WBC", (2, 2, 18, 14), 0), ("RBC", (20, 10, 36, 28), 0)] for i in range(8)}
+        stems = list(objects)
+        root = _voc_fixture(tmp_path / "data", objects, sets={"train": stems[:4], "val": stems[4:6],
+                                                              "test": stems[6:]})
+        overrides = _tiny_run(root, kind, "data.test_set=test")
+    else:
+        labels = {f"{i:06d}": [("Car", (2, 2, 18, 14)), ("Pedestrian", (20, 10, 36, 28))] for i in range(10)}
+        overrides = _tiny_run(_kitti_fixture(tmp_path / "data", labels), kind, "data.test_fraction=0.2")  # 6/2/2
+    out = tmp_path / "study"
+    result = run_study(out, "tiny", ["none"], [0], parse_grid(["distill.lr=0.01,0.02"]), overrides, device="cpu")
+    assert len(result.rows) == 2 and all({"val_AP", "test_AP", "test_AP50"} <= r.keys() for r in result.rows)
+    report = (out / "report.md").read_text()
+    assert "on the **test** split" in report and "reported on `test`" in report
+
+
+def test_a_voc_test_set_overlapping_train_stops_a_study_before_anything_trains(tmp_path, monkeypatch):
+    from test_data import _voc_fixture
+
+    objects = {f"img{i}": [("WBC", (2, 2, 18, 14), 0)] for i in range(4)}
+    root = _voc_fixture(tmp_path / "data", objects, sets={"train": ["img0", "img1", "img2"], "val": ["img3"],
+                                                          "test": ["img2", "img1"]})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a student was trained on a config whose test set overlaps train")
+
+    monkeypatch.setattr(liaf_lab.engine, "train_student", no_training)
+    with pytest.raises(ValueError, match=r"the train and test image sets \('train', 'test'\) of .* share 2 images: "
+                                         r"img1, img2;"):
+        run_study(tmp_path / "study", "tiny", ["none"], [0], None, _tiny_run(root, "voc", "data.test_set=test"),
+                  device="cpu")

@@ -3,7 +3,7 @@
 Kept classes (default Car, Pedestrian, Cyclist) are labels 1..K; similar classes are merged into them
 (Van -> Car, Person_sitting -> Pedestrian); every other KITTI type, DontCare included, becomes a
 class-agnostic ignore region. Without explicit ``ids`` the sorted image ids are split 8:2 into train
-and val (first 80% train).
+and val (first 80% train), after an optional held-out test split is taken out (``kitti_splits``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names
+from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names, duplicates, named
 
 KITTI_TYPES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
 KITTI_MERGE: Mapping[str, str] = MappingProxyType({"Van": "Car", "Person_sitting": "Pedestrian"})
@@ -21,13 +21,63 @@ TRAIN_FRACTION = 0.8
 _NUM_FIELDS = 15  # type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y
 
 
+def check_test_split(test_fraction: float | None, test_ids: Sequence[str] | None, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless the test split is given at most one way and ``test_fraction`` is in (0, 1).
+
+    ``prefix`` goes before the names in the message (``"data."`` for config keys).
+    """
+    if test_fraction is not None and test_ids is not None:
+        raise ValueError(f"{prefix}test_fraction and {prefix}test_ids are both set: hold the test split out one way")
+    if test_fraction is not None and not 0 < test_fraction < 1:
+        raise ValueError(f"{prefix}test_fraction={test_fraction!r} must be between 0 and 1, exclusive (the fraction "
+                         "of the sorted ids held out as test)")
+
+
+def kitti_splits(all_ids: Sequence[str], test_fraction: float | None = None,
+                 test_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """The ids of each split: ``train``, ``val``, ``all``, and ``test`` when one is held out.
+
+    ``test`` is ``test_ids``, or the last ``round(test_fraction * len(all_ids))`` sorted ids; the other
+    sorted ids are split 8:2, the first 80% (rounded) ``train`` and the rest ``val``. Without a test split
+    this is the 8:2 split of every id. Splits are disjoint and depend only on the ids.
+    """
+    check_test_split(test_fraction, test_ids)
+    all_ids = sorted(all_ids)
+    splits = {"all": all_ids}
+    rest = all_ids
+    if test_fraction is not None:
+        n_test = round(test_fraction * len(all_ids))
+        rest, splits["test"] = all_ids[:len(all_ids) - n_test], all_ids[len(all_ids) - n_test:]
+    elif test_ids is not None:
+        held, known, repeated = set(test_ids), set(all_ids), duplicates(test_ids)
+        unknown = [i for i in test_ids if i not in known]
+        if unknown:
+            raise ValueError(f"test_ids names {len(unknown)} ids with no image in image_2/: "
+                             f"{named([repr(i) for i in unknown])}")
+        if repeated:
+            raise ValueError(f"test_ids repeats {len(repeated)} ids: {named([repr(i) for i in repeated])}")
+        rest, splits["test"] = [i for i in all_ids if i not in held], sorted(held)
+    n_train = round(TRAIN_FRACTION * len(rest))
+    splits.update(train=rest[:n_train], val=rest[n_train:])
+    if "test" in splits:
+        empty = [s for s in ("train", "val", "test") if not splits[s]]
+        if empty:
+            sizes = ", ".join(f"{s} {len(splits[s])}" for s in ("train", "val", "test"))
+            raise ValueError(f"holding out a test split of {len(all_ids)} ids leaves {' and '.join(empty)} empty "
+                             f"({sizes}); hold out {'more' if 'test' in empty else 'fewer'} ids")
+    return splits
+
+
 class KittiDataset(DetectionDataset):
     """KITTI ``training/`` data as ``(image [3, H, W], target)``; ignored types go to ``ignore_boxes``.
 
     Args:
         root: folder holding ``image_2/`` and ``label_2/`` (KITTI's ``training/``).
-        split: ``"train"`` (first 80% of the sorted ids), ``"val"`` (the rest) or ``"all"``.
+        split: ``"train"`` (first 80% of the sorted ids), ``"val"`` (the rest), ``"all"``, or ``"test"``
+            when a test split is held out (``test_fraction`` or ``test_ids``; see ``kitti_splits``).
         ids: image ids (file stems, e.g. ``"000042"``) to load instead of ``split``.
+        test_fraction: the fraction of the sorted ids held out as ``test`` (the last ones), in (0, 1).
+        test_ids: the ids held out as ``test`` instead.
         classes: KITTI types kept as labels 1..K, in this order.
         merge: KITTI type -> kept class it is counted as.
         transforms: ``(PIL image, target) -> (image tensor, target)``; default
@@ -41,8 +91,10 @@ class KittiDataset(DetectionDataset):
     def __init__(
         self,
         root: str | Path,
-        split: Literal["train", "val", "all"] = "train",
+        split: Literal["train", "val", "test", "all"] = "train",
         ids: Sequence[str] | None = None,
+        test_fraction: float | None = None,
+        test_ids: Sequence[str] | None = None,
         classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
         merge: Mapping[str, str] = KITTI_MERGE,
         transforms: Transform | None = None,
@@ -63,11 +115,13 @@ class KittiDataset(DetectionDataset):
         all_ids = sorted(p.stem for p in image_dir.glob("*.png"))
         index = {stem: i for i, stem in enumerate(all_ids)}
         if ids is None:
-            n_train = round(TRAIN_FRACTION * len(all_ids))
-            splits = {"train": all_ids[:n_train], "val": all_ids[n_train:], "all": all_ids}
+            splits = kitti_splits(all_ids, test_fraction, test_ids)
             if split not in splits:
-                raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+                hint = " (a test split needs test_fraction or test_ids)" if split == "test" else ""
+                raise ValueError(f"split must be one of {sorted(splits)}, got {split!r}{hint}")
             ids = splits[split]
+        elif test_fraction is not None or test_ids is not None:
+            raise ValueError("ids loads the given images: give it without test_fraction or test_ids")
         label_of = {c: i + 1 for i, c in enumerate(classes)} | {k: classes.index(v) + 1 for k, v in merge.items()}
 
         sanitize, check_image = BoxSanitizer(label_dir), ImageChecker(image_dir, skip_bad_images)

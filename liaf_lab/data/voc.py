@@ -7,11 +7,12 @@ given, or discovered from the XML files of the image set (sorted names), so any 
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names
+from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names, named
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -46,6 +47,30 @@ def _parse_objects(xml_path: Path) -> list[_VOCObject]:
     return objects
 
 
+def read_image_set(root: Path, image_set: str) -> list[str]:
+    """The image ids (file stems) of ``root/ImageSets/Main/<image_set>.txt``, in file order."""
+    list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
+    if not list_file.is_file():
+        raise FileNotFoundError(f"image-set file {list_file} not found")
+    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+
+
+def check_disjoint_image_sets(root: str | Path, image_sets: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` naming the shared images (a few, and their count) if two splits share an image.
+
+    ``image_sets``: split -> image-set name, e.g. ``{"train": "train", "val": "val", "test": "test"}``.
+    """
+    ids = {split: read_image_set(Path(root), name) for split, name in image_sets.items()}
+    for a, b in itertools.combinations(ids, 2):
+        in_b = set(ids[b])
+        shared = [stem for stem in ids[a] if stem in in_b]
+        if shared:
+            raise ValueError(
+                f"the {a} and {b} image sets ({image_sets[a]!r}, {image_sets[b]!r}) of {root} share {len(shared)} "
+                f"images: {named(shared)}; an image in two splits is evaluated on what it was trained or tuned on, "
+                "so make the lists disjoint")
+
+
 class VOCDataset(DetectionDataset):
     """A dataset in Pascal VOC layout as ``(image [3, H, W], target)``; labels 1..K in ``classes`` order.
 
@@ -69,11 +94,9 @@ class VOCDataset(DetectionDataset):
     ) -> None:
         root = Path(root)
         list_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
-        if not list_file.is_file():
-            raise FileNotFoundError(f"image-set file {list_file} not found")
+        stems = read_image_set(root, image_set)
         if classes is not None:
             classes = check_class_names(classes, f"VOCDataset({root})")
-        stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
         check_image = ImageChecker(list_file, skip_bad_images)
         parsed: list[tuple[int, Path, int, int, Path, list[_VOCObject]]] = []
         for image_id, stem in enumerate(stems):
