@@ -273,12 +273,15 @@ def comparisons_table(comparisons: Sequence[Comparison]) -> list[str]:
     fam = (f"The family `{c0.family}` on `{c0.split}` has {c0.family_size} comparison"
            + ("s; verdicts follow the Holm-adjusted p-value at 5%, which holds for the family as a whole."
               if c0.family_size > 1 else "; a family of one needs no correction."))
-    lines = [fam, "", "| a − b | seeds | mean [95% CI] | p | p (Holm) | verdict | bootstrap 95% | a above b |",
-             "|---|---|---|---|---|---|---|---|"]
+    fixed = c0.target_half_width is not None
+    lines = [fam, "", "| a − b | seeds | mean [95% CI] | p | p (Holm) | verdict | bootstrap 95% | a above b |"
+             + (f" half-width (target {c0.target_half_width}) | seeds used |" if fixed else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if fixed else "")]
     for c in comparisons:
         boot = "" if math.isinf(c.boot_high) else f"[{c.boot_low:+.2f}, {c.boot_high:+.2f}]"
         lines.append(f"| {c.a} − {c.b} | {c.n} | {c.interval()} | {c.p_value:.3g} | {c.p_holm:.3g} | {c.verdict} | "
-                     f"{boot} | {c.win_fraction:.0%} |")
+                     f"{boot} | {c.win_fraction:.0%} |"
+                     + (f" {c.half_width:.2f} | {', '.join(map(str, c.seeds))} |" if fixed else ""))
     return lines + ["", *[f"- {c.sentence()}" for c in comparisons]]
 
 

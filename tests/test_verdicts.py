@@ -178,7 +178,9 @@ def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tm
                                                                                   ddof=1) / math.sqrt(n))
     assert sorted({s for m, s in trained if m == "liaf"}) == list(range(test[("liaf", "none")]["n"]))
     report = result.report.read_text()
-    assert "Stein's two-stage rule for a half-width of 0.4 AP" in report
+    assert "Stein's two-stage rule for a half-width of 0.4 AP" in report and "half-width (target 0.4) | seeds used |" in report
+    c = test[("liaf", "none")]
+    assert f" {c['half_width']:.2f} | {', '.join(map(str, c['seeds']))} |" in report
     summary = load_study_summary(out)
     assert summary.family.target_half_width == 0.4 and summary.comparison("liaf", "none").n == test[("liaf", "none")]["n"]
     with pytest.raises(StudyError, match=r"family.target_half_width: 0.4 in the folder, 0.8 now"):
