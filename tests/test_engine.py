@@ -166,6 +166,7 @@ def test_quick_demo_end_to_end(tiny_data, tmp_path):
     assert set(results["students"]) == {"none", "fitnet", "liaf"}
     report = (tmp_path / "report.md").read_text()
     assert "Student + LIAF-KD" in report and "| Teacher |" in report
+    assert "## The measured answer: the shipped study" in report and "| fgfi − none | 6 |" in report
     assert (tmp_path / "ap.png").stat().st_size > 0
     assert (tmp_path / "seed0" / "liaf" / "stage1" / "last.pt").exists()
     assert (tmp_path / "seed0" / "liaf" / "distiller.pt").exists()

@@ -213,3 +213,14 @@ def test_the_cli_names_a_bad_family_argument_in_one_line(tmp_path, capsys):
                  "--target-halfwidth", "-0.5", "--max-seeds", "4", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: --target-halfwidth must be a finite number of AP points > 0, got -0.5"
+
+
+def test_the_demo_report_section_shows_the_shipped_family_or_says_it_is_missing(tmp_path):
+    from liaf_lab.report import shipped_study_section
+
+    lines = shipped_study_section()
+    assert lines[0] == "## The measured answer: the shipped study"
+    assert any("has 12 comparisons" in line for line in lines) and any(line.startswith("- fgfi is above none")
+                                                                       for line in lines)
+    missing = shipped_study_section(tmp_path / "gone")
+    assert "The shipped study is not available here" in missing[2] and "holds no study" in missing[2]
