@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("liaf_lab")  # what pretrained weights kept, remapped and re-initialised
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
     try:
         return run(args)
     except USER_ERRORS as err:
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print((Path(args.out) / "report.md").read_text())
         return 0 if results else 1
 
-    from .builders import build_datasets, build_detector, build_distiller, train_config
+    from .builders import build_datasets, build_detector, build_distiller, dataset_category_ids, train_config
     from .checkpoint import load_module_state
     from .config import load_config, method_config, resolve_path
     from .data import collate_fn
@@ -183,10 +188,12 @@ def run(args: argparse.Namespace) -> int:
     from .engine import evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector, train_student
     from .models import save_detector
     from .engine.distributed import is_main, resolve_device
+    from .engine.tracking import log_run_summary
 
     cfg = load_config(args.config, args.overrides)
     train, val = build_datasets(cfg)
     num_classes, classes = len(train.class_names) + 1, train.class_names
+    pretrained = {"class_names": classes, "category_ids": dataset_category_ids(train)}  # [teacher]/[student] weights
     seed = args.seed
     if args.command == "evaluate":
         model = build_detector(cfg, args.role, num_classes, weights_path=args.weights, class_names=classes)
@@ -203,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                   "stage1": getattr(args, "stage1", None)}
     resume = {"run_config": run_config, "new_schedule": args.new_schedule}
     if args.command == "train-teacher":
-        model = build_detector(cfg, "teacher", num_classes, seed=seed)
+        model = build_detector(cfg, "teacher", num_classes, seed=seed, **pretrained)
         train_detector(model, train, train_config(cfg, "train_teacher", seed=seed), out, args.device, desc="teacher",
                        val_dataset=val, **resume)
         name = "teacher.pt"
@@ -215,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                                 if args.method == BASELINE else ""))
         teacher = (build_detector(cfg, "teacher", num_classes, weights_path=args.teacher, class_names=classes)
                    if args.teacher else None)
-        model = build_detector(cfg, "student", num_classes, seed=seed)
+        model = build_detector(cfg, "student", num_classes, seed=seed, **pretrained)
         distiller = build_distiller(args.method, cfg, model, seed=seed)
         if stage1_command and (distiller is None or not distiller.two_stage):
             raise ValueError(f"method {args.method!r} has no stage 1 to learn")
@@ -243,7 +250,11 @@ def run(args: argparse.Namespace) -> int:
         name = "student.pt"
     if is_main():
         save_detector(out / name, model, classes)
+        first = not (out / "eval.json").exists()
         metrics = evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=out / "eval.json")
+        if first:  # the final evaluation in the run's TensorBoard events, once
+            section = "train_teacher" if args.command == "train-teacher" else "distill"
+            log_run_summary(out, train_config(cfg, section).iterations, metrics)
         print(json.dumps(metrics, indent=2))
     return 0
 

@@ -173,7 +173,7 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
         return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
     if not path.exists():
-        from .builders import build_datasets, build_detector, train_config
+        from .builders import build_datasets, build_detector, dataset_category_ids, train_config
         from .config import load_config
         from .engine import train_detector
         from .models import save_detector
@@ -181,7 +181,8 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
         torch.set_num_threads(threads)
         cfg = load_config(config, overrides)
         train, _ = build_datasets(cfg)
-        teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0)
+        teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0, class_names=train.class_names,
+                                 category_ids=dataset_category_ids(train))
         train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
                        desc="teacher", run_config={"config": cfg})
         save_detector(path, teacher, train.class_names)
@@ -191,10 +192,13 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
 def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
             threads: int) -> dict[str, Any]:
     """Train and evaluate one student of the study (in this process); returns its row."""
-    from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
+    from .builders import (
+        build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,
+    )
     from .config import load_config, method_config
     from .engine import evaluate_coco, train_student
     from .engine.distributed import resolve_device
+    from .engine.tracking import log_run_summary
     from .models import save_detector
 
     torch.set_num_threads(threads)
@@ -207,7 +211,8 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg)
     nc = len(train.class_names) + 1
-    student = build_detector(cfg, "student", nc, seed=run.seed)
+    student = build_detector(cfg, "student", nc, seed=run.seed, class_names=train.class_names,
+                             category_ids=dataset_category_ids(train))
     tcfg = train_config(cfg, "distill", seed=run.seed)
     inherit = cfg["kd"].get("inherit", False)
     run_config = {"config": method_config(cfg, run.method), "method": run.method,  # a no-KD run reads the
@@ -225,6 +230,10 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     if test is not None:
         row.update({f"test_{k}": v for k, v in evaluate_coco(student, test, device=dev, desc="evaluate test").items()})
     row["seconds"] = time.perf_counter() - start
+    hparams = {"method": run.method, "seed": run.seed, "variant": row["variant"],
+               **dict(o.partition("=")[::2] for o in run.variant)}  # one HParams entry per run, with its grid values
+    log_run_summary(folder, tcfg.iterations, {k: v for k, v in row.items() if k.startswith(("val_", "test_"))},
+                    hparams)
     result_path.write_text(json.dumps(row, indent=2))
     return row
 
