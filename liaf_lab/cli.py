@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default: 1); results depend on it, not on --jobs")
     p.add_argument("--teacher", help="teacher weights (default: trained once in OUT/teacher)")
+    slurm = p.add_argument_group("cluster", "--executor slurm: the teacher and each run as a Slurm job (a job array) "
+                                            "through submitit; OUT must be on a filesystem the nodes share")
+    slurm.add_argument("--executor", choices=["local", "slurm"], default="local",
+                       help="local processes (--jobs, the default) or Slurm jobs")
+    slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    slurm.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES",
+                       help="time limit per run; a run that reaches it is requeued and resumes (default: 1440)")
+    slurm.add_argument("--gpus", type=int, default=1, help="GPUs per run (default: 1)")
+    slurm.add_argument("--cpus", type=int, default=4, help="CPUs per run (default: 4)")
+    slurm.add_argument("--mem-gb", type=int, help="memory per run in GB (default: the partition's)")
+    slurm.add_argument("--array-parallelism", type=int, default=64,
+                       help="runs of the job array running at once (default: 64)")
+    slurm.add_argument("--no-wait", action="store_true",
+                       help="submit and exit; run the same command again to collect the runs (and resubmit failed "
+                            "ones) and write the report")
 
     p = sub.add_parser("train-teacher", help="train the teacher detector on its task loss")
     _common(p)
@@ -164,11 +179,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(run_toy(out_dir=args.out), indent=2))
         return 0
     if args.command == "study":
+        from .executors import JobsPending, SlurmOptions
         from .study import parse_grid, run_study
 
-        result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid), args.overrides,
-                           args.device, args.jobs, args.threads, args.teacher,
-                           "one_at_a_time" if args.one_at_a_time else "product")
+        options = SlurmOptions(partition=args.partition, time_min=args.time, gpus=args.gpus, cpus=args.cpus,
+                               array_parallelism=args.array_parallelism, mem_gb=args.mem_gb, wait=not args.no_wait)
+        try:
+            result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid),
+                               args.overrides, args.device, args.jobs, args.threads, args.teacher,
+                               "one_at_a_time" if args.one_at_a_time else "product", args.executor, options)
+        except JobsPending as pending:
+            print(pending)
+            return 0
         print(result.report.read_text())
         return 0
     if args.command == "demo":

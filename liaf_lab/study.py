@@ -18,15 +18,15 @@ import statistics
 import time
 import typing
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .distillers import BASELINE
+from .executors import Executor, SlurmOptions, check_slurm, execute
 from .progress import progress
 
 # Config sections that do not change a student trained without KD: its runs are shared by every
@@ -163,29 +163,37 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
                                                 "environment": environment_info()}, indent=2))
 
 
-def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
-             teacher_weights: str | None) -> str:
-    """The study's teacher: ``teacher_weights`` if given (as an absolute path, which every run records, so
-    a resumed study may name it relatively from another folder), else trained once (seed 0) in ``out/teacher``."""
+def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
+    """The study's teacher if it needs no training: ``teacher_weights`` (as an absolute path, which every run
+    records, so a resumed study may name it relatively from another folder), or ``out/teacher/teacher.pt``."""
     if teacher_weights is not None:
         from .config import resolve_path
 
         return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
-    if not path.exists():
-        from .builders import build_datasets, build_detector, dataset_category_ids, train_config
-        from .config import load_config
-        from .engine import train_detector
-        from .models import save_detector
+    return str(path) if path.exists() else None
 
-        torch.set_num_threads(threads)
-        cfg = load_config(config, overrides)
-        train, _ = build_datasets(cfg)
-        teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0, class_names=train.class_names,
-                                 category_ids=dataset_category_ids(train))
-        train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
-                       desc="teacher", run_config={"config": cfg})
-        save_detector(path, teacher, train.class_names)
+
+def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
+             teacher_weights: str | None) -> str:
+    """The study's teacher: ``_ready_teacher``'s, else trained once (seed 0) in ``out/teacher``."""
+    ready = _ready_teacher(out, teacher_weights)
+    if ready is not None:
+        return ready
+    from .builders import build_datasets, build_detector, dataset_category_ids, train_config
+    from .config import load_config
+    from .engine import train_detector
+    from .models import save_detector
+
+    torch.set_num_threads(threads)
+    cfg = load_config(config, overrides)
+    train, _ = build_datasets(cfg)
+    teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0, class_names=train.class_names,
+                             category_ids=dataset_category_ids(train))
+    train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
+                   desc="teacher", run_config={"config": cfg})
+    path = out / "teacher" / "teacher.pt"
+    save_detector(path, teacher, train.class_names)
     return str(path)
 
 
@@ -204,8 +212,9 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     torch.set_num_threads(threads)
     folder = Path(out) / run.folder
     result_path = folder / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    done = finished_row(out, run.folder)
+    if done is not None:
+        return done
     start = time.perf_counter()
     cfg = load_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
@@ -238,8 +247,10 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     return row
 
 
-def _run_task(args: tuple) -> dict[str, Any]:
-    return run_one(*args)
+def finished_row(out: str | Path, folder: str) -> dict[str, Any] | None:
+    """The row of the study run in ``out/folder`` if it finished (its ``result.json``), else ``None``."""
+    path = Path(out) / folder / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 @dataclass
@@ -253,7 +264,8 @@ class StudyResult:
 def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
-              teacher_weights: str | None = None, grid_mode: GridMode = "product") -> StudyResult:
+              teacher_weights: str | None = None, grid_mode: GridMode = "product", executor: Executor = "local",
+              executor_options: SlurmOptions | None = None) -> StudyResult:
     """Run (or resume) a study and write its rows, report and figure in ``out_dir``.
 
     Args:
@@ -266,11 +278,16 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
             a KD method needs it (a study of ``none`` alone trains no teacher).
         jobs: runs trained at once in separate processes, each with ``threads`` threads; results do not
             depend on ``jobs``, only on ``threads`` (recorded; a folder refuses another value).
+        executor: ``"local"`` (processes, ``jobs``) or ``"slurm"``: the teacher (when trained) and every run as a
+            Slurm job through submitit (``executor_options``; logs and job ids in ``out_dir/slurm``), with the same
+            results (``liaf_lab.executors``).
     """
     start = time.perf_counter()
     out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)
     if jobs < 1 or threads < 1:
         raise StudyError(f"jobs ({jobs}) and threads ({threads}) must be at least 1")
+    if executor == "slurm":
+        check_slurm(executor_options or SlurmOptions())
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
     _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
     _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods, seeds)
@@ -279,22 +296,22 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     needs_teacher = any(m != BASELINE for m in methods) or any(
         load_config(config, [*overrides, *variant])["kd"].get("inherit", False)
         for variant in grid_variants(grid, grid_mode))
-    teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights) if needs_teacher else None
+    execute_tasks = partial(execute, jobs=jobs, executor=executor, options=executor_options,
+                            log_folder=out / "slurm")
+    teacher_path = None
+    if needs_teacher:  # trained where the runs train (a Slurm job), unless it exists
+        teacher_task = ("teacher", (out, config, overrides, device, threads, teacher_weights))
+        teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
+                                          finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
     unique = list({r.folder: r for r in runs}.values())
     tasks = [(str(out), config, overrides, r, teacher_path, device, threads) for r in unique]
     rows: dict[str, dict[str, Any]] = {}
     bar = progress(total=len(tasks), desc="study", dynamic_ncols=True)
-    if jobs == 1:
-        for task in tasks:
-            rows[task[3].folder] = run_one(*task)
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_task, task): task[3].folder for task in tasks}
-            for future in as_completed(futures):  # the bar moves as runs finish, in any order
-                rows[futures[future]] = future.result()
-                bar.update(1)
+    for folder, row in execute_tasks(run_one, [(task[3].folder, task) for task in tasks],
+                                     finished=partial(finished_row, out)):
+        rows[folder] = row  # the bar moves as runs finish, in any order
+        bar.update(1)
     bar.close()
     # One row per (variant, seed, method); a no-KD run serves every variant that differs only in KD settings.
     table = [{**rows[r.folder], "variant": ",".join(r.variant) or "default",
