@@ -42,6 +42,8 @@ Relative paths (data, --teacher, --weights, --stage1) are looked up from the cur
 Interrupted runs resume from OUT/last.pt when started again with the same --out (bit-identical to an
 uninterrupted run with the same --seed and thread count); a folder refuses a run of another config.
 Several GPUs: torchrun --nproc_per_node=N -m liaf_lab.cli distill ...
+Every run folder holds TensorBoard events: tensorboard --logdir runs/. Pretrained weights: teacher.weights,
+teacher.weights_backbone (and student.*), docs/pretrained.md. Studies on Slurm: study --executor slurm, docs/cluster.md.
 """
 
 

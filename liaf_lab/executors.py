@@ -27,7 +27,8 @@ import submitit
 Executor = Literal["local", "slurm"]
 EXECUTORS: tuple[str, ...] = ("local", "slurm")
 Task = tuple[str, tuple]
-# Slurm states in which a recorded job is still coming: the parent waits for it instead of resubmitting.
+# Slurm states of a recorded job that is still coming or finished: the parent waits for it (or reads its result)
+# instead of resubmitting.
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING", "RESIZING",
          "SUSPENDED", "STAGE_OUT", "SIGNALING", "COMPLETED"}
 

@@ -121,6 +121,11 @@ def test_imagenet_backbone(tmp_path):
         create_detector("retinanet", 4, depth=18, weights_backbone=tmp_path / "r18.pth", weights=tmp_path / "r18.pth")
 
 
+def test_gfl_has_no_torchvision_detector_weights(coco_files):
+    with pytest.raises(ValueError, match="torchvision has no 'gfl' detector weights.*weights_backbone"):
+        create_detector("gfl", 4, depth=50, weights=coco_files["retinanet"][0])
+
+
 def test_unknown_keyword_is_refused_with_the_accepted_list():
     with pytest.raises(TypeError, match=r"unknown keyword arguments \['weigths'\].*'weights'.*'score_thresh'"):
         create_detector("retinanet", 4, depth=18, width_mult=0.125, fpn_channels=16, weigths="coco.pth")
