@@ -92,4 +92,5 @@ def test_run_summary_writes_final_metrics_and_one_hparams_entry(tmp_path):
     assert _scalars(acc, "final/val_AP") == [(6, 0.25)] and _scalars(acc, "hparam/val_AP50") == [(6, 0.5)]
     content = acc.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
-    assert b"mask_scale" in content["_hparams_/session_start_info"] and b"liaf" in content["_hparams_/session_start_info"]
+    session = content["_hparams_/session_start_info"]
+    assert b"mask_scale" in session and b"liaf" in session

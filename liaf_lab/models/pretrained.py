@@ -1,4 +1,4 @@
-"""torchvision's pretrained weights, offline: a detector's (``weights``) or an ImageNet backbone's (``weights_backbone``).
+"""torchvision's pretrained weights, offline: a detector's (``weights``) or an ImageNet ResNet's (``weights_backbone``).
 
 A weights source is a local file (a plain state dict as torchvision publishes it, or a ``{"model": state_dict, ...}``
 file) or the name of a torchvision weights enum (``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"``), read from torch's
