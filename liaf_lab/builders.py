@@ -129,17 +129,43 @@ def shapes_cache(data: dict[str, Any]) -> Path:
 
 
 def build_detector(cfg: dict[str, Any], role: str, num_classes: int, weights_path: str | Path | None = None,
-                   seed: int = 0, class_names: Sequence[str] | None = None) -> nn.Module:
+                   seed: int = 0, class_names: Sequence[str] | None = None,
+                   category_ids: Sequence[int] | None = None) -> nn.Module:
     """The ``role`` ("teacher" or "student") detector of the config, initialised from ``(seed, role)``.
 
     Its input size is ``cfg["input"]``; a relative ``weights_path`` resolves as data paths do (``resolve_path``).
-    With ``class_names``, weights saved by ``save_detector`` for other classes are refused.
+    With ``class_names``, weights saved by ``save_detector`` for other classes are refused. The section's
+    pretrained ``weights`` / ``weights_backbone`` are loaded only without ``weights_path`` (a trained detector's
+    file replaces them), with ``category_ids`` (``dataset_category_ids``) for torchvision's COCO remap.
     """
     min_size, max_size = input_size(cfg)
-    weights_path = None if weights_path is None else resolve_path(weights_path)
+    options = dict(cfg[role])
+    if weights_path is not None:
+        weights_path = resolve_path(weights_path)
+        options = {k: v for k, v in options.items() if k not in ("weights", "weights_backbone")}
+    for key in ("weights", "weights_backbone"):  # a file: found as data paths are; an enum name: as it is
+        if key in options:
+            options[key] = _resolve_or_name(options[key])
     with seeded(seed, role):
-        return create_detector(num_classes=num_classes, **cfg[role], min_size=min_size, max_size=max_size,
-                               weights_path=weights_path, class_names=class_names)
+        return create_detector(num_classes=num_classes, **options, min_size=min_size, max_size=max_size,
+                               weights_path=weights_path, class_names=class_names, category_ids=category_ids)
+
+
+def _resolve_or_name(value: str) -> str:
+    """A weights path found from the project root (``resolve_path``), or the value as it is (an enum name)."""
+    try:
+        return str(resolve_path(value))
+    except FileNotFoundError:
+        return value
+
+
+def dataset_category_ids(dataset: Dataset) -> list[int] | None:
+    """The category id of each label ``1..K`` of a liaf_lab dataset (``label_to_cat_id``), else ``None``."""
+    mapping = getattr(dataset, "label_to_cat_id", None)
+    names = getattr(dataset, "class_names", None)
+    if mapping is None or names is None:
+        return None
+    return [int(mapping[label]) for label in range(1, len(names) + 1)]
 
 
 def build_distiller(method: str, cfg: dict[str, Any], student: nn.Module, seed: int = 0) -> FeatureDistiller | None:

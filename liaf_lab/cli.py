@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ Relative paths (data, --teacher, --weights, --stage1) are looked up from the cur
 Interrupted runs resume from OUT/last.pt when started again with the same --out (bit-identical to an
 uninterrupted run with the same --seed and thread count); a folder refuses a run of another config.
 Several GPUs: torchrun --nproc_per_node=N -m liaf_lab.cli distill ...
+Every run folder holds TensorBoard events: tensorboard --logdir runs/. Pretrained weights: teacher.weights,
+teacher.weights_backbone (and student.*), docs/pretrained.md. Studies on Slurm: study --executor slurm, docs/cluster.md.
 """
 
 
@@ -113,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-width intervals (Stein's two-stage rule): --seeds is the pilot, then each comparison "
                         "gets the seeds a 95%% half-width of D AP needs, at most --max-seeds")
     p.add_argument("--max-seeds", type=int, metavar="N", help="the seed budget of --target-halfwidth")
+    slurm = p.add_argument_group("cluster", "--executor slurm: the teacher and each run as a Slurm job (a job array) "
+                                            "through submitit; OUT must be on a filesystem the nodes share")
+    slurm.add_argument("--executor", choices=["local", "slurm"], default="local",
+                       help="local processes (--jobs, the default) or Slurm jobs")
+    slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    slurm.add_argument("--time", type=int, default=24 * 60, metavar="MINUTES",
+                       help="time limit per run; a run that reaches it is requeued and resumes (default: 1440)")
+    slurm.add_argument("--gpus", type=int, default=1, help="GPUs per run (default: 1)")
+    slurm.add_argument("--cpus", type=int, default=4, help="CPUs per run (default: 4)")
+    slurm.add_argument("--mem-gb", type=int, help="memory per run in GB (default: the partition's)")
+    slurm.add_argument("--array-parallelism", type=int, default=64,
+                       help="runs of the job array running at once (default: 64)")
+    slurm.add_argument("--no-wait", action="store_true",
+                       help="submit and exit; run the same command again to collect the runs (and resubmit failed "
+                            "ones) and write the report")
 
     p = sub.add_parser("train-teacher", help="train the teacher detector on its task loss")
     _common(p)
@@ -149,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("liaf_lab")  # what pretrained weights kept, remapped and re-initialised
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
     try:
         return run(args)
     except USER_ERRORS as err:
@@ -170,12 +192,20 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(run_toy(out_dir=args.out), indent=2))
         return 0
     if args.command == "study":
+        from .executors import JobsPending, SlurmOptions
         from .study import parse_grid, run_study
 
-        result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid), args.overrides,
-                           args.device, args.jobs, args.threads, args.teacher,
-                           "one_at_a_time" if args.one_at_a_time else "product", args.pairwise, args.versus,
-                           args.target_halfwidth, args.max_seeds)
+        options = SlurmOptions(partition=args.partition, time_min=args.time, gpus=args.gpus, cpus=args.cpus,
+                               array_parallelism=args.array_parallelism, mem_gb=args.mem_gb, wait=not args.no_wait)
+        try:
+            result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid),
+                               args.overrides, args.device, args.jobs, args.threads, args.teacher,
+                               "one_at_a_time" if args.one_at_a_time else "product", pairwise=args.pairwise,
+                               versus=args.versus, target_half_width=args.target_halfwidth,
+                               max_seeds=args.max_seeds, executor=args.executor, executor_options=options)
+        except JobsPending as pending:
+            print(pending)
+            return 0
         print(result.report.read_text())
         return 0
     if args.command == "demo":
@@ -187,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         print((Path(args.out) / "report.md").read_text())
         return 0 if results else 1
 
-    from .builders import build_datasets, build_detector, build_distiller, train_config
+    from .builders import build_datasets, build_detector, build_distiller, dataset_category_ids, train_config
     from .checkpoint import load_module_state
     from .config import load_config, method_config, resolve_path
     from .data import collate_fn
@@ -195,10 +225,12 @@ def run(args: argparse.Namespace) -> int:
     from .engine import evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector, train_student
     from .models import save_detector
     from .engine.distributed import is_main, resolve_device
+    from .engine.tracking import log_run_summary
 
     cfg = load_config(args.config, args.overrides)
     train, val = build_datasets(cfg)
     num_classes, classes = len(train.class_names) + 1, train.class_names
+    pretrained = {"class_names": classes, "category_ids": dataset_category_ids(train)}  # [teacher]/[student] weights
     seed = args.seed
     if args.command == "evaluate":
         model = build_detector(cfg, args.role, num_classes, weights_path=args.weights, class_names=classes)
@@ -215,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                   "stage1": getattr(args, "stage1", None)}
     resume = {"run_config": run_config, "new_schedule": args.new_schedule}
     if args.command == "train-teacher":
-        model = build_detector(cfg, "teacher", num_classes, seed=seed)
+        model = build_detector(cfg, "teacher", num_classes, seed=seed, **pretrained)
         train_detector(model, train, train_config(cfg, "train_teacher", seed=seed), out, args.device, desc="teacher",
                        val_dataset=val, **resume)
         name = "teacher.pt"
@@ -227,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                                 if args.method == BASELINE else ""))
         teacher = (build_detector(cfg, "teacher", num_classes, weights_path=args.teacher, class_names=classes)
                    if args.teacher else None)
-        model = build_detector(cfg, "student", num_classes, seed=seed)
+        model = build_detector(cfg, "student", num_classes, seed=seed, **pretrained)
         distiller = build_distiller(args.method, cfg, model, seed=seed)
         if stage1_command and (distiller is None or not distiller.two_stage):
             raise ValueError(f"method {args.method!r} has no stage 1 to learn")
@@ -255,7 +287,11 @@ def run(args: argparse.Namespace) -> int:
         name = "student.pt"
     if is_main():
         save_detector(out / name, model, classes)
+        first = not (out / "eval.json").exists()
         metrics = evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=out / "eval.json")
+        if first:  # the final evaluation in the run's TensorBoard events, once
+            section = "train_teacher" if args.command == "train-teacher" else "distill"
+            log_run_summary(out, train_config(cfg, section).iterations, metrics)
         print(json.dumps(metrics, indent=2))
     return 0
 

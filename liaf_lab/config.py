@@ -30,8 +30,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # [input]: torchvision's resize, the same for teacher and student (their features must align).
 INPUT_KEYS = ("min_size", "max_size")
-# [teacher], [student]: create_detector's arguments.
+# [teacher], [student]: create_detector's arguments (the optional ones: pretrained weights, frozen BatchNorm).
 DETECTOR_KEYS = ("arch", "depth", "width_mult", "fpn_channels")
+DETECTOR_OPTIONAL = {"frozen_bn": bool, "weights": str, "weights_backbone": str}
 # [kd]: distill()'s options shared by every method; [kd.<method>]: the method's constructor options.
 KD_KEYS = {"inherit": typing.get_type_hints(distill)["inherit"]}
 # Training sections: TrainConfig's fields, less seed (the run's --seed).
@@ -55,8 +56,8 @@ _DETECTOR_TYPES = typing.get_type_hints(create_detector)
 # section -> key -> type, and the keys a section must have.
 KEY_TYPES: dict[str, dict[str, Any]] = {
     "input": {k: _DETECTOR_TYPES[k] for k in INPUT_KEYS},
-    "teacher": {k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS},
-    "student": {k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS},
+    "teacher": {**{k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS}, **DETECTOR_OPTIONAL},
+    "student": {**{k: _DETECTOR_TYPES[k] for k in DETECTOR_KEYS}, **DETECTOR_OPTIONAL},
 }
 REQUIRED_KEYS = {"input": ("min_size",), "teacher": DETECTOR_KEYS, "student": DETECTOR_KEYS}
 # Keys that moved: old -> new.

@@ -16,16 +16,16 @@ import json
 import math
 import time
 import typing
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .distillers import BASELINE
+from .executors import Executor, SlurmOptions, check_slurm, execute
 from .progress import progress
 from .verdicts import paired_interval  # noqa: F401  (re-exported: liaf_lab.study.paired_interval)
 
@@ -174,51 +174,65 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
                                                indent=2))
 
 
-def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
-             teacher_weights: str | None) -> str:
-    """The study's teacher: ``teacher_weights`` if given (as an absolute path, which every run records, so
-    a resumed study may name it relatively from another folder), else trained once (seed 0) in ``out/teacher``."""
+def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
+    """The study's teacher if it needs no training: ``teacher_weights`` (as an absolute path, which every run
+    records, so a resumed study may name it relatively from another folder), or ``out/teacher/teacher.pt``."""
     if teacher_weights is not None:
         from .config import resolve_path
 
         return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
-    if not path.exists():
-        from .builders import build_datasets, build_detector, train_config
-        from .config import load_config
-        from .engine import train_detector
-        from .models import save_detector
+    return str(path) if path.exists() else None
 
-        torch.set_num_threads(threads)
-        cfg = load_config(config, overrides)
-        train, _ = build_datasets(cfg)
-        teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0)
-        train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
-                       desc="teacher", run_config={"config": cfg})
-        save_detector(path, teacher, train.class_names)
+
+def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
+             teacher_weights: str | None) -> str:
+    """The study's teacher: ``_ready_teacher``'s, else trained once (seed 0) in ``out/teacher``."""
+    ready = _ready_teacher(out, teacher_weights)
+    if ready is not None:
+        return ready
+    from .builders import build_datasets, build_detector, dataset_category_ids, train_config
+    from .config import load_config
+    from .engine import train_detector
+    from .models import save_detector
+
+    torch.set_num_threads(threads)
+    cfg = load_config(config, overrides)
+    train, _ = build_datasets(cfg)
+    teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0, class_names=train.class_names,
+                             category_ids=dataset_category_ids(train))
+    train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
+                   desc="teacher", run_config={"config": cfg})
+    path = out / "teacher" / "teacher.pt"
+    save_detector(path, teacher, train.class_names)
     return str(path)
 
 
 def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
             threads: int) -> dict[str, Any]:
     """Train and evaluate one student of the study (in this process); returns its row."""
-    from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
+    from .builders import (
+        build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,
+    )
     from .config import load_config, method_config
     from .engine import evaluate_coco, train_student
     from .engine.distributed import resolve_device
+    from .engine.tracking import log_run_summary
     from .models import save_detector
 
     torch.set_num_threads(threads)
     folder = Path(out) / run.folder
     result_path = folder / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    done = finished_row(out, run.folder)
+    if done is not None:
+        return done
     start = time.perf_counter()
     cfg = load_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg, train.class_names)
     nc = len(train.class_names) + 1
-    student = build_detector(cfg, "student", nc, seed=run.seed)
+    student = build_detector(cfg, "student", nc, seed=run.seed, class_names=train.class_names,
+                             category_ids=dataset_category_ids(train))
     tcfg = train_config(cfg, "distill", seed=run.seed)
     inherit = cfg["kd"].get("inherit", False)
     run_config = {"config": method_config(cfg, run.method), "method": run.method,  # a no-KD run reads the
@@ -236,12 +250,18 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     if test is not None:
         row.update({f"test_{k}": v for k, v in evaluate_coco(student, test, device=dev, desc="evaluate test").items()})
     row["seconds"] = time.perf_counter() - start
+    hparams = {"method": run.method, "seed": run.seed, "variant": row["variant"],
+               **dict(o.partition("=")[::2] for o in run.variant)}  # one HParams entry per run, with its grid values
+    log_run_summary(folder, tcfg.iterations, {k: v for k, v in row.items() if k.startswith(("val_", "test_"))},
+                    hparams)
     result_path.write_text(json.dumps(row, indent=2))
     return row
 
 
-def _run_task(args: tuple) -> dict[str, Any]:
-    return run_one(*args)
+def finished_row(out: str | Path, folder: str) -> dict[str, Any] | None:
+    """The row of the study run in ``out/folder`` if it finished (its ``result.json``), else ``None``."""
+    path = Path(out) / folder / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 @dataclass
@@ -256,8 +276,8 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
               teacher_weights: str | None = None, grid_mode: GridMode = "product", pairwise: bool = False,
-              versus: Sequence[str] = (), target_half_width: float | None = None,
-              max_seeds: int | None = None) -> StudyResult:
+              versus: Sequence[str] = (), target_half_width: float | None = None, max_seeds: int | None = None,
+              executor: Executor = "local", executor_options: SlurmOptions | None = None) -> StudyResult:
     """Run (or resume) a study and write its rows, report, comparisons and figure in ``out_dir``.
 
     Args:
@@ -276,6 +296,9 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         target_half_width, max_seeds: fixed-width intervals by Stein's two-stage rule: after the pilot
             (``seeds``), each comparison gets the seeds its pilot spread says a 95% half-width of
             ``target_half_width`` AP needs, at most ``max_seeds`` (the next integers after the pilot).
+        executor: ``"local"`` (processes, ``jobs``) or ``"slurm"``: the teacher (when trained) and every run as a
+            Slurm job through submitit (``executor_options``; logs and job ids in ``out_dir/slurm``), with the same
+            results (``liaf_lab.executors``).
     """
     from .study_report import Family, plan_seeds, write_study_report
 
@@ -283,6 +306,8 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)
     if jobs < 1 or threads < 1:
         raise StudyError(f"jobs ({jobs}) and threads ({threads}) must be at least 1")
+    if executor == "slurm":
+        check_slurm(executor_options or SlurmOptions())
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
     _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
     family = _check_family(methods, seeds, grid, grid_mode, pairwise, versus, target_half_width, max_seeds)
@@ -292,9 +317,16 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     needs_teacher = any(m != BASELINE for m in methods) or any(
         load_config(config, [*overrides, *variant])["kd"].get("inherit", False)
         for variant in grid_variants(grid, grid_mode))
-    teacher_path = _teacher(out, config, overrides, device, threads, teacher_weights) if needs_teacher else None
+    execute_tasks = partial(execute, jobs=jobs, executor=executor, options=executor_options,
+                            log_folder=out / "slurm")
+    teacher_path = None
+    if needs_teacher:  # trained where the runs train (a Slurm job), unless it exists
+        teacher_task = ("teacher", (out, config, overrides, device, threads, teacher_weights))
+        teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
+                                          finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
-    rows = _execute([(str(out), config, overrides, r, teacher_path, device, threads) for r in runs], jobs, "study")
+    rows = _execute(execute_tasks, out, [(str(out), config, overrides, r, teacher_path, device, threads) for r in runs],
+                    "study")
     if family.target_half_width is not None:  # Stein's second stage: the seeds the pilot's spread asks for
         plan = plan_seeds(_table(runs, rows), methods, grid, grid_mode, family)
         extra = [Run(() if v == "default" else tuple(v.split(",")), s, m)
@@ -303,8 +335,8 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         if extra:
             _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods,
                         sorted({r.seed for r in runs}), family.as_dict())
-        rows.update(_execute([(str(out), config, overrides, r, teacher_path, device, threads) for r in extra
-                              if r.folder not in rows], jobs, "study, stage 2"))
+        rows.update(_execute(execute_tasks, out, [(str(out), config, overrides, r, teacher_path, device, threads)
+                                                  for r in extra if r.folder not in rows], "study, stage 2"))
     table = _table(runs, rows)
     seconds = time.perf_counter() - start
     report, summary = write_study_report(out, table, methods, sorted({r.seed for r in runs}), grid, seconds,
@@ -318,21 +350,16 @@ def _table(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[dict[str, A
              "settings": ",".join(r.relevant) or "default"} for r in runs]
 
 
-def _execute(tasks: list[tuple], jobs: int, desc: str) -> dict[str, dict[str, Any]]:
-    """Run (or load) each task's run, ``jobs`` at a time in separate processes; ``{folder: row}``."""
+def _execute(execute_tasks: Callable, out: Path, tasks: list[tuple], desc: str) -> dict[str, dict[str, Any]]:
+    """Run (or load) each task's run through ``execute_tasks`` (``executors.execute`` with the study's jobs and
+    executor); ``{folder: row}``."""
     tasks = list({task[3].folder: task for task in tasks}.values())
     rows: dict[str, dict[str, Any]] = {}
     bar = progress(total=len(tasks), desc=desc, dynamic_ncols=True)
-    if jobs == 1:
-        for task in tasks:
-            rows[task[3].folder] = run_one(*task)
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_task, task): task[3].folder for task in tasks}
-            for future in as_completed(futures):  # the bar moves as runs finish, in any order
-                rows[futures[future]] = future.result()
-                bar.update(1)
+    for folder, row in execute_tasks(run_one, [(task[3].folder, task) for task in tasks],
+                                     finished=partial(finished_row, out)):
+        rows[folder] = row  # the bar moves as runs finish, in any order
+        bar.update(1)
     bar.close()
     return rows
 

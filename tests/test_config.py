@@ -33,7 +33,8 @@ def test_presets_pass_their_own_check(name):
     ("kd.mgd.mask_ratio=0.65", r"unknown key kd.mgd.mask_ratio; the options of 'mgd' are \['alpha', 'lambda_mask'\]"),
     ("kd.a.b.c=1", r"override 'kd.a.b.c=1' must look like section.key=value"),
     ("student.min_sise=320", r"unknown key student.min_sise; the keys of \[student\] are "
-                             r"\['arch', 'depth', 'width_mult', 'fpn_channels'\]"),
+                             r"\['arch', 'depth', 'width_mult', 'fpn_channels', 'frozen_bn', 'weights', "
+                             r"'weights_backbone'\]"),
     ("student.min_size=320", r"student.min_size is now input.min_size: one key sets the input size of teacher and "
                              r"student \(--set input.min_size=...\)"),
     ("teacher.max_size=320", r"teacher.max_size is now input.max_size"),

@@ -25,6 +25,7 @@ from ..checkpoint import (
 from ..progress import progress
 from .schedule import lr_factor, make_scheduler
 from .seeding import SeededSamples, derive_seed, environment_info, reseed
+from .tracking import TensorBoardLog
 
 
 _CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("constant", "step", "cosine"),
@@ -183,6 +184,16 @@ class EvaluationLog:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _open_tensorboard(out: Path, start: int) -> TensorBoardLog:
+    """The run's TensorBoard events (``engine.tracking``), opened before training; a folder where the event file
+    cannot be written stops the run here, like ``prepare_run_folder``."""
+    try:
+        return TensorBoardLog(out, start)
+    except OSError as err:
+        raise RunConfigError(f"TensorBoard folder {out} is not writable ({type(err).__name__}: "
+                             f"{err.strerror or err})") from None
 
 
 def module_signature(modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
@@ -413,6 +424,7 @@ def fit(
 
     log = MetricsLog(out / "metrics.csv", start) if (out is not None and main) else None
     eval_log = EvaluationLog(out / "evaluations.jsonl", start) if (out is not None and main) else None
+    tensorboard = _open_tensorboard(out, start) if (out is not None and main and start < cfg.iterations) else None
     sampler = DistributedSampler(dataset, num_replicas=ddp.world_size(), rank=ddp.rank(), shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     per_epoch = len(sampler) // cfg.batch_size
@@ -509,6 +521,8 @@ def fit(
                 now = time.perf_counter()
                 log.add({"iteration": it, "lr": optimizer.param_groups[0]["lr"], "loss": loss_value, **last,
                          "grad_norm": gnorm, "skipped_steps": skipped, "sec_per_iter": (now - tick) / cfg.log_every})
+                if tensorboard is not None:
+                    tensorboard.add("train", log.rows[-1], it)
                 tick = now
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
@@ -520,12 +534,16 @@ def fit(
                 evaluations.append(entry)
                 if eval_log is not None:
                     eval_log.append(entry)
+                if tensorboard is not None:
+                    tensorboard.add("eval", entry, it)
                 step.train()
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
                 save(it)
             if it >= cfg.iterations:
                 break
     bar.close()
+    if tensorboard is not None:
+        tensorboard.close()
     if start >= cfg.iterations and log is not None:
         log.flush()
     if log is not None and log.rows:

@@ -14,6 +14,7 @@ that small inputs get small anchors; pass ``anchor_sizes`` to choose them.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -26,11 +27,13 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .backbones import backbone_strides, resnet_fpn
 from .gfl import GFL, OCTAVE_BASE_SCALE, GFLAnchorGenerator
+from .pretrained import LOG, load_pretrained, load_pretrained_backbone
 
 Arch = Literal["retinanet", "fcos", "fasterrcnn", "gfl"]
 DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN,
@@ -38,6 +41,17 @@ DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": 
 # Base anchor size in units of the level's stride at min_size=800 (torchvision's defaults; GFL: mmdetection's).
 _ANCHOR_STRIDE_FACTOR = {"retinanet": 4.0, "fasterrcnn": 8.0, "gfl": float(OCTAVE_BASE_SCALE)}
 _REFERENCE_MIN_SIZE = 800
+# What create_detector passes to the torchvision constructors itself (not a keyword a caller may give).
+_SET_BY_FACTORY = {"self", "backbone", "num_classes", "min_size", "max_size", "anchor_generator", "head",
+                   "rpn_anchor_generator", "box_roi_pool", "kwargs"}
+
+
+def detector_options(arch: str) -> list[str]:
+    """The keyword arguments ``create_detector(arch, ...)`` passes on: the constructor's own (``score_thresh``,
+    ``rpn_*``, ...) and those of torchvision's ``GeneralizedRCNNTransform`` (``size_divisible``, ``fixed_size``)."""
+    own = inspect.signature(DETECTOR_CLASSES[arch].__init__).parameters
+    transform = inspect.signature(GeneralizedRCNNTransform.__init__).parameters
+    return sorted({*own, *transform} - _SET_BY_FACTORY)
 
 
 class FCOSHeadGN(FCOSHead):
@@ -91,6 +105,9 @@ def create_detector(
     anchor_sizes: Sequence[float] | None = None,
     frozen_bn: bool = False,
     class_names: Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    weights_backbone: str | Path | None = None,
+    category_ids: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build torchvision's RetinaNet, FCOS or FasterRCNN on ``resnet_fpn(depth, width_mult, fpn_channels)``.
@@ -106,19 +123,36 @@ def create_detector(
         frozen_bn: ``FrozenBatchNorm2d`` in the ResNet (for pretrained weights); default BatchNorm.
         class_names: the foreground classes the weights must have been trained on (checked against
             a ``save_detector`` file; ignored for plain state dicts).
-        **kwargs: passed to the torchvision constructor (e.g. ``score_thresh``, ``nms_thresh``,
-            ``detections_per_img`` for RetinaNet/FCOS/GFL, ``reg_max`` for GFL; ``box_score_thresh``,
-            ``rpn_*`` for Faster R-CNN; ``image_mean``, ``image_std``, ``size_divisible`` for all).
+        weights: torchvision detector weights to start from (RetinaNet, FCOS, Faster R-CNN): a local file or a
+            weights enum name (``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"``) read from torch's cache, never
+            downloaded (``liaf_lab.models.pretrained``). Class layers are re-initialised for ``num_classes``, or
+            remapped from torchvision's 91 COCO outputs with ``category_ids``.
+        weights_backbone: torchvision ImageNet ResNet weights for the backbone (file or enum name, e.g.
+            ``"ResNet50_Weights.IMAGENET1K_V1"``); not with ``weights``, which hold the backbone too.
+        category_ids: the dataset's category id of each label ``1..num_classes - 1`` (``dataset.label_to_cat_id``),
+            for the COCO remap.
+        **kwargs: passed to the torchvision constructor (``detector_options(arch)`` lists them: e.g.
+            ``score_thresh``, ``nms_thresh``, ``detections_per_img`` for RetinaNet/FCOS/GFL, ``reg_max`` for GFL;
+            ``box_score_thresh``, ``rpn_*`` for Faster R-CNN; ``image_mean``, ``image_std``, ``size_divisible`` for
+            all); any other is a ``TypeError`` listing them.
 
     Returns:
-        The model (torchvision's, or ``GFL``), with ``model.liaf_arch`` (the ``arch`` string) and ``model.liaf_config``
-        (the arguments that rebuild it, anchor sizes included).
+        The model (torchvision's, or ``GFL``), with ``model.liaf_arch`` (the ``arch`` string), ``model.liaf_config``
+        (the arguments that rebuild it, anchor sizes included) and ``model.liaf_weights`` (a ``WeightsReport`` per
+        pretrained source loaded: kept, remapped, re-initialised keys; also logged to the ``liaf_lab`` logger).
     """
     if arch not in DETECTOR_CLASSES:
         raise ValueError(f"arch must be one of {sorted(DETECTOR_CLASSES)}, got {arch!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (foreground classes + 1 for background), "
                          f"got {num_classes!r}")
+    unknown = sorted(set(kwargs) - set(detector_options(arch)))
+    if unknown:
+        named = [p for p in inspect.signature(create_detector).parameters if p not in ("arch", "kwargs")]
+        raise TypeError(f"create_detector({arch!r}) got unknown keyword arguments {unknown}; it takes {named} and "
+                        f"the {DETECTOR_CLASSES[arch].__name__} options {detector_options(arch)}")
+    if weights is not None and weights_backbone is not None:
+        raise ValueError("give weights or weights_backbone, not both: a detector's weights hold its backbone too")
     backbone = resnet_fpn(depth, width_mult, fpn_channels, "pool" if arch == "fasterrcnn" else "p6p7",
                           frozen_bn=frozen_bn)
     strides = backbone_strides(backbone)
@@ -145,6 +179,13 @@ def create_detector(
     model.liaf_config = dict(arch=arch, num_classes=num_classes, depth=depth, width_mult=width_mult,
                              fpn_channels=fpn_channels, min_size=min_size, max_size=max_size,
                              anchor_sizes=list(sizes), frozen_bn=frozen_bn, **kwargs)
+    model.liaf_weights = []
+    if weights_backbone is not None:
+        model.liaf_weights.append(load_pretrained_backbone(model, weights_backbone))
+    if weights is not None:
+        model.liaf_weights.append(load_pretrained(model, weights, arch, num_classes, category_ids, class_names))
+    for report in model.liaf_weights:
+        LOG.info(report.summary())
     if weights_path is not None:
         load_detector_weights(model, weights_path, class_names)
     return model
