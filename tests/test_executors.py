@@ -114,8 +114,8 @@ def test_slurm_absent_is_one_line(tmp_path, capsys, monkeypatch):
 def test_cluster_flags_reach_the_study(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_run_study(*args):
-        seen["executor"], seen["options"] = args[-2], args[-1]
+    def fake_run_study(*args, **kwargs):
+        seen["executor"], seen["options"] = kwargs["executor"], kwargs["executor_options"]
         raise liaf_lab.executors.JobsPending("2 runs are submitted")
 
     monkeypatch.setattr(liaf_lab.study, "run_study", fake_run_study)
