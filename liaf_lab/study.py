@@ -11,13 +11,18 @@ tunes are chosen on ``val``; the AP reported for them is the test split's.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import itertools
 import json
 import math
+import os
 import statistics
 import time
 import typing
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -131,15 +136,37 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
             "grid_mode": grid_mode, "threads": threads}
 
 
+def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    """What the study's results depend on besides its config (``liaf_lab.provenance``): the data of its splits as
+    parsed and the package version (the teacher is added by ``_teacher``)."""
+    from .builders import build_datasets, build_test_dataset
+    from .provenance import data_inputs, package_version
+
+    train, val = build_datasets(config)
+    return {"data": data_inputs({"train": train, "val": val, "test": build_test_dataset(config)}),
+            "version": package_version()}
+
+
+def _input_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved, new)`` for every differing item of two input records (``inputs.data.val``, ...)."""
+    from .engine.loop import spec_differences
+
+    return {k.replace("config.", "inputs.", 1): v
+            for k, v in spec_differences({"config": saved}, {"config": new}).items()}
+
+
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
-    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow)."""
+    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow) with the
+    same inputs (data, package version; ``_teacher`` checks the teacher)."""
+    from .atomic import read_json, write_json
     from .config import method_tables
     from .engine.loop import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
     path = out / "study.json"
+    inputs = _study_inputs(spec["config"])
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "study record")
         if saved["threads"] != spec["threads"]:
             raise StudyError(f"study folder {out} was run with {saved['threads']} threads per run and this call "
                              f"uses {spec['threads']}: results would not be comparable bit for bit. Pass "
@@ -152,66 +179,166 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
         for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
             if saved.get(key, "product") != spec[key]:
                 diffs[key] = (saved.get(key, "product"), spec[key])
+        if "inputs" in saved:
+            saved_inputs = {k: v for k, v in saved["inputs"].items() if k != "teacher"}
+            diffs.update(_input_differences(saved_inputs, inputs))
+            inputs["teacher"] = saved["inputs"].get("teacher")
+        else:
+            warnings.warn(f"{path} predates input records: the present data and package version are recorded as "
+                          "the study's", stacklevel=3)
         if diffs:
             listed = describe_differences(diffs)
-            raise StudyError(f"study folder {out} holds a study of another configuration ({listed}); use another "
-                             "--out")
+            raise StudyError(f"study folder {out} holds a study of another configuration or other inputs ({listed}); "
+                             "use another --out")
         methods = list(dict.fromkeys([*saved["methods"], *methods]))
         seeds = sorted(set(saved["seeds"]) | set(seeds))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({**spec, "methods": list(methods), "seeds": list(seeds),
-                                                "environment": environment_info()}, indent=2))
+    write_json(path, {**spec, "methods": list(methods), "seeds": list(seeds), "inputs": inputs,
+                      "environment": environment_info()})
 
 
 def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
              teacher_weights: str | None) -> str:
     """The study's teacher: ``teacher_weights`` if given (as an absolute path, which every run records, so
-    a resumed study may name it relatively from another folder), else trained once (seed 0) in ``out/teacher``."""
+    a resumed study may name it relatively from another folder), else trained once (seed 0) in ``out/teacher``.
+
+    Checked before any run trains: it must load into the config's teacher, and be the teacher (path and
+    content hash) that ``out/study.json`` records, if it records one; it is recorded there otherwise.
+    """
+    from .atomic import read_json, write_json
+    from .builders import build_datasets, build_detector
+    from .config import load_config
+    from .engine.loop import describe_differences
+    from .provenance import teacher_input
+
+    cfg = load_config(config, overrides)
+    train, _ = build_datasets(cfg)
     if teacher_weights is not None:
         from .config import resolve_path
 
-        return str(resolve_path(teacher_weights).resolve())
-    path = out / "teacher" / "teacher.pt"
-    if not path.exists():
-        from .builders import build_datasets, build_detector, train_config
-        from .config import load_config
+        path = resolve_path(teacher_weights).resolve()
+    else:
+        path = out / "teacher" / "teacher.pt"
+    if not path.exists() and teacher_weights is None:
+        from .builders import train_config
         from .engine import train_detector
         from .models import save_detector
 
         torch.set_num_threads(threads)
-        cfg = load_config(config, overrides)
-        train, _ = build_datasets(cfg)
         teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0)
         train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
                        desc="teacher", run_config={"config": cfg})
         save_detector(path, teacher, train.class_names)
+    build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path, class_names=train.class_names)
+    record = read_json(out / "study.json", "study record")
+    teacher, saved = teacher_input(path), record["inputs"].get("teacher")
+    if saved is not None and saved != teacher:
+        listed = describe_differences(_input_differences({"teacher": saved}, {"teacher": teacher}))
+        raise StudyError(f"study folder {out} was run with another teacher ({listed}): its students were distilled "
+                         f"from {saved['path']}. Pass --teacher {saved['path']} (unchanged) or use another --out")
+    if saved is None:
+        record["inputs"]["teacher"] = teacher
+        write_json(out / "study.json", record)
     return str(path)
+
+
+def _legacy_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run begun before runs recorded their inputs (its ``run.json`` has none): it is
+    resumed and adopted as it is."""
+    from .atomic import RecordError, read_json
+
+    try:
+        spec = read_json(folder / "run.json", "run record")["spec"]
+    except (FileNotFoundError, RecordError, KeyError, TypeError):
+        return False
+    return "inputs" not in spec.get("config", {})
+
+
+def _write_run_record(folder: Path, run_config: dict[str, Any]) -> None:
+    """``folder/record.json``: the run's config and inputs, and the hashes of its ``result.json`` and ``student.pt``
+    (written last: a run is finished when this record, its result and its weights agree)."""
+    from .atomic import write_json
+    from .provenance import file_sha256
+
+    write_json(folder / "record.json", {"run_config": run_config, "result_sha256": file_sha256(folder / "result.json"),
+                                        "student_sha256": file_sha256(folder / "student.pt")})
+
+
+def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of the finished run in ``folder``, or ``None`` when it must be trained: not finished, or damaged
+    (its result, weights and record disagree; redone with a warning). ``StudyError`` when it finished with
+    another configuration or other inputs than ``run_config``."""
+    from .atomic import RecordError, read_json
+    from .engine.loop import describe_differences, spec_differences
+    from .provenance import file_sha256
+
+    result, record_path, student = folder / "result.json", folder / "record.json", folder / "student.pt"
+    if not result.exists():
+        return None
+    try:
+        row, record = read_json(result, "run result"), None
+        record = read_json(record_path, "run record") if record_path.exists() else None
+    except RecordError as err:
+        problem = str(err)
+    else:
+        if record is None and "inputs" not in run_config and student.is_file():  # finished before records existed
+            _write_run_record(folder, run_config)
+            return row
+        if record is None:
+            problem = f"{record_path} is missing"
+        elif record.get("run_config") != run_config:
+            listed = describe_differences(spec_differences({"config": record.get("run_config", {})},
+                                                           {"config": run_config}))
+            raise StudyError(f"run {folder} finished with another configuration or other inputs ({listed}); use "
+                             "another --out")
+        elif not student.is_file() or file_sha256(student) != record.get("student_sha256"):
+            problem = f"{student} is missing or is not the student its record names"
+        elif file_sha256(result) != record.get("result_sha256"):
+            problem = f"{result} is not the result its record names"
+        else:
+            return row
+    warnings.warn(f"run {folder} is damaged ({problem}); it is redone", stacklevel=3)
+    for path in (result, record_path):
+        path.unlink(missing_ok=True)
+    return None
 
 
 def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
             threads: int) -> dict[str, Any]:
-    """Train and evaluate one student of the study (in this process); returns its row."""
+    """Train and evaluate one student of the study (in this process); returns its row.
+
+    A finished run (its result, weights and record agree, and its record names these inputs) is not
+    trained again; a damaged one is redone with a warning.
+    """
+    from .atomic import write_json
     from .builders import build_datasets, build_detector, build_distiller, build_test_dataset, train_config
     from .config import load_config, method_config
     from .engine import evaluate_coco, train_student
     from .engine.distributed import resolve_device
     from .models import save_detector
+    from .provenance import data_inputs, file_sha256, package_version
 
     torch.set_num_threads(threads)
     folder = Path(out) / run.folder
     result_path = folder / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
     start = time.perf_counter()
     cfg = load_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg)
+    inherit = cfg["kd"].get("inherit", False)
+    uses_teacher = run.method != BASELINE or inherit  # a no-KD run reads the teacher only to inherit
+    run_config = {"config": method_config(cfg, run.method), "method": run.method,
+                  "teacher": teacher_path if uses_teacher else None}
+    if not _legacy_run(folder):
+        run_config["inputs"] = {"data": data_inputs({"train": train, "val": val, "test": test}),
+                                "version": package_version(),
+                                "teacher_sha256": file_sha256(teacher_path) if uses_teacher else None}
+    run_config = json.loads(json.dumps(run_config, default=str))  # as run.json and record.json hold it
+    finished = _finished_row(folder, run_config)
+    if finished is not None:
+        return finished
     nc = len(train.class_names) + 1
     student = build_detector(cfg, "student", nc, seed=run.seed)
     tcfg = train_config(cfg, "distill", seed=run.seed)
-    inherit = cfg["kd"].get("inherit", False)
-    run_config = {"config": method_config(cfg, run.method), "method": run.method,  # a no-KD run reads the
-                  "teacher": teacher_path if run.method != BASELINE or inherit else None}  # teacher only to inherit
     teacher = (build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
                if run_config["teacher"] else None)
     train_student(student, teacher, build_distiller(run.method, cfg, student, seed=run.seed), train, tcfg, folder,
@@ -225,12 +352,49 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     if test is not None:
         row.update({f"test_{k}": v for k, v in evaluate_coco(student, test, device=dev, desc="evaluate test").items()})
     row["seconds"] = time.perf_counter() - start
-    result_path.write_text(json.dumps(row, indent=2))
+    write_json(result_path, row)
+    _write_run_record(folder, run_config)
     return row
 
 
 def _run_task(args: tuple) -> dict[str, Any]:
     return run_one(*args)
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes that end when the study process dies, ``kill -9`` included."""
+    from .processes import exit_with_parent
+
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                               initargs=(os.getpid(),))
+
+
+def _locked(study: Callable[..., StudyResult]) -> Callable[..., StudyResult]:
+    """``study`` run holding the lock of its study folder (``out_dir``): a second process is refused with the
+    holder's PID instead of both writing the same runs."""
+    from .processes import FolderLock, FolderLockedError
+
+    signature = inspect.signature(study)
+
+    @functools.wraps(study)
+    def locked(*args: Any, **kwargs: Any) -> StudyResult:
+        out = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
+        created = not out.exists()
+        try:
+            with FolderLock(out) as lock:
+                try:
+                    return study(*args, **kwargs)
+                except BaseException:
+                    if created:  # a study refused before it began leaves no folder behind
+                        lock.path.unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):
+                            out.rmdir()
+                    raise
+        except FolderLockedError as err:  # raised on entering only
+            raise StudyError(f"study folder {err}: a study runs there; wait for it to end or use another "
+                             "--out") from None
+
+    return locked
 
 
 @dataclass
@@ -241,6 +405,7 @@ class StudyResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@_locked
 def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
@@ -281,7 +446,7 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
             rows[task[3].folder] = run_one(*task)
             bar.update(1)
     else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        with _pool(jobs) as pool:
             futures = {pool.submit(_run_task, task): task[3].folder for task in tasks}
             for future in as_completed(futures):  # the bar moves as runs finish, in any order
                 rows[futures[future]] = future.result()
@@ -356,6 +521,7 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     Raises ``StudyError`` naming the problem: no study in the folder, or the run is not there or not
     finished (the runs the folder holds are listed).
     """
+    from .atomic import read_json
     from .builders import build_detector, build_distiller
     from .checkpoint import load_checkpoint, load_module_state
 
@@ -364,7 +530,7 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     if not (folder / "result.json").is_file():
         done = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").glob("*/*/seed*/result.json"))
         raise StudyError(f"{out} has no finished run {method}/{variant}/seed{seed}; it has {done or 'none'}")
-    spec = json.loads((folder / "run.json").read_text())["spec"]["config"]
+    spec = read_json(folder / "run.json", "run record")["spec"]["config"]
     cfg, saved = spec["config"], load_checkpoint(folder / "student.pt")
     names = list(saved["meta"]["class_names"])
     student = build_detector(cfg, "student", len(names) + 1, weights_path=folder / "student.pt", class_names=names)
@@ -378,4 +544,4 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
         load_module_state(distiller, state, last, f"a {method!r} distiller")
         distiller = distiller.to(device).eval()
     return StudyRun(method, seed, variant, folder, cfg, student.to(device).eval(), distiller,
-                    json.loads((folder / "result.json").read_text()), names)
+                    read_json(folder / "result.json", "run result"), names)

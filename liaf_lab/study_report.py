@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .atomic import atomic_write, save_figure, write_json, write_text
 from .study import BASELINE, StudyError, paired_interval, study_folder
 
 
@@ -101,7 +102,7 @@ def study_figure(summary: dict[str, Any], split: str) -> Figure:
 
 def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
     """``study_figure`` saved to ``path``."""
-    study_figure(summary, split).savefig(path, dpi=100)
+    save_figure(study_figure(summary, split), path, dpi=100)
     return path
 
 
@@ -179,14 +180,14 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
                        grid_mode: str = "product") -> tuple[Path, dict[str, Any]]:
     """``results.csv``, ``results.json``, ``study.png`` and ``report.md`` in ``out``."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with (out / "results.csv").open("w", newline="") as f:
+    with atomic_write(out / "results.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "results.json", rows)
     split = "test" if all("test_AP" in r for r in rows) else "val"
     summary = summarise(rows, methods, grid, split)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "summary.json", summary, default=str)
     plot_study(summary, out / "study.png", split)
     run_minutes = sum(r["seconds"] for r in rows if "seconds" in r) / 60
     lines = [
@@ -233,5 +234,5 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
                     cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
                 lines.append(f"| {method} | {variant} | " + " | ".join(cells) + " |")
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path, summary

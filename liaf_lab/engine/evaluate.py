@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import write_json
 from ..data import collate_fn as default_collate
 from ..progress import progress
 
@@ -67,6 +67,5 @@ def evaluate_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = def
     metrics = coco_metrics(dataset.coco_gt(), results)
     metrics["num_detections"] = len(results)
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(metrics, indent=2))
+        write_json(out_json, metrics)
     return metrics

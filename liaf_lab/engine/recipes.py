@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..atomic import write_json
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller
 from ..models import detector_features
@@ -76,7 +76,7 @@ def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
     if out_dir is not None and is_main():
         stats = stage1_stats(teacher, distiller, dataset, collate_fn, device, batch_size=cfg.batch_size)
         if stats:
-            (Path(out_dir) / "stage1_stats.json").write_text(json.dumps(stats, indent=2))
+            write_json(Path(out_dir) / "stage1_stats.json", stats)
     return result
 
 

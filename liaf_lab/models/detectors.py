@@ -28,7 +28,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from .backbones import backbone_strides, resnet_fpn
 from .gfl import GFL, OCTAVE_BASE_SCALE, GFLAnchorGenerator
 
@@ -298,9 +298,9 @@ def load_detector_weights(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not readable, not a state dict, or its meta differs from ``model``
-            (architecture) or ``class_names`` (naming both values and the file).
-        RuntimeError: keys or shapes do not match the model (torch's message, with the path).
+        ValueError: the file is not readable, not a state dict, its meta differs from ``model``
+            (architecture) or ``class_names`` (naming both values and the file), or its keys or shapes do
+            not match the model (``CheckpointError`` listing the missing, unexpected and mis-shaped keys).
     """
     path = Path(path)
     if not path.is_file():
@@ -322,10 +322,7 @@ def load_detector_weights(
                              f"but class_names is {list(class_names)}")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise RuntimeError(f"weights in {str(path)!r} do not fit this {type(model).__name__}: {err}") from err
+    load_module_state(model, dict(state), path, f"the weights of this {type(model).__name__}")
     return saved_names
 
 
