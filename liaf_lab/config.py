@@ -40,13 +40,13 @@ REQUIRED_SECTIONS = ("data", "input", "teacher", "student")
 # [data], per kind: the keys it needs and those it may have (docs/data.md).
 DATA_REQUIRED = {"coco": ("train_images", "train_ann", "val_images", "val_ann"), "kitti": ("root",), "voc": ("root",),
                  "shapes": ("num_train", "num_val")}
-DATA_OPTIONAL = {"coco": ("test_images", "test_ann"), "kitti": ("classes", "merge"),
+DATA_OPTIONAL = {"coco": ("test_images", "test_ann", "allow_outside_images"), "kitti": ("classes", "merge"),
                  "voc": ("train_set", "val_set", "classes"), "shapes": ("num_test", "image_size", "seed", "cache")}
 DATA_TYPES: dict[str, Any] = {
     "kind": Literal[tuple(DATA_REQUIRED)], "train_images": str, "train_ann": str, "val_images": str, "val_ann": str,
     "test_images": str, "test_ann": str, "root": str, "train_set": str, "val_set": str, "classes": list[str],
     "merge": dict[str, str], "skip_bad_images": bool, "num_train": int, "num_val": int, "num_test": int,
-    "image_size": int, "seed": int, "cache": str,
+    "image_size": int, "seed": int, "cache": str, "allow_outside_images": bool,
 }
 _DETECTOR_TYPES = typing.get_type_hints(create_detector)
 # section -> key -> type, and the keys a section must have.

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import write_json
 from ..data import collate_fn as default_collate
+from ..models.detectors import check_image_sizes
 from ..progress import progress
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L"]
@@ -61,8 +62,10 @@ def evaluate_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = def
                   desc: str = "evaluate") -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (which provides ``coco_gt()`` and ``label_to_cat_id``).
 
-    Writes the metrics to ``out_json`` when given.
+    Writes the metrics to ``out_json`` when given. An image the model cannot take (``check_image_sizes``)
+    is a ``ValueError`` naming it before any prediction.
     """
+    check_image_sizes(model, dataset)
     results = predict_coco(model, dataset, collate_fn, batch_size, device, desc)
     metrics = coco_metrics(dataset.coco_gt(), results)
     metrics["num_detections"] = len(results)

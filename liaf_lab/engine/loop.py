@@ -387,8 +387,8 @@ def fit(
     parameters and floating buffers (BatchNorm statistics) are checked in one fused reduction read
     once with the losses; a non-finite value or a diverging weight stops the run (``NonFiniteError``)
     without checkpointing it, or, with ``cfg.on_nonfinite="skip"``, a non-finite step is skipped and
-    counted. Under torchrun the step is wrapped in ``DistributedDataParallel``, the data is sharded per rank and the logged losses
-    are averaged over ranks.
+    counted. Under torchrun the step is wrapped in ``DistributedDataParallel``, the data is sharded
+    per rank and the logged losses are averaged over ranks.
 
     ``on_iteration(it)`` runs after every optimiser step (``it`` counts from 1), e.g. to record
     statistics of fixed images; it must not draw from torch's random generators, so a run with it

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import Subset
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
@@ -254,6 +255,45 @@ def check_num_classes(models: nn.Module | Mapping[str, nn.Module], dataset: obje
     named = dict(models) if isinstance(models, Mapping) else {"model": models}
     for role, model in named.items():
         _check_class_count(f"the {role}", model, class_names)
+
+
+def check_image_sizes(models: nn.Module | Mapping[str, nn.Module], dataset: object) -> None:
+    """Check that each detector can take every image of ``dataset``: an image of extreme aspect ratio, resized by
+    the detector's transform (shorter side ``min_size``, longer side at most ``max_size``), must keep a shorter
+    side of at least its finest FPN stride, or it vanishes in the resize (a crash inside torch).
+
+    Args:
+        models: a detector (its ``transform``, a ``GeneralizedRCNNTransform``), or role -> detector.
+        dataset: a liaf_lab dataset (its ``records``: image sizes from the annotations, no pixels read), or a
+            ``Subset`` of one. Datasets without ``records`` are not checked.
+
+    Raises:
+        ValueError: naming the first such image, its size and the side it would have.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    records = getattr(dataset, "records", None)
+    if not records:
+        return
+    sizes = np.array([(r.width, r.height) for r in records], dtype=np.float64)  # [n, 2]
+    short, long = sizes.min(axis=1), sizes.max(axis=1)
+    named = dict(models) if isinstance(models, Mapping) else {"model": models}
+    for role, model in named.items():
+        transform = getattr(model, "transform", None)
+        if transform is None:  # not a torchvision-style detector: it resizes nothing
+            continue
+        min_size, max_size = min(transform.min_size), transform.max_size
+        stride = min(fpn_strides(model).values())
+        side = np.floor(short * np.minimum(min_size / short, max_size / long))
+        bad = np.flatnonzero(side < stride)
+        if len(bad):
+            r = records[bad[0]]
+            raise ValueError(
+                f"image {r.path} (image id {r.image_id}) is {r.width}x{r.height}: the {role} resizes it to a shorter "
+                f"side of {side[bad[0]]:.0f} px (input min_size {min_size}, max_size {max_size}), less than its "
+                f"finest feature stride {stride:g}; {len(bad)} images of the dataset have so extreme an aspect ratio. "
+                "Crop or leave out such images"
+            )
 
 
 def detector_meta(model: nn.Module) -> dict[str, Any]:
