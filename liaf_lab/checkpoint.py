@@ -55,7 +55,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise CheckpointError(
                 f"checkpoint {path} is not a plain weights file (it holds Python objects; liaf_lab never "
-                "unpickles those)"
+                "unpickles those), or it is damaged; expected a file written by torch.save"
             ) from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded") from None
     except Exception as err:  # noqa: BLE001 - torch's unpickler raises anything (KeyError, IndexError...) on junk

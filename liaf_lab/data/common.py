@@ -354,8 +354,9 @@ class DetectionDataset(Dataset):
         shared = duplicates(r.path for r in records)
         if shared:
             ids = [str(r.image_id) for r in records if r.path == shared[0]]
-            raise ValueError(f"image file {shared[0]} is listed under image ids {', '.join(ids)} (and "
-                             f"{len(shared) - 1} more files are listed twice): each image must be listed once")
+            more = f" ({len(shared) - 1} more files are listed more than once)" if len(shared) > 1 else ""
+            raise ValueError(f"image file {shared[0]} is listed under image ids {', '.join(ids)}{more}: each image "
+                             "must be listed once, with all its boxes")
         self.records = records
         self.class_names = list(class_names)
         self.label_to_cat_id = dict(label_to_cat_id)
