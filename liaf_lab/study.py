@@ -523,7 +523,7 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     """
     from .atomic import read_json
     from .builders import build_detector, build_distiller
-    from .checkpoint import load_checkpoint, load_module_state
+    from .checkpoint import CheckpointError, load_checkpoint, load_module_state
 
     out = study_folder(study_dir)
     folder = out / Run(tuple(v for v in variant.split(",") if v != "default"), seed, method).folder
@@ -532,12 +532,18 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
         raise StudyError(f"{out} has no finished run {method}/{variant}/seed{seed}; it has {done or 'none'}")
     spec = read_json(folder / "run.json", "run record")["spec"]["config"]
     cfg, saved = spec["config"], load_checkpoint(folder / "student.pt")
+    if not isinstance(saved.get("meta"), dict) or "class_names" not in saved["meta"]:
+        raise CheckpointError(f"{folder / 'student.pt'} is not a student written by save_detector (it has no "
+                              "class names)")
     names = list(saved["meta"]["class_names"])
     student = build_detector(cfg, "student", len(names) + 1, weights_path=folder / "student.pt", class_names=names)
     distiller = build_distiller(method, cfg, student, seed=seed)
     if distiller is not None:
         last = folder / "last.pt"
-        state = dict(load_checkpoint(last)["modules"]["distiller"])
+        modules = load_checkpoint(last).get("modules")
+        if not isinstance(modules, dict) or "distiller" not in modules:
+            raise CheckpointError(f"{last} holds no distiller state; expected the last.pt of a {method!r} run")
+        state = dict(modules["distiller"])
         for key in distiller.state_dict():  # runs saved before the stage-1 counter existed had a full stage 1
             if key.endswith("stage1_steps"):
                 state.setdefault(key, torch.tensor(int(cfg["stage1"]["iterations"])))

@@ -23,41 +23,24 @@ from PIL import Image
 from torch import nn
 
 import liaf_lab
-import liaf_lab.engine
 from liaf_lab.atomic import DiskFullError, RecordError, write_json
 from liaf_lab.checkpoint import CheckpointError, load_checkpoint
 from liaf_lab.cli import main
-from liaf_lab.config import PROJECT_ROOT
 from liaf_lab.data import CocoDetectionDataset, DatasetWarning, VOCDataset
 from liaf_lab.engine import TrainConfig, evaluate_coco, fit
 from liaf_lab.engine.loop import NonFiniteError
 from liaf_lab.instance import instance_mask
-from liaf_lab.models import create_detector, save_detector
+from liaf_lab.models import create_detector
 from liaf_lab.processes import FolderLock
 from liaf_lab.study import StudyError, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import _one_error_line  # noqa: E402
 from test_data import _coco_fixture, _image, _voc_fixture, _voc_xml  # noqa: E402
+from test_study import TEACHER, small  # noqa: E402, F401 - small: the bench preset shrunk to seconds
 from toy_job import FlippedPoints, LinearStep, collate  # noqa: E402
 
-TEACHER = PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt"
 ENV = {**os.environ, "PYTHONPATH": str(Path(liaf_lab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def small(tmp_path) -> list[str]:
-    """The bench preset shrunk to seconds (as in test_study.py)."""
-    return ["data.num_train=16", "data.num_val=8", "data.num_test=8", "data.image_size=64",
-            f"data.cache='{tmp_path / 'cache'}'", "input.min_size=64", "input.max_size=64", "distill.iterations=2",
-            "distill.batch_size=2", "distill.warmup=1", "stage1.iterations=2", "stage1.batch_size=2"]
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def _other_teacher(path: Path) -> Path:
