@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -169,20 +168,22 @@ class MetricsLog:
 
 
 class EvaluationLog:
-    """``evaluations.jsonl``: one line appended (and fsynced) per periodic evaluation, as it happens."""
+    """``evaluations.jsonl``: one line per periodic evaluation, the file rewritten atomically as each is added."""
 
     def __init__(self, path: Path, resume_from: int) -> None:
         self.path = path
+        self.lines: list[str] = []
         if path.exists():  # evaluations past the checkpoint are redone by the resumed run
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= resume_from]
-            write_text(path, "".join(line + "\n" for line in kept))
+            self.lines = [line for line in path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["iteration"] <= resume_from]
+            self._write()
+
+    def _write(self) -> None:
+        write_text(self.path, "".join(line + "\n" for line in self.lines))
 
     def append(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.lines.append(json.dumps(entry))
+        self._write()
 
 
 def module_signature(modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
