@@ -155,6 +155,19 @@ def _input_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, 
             for k, v in spec_differences({"config": saved}, {"config": new}).items()}
 
 
+def _runs_teacher(out: Path) -> dict[str, str | None] | None:
+    """The teacher that the runs of a study folder from before input records name in their ``run.json`` (path,
+    and the file's present hash), ``None`` when no run names one."""
+    from .atomic import read_json
+    from .provenance import teacher_input
+
+    for record in sorted(out.glob("runs/*/*/seed*/run.json")):
+        teacher = read_json(record, "run record")["spec"]["config"].get("teacher")
+        if teacher is not None:
+            return teacher_input(teacher) if Path(teacher).is_file() else {"path": teacher, "sha256": None}
+    return None
+
+
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int]) -> None:
     """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow) with the
     same inputs (data, package version; ``_teacher`` checks the teacher)."""
@@ -184,8 +197,9 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
             diffs.update(_input_differences(saved_inputs, inputs))
             inputs["teacher"] = saved["inputs"].get("teacher")
         else:
-            warnings.warn(f"{path} predates input records: the present data and package version are recorded as "
-                          "the study's", stacklevel=3)
+            inputs["teacher"] = _runs_teacher(out)
+            warnings.warn(f"{path} predates input records: the present data and package version, and the teacher "
+                          "its runs name, are recorded as the study's", stacklevel=3)
         if diffs:
             listed = describe_differences(diffs)
             raise StudyError(f"study folder {out} holds a study of another configuration or other inputs ({listed}); "
@@ -276,13 +290,13 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
         return None
     try:
         row, record = read_json(result, "run result"), None
-        record = read_json(record_path, "run record") if record_path.exists() else None
+        if record_path.exists():
+            record = read_json(record_path, "run record")
+        elif "inputs" not in run_config and student.is_file():  # finished before records: run.json records it
+            record = {"run_config": read_json(folder / "run.json", "run record")["spec"]["config"]}
     except RecordError as err:
         problem = str(err)
     else:
-        if record is None and "inputs" not in run_config and student.is_file():  # finished before records existed
-            _write_run_record(folder, run_config)
-            return row
         if record is None:
             problem = f"{record_path} is missing"
         elif record.get("run_config") != run_config:
@@ -290,6 +304,9 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
                                                            {"config": run_config}))
             raise StudyError(f"run {folder} finished with another configuration or other inputs ({listed}); use "
                              "another --out")
+        elif "student_sha256" not in record:  # a run finished before records, adopted: its record is written now
+            _write_run_record(folder, run_config)
+            return row
         elif not student.is_file() or file_sha256(student) != record.get("student_sha256"):
             problem = f"{student} is missing or is not the student its record names"
         elif file_sha256(result) != record.get("result_sha256"):

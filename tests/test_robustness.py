@@ -32,7 +32,7 @@ from liaf_lab.engine.loop import NonFiniteError
 from liaf_lab.instance import instance_mask
 from liaf_lab.models import create_detector
 from liaf_lab.processes import FolderLock
-from liaf_lab.study import StudyError, run_study
+from liaf_lab.study import Run, StudyError, run_one, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli import _one_error_line  # noqa: E402
@@ -98,6 +98,33 @@ def test_a_study_refuses_another_teacher_other_data_or_version_and_redoes_damage
     (out / "study.json").write_text("")
     with pytest.raises(RecordError, match=f"study record {out / 'study.json'} is damaged"):
         run_study(out, teacher_weights=str(TEACHER), **kw)
+
+
+def test_a_study_from_before_input_records_is_adopted_and_still_refuses_another_teacher(tmp_path, small):
+    out = tmp_path / "study"
+    kw = dict(config="bench", methods=["none", "fitnet"], seeds=[0], overrides=small, device="cpu")
+    first = run_study(out, teacher_weights=str(TEACHER), **kw)
+    study = json.loads((out / "study.json").read_text())  # make it a folder of the previous version
+    del study["inputs"]
+    (out / "study.json").write_text(json.dumps(study))
+    for run in (out / "runs").glob("*/*/seed0"):
+        (run / "record.json").unlink()
+        record = json.loads((run / "run.json").read_text())
+        del record["spec"]["config"]["inputs"]
+        (run / "run.json").write_text(json.dumps(record))
+    moved = shutil.copy(TEACHER, tmp_path / "copy.pt")
+    with pytest.warns(UserWarning, match="predates input records"):
+        with pytest.raises(StudyError, match=r"another teacher \(inputs.teacher.path: '.*teacher_tiny.pt' in the "
+                                             r"folder, '.*copy.pt' now"):
+            run_study(out, teacher_weights=moved, **kw)
+    (out / "study.json").write_text(json.dumps(study))
+    with pytest.raises(StudyError, match=r"runs/fitnet/default/seed0 finished with another configuration .*"
+                                         r"config.teacher: '.*teacher_tiny.pt' in the folder, '.*copy.pt' now"):
+        run_one(str(out), "bench", small, Run((), 0, "fitnet"), moved, "cpu", 1)  # each run checks it too
+    with pytest.warns(UserWarning, match="predates input records"):
+        again = run_study(out, teacher_weights=str(TEACHER), **kw)
+    assert again.rows == first.rows  # adopted as they were, not trained again
+    assert (out / "runs/fitnet/default/seed0/record.json").exists()
 
 
 def test_a_bad_teacher_is_found_before_any_run_trains(tmp_path, small):
