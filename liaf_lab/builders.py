@@ -95,7 +95,7 @@ def _coco_split(data: dict[str, Any], split: str, transforms) -> CocoDetectionDa
         return CocoDetectionDataset(root / split, root / "annotations" / f"instances_{split}.json", transforms,
                                     skip_bad_images=skip)
     return CocoDetectionDataset(resolve_path(data[f"{split}_images"]), resolve_path(data[f"{split}_ann"]), transforms,
-                                skip_bad_images=skip)
+                                skip_bad_images=skip, allow_outside_images=data.get("allow_outside_images", False))
 
 
 def shapes_cache(data: dict[str, Any]) -> Path:

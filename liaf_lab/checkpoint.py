@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_write
 
 
 class CheckpointError(ValueError):
@@ -28,25 +27,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_previous: bool
     A run killed mid-write leaves the previous checkpoint intact. With ``keep_previous`` the file
     being replaced is first renamed to ``previous_path(path)`` (``last.pt`` -> ``last.prev.pt``), so
     two good checkpoints exist after every save; a kill between the two renames leaves only the
-    previous one, which ``fit`` resumes from.
+    previous one, which ``fit`` resumes from. A full disk raises ``DiskFullError`` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb", keep_previous=previous_path(path) if keep_previous else None) as f:
+        torch.save(state, f)
     return path
 
 
@@ -70,13 +55,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise CheckpointError(
                 f"checkpoint {path} is not a plain weights file (it holds Python objects; liaf_lab never "
-                "unpickles those)"
+                "unpickles those), or it is damaged; expected a file written by torch.save"
             ) from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - torch's unpickler raises anything (KeyError, IndexError...) on junk
         first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {first})"
+            f"checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {first}); "
+            "expected a file written by torch.save"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")

@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# Errors that mean "the input is wrong" (each names what): printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+# Errors that mean "the input is wrong" (each names what): printed as one line, no traceback. OSError covers
+# missing, unreadable or undecodable files and a full disk (``DiskFullError``), each naming its file.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,7 +42,8 @@ REQUIRED_SECTIONS = ("data", "input", "teacher", "student")
 # [data], per kind: the keys it needs and those it may have (docs/data.md).
 DATA_REQUIRED = {"coco": ("train_images", "train_ann", "val_images", "val_ann"), "kitti": ("root",), "voc": ("root",),
                  "shapes": ("num_train", "num_val")}
-DATA_OPTIONAL = {"coco": ("test_images", "test_ann"), "kitti": ("classes", "merge", "test_fraction", "test_ids"),
+DATA_OPTIONAL = {"coco": ("test_images", "test_ann", "allow_outside_images"),
+                 "kitti": ("classes", "merge", "test_fraction", "test_ids"),
                  "voc": ("train_set", "val_set", "test_set", "classes"),
                  "shapes": ("num_test", "image_size", "seed", "cache")}
 DATA_TYPES: dict[str, Any] = {
@@ -50,7 +51,7 @@ DATA_TYPES: dict[str, Any] = {
     "test_images": str, "test_ann": str, "root": str, "train_set": str, "val_set": str, "test_set": str,
     "classes": list[str], "merge": dict[str, str], "test_fraction": float, "test_ids": list[str],
     "skip_bad_images": bool, "num_train": int, "num_val": int, "num_test": int, "image_size": int, "seed": int,
-    "cache": str,
+    "cache": str, "allow_outside_images": bool,
 }
 _DETECTOR_TYPES = typing.get_type_hints(create_detector)
 # section -> key -> type, and the keys a section must have.

@@ -3,12 +3,12 @@ evaluated and reported."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json
 from .builders import build_datasets, build_detector, build_distiller, train_config
 from .config import PROJECT_ROOT, load_config
 from .data import collate_fn
@@ -80,7 +80,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
             results["students"][method].append({"seed": seed, **metrics})
     results["seconds"] = time.perf_counter() - start
     results["summary"] = {m: _mean_std([r["AP"] for r in rows]) for m, rows in results["students"].items()}
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "summary.json", results)
     write_report(out, results, cfg)
     return results
 

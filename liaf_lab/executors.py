@@ -14,6 +14,7 @@ resumes from its ``last.pt``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -126,7 +127,11 @@ def execute(fn: Callable[..., Any], tasks: Sequence[Task], jobs: int = 1, execut
         for key, args in tasks:
             yield key, fn(*args)
     else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        from .processes import exit_with_parent
+
+        # each worker exits when this process dies (a killed study leaves no run training on)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(fn, *args): key for key, args in tasks}
             for future in as_completed(futures):
                 yield futures[future], future.result()

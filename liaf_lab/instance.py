@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from .validation import check_boxes, check_tensor, check_values, should_validate
+from .validation import check_boxes, check_grid_size, check_stride, check_tensor, check_values, should_validate
 
 Normalize = Literal["image", "batch"]
 # The factor on Eq. 3's logits ``F_ROI . E_k``: none (the paper), ``1/sqrt(C h w)`` (attention's
@@ -46,15 +46,15 @@ def roi_instance_features(
         features: ``[N, C, H, W]`` one feature level.
         boxes: N tensors ``[n_b, 4]``, (x1, y1, x2, y2) in input-image pixels.
         stride: input pixels per feature cell of this level.
-        validate: check the inputs (one device read); ``False`` when the caller has checked them.
+        validate: check the tensors (one device read); ``False`` when the caller has checked them. The
+            stride is checked always.
     Returns:
         ``roi_feats [I, C, h, w]`` and ``batch_index [I]`` (the image of each instance).
     """
+    check_stride(stride)
     if should_validate(validate):
         check_tensor("features", features, ndim=4, finite=False)
         boxes = check_boxes("boxes", boxes, num_images=features.shape[0], values=False)
-        if not stride > 0:
-            raise ValueError(f"stride must be positive, got {stride}")
         check_values({"features": features}, {"boxes": boxes})
     rois, batch_index = concat_boxes([b.to(features) for b in boxes])
     if rois.shape[0] == 0:
@@ -247,16 +247,17 @@ def instance_mask(
         scores: ``[I]`` one score per box, in the order of the concatenated boxes.
         size: ``(H, W)`` of the feature map.
         stride: input pixels per feature cell.
-        validate: check the inputs (one device read); ``False`` when the caller has checked them.
+        validate: check the tensors (one device read); ``False`` when the caller has checked them. ``size``
+            and ``stride`` are checked always.
     """
+    check_grid_size("size", size)
+    check_stride(stride)
     if should_validate(validate):
         boxes = check_boxes("boxes", boxes, values=False)
         check_tensor("scores", scores, ndim=1, finite=False)
         total = sum(len(b) for b in boxes)
         if scores.shape[0] != total:
             raise ValueError(f"scores has {scores.shape[0]} entries but boxes hold {total} instances")
-        if not stride > 0:
-            raise ValueError(f"stride must be positive, got {stride}")
         check_values({"scores": scores}, {"boxes": boxes})
     rois, batch_index = concat_boxes(boxes)
     height, width = size

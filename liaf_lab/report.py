@@ -9,6 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .atomic import save_figure, write_text
 from .distillers import BASELINE, method_label
 
 COLUMNS = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR100"]
@@ -46,8 +47,7 @@ def _axes():
 def _save(fig: Figure, ax, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_ap(results: dict[str, Any], path: Path) -> Path:
@@ -125,5 +125,5 @@ def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any]) -> Pat
         *shipped_study_section(),
     ]
     path = out / "report.md"
-    path.write_text("\n".join(text))
+    write_text(path, "\n".join(text))
     return path

@@ -11,11 +11,15 @@ tunes are chosen on ``val``; the AP reported for them is the test split's.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import itertools
 import json
 import math
 import time
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -131,20 +135,55 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
             "grid_mode": grid_mode, "threads": threads}
 
 
+def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
+    """What the study's results depend on besides its config (``liaf_lab.provenance``): the data of its splits as
+    parsed and the package version (the teacher is added by ``_teacher``)."""
+    from .builders import build_datasets, build_test_dataset
+    from .provenance import data_inputs, package_version
+
+    train, val = build_datasets(config)
+    return {"data": data_inputs({"train": train, "val": val, "test": build_test_dataset(config)}),
+            "version": package_version()}
+
+
+def _input_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved, new)`` for every differing item of two input records (``inputs.data.val``, ...)."""
+    from .engine.loop import spec_differences
+
+    return {k.replace("config.", "inputs.", 1): v
+            for k, v in spec_differences({"config": saved}, {"config": new}).items()}
+
+
+def _runs_teacher(out: Path) -> dict[str, str | None] | None:
+    """The teacher that the runs of a study folder from before input records name in their ``run.json`` (path,
+    and the file's present hash), ``None`` when no run names one."""
+    from .atomic import read_json
+    from .provenance import teacher_input
+
+    for record in sorted(out.glob("runs/*/*/seed*/run.json")):
+        teacher = read_json(record, "run record")["spec"]["config"].get("teacher")
+        if teacher is not None:
+            return teacher_input(teacher) if Path(teacher).is_file() else {"path": teacher, "sha256": None}
+    return None
+
+
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int],
                 family: dict[str, Any] | None = None) -> None:
-    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow).
+    """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow) with the
+    same inputs (data, package version; ``_check_teacher`` checks the teacher).
 
     ``family`` (``study_report.Family.as_dict()``) is recorded; a fixed-width study's target and pilot are
     part of its design and may not change (its budget ``max_seeds`` and the comparisons made may).
     """
+    from .atomic import read_json, write_json
     from .config import method_tables
     from .engine.loop import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
     path = out / "study.json"
+    inputs = _study_inputs(spec["config"])
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "study record")
         if saved["threads"] != spec["threads"]:
             raise StudyError(f"study folder {out} was run with {saved['threads']} threads per run and this call "
                              f"uses {spec['threads']}: results would not be comparable bit for bit. Pass "
@@ -157,6 +196,14 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
         for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
             if saved.get(key, "product") != spec[key]:
                 diffs[key] = (saved.get(key, "product"), spec[key])
+        if "inputs" in saved:
+            saved_inputs = {k: v for k, v in saved["inputs"].items() if k != "teacher"}
+            diffs.update(_input_differences(saved_inputs, inputs))
+            inputs["teacher"] = saved["inputs"].get("teacher")
+        else:
+            inputs["teacher"] = _runs_teacher(out)
+            warnings.warn(f"{path} predates input records: the present data and package version, and the teacher "
+                          "its runs name, are recorded as the study's", stacklevel=3)
         old, new = saved.get("family") or {}, family or {}
         if old.get("target_half_width") is not None:
             for key in ("target_half_width", "pilot"):
@@ -164,14 +211,12 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
                     diffs[f"family.{key}"] = (old.get(key), new.get(key))
         if diffs:
             listed = describe_differences(diffs)
-            raise StudyError(f"study folder {out} holds a study of another configuration ({listed}); use another "
-                             "--out")
+            raise StudyError(f"study folder {out} holds a study of another configuration or other inputs ({listed}); "
+                             "use another --out")
         methods = list(dict.fromkeys([*saved["methods"], *methods]))
         seeds = sorted(set(saved["seeds"]) | set(seeds))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({**spec, "methods": list(methods), "seeds": list(seeds),
-                                                "family": family or {}, "environment": environment_info()},
-                                               indent=2))
+    write_json(path, {**spec, "methods": list(methods), "seeds": list(seeds), "inputs": inputs,
+                      "family": family or {}, "environment": environment_info()})
 
 
 def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
@@ -183,6 +228,7 @@ def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
         return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
     return str(path) if path.exists() else None
+
 
 
 def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
@@ -208,9 +254,102 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
     return str(path)
 
 
+
+
+def _check_teacher(out: Path, config: str, overrides: list[str], path: str) -> None:
+    """Before any run trains: the teacher must load into the config's teacher, and be the teacher (path and
+    content hash) that ``out/study.json`` records, if it records one; it is recorded there otherwise."""
+    from .atomic import read_json, write_json
+    from .builders import build_datasets, build_detector
+    from .config import load_config
+    from .engine.loop import describe_differences
+    from .provenance import teacher_input
+
+    cfg = load_config(config, overrides)
+    train, _ = build_datasets(cfg)
+    build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path, class_names=train.class_names)
+    record = read_json(out / "study.json", "study record")
+    teacher, saved = teacher_input(path), record["inputs"].get("teacher")
+    if saved is not None and saved != teacher:
+        listed = describe_differences(_input_differences({"teacher": saved}, {"teacher": teacher}))
+        raise StudyError(f"study folder {out} was run with another teacher ({listed}): its students were distilled "
+                         f"from {saved['path']}. Pass --teacher {saved['path']} (unchanged) or use another --out")
+    if saved is None:
+        record["inputs"]["teacher"] = teacher
+        write_json(out / "study.json", record)
+
+def _legacy_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run begun before runs recorded their inputs (its ``run.json`` has none): it is
+    resumed and adopted as it is."""
+    from .atomic import RecordError, read_json
+
+    try:
+        spec = read_json(folder / "run.json", "run record")["spec"]
+    except (FileNotFoundError, RecordError, KeyError, TypeError):
+        return False
+    return "inputs" not in spec.get("config", {})
+
+
+def _write_run_record(folder: Path, run_config: dict[str, Any]) -> None:
+    """``folder/record.json``: the run's config and inputs, and the hashes of its ``result.json`` and ``student.pt``
+    (written last: a run is finished when this record, its result and its weights agree)."""
+    from .atomic import write_json
+    from .provenance import file_sha256
+
+    write_json(folder / "record.json", {"run_config": run_config, "result_sha256": file_sha256(folder / "result.json"),
+                                        "student_sha256": file_sha256(folder / "student.pt")})
+
+
+def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of the finished run in ``folder``, or ``None`` when it must be trained: not finished, or damaged
+    (its result, weights and record disagree; redone with a warning). ``StudyError`` when it finished with
+    another configuration or other inputs than ``run_config``."""
+    from .atomic import RecordError, read_json
+    from .engine.loop import describe_differences, spec_differences
+    from .provenance import file_sha256
+
+    result, record_path, student = folder / "result.json", folder / "record.json", folder / "student.pt"
+    if not result.exists():
+        return None
+    try:
+        row, record = read_json(result, "run result"), None
+        if record_path.exists():
+            record = read_json(record_path, "run record")
+        elif "inputs" not in run_config and student.is_file():  # finished before records: run.json records it
+            record = {"run_config": read_json(folder / "run.json", "run record")["spec"]["config"]}
+    except RecordError as err:
+        problem = str(err)
+    else:
+        if record is None:
+            problem = f"{record_path} is missing"
+        elif record.get("run_config") != run_config:
+            listed = describe_differences(spec_differences({"config": record.get("run_config", {})},
+                                                           {"config": run_config}))
+            raise StudyError(f"run {folder} finished with another configuration or other inputs ({listed}); use "
+                             "another --out")
+        elif "student_sha256" not in record:  # a run finished before records, adopted: its record is written now
+            _write_run_record(folder, run_config)
+            return row
+        elif not student.is_file() or file_sha256(student) != record.get("student_sha256"):
+            problem = f"{student} is missing or is not the student its record names"
+        elif file_sha256(result) != record.get("result_sha256"):
+            problem = f"{result} is not the result its record names"
+        else:
+            return row
+    warnings.warn(f"run {folder} is damaged ({problem}); it is redone", stacklevel=3)
+    for path in (result, record_path):
+        path.unlink(missing_ok=True)
+    return None
+
+
 def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
             threads: int) -> dict[str, Any]:
-    """Train and evaluate one student of the study (in this process); returns its row."""
+    """Train and evaluate one student of the study (in this process); returns its row.
+
+    A finished run (its result, weights and record agree, and its record names these inputs) is not
+    trained again; a damaged one is redone with a warning.
+    """
+    from .atomic import write_json
     from .builders import (
         build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,
     )
@@ -219,24 +358,31 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     from .engine.distributed import resolve_device
     from .engine.tracking import log_run_summary
     from .models import save_detector
+    from .provenance import data_inputs, file_sha256, package_version
 
     torch.set_num_threads(threads)
     folder = Path(out) / run.folder
     result_path = folder / "result.json"
-    done = finished_row(out, run.folder)
-    if done is not None:
-        return done
     start = time.perf_counter()
     cfg = load_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg, train.class_names)
+    inherit = cfg["kd"].get("inherit", False)
+    uses_teacher = run.method != BASELINE or inherit  # a no-KD run reads the teacher only to inherit
+    run_config = {"config": method_config(cfg, run.method), "method": run.method,
+                  "teacher": teacher_path if uses_teacher else None}
+    if not _legacy_run(folder):
+        run_config["inputs"] = {"data": data_inputs({"train": train, "val": val, "test": test}),
+                                "version": package_version(),
+                                "teacher_sha256": file_sha256(teacher_path) if uses_teacher else None}
+    run_config = json.loads(json.dumps(run_config, default=str))  # as run.json and record.json hold it
+    finished = _finished_row(folder, run_config)
+    if finished is not None:
+        return finished
     nc = len(train.class_names) + 1
     student = build_detector(cfg, "student", nc, seed=run.seed, class_names=train.class_names,
                              category_ids=dataset_category_ids(train))
     tcfg = train_config(cfg, "distill", seed=run.seed)
-    inherit = cfg["kd"].get("inherit", False)
-    run_config = {"config": method_config(cfg, run.method), "method": run.method,  # a no-KD run reads the
-                  "teacher": teacher_path if run.method != BASELINE or inherit else None}  # teacher only to inherit
     teacher = (build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
                if run_config["teacher"] else None)
     train_student(student, teacher, build_distiller(run.method, cfg, student, seed=run.seed), train, tcfg, folder,
@@ -254,14 +400,56 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
                **dict(o.partition("=")[::2] for o in run.variant)}  # one HParams entry per run, with its grid values
     log_run_summary(folder, tcfg.iterations, {k: v for k, v in row.items() if k.startswith(("val_", "test_"))},
                     hparams)
-    result_path.write_text(json.dumps(row, indent=2))
+    write_json(result_path, row)
+    _write_run_record(folder, run_config)
     return row
 
 
+def _locked(study: Callable[..., StudyResult]) -> Callable[..., StudyResult]:
+    """``study`` run holding the lock of its study folder (``out_dir``): a second process is refused with the
+    holder's PID instead of both writing the same runs."""
+    from .processes import FolderLock, FolderLockedError
+
+    signature = inspect.signature(study)
+
+    @functools.wraps(study)
+    def locked(*args: Any, **kwargs: Any) -> StudyResult:
+        out = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
+        created = not out.exists()
+        try:
+            with FolderLock(out) as lock:
+                try:
+                    return study(*args, **kwargs)
+                except BaseException:
+                    if created:  # a study refused before it began leaves no folder behind
+                        lock.path.unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):
+                            out.rmdir()
+                    raise
+        except FolderLockedError as err:  # raised on entering only
+            raise StudyError(f"study folder {err}: a study runs there; wait for it to end or use another "
+                             "--out") from None
+
+    return locked
+
+
 def finished_row(out: str | Path, folder: str) -> dict[str, Any] | None:
-    """The row of the study run in ``out/folder`` if it finished (its ``result.json``), else ``None``."""
-    path = Path(out) / folder / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    """The row of the study run in ``out/folder`` if it finished (its result, weights and record agree), else
+    ``None``; ``run_one`` checks the rest (its configuration and inputs) when it runs."""
+    from .atomic import RecordError, read_json
+    from .provenance import file_sha256
+
+    folder_path = Path(out) / folder
+    result, record, student = (folder_path / n for n in ("result.json", "record.json", "student.pt"))
+    try:
+        if not (result.is_file() and record.is_file() and student.is_file()):
+            return None
+        saved = read_json(record, "run record")
+        if (file_sha256(result), file_sha256(student)) != (saved.get("result_sha256"), saved.get("student_sha256")):
+            return None
+        return read_json(result, "run result")
+    except RecordError:
+        return None
 
 
 @dataclass
@@ -272,6 +460,7 @@ class StudyResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@_locked
 def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
@@ -320,10 +509,11 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     execute_tasks = partial(execute, jobs=jobs, executor=executor, options=executor_options,
                             log_folder=out / "slurm")
     teacher_path = None
-    if needs_teacher:  # trained where the runs train (a Slurm job), unless it exists
+    if needs_teacher:  # trained where the runs train (a Slurm job), unless it exists; checked before any run
         teacher_task = ("teacher", (out, config, overrides, device, threads, teacher_weights))
         teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
                                           finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
+        _check_teacher(out, config, overrides, teacher_path)
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
     rows = _execute(execute_tasks, out, [(str(out), config, overrides, r, teacher_path, device, threads) for r in runs],
                     "study")
@@ -350,14 +540,17 @@ def _table(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[dict[str, A
              "settings": ",".join(r.relevant) or "default"} for r in runs]
 
 
+
 def _execute(execute_tasks: Callable, out: Path, tasks: list[tuple], desc: str) -> dict[str, dict[str, Any]]:
     """Run (or load) each task's run through ``execute_tasks`` (``executors.execute`` with the study's jobs and
-    executor); ``{folder: row}``."""
+    executor); ``{folder: row}``. Locally ``run_one`` checks a finished run in full; on Slurm a run whose result,
+    weights and record agree is read back without a job (``finished_row``)."""
     tasks = list({task[3].folder: task for task in tasks}.values())
     rows: dict[str, dict[str, Any]] = {}
+    slurm = execute_tasks.keywords.get("executor") == "slurm"
     bar = progress(total=len(tasks), desc=desc, dynamic_ncols=True)
     for folder, row in execute_tasks(run_one, [(task[3].folder, task) for task in tasks],
-                                     finished=partial(finished_row, out)):
+                                     finished=partial(finished_row, out) if slurm else None):
         rows[folder] = row  # the bar moves as runs finish, in any order
         bar.update(1)
     bar.close()
@@ -390,6 +583,7 @@ def _check_family(methods: Sequence[str], seeds: Sequence[int], grid: dict[str, 
         raise StudyError("--target-halfwidth works without a grid or with a one-at-a-time screen (--one-at-a-time), "
                          "whose family is each value against its method's preset")
     return Family(pairwise, tuple(versus), float(target_half_width), int(max_seeds), tuple(seeds))
+
 
 
 @dataclass
@@ -436,26 +630,33 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     Raises ``StudyError`` naming the problem: no study in the folder, or the run is not there or not
     finished (the runs the folder holds are listed).
     """
+    from .atomic import read_json
     from .builders import build_detector, build_distiller
-    from .checkpoint import load_checkpoint, load_module_state
+    from .checkpoint import CheckpointError, load_checkpoint, load_module_state
 
     out = study_folder(study_dir)
     folder = out / Run(tuple(v for v in variant.split(",") if v != "default"), seed, method).folder
     if not (folder / "result.json").is_file():
         done = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").glob("*/*/seed*/result.json"))
         raise StudyError(f"{out} has no finished run {method}/{variant}/seed{seed}; it has {done or 'none'}")
-    spec = json.loads((folder / "run.json").read_text())["spec"]["config"]
+    spec = read_json(folder / "run.json", "run record")["spec"]["config"]
     cfg, saved = spec["config"], load_checkpoint(folder / "student.pt")
+    if not isinstance(saved.get("meta"), dict) or "class_names" not in saved["meta"]:
+        raise CheckpointError(f"{folder / 'student.pt'} is not a student written by save_detector (it has no "
+                              "class names)")
     names = list(saved["meta"]["class_names"])
     student = build_detector(cfg, "student", len(names) + 1, weights_path=folder / "student.pt", class_names=names)
     distiller = build_distiller(method, cfg, student, seed=seed)
     if distiller is not None:
         last = folder / "last.pt"
-        state = dict(load_checkpoint(last)["modules"]["distiller"])
+        modules = load_checkpoint(last).get("modules")
+        if not isinstance(modules, dict) or "distiller" not in modules:
+            raise CheckpointError(f"{last} holds no distiller state; expected the last.pt of a {method!r} run")
+        state = dict(modules["distiller"])
         for key in distiller.state_dict():  # runs saved before the stage-1 counter existed had a full stage 1
             if key.endswith("stage1_steps"):
                 state.setdefault(key, torch.tensor(int(cfg["stage1"]["iterations"])))
         load_module_state(distiller, state, last, f"a {method!r} distiller")
         distiller = distiller.to(device).eval()
     return StudyRun(method, seed, variant, folder, cfg, student.to(device).eval(), distiller,
-                    json.loads((folder / "result.json").read_text()), names)
+                    read_json(folder / "result.json", "run result"), names)

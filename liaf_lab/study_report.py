@@ -17,6 +17,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .atomic import atomic_write, save_figure, write_json, write_text
 from .study import BASELINE, StudyError, study_folder
 from .verdicts import Comparison, PairedData, compare_family, paired_interval, stein_sample_size
 
@@ -250,7 +251,7 @@ def study_figure(summary: dict[str, Any], split: str) -> Figure:
 
 def plot_study(summary: dict[str, Any], path: Path, split: str) -> Path:
     """``study_figure`` saved to ``path``."""
-    study_figure(summary, split).savefig(path, dpi=100)
+    save_figure(study_figure(summary, split), path, dpi=100)
     return path
 
 
@@ -288,9 +289,9 @@ def comparisons_table(comparisons: Sequence[Comparison]) -> list[str]:
 def write_comparisons(out: Path, comparisons: Sequence[Comparison]) -> None:
     """``comparisons.csv`` and ``comparisons.json`` in ``out``: one row per comparison (AP in percent)."""
     rows = [c.as_row() for c in comparisons]
-    (out / "comparisons.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "comparisons.json", rows)
     fields = list(Comparison.__dataclass_fields__)
-    with (out / "comparisons.csv").open("w", newline="") as f:
+    with atomic_write(out / "comparisons.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
@@ -388,14 +389,14 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
     """``results.csv``, ``results.json``, ``summary.json``, ``comparisons.csv``/``.json``, ``study.png`` and
     ``report.md`` in ``out``."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with (out / "results.csv").open("w", newline="") as f:
+    with atomic_write(out / "results.csv", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "results.json", rows)
     split = report_split(rows)
     summary = summarise(rows, methods, grid, split, family)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "summary.json", summary, default=str)
     main = study_comparisons(rows, methods, grid, split, family)
     tuning = study_comparisons(rows, methods, grid, "val", family) if split == "test" else []
     screen = screen_comparisons(rows, methods, family) if grid and grid_mode == "one_at_a_time" else []
@@ -429,7 +430,7 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
     if screen:
         lines += ["## The screen: each value against its method's preset", "", *comparisons_table(screen), ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path, summary
 
 

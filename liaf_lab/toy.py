@@ -8,13 +8,13 @@ student with LIAF-KD and with FitNet, and reports how close each student's featu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .atomic import write_json
 from .distillers import FitNetDistiller, LIAFDistiller
 from .progress import progress
 
@@ -99,8 +99,7 @@ def run_toy(steps: int = 60, seed: int = 0, out_dir: str | Path | None = None) -
         with torch.no_grad():
             results[f"{name}_final_loss"] = float(distiller(student(eval_images), teacher(eval_images), eval_boxes))
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "toy_results.json").write_text(json.dumps(results, indent=2))
+        write_json(Path(out_dir) / "toy_results.json", results)
     return results
 
 

@@ -4,7 +4,8 @@ Checks run once, at the boundary: a public function called by the user, or a dis
 ``forward``/``stage1``. Inner calls pass ``validate=False`` and trust their inputs. The checks that
 need values from the device (NaN/inf, degenerate boxes) are fused by ``check_values`` into one read
 per device. ``set_debug(True)``, or the environment variable ``LIAF_DEBUG=1``, turns the inner
-checks back on everywhere (each function checks its own inputs again).
+checks back on everywhere (each function checks its own inputs again). Checks of plain arguments
+(sizes, strides: ``check_stride``, ``check_grid_size``) cost nothing on the device and always run.
 """
 
 from __future__ import annotations
@@ -151,6 +152,21 @@ def check_feature_dict(
     if values:
         check_values({name: {lvl: feats[lvl] for lvl in levels}})
     return feats
+
+
+def check_stride(stride: object) -> float:
+    """Check ``stride``: input pixels per feature cell, a positive finite number."""
+    if isinstance(stride, bool) or not isinstance(stride, (int, float)) or not 0 < stride < float("inf"):
+        raise ValueError(f"stride must be positive and finite (input pixels per feature cell), got {stride!r}")
+    return float(stride)
+
+
+def check_grid_size(name: str, size: object) -> tuple[int, int]:
+    """Check ``size``: a feature grid ``(H, W)``, two non-negative ints."""
+    if isinstance(size, Tensor) or not isinstance(size, Sequence) or len(size) != 2 \
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in size):
+        raise ValueError(f"{name} must be a feature grid (H, W) of two non-negative ints, got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 def check_image_size(image_size: object) -> tuple[int, int]:

@@ -270,7 +270,7 @@ def test_non_finite_boxes_are_dropped_not_repaired(tmp_path):
     with pytest.warns(DatasetWarning) as record:
         ds = CocoDetectionDataset(*_coco_fixture(tmp_path, anns))
     assert [str(w.message).split(" in ")[0] for w in record] == [
-        "dropped 2 boxes with non-finite coordinates (inf or NaN)"]
+        "dropped 2 boxes with non-finite coordinates (inf or NaN)", f"classes ['cat'] of {tmp_path / 'instances.json'} occur"]
     message = str(record[0].message)
     assert "instances.json: annotation id 1 (image id 10, a.png), annotation id 2 (image id 10, a.png)" in message
     assert ds.records[0].boxes.shape == (0, 4) and len(ds.records[1].boxes) == 1

@@ -143,7 +143,7 @@ def test_weights_round_trip_and_errors(tmp_path):
     corrupt.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot be loaded"):
         create_detector("retinanet", NUM_CLASSES, depth=18, **TINY, weights_path=corrupt)
-    with pytest.raises(RuntimeError, match="do not fit"):  # strict keys: another arch's weights
+    with pytest.raises(ValueError, match="does not hold the weights of this FCOS: missing"):  # another arch's
         create_detector("fcos", NUM_CLASSES, depth=18, **TINY, weights_path=path)
 
 

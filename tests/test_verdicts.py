@@ -165,6 +165,7 @@ def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tm
 
     monkeypatch.setattr(study, "run_one", fake_run_one)
     monkeypatch.setattr(study, "_teacher", lambda *a, **k: "teacher.pt")
+    monkeypatch.setattr(study, "_check_teacher", lambda *a, **k: None)
     out = tmp_path / "s"
     result = run_study(out, "tiny", ["none", "fitnet", "liaf"], [0, 1, 2], device="cpu", target_half_width=0.4,
                        max_seeds=10)

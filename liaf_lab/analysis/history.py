@@ -13,6 +13,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from ..atomic import write_text
 from ..distillers import InstanceScorer, KDInputs
 from .viz import check_levels, new_figure
 
@@ -126,7 +127,7 @@ class ScoreHistory:
     def save_json(self, path: str | Path) -> None:
         """Write levels, instances (image index and box) and records as JSON."""
         data = {"format": _FORMAT, "levels": self.levels, "instances": self.instances, "records": self.records}
-        Path(path).write_text(json.dumps(data))
+        write_text(path, json.dumps(data))
 
     @classmethod
     def load_json(cls, path: str | Path) -> ScoreHistory:

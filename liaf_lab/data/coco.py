@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
-    BoxSanitizer, DatasetWarning, DetectionDataset, ImageChecker, Transform, duplicates, named, read_json,
+    BoxSanitizer, DatasetWarning, DetectionDataset, ImageChecker, Transform, duplicates, image_path, named,
+    read_json, warn_unused_classes,
 )
 
 
@@ -67,11 +68,13 @@ class CocoDetectionDataset(DetectionDataset):
             ``detection_transforms(train=False)``.
         skip_bad_images: decode every image at load time and skip missing or undecodable ones (one
             ``DatasetWarning``); by default they are errors.
+        allow_outside_images: accept a ``file_name`` that is absolute or leads out of ``image_dir``
+            (``../``); by default it is an error naming the image.
     """
 
     def __init__(
         self, image_dir: str | Path, ann_file: str | Path, transforms: Transform | None = None,
-        skip_bad_images: bool = False,
+        skip_bad_images: bool = False, allow_outside_images: bool = False,
     ) -> None:
         image_dir, ann_file = Path(image_dir), Path(ann_file)
         data = read_json(ann_file)
@@ -109,7 +112,7 @@ class CocoDetectionDataset(DetectionDataset):
             where = f"{ann_file}: image id {image_id}"
             file_name = str(_field(im, "file_name", where))
             width, height = _size(im, "width", where), _size(im, "height", where)
-            path = image_dir / file_name
+            path = image_path(image_dir, file_name, f"image id {image_id} in {ann_file}", allow_outside_images)
             if check_image(path, f"image id {image_id} in {ann_file}", (width, height)) is None:
                 continue
             rows, labels, crowd, areas, names_ = [], [], [], [], []
@@ -137,5 +140,7 @@ class CocoDetectionDataset(DetectionDataset):
             records.append(sanitize.record(image_id, path, width, height, rows, labels, crowd, names_, areas))
         sanitize.warn()
         check_image.warn()
+        if annotations:  # an empty list was warned about above
+            warn_unused_classes(records, [names[c] for c in cat_ids], ann_file)
         self.ann_file = ann_file
         super().__init__(records, [names[c] for c in cat_ids], {v: k for k, v in cat_to_label.items()}, transforms)

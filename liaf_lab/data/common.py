@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -129,16 +130,55 @@ class BoxSanitizer:
                               stacklevel=3)
 
 
-def read_image(path: Path, record: str, decode: bool = True) -> Image.Image:
-    """The image at ``path`` decoded to RGB, or with ``decode=False`` only its header read (``size``, no pixels).
+def image_path(folder: Path, name: str, record: str, allow_outside: bool = False) -> Path:
+    """``folder / name``; ``ValueError`` naming ``record`` when ``name`` is absolute or leads out of ``folder``
+    (``../``), unless ``allow_outside``. Checked on the path as written, so symbolic links inside ``folder``
+    are followed as usual."""
+    path = folder / name
+    inside = os.path.normpath(path).startswith(os.path.join(os.path.normpath(folder), ""))
+    if not inside and not allow_outside:
+        raise ValueError(f"image {name!r} ({record}) lies outside the image folder {folder}; allow it explicitly "
+                         "(allow_outside_images=True, data.allow_outside_images = true) if it is meant to")
+    return path
 
-    ``FileNotFoundError`` / ``OSError`` naming the file and ``record`` when it is missing or cannot be read.
+
+# 16-bit greyscale modes (PNG, TIFF): scaled to 8 bits; PIL's convert("RGB") would clip them at 255.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _check_mode(im: Image.Image) -> None:
+    """``ValueError`` for an image mode liaf_lab cannot map to 8-bit RGB without guessing (float pixels)."""
+    if im.mode == "F":
+        raise ValueError("32-bit float pixels have no known range; convert the image to 8 or 16 bits")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB: 16-bit greyscale scaled by 255/65535 (rounded), other modes by PIL's ``convert``."""
+    _check_mode(im)
+    if im.mode not in _WIDE_MODES:
+        return im.convert("RGB")
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"{im.mode} pixels outside 0..65535 (min {values.min()}, max {values.max()}); convert "
+                         "the image to 8 or 16 bits")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+
+
+def read_image(path: Path, record: str, decode: bool = True) -> Image.Image:
+    """The image at ``path`` decoded to 8-bit RGB (16-bit greyscale scaled, not clipped), or with
+    ``decode=False`` only its header read (``size``, no pixels).
+
+    ``FileNotFoundError`` / ``OSError`` naming the file and ``record`` when it is missing, cannot be read,
+    or holds pixels of no known range (32-bit float).
     """
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found ({record})")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB") if decode else im
+            if decode:
+                return _to_rgb(im)
+            _check_mode(im)
+            return im
     except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified format, "image file is truncated", ...
         raise OSError(
             f"cannot {'decode' if decode else 'read'} image {path} ({record}): {e}; "
@@ -193,6 +233,16 @@ class ImageChecker:
                 DatasetWarning,
                 stacklevel=3,
             )
+
+
+def warn_unused_classes(records: Sequence[ImageRecord], class_names: Sequence[str], source: Path) -> None:
+    """One ``DatasetWarning`` naming the declared classes (label ``i + 1`` is ``class_names[i]``) that no box or
+    ignore region of ``records`` has."""
+    used = {int(c) for r in records for c in (*r.labels, *r.ignore_labels)}
+    unused = [name for i, name in enumerate(class_names) if i + 1 not in used]
+    if records and unused:
+        warnings.warn(f"classes {unused} of {source} occur in none of its {len(records)} images", DatasetWarning,
+                      stacklevel=3)
 
 
 def as_boxes(rows: Sequence[Sequence[float]]) -> NDArray[np.float32]:
@@ -301,6 +351,12 @@ class DetectionDataset(Dataset):
     ) -> None:
         from .transforms import detection_transforms
 
+        shared = duplicates(r.path for r in records)
+        if shared:
+            ids = [str(r.image_id) for r in records if r.path == shared[0]]
+            more = f" ({len(shared) - 1} more files are listed more than once)" if len(shared) > 1 else ""
+            raise ValueError(f"image file {shared[0]} is listed under image ids {', '.join(ids)}{more}: each image "
+                             "must be listed once, with all its boxes")
         self.records = records
         self.class_names = list(class_names)
         self.label_to_cat_id = dict(label_to_cat_id)

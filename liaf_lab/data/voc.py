@@ -12,7 +12,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .common import BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names, named
+from .common import (
+    BoxSanitizer, DetectionDataset, ImageChecker, Transform, check_class_names, image_path, named, warn_unused_classes,
+)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -37,6 +39,8 @@ def _parse_objects(xml_path: Path) -> list[_VOCObject]:
     objects = []
     for k, obj in enumerate(tree.getroot().iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise ValueError(f"{xml_path}: object {k} has an empty or missing <name>; give its class name")
         try:
             xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError):
@@ -100,12 +104,13 @@ class VOCDataset(DetectionDataset):
         check_image = ImageChecker(list_file, skip_bad_images)
         parsed: list[tuple[int, Path, int, int, Path, list[_VOCObject]]] = []
         for image_id, stem in enumerate(stems):
-            image_path = root / "JPEGImages" / f"{stem}.jpg"
-            size = check_image(image_path, f"id {stem!r} of {list_file}")
+            path = image_path(root / "JPEGImages", f"{stem}.jpg", f"id {stem!r} of {list_file}")
+            size = check_image(path, f"id {stem!r} of {list_file}")
             if size is not None:
                 xml_path = root / "Annotations" / f"{stem}.xml"
-                parsed.append((image_id, image_path, *size, xml_path, _parse_objects(xml_path)))
+                parsed.append((image_id, path, *size, xml_path, _parse_objects(xml_path)))
         check_image.warn()
+        declared = classes is not None
         if classes is None:
             classes = sorted({name for *_, objects in parsed for _, name, _, _ in objects})
             if not classes:
@@ -114,14 +119,16 @@ class VOCDataset(DetectionDataset):
 
         sanitize = BoxSanitizer(root / "Annotations")
         records = []
-        for image_id, image_path, width, height, xml_path, objects in parsed:
+        for image_id, path, width, height, xml_path, objects in parsed:
             for k, name, _, _ in objects:
                 if name not in label_of:
                     raise ValueError(f"{xml_path}: object {k} has unknown class {name!r}; classes are {classes}")
             rows, labels = [box for _, _, box, _ in objects], [label_of[name] for _, name, _, _ in objects]
             difficult = [d for *_, d in objects]
             names = [f"{xml_path.name} object {k} ({name})" for k, name, _, _ in objects]
-            records.append(sanitize.record(image_id, image_path, width, height, rows, labels, difficult, names))
+            records.append(sanitize.record(image_id, path, width, height, rows, labels, difficult, names))
         sanitize.warn()
+        if declared:
+            warn_unused_classes(records, classes, list_file)
         self.root = root
         super().__init__(records, classes, {i + 1: i + 1 for i in range(len(classes))}, transforms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 from collections.abc import Callable
@@ -14,7 +13,9 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import write_json
 from ..data import collate_fn as default_collate
+from ..models.detectors import check_image_sizes
 from ..progress import progress
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L"]
@@ -61,12 +62,13 @@ def evaluate_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = def
                   desc: str = "evaluate") -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (which provides ``coco_gt()`` and ``label_to_cat_id``).
 
-    Writes the metrics to ``out_json`` when given.
+    Writes the metrics to ``out_json`` when given. An image the model cannot take (``check_image_sizes``)
+    is a ``ValueError`` naming it before any prediction.
     """
+    check_image_sizes(model, dataset)
     results = predict_coco(model, dataset, collate_fn, batch_size, device, desc)
     metrics = coco_metrics(dataset.coco_gt(), results)
     metrics["num_detections"] = len(results)
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(metrics, indent=2))
+        write_json(out_json, metrics)
     return metrics

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as ddp
+from ..atomic import DiskFullError, RecordError, atomic_write, read_json, save_figure, write_json, write_text
 from ..checkpoint import (
     CheckpointError, load_checkpoint, load_module_state, previous_path, remove_orphan_temporaries, save_checkpoint,
 )
@@ -45,8 +45,9 @@ class TrainConfig:
     Values are type-checked on construction; a wrong one raises ``ValueError`` naming the option.
     ``on_nonfinite``: what a step with a non-finite loss or gradient does: ``"stop"`` the run (the
     last good checkpoint stays) or ``"skip"`` the optimiser step (counted in ``metrics.csv``).
-    ``max_abs_weight``: a run whose largest parameter magnitude exceeds it is diverging and stops
-    before it checkpoints (``None``: no limit). ``sync_bn``: SyncBatchNorm under DDP (CUDA only).
+    ``max_abs_weight``: a run whose largest parameter or buffer (BatchNorm statistics) magnitude
+    exceeds it is diverging and stops before it checkpoints (``None``: no limit). ``sync_bn``:
+    SyncBatchNorm under DDP (CUDA only).
     ``deterministic``: on CUDA, ``torch.use_deterministic_algorithms`` (slower; the CPU is always
     deterministic for a given thread count).
     """
@@ -161,29 +162,29 @@ class MetricsLog:
         fields: list[str] = []
         for row in self.rows:
             fields += [k for k in row if k not in fields]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_write(self.path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(self.path)
 
 
 class EvaluationLog:
-    """``evaluations.jsonl``: one line appended (and fsynced) per periodic evaluation, as it happens."""
+    """``evaluations.jsonl``: one line per periodic evaluation, the file rewritten atomically as each is added."""
 
     def __init__(self, path: Path, resume_from: int) -> None:
         self.path = path
+        self.lines: list[str] = []
         if path.exists():  # evaluations past the checkpoint are redone by the resumed run
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= resume_from]
-            path.write_text("".join(line + "\n" for line in kept))
+            self.lines = [line for line in path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["iteration"] <= resume_from]
+            self._write()
+
+    def _write(self) -> None:
+        write_text(self.path, "".join(line + "\n" for line in self.lines))
 
     def append(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.lines.append(json.dumps(entry))
+        self._write()
 
 
 def _open_tensorboard(out: Path, start: int) -> TensorBoardLog:
@@ -246,12 +247,6 @@ def describe_differences(diffs: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {a!r} in the folder, {b!r} now" for k, (a, b) in diffs.items())
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-
-
 def prepare_run_folder(out: Path) -> None:
     """Create ``out``, check it is writable (before any training) and remove orphan temporary files."""
     try:
@@ -268,33 +263,77 @@ def prepare_run_folder(out: Path) -> None:
                       stacklevel=3)
 
 
+def _read_run_record(path: Path) -> dict[str, Any]:
+    """A run folder's previous ``run.json`` (``{}`` when there is none, or, with a warning, when it is damaged:
+    the run rewrites it)."""
+    if not path.exists():
+        return {}
+    try:
+        return read_json(path, "run record")
+    except RecordError as err:
+        warnings.warn(f"{err}; it is written again", stacklevel=3)
+        return {}
+
+
+def _check_run_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``CheckpointError`` unless ``state`` is a whole ``fit`` checkpoint: its keys, and module tensors of the
+    shapes its own spec records (a file damaged inside a valid zip is caught here, not deep in torch)."""
+    missing = [k for k in ("modules", "optimizer", "scheduler", "scaler", "iteration", "spec") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a liaf_lab run checkpoint (it lacks {missing}); expected the last.pt "
+                              "that fit() writes")
+    modules, spec = state["modules"], state["spec"]
+    if not isinstance(modules, dict) or not isinstance(spec, dict) or not isinstance(state["iteration"], int) \
+            or not all(isinstance(m, dict) for m in modules.values()):
+        raise CheckpointError(f"{path} is a damaged run checkpoint (its modules, spec or iteration have the wrong "
+                              "type)")
+    shapes = {name: {k: list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for k, v in m.items()}
+              for name, m in modules.items()}
+    recorded = {name: m.get("tensors") for name, m in spec.get("modules", {}).items()}
+    if shapes != recorded:
+        raise CheckpointError(f"{path} is a damaged run checkpoint (its module tensors do not match the shapes its "
+                              "spec records)")
+
+
 def _load_resume_state(ckpt_path: Path, device: torch.device) -> dict[str, Any] | None:
-    """The checkpoint to resume from: ``last.pt``, or ``last.prev.pt`` when ``last.pt`` is missing or corrupt."""
+    """The checkpoint to resume from: ``last.pt``, or ``last.prev.pt`` when ``last.pt`` is missing or damaged in
+    any way (unreadable, not a run checkpoint, inconsistent)."""
     prev = previous_path(ckpt_path)
     candidates = [p for p in (ckpt_path, prev) if p.exists()]
     for i, path in enumerate(candidates):
         try:
             state = load_checkpoint(path, map_location=device)
+            _check_run_checkpoint(path, state)
         except CheckpointError as err:
             if i + 1 < len(candidates):
                 warnings.warn(f"{err}; resuming from the previous checkpoint {candidates[i + 1]}", stacklevel=3)
                 continue
-            raise CheckpointError(f"{err}; there is no earlier checkpoint: delete {path} to start the run "
-                                  "afresh") from None
-        missing = [k for k in ("modules", "optimizer", "scheduler", "iteration", "spec") if k not in state]
-        if missing:
-            raise CheckpointError(f"{path} is not a liaf_lab run checkpoint (it lacks {missing}); expected the "
-                                  "last.pt that fit() writes. Use another --out, or delete the file")
+            raise CheckpointError(f"{err}; there is no earlier good checkpoint: use another --out, or delete {path} "
+                                  "to start the run afresh") from None
         if path != ckpt_path and not ckpt_path.exists():
             warnings.warn(f"{ckpt_path} is missing (a kill between two renames); resuming from {path}", stacklevel=3)
         return state
     return None
 
 
+def _schedule_key(key: str, spec: dict[str, Any]) -> bool:
+    """Whether the spec key ``key`` (e.g. ``train.lr``, ``config.config.distill.iterations``) is a schedule key:
+    one of ``SCHEDULE_KEYS`` in the training options, or in a table of the caller's config that holds only
+    training options (a config's training section, which the CLI records whole)."""
+    section, _, name = key.rpartition(".")
+    if name not in SCHEDULE_KEYS:
+        return False
+    if section == "train":
+        return True
+    table: Any = spec
+    for part in section.split("."):
+        table = table.get(part) if isinstance(table, dict) else None
+    return isinstance(table, dict) and set(table) <= set(TrainConfig.__dataclass_fields__)
+
+
 def _check_resume(out: Path, saved: dict[str, Any], new: dict[str, Any], new_schedule: bool) -> dict[str, tuple]:
     diffs = spec_differences(saved, new)
-    allowed = {f"train.{k}" for k in SCHEDULE_KEYS} if new_schedule else set()
-    refused = {k: v for k, v in diffs.items() if k not in allowed}
+    refused = {k: v for k, v in diffs.items() if not (new_schedule and _schedule_key(k, new))}
     if refused:
         listed = describe_differences(refused)
         hint = (" Only the schedule may change with new_schedule (--new-schedule): " + ", ".join(SCHEDULE_KEYS)
@@ -356,12 +395,12 @@ def fit(
     ``RunConfigError`` listing it; ``new_schedule=True`` lets only the schedule keys
     (``SCHEDULE_KEYS``) change and records the change in ``run.json``.
 
-    Before each optimiser step the gradients' total norm and after it the parameters' largest
-    magnitude are checked in one fused reduction read once with the losses; a non-finite value or
-    a diverging weight stops the run (``NonFiniteError``) without checkpointing it, or, with
-    ``cfg.on_nonfinite="skip"``, a non-finite step is skipped and counted. Under torchrun the step
-    is wrapped in ``DistributedDataParallel``, the data is sharded per rank and the logged losses
-    are averaged over ranks.
+    Before each optimiser step the gradients' total norm and after it the largest magnitude of the
+    parameters and floating buffers (BatchNorm statistics) are checked in one fused reduction read
+    once with the losses; a non-finite value or a diverging weight stops the run (``NonFiniteError``)
+    without checkpointing it, or, with ``cfg.on_nonfinite="skip"``, a non-finite step is skipped and
+    counted. Under torchrun the step is wrapped in ``DistributedDataParallel``, the data is sharded
+    per rank and the logged losses are averaged over ranks.
 
     ``on_iteration(it)`` runs after every optimiser step (``it`` counts from 1), e.g. to record
     statistics of fixed images; it must not draw from torch's random generators, so a run with it
@@ -379,6 +418,8 @@ def fit(
         torch.use_deterministic_algorithms(True, warn_only=True)
     step.to(device)
     params = [p for m in checkpoint_modules.values() for p in m.parameters() if p.requires_grad]
+    # Floating buffers (BatchNorm's running statistics) are checked with the weights: they diverge too.
+    watched = params + [b for m in checkpoint_modules.values() for b in m.buffers() if b.is_floating_point()]
     optimizer = make_optimizer(params, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -404,14 +445,14 @@ def fit(
         else:
             scheduler.load_state_dict(state["scheduler"])
     if out is not None and main:
-        old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        old = _read_run_record(out / "run.json")
         env = environment_info(device)
         if old.get("environment", {}).get("threads") not in (None, env["threads"]) and state is not None:
             warnings.warn(f"{out} was run with {old['environment']['threads']} threads and resumes with "
                           f"{env['threads']}: the result will not be bit-identical to an uninterrupted run",
                           stacklevel=2)
-        _write_json(out / "run.json", {"desc": desc, "seed": cfg.seed, "environment": env, "spec": spec,
-                                       "schedule_changes": changes, "world_size": ddp.world_size()})
+        write_json(out / "run.json", {"desc": desc, "seed": cfg.seed, "environment": env, "spec": spec,
+                                       "schedule_changes": changes, "world_size": ddp.world_size()}, default=str)
 
     if cfg.sync_bn and distributed:
         if device.type != "cuda":
@@ -433,18 +474,27 @@ def fit(
                          f"per process ({ddp.world_size()} processes)")
     samples = SeededSamples(dataset)
     skipped = int(state.get("skipped_steps", 0)) if state is not None else 0
+    saved_at = start if state is not None else None  # the iteration of the last good checkpoint
 
     def save(iteration: int) -> None:
+        nonlocal saved_at
         if ckpt_path is None or not main:
             return
-        save_checkpoint(ckpt_path, {
-            "modules": {n: m.state_dict() for n, m in checkpoint_modules.items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "iteration": iteration, "spec": spec,
-            "schedule_changes": changes, "skipped_steps": skipped,
-        }, keep_previous=True)
-        if log is not None:
-            log.flush()
+        try:
+            save_checkpoint(ckpt_path, {
+                "modules": {n: m.state_dict() for n, m in checkpoint_modules.items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "iteration": iteration, "spec": spec,
+                "schedule_changes": changes, "skipped_steps": skipped,
+            }, keep_previous=True)
+            if log is not None:
+                log.flush()
+        except DiskFullError as err:
+            last_good = (f"iteration {saved_at} ({ckpt_path}), which a rerun resumes from" if saved_at is not None
+                         else "none: the run starts afresh when rerun")
+            raise DiskFullError(err.errno, f"{err} at iteration {iteration}; the last good checkpoint is "
+                                           f"{last_good}", err.filename) from err
+        saved_at = iteration
 
     it = start
     evaluations: list[dict] = []
@@ -500,10 +550,11 @@ def fit(
             else:
                 scaler.step(optimizer)
                 scaler.update()
-                biggest = float(_total_norm([p.detach() for p in params], math.inf))
+                biggest = float(_total_norm([p.detach() for p in watched], math.inf))
                 if not math.isfinite(biggest) or (cfg.max_abs_weight is not None and biggest > cfg.max_abs_weight):
                     raise NonFiniteError(
-                        f"{desc}: iteration {it + 1}: the weights diverged (largest magnitude {biggest:.3g}, limit "
+                        f"{desc}: iteration {it + 1}: the weights diverged (largest magnitude {biggest:.3g} of the "
+                        f"parameters and buffers such as BatchNorm statistics, limit "
                         f"max_abs_weight={cfg.max_abs_weight}); the run stopped without saving it. Lower the "
                         "learning rate or enable grad_clip")
             if not warned_ratio and len(last) > 1:
@@ -562,5 +613,4 @@ def plot_curves(log: MetricsLog, out: Path) -> Path:
     loss_keys = [k for k in log.rows[0] if k not in skip]
     fig = plot_training_curves([*log.rows, *evals], x="iteration", loss_keys=loss_keys,
                                metric_keys=[k for k in ("AP", "AP50") if any(k in e for e in evals)])
-    fig.savefig(out / "curves.png", dpi=90)
-    return out / "curves.png"
+    return save_figure(fig, out / "curves.png", dpi=90)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..atomic import write_json
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller
 from ..models import detector_features
-from ..models.detectors import check_num_classes, match_levels
+from ..models.detectors import check_image_sizes, check_num_classes, match_levels
 from .distributed import is_main, resolve_device
 from .evaluate import evaluate_coco
 from .loop import FitResult, TrainConfig, fit, to_device
@@ -48,6 +48,7 @@ def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir
     ``distill(inherit=True)`` does: the no-KD control of students that inherit from their teacher.
     """
     check_num_classes(model, dataset)
+    check_image_sizes(model, dataset)
     if inherit_from is not None and not _resuming(out_dir):
         inherit_neck_and_head(model, inherit_from)
     return fit(DetectorStep(model), {"model": model}, dataset, collate_fn, cfg, out_dir, device, desc,
@@ -64,6 +65,7 @@ def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
     Afterwards ``distiller.stage1_ready`` is true; save ``distiller.state_dict()`` to reuse the result.
     """
     check_num_classes({"teacher": teacher}, dataset)
+    check_image_sizes({"teacher": teacher}, dataset)
     step = Stage1Step(teacher, distiller)
     modules = distiller.stage1_modules()
     for p in distiller.parameters():
@@ -76,7 +78,7 @@ def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
     if out_dir is not None and is_main():
         stats = stage1_stats(teacher, distiller, dataset, collate_fn, device, batch_size=cfg.batch_size)
         if stats:
-            (Path(out_dir) / "stage1_stats.json").write_text(json.dumps(stats, indent=2))
+            write_json(Path(out_dir) / "stage1_stats.json", stats)
     return result
 
 
@@ -123,6 +125,7 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
     ``on_iteration(it)`` runs after every step (see ``fit``), e.g. ``ScoreHistory.tracker``.
     """
     check_num_classes({"student": student, "teacher": teacher}, dataset)
+    check_image_sizes({"student": student, "teacher": teacher}, dataset)
     if not distiller.stage1_ready:
         raise ValueError(f"distiller {distiller.method_name!r} has a learned stage 1 ({list(distiller.stage1_modules())}) "
                          "that was neither run nor loaded: call learn_stage1(teacher, distiller, ...) first, or load "

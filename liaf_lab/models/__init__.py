@@ -6,6 +6,7 @@ from .backbones import ScaledResNet, backbone_strides, eval_mode, fpn_levels, re
 from .detectors import (
     DETECTOR_CLASSES,
     FCOSHeadGN,
+    check_image_sizes,
     check_num_classes,
     count_parameters,
     create_detector,
@@ -22,7 +23,8 @@ from .gfl import GFL
 from .taps import DetectorOutput, detector_arch, detector_features, head_outputs, loss_on_features, run_detector
 
 __all__ = [
-    "DETECTOR_CLASSES", "GFL", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "check_num_classes",
+    "DETECTOR_CLASSES", "GFL", "DetectorOutput", "FCOSHeadGN", "ScaledResNet", "backbone_strides", "check_image_sizes",
+    "check_num_classes",
     "count_parameters", "create_detector", "default_anchor_sizes", "detector_arch", "detector_features",
     "detector_meta", "detector_num_classes", "eval_mode", "fpn_levels", "fpn_strides", "head_outputs",
     "load_detector_weights",

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import Subset
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
@@ -30,7 +31,7 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, 
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from .backbones import backbone_strides, resnet_fpn
 from .gfl import GFL, OCTAVE_BASE_SCALE, GFLAnchorGenerator
 from .pretrained import LOG, load_pretrained, load_pretrained_backbone
@@ -297,6 +298,45 @@ def check_num_classes(models: nn.Module | Mapping[str, nn.Module], dataset: obje
         _check_class_count(f"the {role}", model, class_names)
 
 
+def check_image_sizes(models: nn.Module | Mapping[str, nn.Module], dataset: object) -> None:
+    """Check that each detector can take every image of ``dataset``: an image of extreme aspect ratio, resized by
+    the detector's transform (shorter side ``min_size``, longer side at most ``max_size``), must keep a shorter
+    side of at least its finest FPN stride, or it vanishes in the resize (a crash inside torch).
+
+    Args:
+        models: a detector (its ``transform``, a ``GeneralizedRCNNTransform``), or role -> detector.
+        dataset: a liaf_lab dataset (its ``records``: image sizes from the annotations, no pixels read), or a
+            ``Subset`` of one. Datasets without ``records`` are not checked.
+
+    Raises:
+        ValueError: naming the first such image, its size and the side it would have.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    records = getattr(dataset, "records", None)
+    if not records:
+        return
+    sizes = np.array([(r.width, r.height) for r in records], dtype=np.float64)  # [n, 2]
+    short, long = sizes.min(axis=1), sizes.max(axis=1)
+    named = dict(models) if isinstance(models, Mapping) else {"model": models}
+    for role, model in named.items():
+        transform = getattr(model, "transform", None)
+        if transform is None:  # not a torchvision-style detector: it resizes nothing
+            continue
+        min_size, max_size = min(transform.min_size), transform.max_size
+        stride = min(fpn_strides(model).values())
+        side = np.floor(short * np.minimum(min_size / short, max_size / long))
+        bad = np.flatnonzero(side < stride)
+        if len(bad):
+            r = records[bad[0]]
+            raise ValueError(
+                f"image {r.path} (image id {r.image_id}) is {r.width}x{r.height}: the {role} resizes it to a shorter "
+                f"side of {side[bad[0]]:.0f} px (input min_size {min_size}, max_size {max_size}), less than its "
+                f"finest feature stride {stride:g}; {len(bad)} images of the dataset have so extreme an aspect ratio. "
+                "Crop or leave out such images"
+            )
+
+
 def detector_meta(model: nn.Module) -> dict[str, Any]:
     """What identifies a detector's architecture cheaply: class, class count, FPN channels, levels, size.
 
@@ -339,9 +379,9 @@ def load_detector_weights(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not readable, not a state dict, or its meta differs from ``model``
-            (architecture) or ``class_names`` (naming both values and the file).
-        RuntimeError: keys or shapes do not match the model (torch's message, with the path).
+        ValueError: the file is not readable, not a state dict, its meta differs from ``model``
+            (architecture) or ``class_names`` (naming both values and the file), or its keys or shapes do
+            not match the model (``CheckpointError`` listing the missing, unexpected and mis-shaped keys).
     """
     path = Path(path)
     if not path.is_file():
@@ -363,10 +403,7 @@ def load_detector_weights(
                              f"but class_names is {list(class_names)}")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise RuntimeError(f"weights in {str(path)!r} do not fit this {type(model).__name__}: {err}") from err
+    load_module_state(model, dict(state), path, f"the weights of this {type(model).__name__}")
     return saved_names
 
 
