@@ -23,7 +23,7 @@ def test_presets_pass_their_own_check(name):
     # a misspelled data key used to leave the bundled val set in place (AP 0.0 on the wrong data)
     ("data.val_image=x", r"config tiny: \[data\] with kind = 'coco': unknown keys \['val_image'\]; "
                          r"its keys are \['kind', 'train_images', 'train_ann', 'val_images', 'val_ann', "
-                         r"'test_images', 'test_ann', 'skip_bad_images'\]"),
+                         r"'test_images', 'test_ann', 'allow_outside_images', 'skip_bad_images'\]"),
     ("kd.liaf.loss_wieght=5", r"unknown key kd.liaf.loss_wieght; the options of 'liaf' are \['loss_weight', "
                               r"'projector', 'num_selectors', 'roi_size', 'sampling_ratio', 'normalize', 'mask_scale', "
                               r"'mask_side', 'detach_scores', 'freeze_selectors', 'diversity_weight', 'logit_scale'\]"),
