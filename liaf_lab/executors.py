@@ -92,6 +92,15 @@ def check_slurm(options: SlurmOptions) -> None:
                             "from a Slurm login node, or use the default local processes (--jobs N)")
 
 
+def local_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes, each of which exits when this process dies (a killed study leaves no
+    run training on, re-parented)."""
+    from .processes import exit_with_parent
+
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                               initargs=(os.getpid(),))
+
+
 def execute(fn: Callable[..., Any], tasks: Sequence[Task], jobs: int = 1, executor: Executor = "local",
             options: SlurmOptions | None = None, log_folder: str | Path | None = None,
             finished: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
@@ -127,11 +136,7 @@ def execute(fn: Callable[..., Any], tasks: Sequence[Task], jobs: int = 1, execut
         for key, args in tasks:
             yield key, fn(*args)
     else:
-        from .processes import exit_with_parent
-
-        # each worker exits when this process dies (a killed study leaves no run training on)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        with local_pool(jobs) as pool:
             futures = {pool.submit(fn, *args): key for key, args in tasks}
             for future in as_completed(futures):
                 yield futures[future], future.result()

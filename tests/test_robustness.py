@@ -169,8 +169,8 @@ def _alive(pid: int) -> bool:
 def test_study_workers_stop_when_the_study_process_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import os, time
-        from liaf_lab.study import _pool
-        pool = _pool(1)
+        from liaf_lab.executors import local_pool
+        pool = local_pool(1)
         print(pool.submit(os.getpid).result(), flush=True)
         pool.submit(time.sleep, 120)
         time.sleep(120)
