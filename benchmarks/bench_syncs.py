@@ -86,18 +86,39 @@ def make_inputs(num_levels: int, device: torch.device, batch: int = BATCH, seed:
     return strides, student, teacher, boxes, (IMAGE, IMAGE)
 
 
+REG_MAX = 16  # GFL's largest distance bin, for methods that read ``box_bins``
+
+
+def random_head(keys: tuple[str, ...], needs: frozenset[str], sizes: dict[str, tuple[int, int]], batch: int,
+                anchors: int, classes: int, g: torch.Generator, device: torch.device) -> dict:
+    """Random head outputs of both sides, level -> key -> ``[batch, anchors * D, H, W]`` (``cls_logits``:
+    ``D = classes``; ``box_bins``: ``D = 4 * (REG_MAX + 1)``), and, if ``needs`` holds ``"assignment"``, a
+    random student assignment ``[batch, anchors * H * W]`` (a third of the priors positive, box 0):
+    ``{"student_head", "teacher_head", "assignment"}`` for ``KDInputs``."""
+    per_prior = {"cls_logits": classes, "box_bins": 4 * (REG_MAX + 1)}
+    student, teacher = ({lvl: {k: torch.randn(batch, anchors * per_prior[k], h, w, generator=g).to(device) for k in keys}
+                         for lvl, (h, w) in sizes.items()} for _ in range(2))
+    assignment = None
+    if "assignment" in needs:
+        assignment = {lvl: torch.where(torch.rand(batch, anchors * h * w, generator=g) < 1 / 3, 0, -1).to(device)
+                      for lvl, (h, w) in sizes.items()}
+    return {"student_head": student, "teacher_head": teacher, "assignment": assignment}
+
+
 def make_kd_inputs(num_levels: int, device: torch.device, needs: frozenset[str], num_classes: int = 4,
-                   batch: int = BATCH, seed: int = 0) -> KDInputs:
-    """``make_inputs`` as ``KDInputs``, with what a method ``needs``: random ``cls_logits`` of both
-    sides (one anchor per cell, ``num_classes`` logits), one stride-sized prior per cell (FCOS's), a generator."""
+                   batch: int = BATCH, seed: int = 0, head_keys: tuple[str, ...] = ("cls_logits",)) -> KDInputs:
+    """``make_inputs`` as ``KDInputs``, with what a method ``needs``: random ``head_keys`` outputs of both
+    sides (one anchor per cell, ``num_classes`` logits; ``random_head``) and the student's assignment, one
+    stride-sized prior per cell (FCOS's), a generator."""
     strides, student, teacher, boxes, image_size = make_inputs(num_levels, device, batch, seed)
     g = torch.Generator().manual_seed(seed + 1)
     inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
                       image_size, [image_size] * batch)
     if "head_outputs" in needs:
-        inputs.student_head, inputs.teacher_head = (
-            {lvl: {"cls_logits": torch.randn(batch, num_classes, *f.shape[-2:], generator=g).to(device)}
-             for lvl, f in student.items()} for _ in range(2))
+        head = random_head(head_keys, needs, {lvl: tuple(f.shape[-2:]) for lvl, f in student.items()}, batch, 1,
+                           num_classes, g, device)
+        inputs.student_head, inputs.teacher_head, inputs.assignment = (
+            head["student_head"], head["teacher_head"], head["assignment"])
     if "priors" in needs:
         inputs.priors = {}
         for lvl, f in student.items():
@@ -120,7 +141,7 @@ def distiller_reads(name: str, num_levels: int, device: str | torch.device = "cp
     torch.manual_seed(0)
     distiller = create_distiller(name, student_channels=STUDENT_C, teacher_channels=TEACHER_C,
                                  strides=strides, **options).to(device)
-    inputs = make_kd_inputs(num_levels, device, distiller.needs)
+    inputs = make_kd_inputs(num_levels, device, distiller.needs, head_keys=distiller.head_keys)
     calls = {"forward": lambda: distiller.loss_terms(inputs)}
     if distiller.two_stage:
         calls["stage1"] = lambda: distiller.stage1(teacher, boxes, image_size=image_size)

@@ -33,7 +33,7 @@ Channels = int | Mapping[str, int]
 Features = Mapping[str, Tensor]
 # What a method may ask for beyond features, boxes, labels and sizes (``FeatureDistiller.needs``); the
 # engine computes these only for a method that names them.
-OPTIONAL_INPUTS = ("head_outputs", "priors", "generator")
+OPTIONAL_INPUTS = ("head_outputs", "priors", "generator", "assignment")
 
 
 @dataclass
@@ -55,6 +55,10 @@ class KDInputs:
         generator: the source of every random draw of the step, given to methods whose ``needs``
             holds ``"generator"`` (the engine derives it from the run's seed and iteration); ``None``:
             torch's default generator.
+        assignment: level -> ``[N, P_l]`` int64: the student's own assignment of its priors (in the
+            priors' order), the index of the box in its image's ``boxes`` or -1 (a negative); the
+            positives are the cells the student's box losses train. Given only to methods whose
+            ``needs`` holds ``"assignment"`` (``liaf_lab.models.taps.prior_assignment``).
     """
 
     student_feats: Features
@@ -67,6 +71,7 @@ class KDInputs:
     teacher_head: Mapping[str, Mapping[str, Tensor]] | None = None
     priors: Mapping[str, Tensor] | None = None
     generator: torch.Generator | None = None
+    assignment: Mapping[str, Tensor] | None = None
 
 
 @dataclass
@@ -90,6 +95,14 @@ def _per_level(name: str, value: Channels, levels: Sequence[str]) -> dict[str, i
             raise ValueError(f"{name} lacks the levels {missing}")
         return {lvl: int(value[lvl]) for lvl in levels}
     return {lvl: int(value) for lvl in levels}
+
+
+def flat_logits(logits: Tensor, num_priors: int) -> Tensor:
+    """Head logits ``[N, A*K, H, W]`` (channel ``a*K + k``) -> ``[N, H*W*A, K]`` in the priors' order
+    (row-major over H, W, then anchor); ``A = num_priors // (H*W)``."""
+    n, channels, h, w = logits.shape
+    a = num_priors // (h * w)
+    return logits.view(n, a, channels // a, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, channels // a)
 
 
 def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
@@ -235,7 +248,8 @@ class FeatureDistiller(nn.Module):
                                  "batched input (min_size and max_size of teacher and student must match)")
         self.check_strides("student_feats", s_feats, inputs.image_size)
         missing = [what for what, value in (("head_outputs", inputs.student_head), ("head_outputs", inputs.teacher_head),
-                                            ("priors", inputs.priors)) if what in self.needs and value is None]
+                                            ("priors", inputs.priors), ("assignment", inputs.assignment))
+                   if what in self.needs and value is None]
         if missing:
             raise ValueError(f"distiller {self.method_name!r} needs {sorted(set(missing))}, which a call with features "
                              "and boxes alone does not give; train it with liaf_lab.distill (DistillStep computes "
@@ -248,6 +262,8 @@ class FeatureDistiller(nn.Module):
             values["priors"] = self.at_levels(inputs.priors)
             if "head_outputs" in self.needs:
                 self.check_head_anchors(inputs)
+        if "assignment" in self.needs:
+            self.check_assignment(inputs)
         check_values(values, {"boxes": boxes})
 
     def check_head_outputs(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
@@ -289,6 +305,17 @@ class FeatureDistiller(nn.Module):
                 if channels % a:
                     raise ValueError(f"distiller {self.method_name!r}: {key!r} at level {lvl!r} has {channels} channels, "
                                      f"not a multiple of the {a} priors per cell")
+
+    def check_assignment(self, inputs: KDInputs) -> None:
+        """``assignment[level]`` is an int64 ``[N, A * H_l * W_l]`` for a whole number ``A >= 1`` (shapes only)."""
+        for lvl in self.levels:
+            m = inputs.assignment.get(lvl) if isinstance(inputs.assignment, Mapping) else None
+            n, _, h, w = inputs.student_feats[lvl].shape
+            if not isinstance(m, Tensor) or m.dtype != torch.int64 or m.dim() != 2 or m.shape[0] != n \
+                    or m.shape[1] == 0 or m.shape[1] % (h * w):
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"distiller {self.method_name!r}: assignment[{lvl!r}] must be an int64 "
+                                 f"[{n}, A * {h} * {w}] (one box index or -1 per prior), got {got}")
 
     def check_priors(self, inputs: KDInputs) -> None:
         """``priors[level]`` is ``[A * H_l * W_l, 4]`` for a whole number ``A >= 1`` of priors per cell."""

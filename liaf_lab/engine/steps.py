@@ -16,7 +16,10 @@ from torch import Tensor, nn
 from ..distillers import FeatureDistiller, KDInputs
 from ..models.backbones import fpn_levels
 from ..models.detectors import fpn_strides, match_levels, shared_strides
-from ..models.taps import HEAD_OUTPUTS, detector_arch, detector_features, head_outputs, loss_on_features, run_detector
+from ..models.taps import (
+    ASSIGNERS, HEAD_OUTPUTS, detector_arch, detector_features, head_outputs, loss_on_features, prior_assignment,
+    run_detector,
+)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -24,6 +27,21 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def check_detectors_serve(distiller: FeatureDistiller, student: nn.Module, teacher: nn.Module) -> None:
+    """A one-line ``ValueError`` naming the method, the detector and what it lacks, unless the detectors give
+    what the distiller ``needs``: its ``head_keys`` on both sides, and the student's assignment of priors."""
+    if "head_outputs" in distiller.needs:
+        for role, model in (("student", student), ("teacher", teacher)):
+            gives = HEAD_OUTPUTS[detector_arch(model)]
+            missing = [k for k in distiller.head_keys if k not in gives]
+            if missing:
+                raise ValueError(f"distiller {distiller.method_name!r} reads the head outputs {missing}, which the "
+                                 f"{role} ({type(model).__name__}) does not give (it gives {list(gives)})")
+    if "assignment" in distiller.needs and detector_arch(student) not in ASSIGNERS:
+        raise ValueError(f"distiller {distiller.method_name!r} reads the student's assignment of priors to boxes, which "
+                         f"the student ({type(student).__name__}) does not give (given by: {sorted(ASSIGNERS)})")
 
 
 class DetectorStep(nn.Module):
@@ -106,13 +124,7 @@ class DistillStep(FrozenTeacherStep):
                 f"{distiller.strides}, student ({type(student).__name__}) levels {student_strides}; build the "
                 f"distiller with strides={shared_strides(student, teacher)} (shared_strides(student, teacher))"
             )
-        if "head_outputs" in distiller.needs:
-            for role, model in (("student", student), ("teacher", teacher)):
-                gives = HEAD_OUTPUTS[detector_arch(model)]
-                missing = [k for k in distiller.head_keys if k not in gives]
-                if missing:
-                    raise ValueError(f"distiller {distiller.method_name!r} reads the head outputs {missing}, which the "
-                                     f"{role} ({type(model).__name__}) does not give (it gives {list(gives)})")
+        check_detectors_serve(distiller, student, teacher)
         super().__init__(teacher)
         self.student = student
         self.distiller = distiller
@@ -148,5 +160,7 @@ class DistillStep(FrozenTeacherStep):
             teacher_head={lvl: t_head[src] for lvl, src in self.levels.items()} if t_head is not None else None,
             priors={lvl: out.priors[lvl] for lvl in self.levels} if "priors" in needs else None,
             generator=generator,
+            assignment=({lvl: m for lvl, m in prior_assignment(self.student, out.priors, out.targets).items()
+                         if lvl in self.levels} if "assignment" in needs else None),
         )
         return out.losses, inputs

@@ -39,7 +39,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .backbones import fpn_levels
 from .detectors import fpn_strides
-from .gfl import GFL
+from .gfl import GFL, atss_assign
 
 Target = dict[str, Tensor]
 FeaturesFn = Callable[[OrderedDict[str, Tensor], list[Target] | None], Mapping[str, Tensor]]
@@ -62,7 +62,8 @@ class DetectorOutput:
         head_outputs: level -> output name -> ``[N, A*D, H_l, W_l]`` (channel ``a*D + d``): RetinaNet
             ``cls_logits`` (D = K classes, A anchors) and ``bbox_regression`` (D = 4); FCOS the same with
             A = 1 plus ``bbox_ctrness``; GFL ``cls_logits`` and ``bbox_regression`` (A = 1, D = 4 x (reg_max + 1)
-            distance-bin logits); Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
+            distance-bin logits, also under the detector-independent name ``box_bins``, ``SHARED_OUTPUTS``);
+            Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
             Computed on the features the heads saw (after ``features_fn``).
         priors: level -> ``[H_l * W_l * A, 4]`` anchors in resized-input pixels, in the order of the
             head outputs' cells (row-major over H_l, W_l, then anchors).
@@ -84,11 +85,16 @@ class DetectorOutput:
         return {lvl: next(iter(out.values())) for lvl, out in self.head_outputs.items()}
 
 
+# Head outputs under a name that means the same on every detector giving it, for methods that need
+# the meaning, not the detector's name (architecture -> shared name -> the detector's own output):
+# ``box_bins``: ``[N, A * 4 * (R + 1), H_l, W_l]`` distance-bin logits (channel ``a*D + d``, ``D`` side-major:
+# left, top, right, bottom, ``R + 1`` bins each), given by detectors whose boxes are distributions.
+SHARED_OUTPUTS = {"gfl": {"box_bins": "bbox_regression"}}
 # The per-level head outputs each architecture gives (``DetectorOutput.head_outputs``).
 HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"),
                 "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
                 "fasterrcnn": ("objectness", "bbox_deltas"),
-                "gfl": ("cls_logits", "bbox_regression")}
+                "gfl": ("cls_logits", "bbox_regression", *SHARED_OUTPUTS["gfl"])}
 
 
 def detector_arch(model: nn.Module) -> str:
@@ -213,7 +219,9 @@ def _dense_heads(
         detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     split = {k: _per_level_outputs(v, features, num_anchors) for k, v in head_outputs.items()}
-    outputs = {lvl: {k: split[k][lvl] for k in head_outputs} for lvl in features}
+    shared = SHARED_OUTPUTS.get(detector_arch(model), {})
+    outputs = {lvl: {**{k: split[k][lvl] for k in head_outputs}, **{k: split[v][lvl] for k, v in shared.items()}}
+               for lvl in features}
     return losses, detections, outputs, dict(zip(features, anchors[0].split(per_level)))
 
 
@@ -385,3 +393,35 @@ def head_outputs(
     ordered = _ordered_features(features, list(fpn_strides(model)), len(image_list.image_sizes))
     _, _, outputs, priors = _heads(model, image_list, ordered, None, None)
     return outputs, priors
+
+
+def _atss_assignment(model: GFL, anchors: Tensor, counts: list[int], targets: list[Target]) -> Tensor:
+    """GFL: ATSS on all levels' anchors ``[A, 4]``, as ``GFL.compute_loss`` assigns them -> ``[N, A]``."""
+    anchors = anchors.to(torch.promote_types(anchors.dtype, torch.float32))
+    return torch.stack([atss_assign(anchors, counts, t["boxes"].to(anchors.dtype), model.atss_topk) for t in targets])
+
+
+# The detectors whose assignment of priors to boxes (the positives of their task loss) ``prior_assignment``
+# computes; a method that ``needs`` ``"assignment"`` runs on these students only.
+ASSIGNERS: dict[str, Callable[[nn.Module, Tensor, list[int], list[Target]], Tensor]] = {"gfl": _atss_assignment}
+
+
+@torch.no_grad()
+def prior_assignment(model: nn.Module, priors: Mapping[str, Tensor], targets: list[Target]) -> dict[str, Tensor]:
+    """The detector's own assignment of its priors to the ground-truth boxes (no gradient).
+
+    Args:
+        model: a detector in ``ASSIGNERS`` (GFL: ATSS, ``atss_assign``).
+        priors: ``DetectorOutput.priors``, every level in the model's order (ATSS compares levels).
+        targets: ``DetectorOutput.targets`` (boxes in resized-input pixels).
+
+    Returns:
+        level -> ``[N, P_l]`` int64 in the priors' order: the index of the prior's box in its image's
+        targets, or -1 (negative). The positives are the cells the detector's box losses train.
+    """
+    arch = detector_arch(model)
+    if arch not in ASSIGNERS:
+        raise ValueError(f"{type(model).__name__} does not give its assignment of priors (given by: {sorted(ASSIGNERS)})")
+    counts = [p.shape[0] for p in priors.values()]
+    matched = ASSIGNERS[arch](model, torch.cat(list(priors.values())), counts, targets)
+    return dict(zip(priors, matched.split(counts, dim=1)))
