@@ -4,7 +4,9 @@ Inputs as ``bench_liaf_loss.py``: batch 2, 256 channels (teacher and student), t
 of an 800 x 1216 input, 20 random boxes per image; for methods that read head outputs, random
 RetinaNet-sized ``cls_logits`` (9 anchors x 80 classes per cell, the student's with gradient), GFL's
 box bins (4 x 17 per anchor) where a method reads ``box_bins``, a random student assignment (a third of
-the priors positive) where it needs one, and RetinaNet's 9 anchors per cell as priors. Each registered method (and ``--methods`` extra, e.g.
+the priors positive) where it needs one, and RetinaNet's 9 anchors per cell as priors; for a method
+that splits the heads (CrossKD), GFL's one prior per cell (RetinaNet's square one), random tower
+features of both sides and a randomly initialised 256-channel GFL head as the teacher's. Each registered method (and ``--methods`` extra, e.g.
 ``liaf+maskd``) is built with its defaults and its stage-1 modules as initialised; the timed call is
 ``sum(distiller.loss_terms(inputs).values()).backward()``.
 
@@ -66,15 +68,21 @@ def make_kd_inputs(distiller, device: torch.device) -> tuple[KDInputs, dict[str,
     inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
                       IMAGE)
     grads = {f"feats[{k}]": v.requires_grad_(True) for k, v in student.items()}
+    anchors = 1 if "head_split" in distiller.needs else ANCHORS  # a split head is GFL's: one prior per cell
     if "head_outputs" in distiller.needs:
-        head = random_head(distiller.head_keys, distiller.needs, {lvl: SIZES[lvl] for lvl in LEVELS}, BATCH, ANCHORS,
-                           CLASSES, torch.Generator().manual_seed(1), device)
-        inputs.student_head, inputs.teacher_head, inputs.assignment = (
-            head["student_head"], head["teacher_head"], head["assignment"])
+        head = random_head(distiller.head_keys, distiller.needs, {lvl: SIZES[lvl] for lvl in LEVELS}, BATCH, anchors,
+                           CLASSES, torch.Generator().manual_seed(1), device, (CHANNELS, CHANNELS),
+                           distiller.split_index)
+        for field, value in head.items():
+            setattr(inputs, field, value)
         grads |= {f"head[{lvl}][{k}]": x.requires_grad_(True) for lvl, out in inputs.student_head.items()
                   for k, x in out.items()}
+        if "head_split" in distiller.needs:
+            grads |= {f"tower[{lvl}][{b}]": x.requires_grad_(True) for lvl, out in inputs.student_tower.items()
+                      for b, x in out.items()}
     if "priors" in distiller.needs:
-        inputs.priors = retinanet_priors(device)
+        priors = retinanet_priors(device)
+        inputs.priors = {lvl: p[4::ANCHORS] if anchors == 1 else p for lvl, p in priors.items()}
     if "generator" in distiller.needs:
         inputs.generator = torch.Generator(device).manual_seed(0)
     return inputs, grads

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import STRIDES, make_boxes, make_feats
+from reference import STRIDES, assert_loss_and_grads_close, feature_gradcheck, make_boxes, make_feats
 from test_mgd import ref_align
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
@@ -56,10 +56,7 @@ def test_loss_and_grads_match_reference(case):
     teacher = make_feats(TEACHER_C, 2, seed=2, strides=strides)
     loss = d(student, teacher, make_boxes(counts), image_size=(32, 40))
     want = ref_cwd_loss(student, teacher, d)
-    torch.testing.assert_close(loss, want)
-    wrt = [*student.values(), *d.parameters()]
-    for got, ref in zip(torch.autograd.grad(loss, wrt, retain_graph=True), torch.autograd.grad(want, wrt)):
-        torch.testing.assert_close(got, ref)
+    assert_loss_and_grads_close(loss, want, [*student.values(), *d.parameters()])
 
 
 def test_zero_for_the_teacher_and_for_a_per_channel_shift_of_it():
@@ -83,16 +80,7 @@ def test_direction_is_teacher_to_student():
 
 
 def test_gradcheck_tiny_double():
-    d = make_cwd(2, {"p4": 8.0}, temperature=2.0)
-    student = make_feats(2, 2, seed=1, strides={"p4": 8.0}, requires_grad=True)["p4"]
-    teacher = make_feats(TEACHER_C, 2, seed=2, strides={"p4": 8.0})
-    params = [p.detach().clone().requires_grad_(True) for p in d.parameters()]
-    names = [n for n, _ in d.named_parameters()]
-
-    def loss(s, *ps):
-        return torch.func.functional_call(d, dict(zip(names, ps)), ({"p4": s}, teacher, [torch.zeros(0, 4)] * 2))
-
-    assert torch.autograd.gradcheck(loss, (student, *params), eps=1e-6, atol=1e-5)
+    assert feature_gradcheck(make_cwd(2, {"p4": 8.0}, temperature=2.0), 2, TEACHER_C)
 
 
 def test_reference_check_is_sensitive_to_temperature_and_weight():

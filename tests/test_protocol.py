@@ -51,7 +51,7 @@ def test_the_field_s_methods_are_registered_with_labels():
 
 
 def test_unknown_methods_options_and_reserved_names_are_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown distiller 'nope'; choose one of \['acam', 'cwd', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid'"):
+    with pytest.raises(ValueError, match=r"unknown distiller 'nope'; choose one of \['acam', 'bckd', 'crosskd', 'cwd', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid'"):
         create_distiller("liaf+nope", 8, 16, {"0": 8.0})
     with pytest.raises(ValueError, match=r"unknown option 'mask_ratio' of distiller 'mgd'; its options are "
                                          r"\['alpha', 'lambda_mask'\]"):

@@ -16,6 +16,8 @@ from .samkd import SAMKDDistiller
 from .pkd import PKDDistiller
 from .cwd import CWDDistiller
 from .ld import LDDistiller
+from .bckd import BCKDDistiller
+from .crosskd import CrossKDDistiller
 from .combined import CombinedDistiller
 from .registry import (
     BASELINE, create_distiller, list_distillers, method_label, method_options, method_parts, register_distiller,
@@ -23,7 +25,7 @@ from .registry import (
 )
 
 __all__ = [
-    "ACAMDistiller", "BASELINE", "CWDDistiller", "CombinedDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
+    "ACAMDistiller", "BASELINE", "BCKDDistiller", "CWDDistiller", "CombinedDistiller", "CrossKDDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
     "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LDDistiller", "LIAFDistiller", "MGDDistiller",
     "MasKDDistiller", "PKDDistiller", "SAMKDDistiller",
     "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_options",

@@ -59,17 +59,6 @@ class LDDistiller(FeatureDistiller):
         self.loss_weight = loss_weight
         self.temperature = temperature
 
-    def check_inputs(self, inputs: KDInputs) -> None:
-        """The base checks, and ``box_bins`` of ``4 * (R + 1)`` channels per prior (``R >= 1``)."""
-        super().check_inputs(inputs)
-        for lvl in self.levels:
-            num_priors = inputs.assignment[lvl].shape[1]
-            n, _, h, w = inputs.student_feats[lvl].shape
-            bins = inputs.student_head[lvl]["box_bins"].shape[1] * h * w / num_priors
-            if bins % 4 or bins < 8:
-                raise ValueError(f"distiller {self.method_name!r}: box_bins at level {lvl!r} must have 4 * (R + 1) "
-                                 f"channels per prior (R >= 1), got {bins:g} for {num_priors // (h * w)} priors per cell")
-
     def positive_weights(self, inputs: KDInputs, level: str) -> Tensor:
         """``w_p`` at the student's positives of ``level``, 0 elsewhere: ``[N, P]`` without gradient."""
         matched = inputs.assignment[level]

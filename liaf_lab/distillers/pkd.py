@@ -17,6 +17,7 @@ aligns the student where the channels differ, before the standardisation.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,9 +29,15 @@ PKD_EPS = 1e-6  # mmrazor PKDLoss.norm: std + 1e-6
 
 def channel_standardise(feats: Tensor) -> Tensor:
     """Each channel of ``feats`` ``[N, C, H, W]`` to zero mean and unit (unbiased) deviation over
-    ``N, H, W``: ``(F - mean) / (std + 1e-6)`` -> ``[N, C, H, W]``."""
+    ``N, H, W``: ``(F - mean) / (std + 1e-6)`` -> ``[N, C, H, W]``.
+
+    A constant channel (deviation 0, e.g. a GroupNorm output over a single value) gives 0 with a finite
+    gradient; ``torch.std``'s gradient there is NaN.
+    """
     mean = feats.mean(dim=(0, 2, 3), keepdim=True)
-    std = feats.std(dim=(0, 2, 3), keepdim=True)
+    var = feats.var(dim=(0, 2, 3), keepdim=True)
+    positive = var > 0
+    std = torch.where(positive, torch.where(positive, var, 1).sqrt(), 0)
     return (feats - mean) / (std + PKD_EPS)
 
 

@@ -425,3 +425,55 @@ def prior_assignment(model: nn.Module, priors: Mapping[str, Tensor], targets: li
     counts = [p.shape[0] for p in priors.values()]
     matched = ASSIGNERS[arch](model, torch.cat(list(priors.values())), counts, targets)
     return dict(zip(priors, matched.split(counts, dim=1)))
+
+
+# -- the head split at a tower conv (CrossKD: the student's tower features through the teacher's head) ------
+
+def _gfl_towers(model: GFL) -> dict[str, nn.Sequential]:
+    """GFL's two towers, each ``num_convs`` x (conv, GroupNorm, ReLU), by branch."""
+    return {"cls": model.head.classification_head.conv, "reg": model.head.regression_head.conv}
+
+
+def _gfl_head_from(model: GFL, level_index: int, held: Mapping[str, Tensor], split: int) -> dict[str, Tensor]:
+    """GFL's head on one level from the split on: the towers' remaining layers (the split conv's ReLU first),
+    then the output convs, the regression times its level scale -> ``{"cls_logits", "box_bins"}``."""
+    head, start = model.head, max(3 * split - 1, 0)
+    cls = head.classification_head.conv[start:](held["cls"])
+    reg = head.regression_head.conv[start:](held["reg"])
+    return {"cls_logits": head.classification_head.cls_logits(cls),
+            "box_bins": head.regression_head.bbox_reg(reg) * head.regression_head.scales[level_index]}
+
+
+# architecture -> (the towers by branch, the head from the split on); a split ``k`` holds the output of the
+# k-th conv and its norm, before its activation (k = 0: the FPN features).
+HEAD_SPLITS: dict[str, tuple[Callable[[nn.Module], dict[str, nn.Sequential]],
+                             Callable[[nn.Module, int, Mapping[str, Tensor], int], dict[str, Tensor]]]] = {
+    "gfl": (_gfl_towers, _gfl_head_from)}
+
+
+def head_split_depth(model: nn.Module) -> int:
+    """The convs per tower of a detector in ``HEAD_SPLITS`` (the largest split); ``ValueError`` for others."""
+    arch = detector_arch(model)
+    if arch not in HEAD_SPLITS:
+        raise ValueError(f"{type(model).__name__}'s head cannot be split (given by: {sorted(HEAD_SPLITS)})")
+    return min(len(tower) // 3 for tower in HEAD_SPLITS[arch][0](model).values())
+
+
+def tower_features(model: nn.Module, features: Mapping[str, Tensor], split: int) -> dict[str, dict[str, Tensor]]:
+    """Each tower's output at the split, per level: level -> branch -> ``[N, C, H_l, W_l]`` (the k-th conv and
+    its norm, before the activation; the features themselves for ``split`` 0), with the gradient of the
+    model's parameters."""
+    head_split_depth(model)
+    towers = HEAD_SPLITS[detector_arch(model)][0](model)
+    return {lvl: {b: tower[:max(3 * split - 1, 0)](f) for b, tower in towers.items()} for lvl, f in features.items()}
+
+
+def head_from_split(model: nn.Module, held: Mapping[str, Mapping[str, Tensor]], split: int,
+                    levels: Mapping[str, str] | None = None) -> dict[str, dict[str, Tensor]]:
+    """The model's head from the split on, run on ``held`` (level -> branch -> ``[N, C, H_l, W_l]``, e.g. another
+    detector's tower features): level -> ``{"cls_logits", "box_bins"}`` (the shared names). ``levels`` maps a
+    key of ``held`` to the model's level of the same stride (default: the same name)."""
+    head_split_depth(model)
+    order = list(fpn_strides(model))
+    head_from = HEAD_SPLITS[detector_arch(model)][1]
+    return {lvl: head_from(model, order.index((levels or {}).get(lvl, lvl)), h, split) for lvl, h in held.items()}
