@@ -161,7 +161,8 @@ def main() -> None:
     for m, r in res.items():
         print(f"  {m:11s} median step {r['median_ms']:8.1f} ms   x{r['ratio_vs_none']:.3f} vs no KD   "
               f"x{r['ratio_vs_fitnet']:.3f} vs FitNet")
-    print(f"LIAF-KD / FitNet step ratio: {res['liaf']['ratio_vs_fitnet']:.3f} (target <= 1.10)")
+    if "liaf" in res and "fitnet" in res:
+        print(f"LIAF-KD / FitNet step ratio: {res['liaf']['ratio_vs_fitnet']:.3f} (target <= 1.10)")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 

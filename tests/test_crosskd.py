@@ -263,3 +263,13 @@ def test_crosskd_trains_a_gfl_student_through_the_step():
     assert {"kd_cls", "kd_reg", "kd_box"} <= set(losses)
     assert all(math.isfinite(float(losses[k].detach())) and float(losses[k].detach()) > 0
                for k in ("kd_cls", "kd_reg", "kd_box"))
+
+
+def test_a_sum_of_parts_splitting_the_heads_at_different_convs_is_refused():
+    from liaf_lab.distillers import CombinedDistiller
+
+    parts = {name: CrossKDDistiller(8, 16, {"0": 8.0}, split=k) for name, k in (("a", 1), ("b", 2))}
+    with pytest.raises(ValueError, match=r"^the parts of 'a\+b' split the heads at different convs \[1, 2\]"):
+        CombinedDistiller(parts)
+    same = CombinedDistiller({name: CrossKDDistiller(8, 16, {"0": 8.0}, split=2) for name in ("a", "b")})
+    assert same.split_index == 2

@@ -318,3 +318,21 @@ def test_compute_terms_reads_nothing_back():
     with count_device_reads() as reads:
         make_ld().compute_terms(inputs)
     assert reads == []
+
+
+def test_sums_with_the_prediction_distillers_read_every_part_s_inputs():
+    """A combination asks for what any part reads (head outputs by name, the split of the part that splits)."""
+    student, teacher = _pair("gfl", "gfl")
+    strides = fpn_strides(student)
+    both = create_distiller("fitnet+ld", 8, 16, strides)
+    assert both.needs == {"head_outputs", "assignment"} and both.head_keys == ("cls_logits", "box_bins")
+    losses = DistillStep(student, teacher, both).train()(*_batch())
+    assert {"kd_fitnet", "kd_ld"} <= set(losses)
+    split = create_distiller("bckd+crosskd", 8, 16, strides, crosskd={"split": 2})
+    assert split.split_index == 2
+    losses = DistillStep(student, teacher, split).train()(*_batch())
+    assert {"kd_bckd_cls", "kd_bckd_loc", "kd_crosskd_cls", "kd_crosskd_reg", "kd_crosskd_box"} <= set(losses)
+    with pytest.raises(ValueError, match=r"^distiller 'fitnet\+ld' reads the head outputs \['box_bins'\], which the "
+                                         r"student \(FCOS\)"):
+        fcos_student, fcos_teacher = _pair("fcos", "fcos")
+        DistillStep(fcos_student, fcos_teacher, create_distiller("fitnet+ld", 8, 16, fpn_strides(fcos_student)))
