@@ -2,8 +2,11 @@
 
 Inputs as ``bench_liaf_loss.py``: batch 2, 256 channels (teacher and student), the five FPN levels
 of an 800 x 1216 input, 20 random boxes per image; for methods that read head outputs, random
-RetinaNet-sized ``cls_logits`` (9 anchors x 80 classes per cell, the student's with gradient) and
-RetinaNet's 9 anchors per cell as priors. Each registered method (and ``--methods`` extra, e.g.
+RetinaNet-sized ``cls_logits`` (9 anchors x 80 classes per cell, the student's with gradient), GFL's
+box bins (4 x 17 per anchor) where a method reads ``box_bins``, a random student assignment (a third of
+the priors positive) where it needs one, and RetinaNet's 9 anchors per cell as priors; for a method
+that splits the heads (CrossKD), GFL's one prior per cell (RetinaNet's square one), random tower
+features of both sides and a randomly initialised 256-channel GFL head as the teacher's. Each registered method (and ``--methods`` extra, e.g.
 ``liaf+maskd``) is built with its defaults and its stage-1 modules as initialised; the timed call is
 ``sum(distiller.loss_terms(inputs).values()).backward()``.
 
@@ -30,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_liaf_loss import BATCH, CHANNELS, IMAGE, SIZES, STRIDES, make_inputs, peak_rise_mib, timed  # noqa: E402
+from bench_syncs import random_head  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers  # noqa: E402
@@ -64,14 +68,21 @@ def make_kd_inputs(distiller, device: torch.device) -> tuple[KDInputs, dict[str,
     inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
                       IMAGE)
     grads = {f"feats[{k}]": v.requires_grad_(True) for k, v in student.items()}
+    anchors = 1 if "head_split" in distiller.needs else ANCHORS  # a split head is GFL's: one prior per cell
     if "head_outputs" in distiller.needs:
-        g = torch.Generator().manual_seed(1)
-        inputs.student_head, inputs.teacher_head = (
-            {lvl: {"cls_logits": torch.randn(BATCH, ANCHORS * CLASSES, h, w, generator=g).to(device)}
-             for lvl, (h, w) in SIZES.items() if lvl in LEVELS} for _ in range(2))
-        grads |= {f"head[{k}]": v["cls_logits"].requires_grad_(True) for k, v in inputs.student_head.items()}
+        head = random_head(distiller.head_keys, distiller.needs, {lvl: SIZES[lvl] for lvl in LEVELS}, BATCH, anchors,
+                           CLASSES, torch.Generator().manual_seed(1), device, (CHANNELS, CHANNELS),
+                           distiller.split_index)
+        for field, value in head.items():
+            setattr(inputs, field, value)
+        grads |= {f"head[{lvl}][{k}]": x.requires_grad_(True) for lvl, out in inputs.student_head.items()
+                  for k, x in out.items()}
+        if "head_split" in distiller.needs:
+            grads |= {f"tower[{lvl}][{b}]": x.requires_grad_(True) for lvl, out in inputs.student_tower.items()
+                      for b, x in out.items()}
     if "priors" in distiller.needs:
-        inputs.priors = retinanet_priors(device)
+        priors = retinanet_priors(device)
+        inputs.priors = {lvl: p[4::ANCHORS] if anchors == 1 else p for lvl, p in priors.items()}
     if "generator" in distiller.needs:
         inputs.generator = torch.Generator(device).manual_seed(0)
     return inputs, grads

@@ -23,7 +23,7 @@ from liaf_lab.config import load_config
 from liaf_lab.data import collate_fn
 from liaf_lab.distillers import list_distillers
 from liaf_lab.engine.distributed import resolve_device
-from liaf_lab.engine.steps import DetectorStep, DistillStep
+from liaf_lab.engine.steps import DetectorStep, DistillStep, check_detectors_serve
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
 
@@ -52,6 +52,19 @@ def dataset_batch(cfg: dict[str, Any], n: int, device: torch.device) -> tuple[Ba
     return (images, targets), len(train.class_names) + 1
 
 
+def served_methods(cfg: dict[str, Any], num_classes: int = 2) -> list[str]:
+    """The registered methods the config's detectors can serve (``check_detectors_serve``; e.g. not LD on FCOS)."""
+    teacher, student = (build_detector(cfg, role, num_classes) for role in ("teacher", "student"))
+    served = []
+    for method in list_distillers():
+        try:
+            check_detectors_serve(build_distiller(method, cfg, student), student, teacher)
+        except ValueError:
+            continue
+        served.append(method)
+    return served
+
+
 def build_steps(
     cfg: dict[str, Any],
     num_classes: int,
@@ -61,11 +74,11 @@ def build_steps(
 ) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
     """``{method: (step, SGD optimizer)}`` sharing one frozen teacher; every student starts from the same seed.
 
-    ``methods``: ``"none"`` (no KD) and registered distiller names; default ``["none", *list_distillers()]``.
+    ``methods``: ``"none"`` (no KD) and registered distiller names; default ``["none", *served_methods(cfg)]``.
     """
     teacher = build_detector(cfg, "teacher", num_classes).to(device)
     steps = {}
-    for method in methods or ["none", *list_distillers()]:
+    for method in methods or ["none", *served_methods(cfg, num_classes)]:
         student = build_detector(cfg, "student", num_classes)
         distiller = build_distiller(method, cfg, student)
         step = (DetectorStep(student) if distiller is None else DistillStep(student, teacher, distiller)).to(device)
@@ -130,7 +143,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--amp", action="store_true", help="autocast (CUDA fp16)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="none and registered methods or combinations (default: none, every registered one, liaf+maskd)")
+                   help="none and registered methods or combinations (default: none, every registered one the "
+                        "config's detectors serve, liaf+maskd)")
     args = p.parse_args()
     device = resolve_device(args.device)
     cfg = load_config(args.config)
@@ -139,7 +153,7 @@ def main() -> None:
         batch = synthetic_batch(args.synthetic, cfg["input"]["min_size"], num_classes, device)
     else:
         batch, num_classes = dataset_batch(cfg, args.batch, device)
-    steps = build_steps(cfg, num_classes, device, args.methods or ["none", *list_distillers(), "liaf+maskd"])
+    steps = build_steps(cfg, num_classes, device, args.methods or ["none", *served_methods(cfg, num_classes), "liaf+maskd"])
     amp_dtype = torch.float16 if args.amp and device.type == "cuda" else None
     res = step_times(steps, batch, args.warmup, args.repeats, amp_dtype)
     print(f"config={args.config} device={device} batch={len(batch[0])} threads={torch.get_num_threads()} "
@@ -147,7 +161,8 @@ def main() -> None:
     for m, r in res.items():
         print(f"  {m:11s} median step {r['median_ms']:8.1f} ms   x{r['ratio_vs_none']:.3f} vs no KD   "
               f"x{r['ratio_vs_fitnet']:.3f} vs FitNet")
-    print(f"LIAF-KD / FitNet step ratio: {res['liaf']['ratio_vs_fitnet']:.3f} (target <= 1.10)")
+    if "liaf" in res and "fitnet" in res:
+        print(f"LIAF-KD / FitNet step ratio: {res['liaf']['ratio_vs_fitnet']:.3f} (target <= 1.10)")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 

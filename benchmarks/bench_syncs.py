@@ -20,11 +20,14 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from liaf_lab import create_distiller, list_distillers
+from liaf_lab.models import create_detector, fpn_strides
+from liaf_lab.models.taps import HEAD_SPLITS, head_from_split
 from liaf_lab.distillers import KDInputs
 from liaf_lab.validation import debug_enabled
 
@@ -86,18 +89,53 @@ def make_inputs(num_levels: int, device: torch.device, batch: int = BATCH, seed:
     return strides, student, teacher, boxes, (IMAGE, IMAGE)
 
 
+REG_MAX = 16  # GFL's largest distance bin, for methods that read ``box_bins``
+
+
+def random_head(keys: tuple[str, ...], needs: frozenset[str], sizes: dict[str, tuple[int, int]], batch: int,
+                anchors: int, classes: int, g: torch.Generator, device: torch.device,
+                channels: tuple[int, int] = (STUDENT_C, TEACHER_C), split: int = 0) -> dict:
+    """Random head outputs of both sides, level -> key -> ``[batch, anchors * D, H, W]`` (``cls_logits``:
+    ``D = classes``; ``box_bins``: ``D = 4 * (REG_MAX + 1)``), and, if ``needs`` holds ``"assignment"``, a
+    random student assignment ``[batch, anchors * H * W]`` (a third of the priors positive, box 0); if it
+    holds ``"head_split"``, random tower features of both sides (``channels``: student, teacher) and the
+    head of a GFL teacher (random weights, at most five levels) from ``split`` on:
+    ``KDInputs`` fields by name."""
+    per_prior = {"cls_logits": classes, "box_bins": 4 * (REG_MAX + 1)}
+    student, teacher = ({lvl: {k: torch.randn(batch, anchors * per_prior[k], h, w, generator=g).to(device) for k in keys}
+                         for lvl, (h, w) in sizes.items()} for _ in range(2))
+    assignment = None
+    if "assignment" in needs:
+        assignment = {lvl: torch.where(torch.rand(batch, anchors * h * w, generator=g) < 1 / 3, 0, -1).to(device)
+                      for lvl, (h, w) in sizes.items()}
+    out = {"student_head": student, "teacher_head": teacher, "assignment": assignment}
+    if "head_split" in needs:
+        model = create_detector("gfl", classes, depth=18, width_mult=0.125, fpn_channels=channels[1]).to(device)
+        model.eval().requires_grad_(False)
+        branches = HEAD_SPLITS["gfl"][0](model)
+        for field, c in (("student_tower", channels[0]), ("teacher_tower", channels[1])):
+            out[field] = {lvl: {b: torch.randn(batch, c, h, w, generator=g).to(device) for b in branches}
+                          for lvl, (h, w) in sizes.items()}
+        out["teacher_head_from"] = partial(head_from_split, model, split=split,
+                                           levels=dict(zip(sizes, fpn_strides(model))))
+    return out
+
+
 def make_kd_inputs(num_levels: int, device: torch.device, needs: frozenset[str], num_classes: int = 4,
-                   batch: int = BATCH, seed: int = 0) -> KDInputs:
-    """``make_inputs`` as ``KDInputs``, with what a method ``needs``: random ``cls_logits`` of both
-    sides (one anchor per cell, ``num_classes`` logits), one stride-sized prior per cell (FCOS's), a generator."""
+                   batch: int = BATCH, seed: int = 0, head_keys: tuple[str, ...] = ("cls_logits",),
+                   split: int = 0) -> KDInputs:
+    """``make_inputs`` as ``KDInputs``, with what a method ``needs``: random ``head_keys`` outputs of both
+    sides (one anchor per cell, ``num_classes`` logits; ``random_head``) and the student's assignment, one
+    stride-sized prior per cell (FCOS's), a generator."""
     strides, student, teacher, boxes, image_size = make_inputs(num_levels, device, batch, seed)
     g = torch.Generator().manual_seed(seed + 1)
     inputs = KDInputs(student, teacher, boxes, [torch.ones(len(b), dtype=torch.long, device=device) for b in boxes],
                       image_size, [image_size] * batch)
     if "head_outputs" in needs:
-        inputs.student_head, inputs.teacher_head = (
-            {lvl: {"cls_logits": torch.randn(batch, num_classes, *f.shape[-2:], generator=g).to(device)}
-             for lvl, f in student.items()} for _ in range(2))
+        head = random_head(head_keys, needs, {lvl: tuple(f.shape[-2:]) for lvl, f in student.items()}, batch, 1,
+                           num_classes, g, device, split=split)
+        for field, value in head.items():
+            setattr(inputs, field, value)
     if "priors" in needs:
         inputs.priors = {}
         for lvl, f in student.items():
@@ -120,7 +158,8 @@ def distiller_reads(name: str, num_levels: int, device: str | torch.device = "cp
     torch.manual_seed(0)
     distiller = create_distiller(name, student_channels=STUDENT_C, teacher_channels=TEACHER_C,
                                  strides=strides, **options).to(device)
-    inputs = make_kd_inputs(num_levels, device, distiller.needs)
+    inputs = make_kd_inputs(num_levels, device, distiller.needs, head_keys=distiller.head_keys,
+                            split=distiller.split_index)
     calls = {"forward": lambda: distiller.loss_terms(inputs)}
     if distiller.two_stage:
         calls["stage1"] = lambda: distiller.stage1(teacher, boxes, image_size=image_size)

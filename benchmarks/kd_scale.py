@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_step import dataset_batch
+from bench_step import dataset_batch, served_methods
 
 from liaf_lab.builders import build_detector, build_distiller
 from liaf_lab.config import load_config
-from liaf_lab.distillers import list_distillers
 from liaf_lab.engine.distributed import resolve_device
 from liaf_lab.engine.steps import DistillStep
 
@@ -48,16 +47,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="bench")
     p.add_argument("--teacher", default=None, help="teacher weights (default: a random teacher)")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="default: every registered method the config's detectors serve (on FCOS not LD, BCKD, CrossKD)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
-    methods = args.methods or list_distillers()
+    cfg = load_config(args.config, args.overrides)
+    methods = args.methods or served_methods(cfg)
     methods = methods if "fitnet" in methods else ["fitnet", *methods]
-    rows = first_terms(load_config(args.config, args.overrides), methods, args.teacher, args.batch,
-                       resolve_device(args.device))
+    rows = first_terms(cfg, methods, args.teacher, args.batch, resolve_device(args.device))
     ref = rows["fitnet"]["kd"]
     print(f"{'method':<12}{'task':>9}{'KD':>12}{'KD/FitNet':>11}{'factor':>10}  terms")
     for method, r in rows.items():

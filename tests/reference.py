@@ -309,3 +309,25 @@ def assert_default_generator_draws(distiller: Callable[..., Tensor], student: Ma
         want = reference()
     assert torch.equal(a, b)
     torch.testing.assert_close(a, want)
+
+
+def assert_loss_and_grads_close(loss: Tensor, want: Tensor, wrt: Sequence[Tensor]) -> None:
+    """``loss`` equals its reference ``want``, and so do their gradients in each tensor of ``wrt``."""
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(torch.autograd.grad(loss, wrt, retain_graph=True), torch.autograd.grad(want, wrt)):
+        torch.testing.assert_close(got, ref)
+
+
+def feature_gradcheck(distiller: torch.nn.Module, student_c: int, teacher_c: int) -> bool:
+    """``torch.autograd.gradcheck`` of a features-only distiller (float64, one level ``p4``, two images) in
+    the student's features and every parameter of the distiller."""
+    level = {"p4": 8.0}
+    student = make_feats(student_c, 2, seed=1, strides=level, requires_grad=True)["p4"]
+    teacher = make_feats(teacher_c, 2, seed=2, strides=level)
+    params = [p.detach().clone().requires_grad_(True) for p in distiller.parameters()]
+    names = [n for n, _ in distiller.named_parameters()]
+
+    def loss(s: Tensor, *ps: Tensor) -> Tensor:
+        return torch.func.functional_call(distiller, dict(zip(names, ps)), ({"p4": s}, teacher, [torch.zeros(0, 4)] * 2))
+
+    return torch.autograd.gradcheck(loss, (student, *params), eps=1e-6, atol=1e-5)

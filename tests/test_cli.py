@@ -89,8 +89,8 @@ TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
 
 @pytest.mark.parametrize("argv, message", [
     (["distill", "--method", "nope", "--teacher", TEACHER],
-     "error: unknown distiller 'nope'; choose one of ['acam', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid', 'ima', "
-     "'liaf', 'liaf_paper', 'maskd', 'mgd', 'samkd']"),
+     "error: unknown distiller 'nope'; choose one of ['acam', 'bckd', 'crosskd', 'cwd', 'defeat', 'fgd', 'fgfi', "
+     "'fitnet', 'gid', 'ima', 'ld', 'liaf', 'liaf_paper', 'maskd', 'mgd', 'pkd', 'samkd']"),
     (["learn-stage1", "--method", "fgd", "--teacher", TEACHER], "error: method 'fgd' has no stage 1 to learn"),
     (["distill", "--method", "mgd", "--teacher", TEACHER, "--stage1", TEACHER],
      "error: --stage1 is for two-stage methods; 'mgd' has no stage 1"),
@@ -110,5 +110,6 @@ def test_method_errors_are_one_line(argv, message, capsys, tmp_path):
 def test_help_lists_the_registered_methods(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert ("the registered distillers (acam, defeat, fgd, fgfi, fitnet, gid, ima, liaf, liaf_paper, maskd, mgd, samkd)"
+    assert ("the registered distillers (acam, bckd, crosskd, cwd, defeat, fgd, fgfi, fitnet, gid, ima, ld, liaf, "
+            "liaf_paper, maskd, mgd, pkd, samkd)"
             in " ".join(capsys.readouterr().out.split()))

@@ -176,3 +176,23 @@ def test_a_variant_reads_its_method_s_table_except_the_options_it_fixes():
                                               for s in d.selectors.values())
     assert d.loss_weight == 0.3
     assert set(method_config(cfg, "liaf_paper")["kd"]) == {"inherit", "liaf", "liaf_paper"}
+
+
+# MasKD's public configs start the student mask after 5000 (FCOS) or 7000 (RetinaNet) of the ~176k iterations
+# of their 2x schedule; each preset starts it after the same share of its own schedule (docs/distillers.md).
+MASKD_SOURCE = {"bench": 5000, "tiny": 5000, "gfl_tiny": 7000, "paper": 7000, "gfl_coco": 7000, "gfl_kitti": 7000}
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_maskd_warmup_is_the_public_share_of_each_preset_s_schedule(name):
+    cfg = load_config(name)
+    want = round(MASKD_SOURCE[name] * cfg["distill"]["iterations"] / 175_920)
+    assert cfg["kd"]["maskd"]["custom_mask_warmup"] == want
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_has_a_table_for_every_registered_method(name):
+    from liaf_lab.distillers import list_distillers, variant_of
+
+    methods = {m for m in list_distillers() if variant_of(m)[0] == m}
+    assert methods <= set(load_config(name)["kd"])

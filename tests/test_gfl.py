@@ -413,7 +413,7 @@ def test_normaliser_over_a_one_rank_process_group(tmp_path):
 def test_factory_and_arch_plumbing(tmp_path):
     model = tiny()
     assert detector_arch(model) == model.liaf_arch == "gfl"
-    assert HEAD_OUTPUTS["gfl"] == ("cls_logits", "bbox_regression")
+    assert HEAD_OUTPUTS["gfl"] == ("cls_logits", "bbox_regression", "box_bins")  # box_bins: bbox_regression's bins
     assert list(fpn_strides(model).values()) == [8.0, 16.0, 32.0, 64.0, 128.0]
     assert detector_num_classes(model) == NUM_CLASSES
     assert model.head.classification_head.conv[1].num_groups == 16  # gcd(32, 16) for 16 FPN channels
@@ -516,9 +516,18 @@ def test_bad_input():
 def test_presets_load():
     tiny_cfg, tiny_base = load_config("gfl_tiny"), load_config("tiny")
     assert tiny_cfg["teacher"]["arch"] == tiny_cfg["student"]["arch"] == "gfl"
-    assert {k: v for k, v in tiny_cfg.items() if k not in ("teacher", "student")} == \
-        {k: v for k, v in tiny_base.items() if k not in ("teacher", "student")}
+    def without(cfg, *tables):  # the config less the detectors and the given [kd.<m>] tables
+        return {k: ({m: t for m, t in v.items() if m not in tables} if k == "kd" else v)
+                for k, v in cfg.items() if k not in ("teacher", "student")}
+
+    # tiny.toml's, but FGD and MasKD take gfl_coco's sources (FGD's GFL config, MasKD's RetinaNet one)
+    assert without(tiny_cfg, "fgd", "maskd") == without(tiny_base, "fgd", "maskd")
     coco = load_config("gfl_coco")
+    fgd, coco_fgd = tiny_cfg["kd"]["fgd"], coco["kd"]["fgd"]
+    assert fgd["temperature"] == coco_fgd["temperature"] == 0.5
+    ratios = [fgd[k] / coco_fgd[k] for k in ("alpha_fg", "beta_bg", "gamma_attention", "lambda_global")]
+    assert max(ratios) == pytest.approx(min(ratios))  # one factor on the public GFL weights
+    assert tiny_cfg["kd"]["maskd"]["custom_mask_warmup"] == round(7000 * 300 / 175_920)
     assert (coco["teacher"]["arch"], coco["teacher"]["depth"], coco["student"]["depth"]) == ("gfl", 101, 50)
     assert coco["kd"]["inherit"] is True
     assert (coco["distill"]["lr"], coco["distill"]["batch_size"], coco["distill"]["iterations"]) == (0.01, 16, 90000)

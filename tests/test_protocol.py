@@ -18,7 +18,7 @@ from liaf_lab.distillers import (
     BASELINE, FeatureDistiller, KDInputs, create_distiller, list_distillers, method_label, register_distiller,
 )
 from liaf_lab.engine import TrainConfig, distill, learn_stage1
-from liaf_lab.engine.steps import DistillStep, Stage1Step
+from liaf_lab.engine.steps import DistillStep, Stage1Step, check_detectors_serve
 from liaf_lab.models import create_detector, fpn_strides, run_detector
 
 PACKAGE = Path(ll.__file__).parent
@@ -51,7 +51,7 @@ def test_the_field_s_methods_are_registered_with_labels():
 
 
 def test_unknown_methods_options_and_reserved_names_are_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown distiller 'nope'; choose one of \['acam', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid'"):
+    with pytest.raises(ValueError, match=r"unknown distiller 'nope'; choose one of \['acam', 'bckd', 'crosskd', 'cwd', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid'"):
         create_distiller("liaf+nope", 8, 16, {"0": 8.0})
     with pytest.raises(ValueError, match=r"unknown option 'mask_ratio' of distiller 'mgd'; its options are "
                                          r"\['alpha', 'lambda_mask'\]"):
@@ -137,10 +137,16 @@ def test_every_method_trains_through_the_engine_and_logs_its_named_terms(tiny_da
     nc = len(train.class_names) + 1
     cfg = TrainConfig(iterations=2, batch_size=2, lr=0.01, warmup=0, checkpoint_every=10, log_every=1)
     for name in [*list_distillers(), "liaf+maskd"]:
-        torch.manual_seed(0)
-        teacher = create_detector("fcos", nc, width_mult=0.25, fpn_channels=16, **SMALL)
-        student = create_detector("fcos", nc, width_mult=0.125, fpn_channels=8, **SMALL)
-        d = create_distiller(name, 8, 16, fpn_strides(student))
+        for arch in ("fcos", "gfl"):  # FCOS, or GFL for a method FCOS cannot serve (LD: box bins)
+            torch.manual_seed(0)
+            teacher = create_detector(arch, nc, width_mult=0.25, fpn_channels=16, **SMALL)
+            student = create_detector(arch, nc, width_mult=0.125, fpn_channels=8, **SMALL)
+            d = create_distiller(name, 8, 16, fpn_strides(student))
+            try:
+                check_detectors_serve(d, student, teacher)
+                break
+            except ValueError:
+                assert arch == "fcos", name
         if d.two_stage:
             learn_stage1(teacher, d, train, TrainConfig(iterations=1, batch_size=2, optimizer="adam"),
                          tmp_path / name / "stage1", device="cpu")

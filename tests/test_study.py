@@ -91,7 +91,7 @@ def test_jobs_do_not_change_any_result(tmp_path, small):
 @pytest.mark.parametrize("seeds, methods, grid, message", [
     ([], ["none"], {}, "--seeds is empty"),
     ([0, 1, 0], ["none"], {}, r"--seeds repeats \[0\]"),
-    ([0], ["none", "nope"], {}, r"--methods nope: unknown distiller 'nope'; choose one of \['acam', 'defeat', 'fgd', "),
+    ([0], ["none", "nope"], {}, r"--methods nope: unknown distiller 'nope'; choose one of \['acam', 'bckd', 'crosskd', 'cwd', 'defeat', "),
     ([0], ["none"], {"kd.liaf.loss_wieght": ["1"]}, "unknown key kd.liaf.loss_wieght"),
     ([0], ["none"], {"kd.liaf.roi_size": ["7"]}, "kd.liaf.roi_size=7 must be"),
 ])

@@ -13,6 +13,11 @@ from .fgfi import FGFIDistiller
 from .gid import GIDDistiller
 from .ima import IMADistiller
 from .samkd import SAMKDDistiller
+from .pkd import PKDDistiller
+from .cwd import CWDDistiller
+from .ld import LDDistiller
+from .bckd import BCKDDistiller
+from .crosskd import CrossKDDistiller
 from .combined import CombinedDistiller
 from .registry import (
     BASELINE, create_distiller, list_distillers, method_label, method_options, method_parts, register_distiller,
@@ -20,9 +25,9 @@ from .registry import (
 )
 
 __all__ = [
-    "ACAMDistiller", "BASELINE", "CombinedDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
-    "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LIAFDistiller", "MGDDistiller",
-    "MasKDDistiller", "SAMKDDistiller",
+    "ACAMDistiller", "BASELINE", "BCKDDistiller", "CWDDistiller", "CombinedDistiller", "CrossKDDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
+    "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LDDistiller", "LIAFDistiller", "MGDDistiller",
+    "MasKDDistiller", "PKDDistiller", "SAMKDDistiller",
     "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_options",
     "method_parts", "register_distiller", "register_variant", "variant_of",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
@@ -33,7 +33,7 @@ Channels = int | Mapping[str, int]
 Features = Mapping[str, Tensor]
 # What a method may ask for beyond features, boxes, labels and sizes (``FeatureDistiller.needs``); the
 # engine computes these only for a method that names them.
-OPTIONAL_INPUTS = ("head_outputs", "priors", "generator")
+OPTIONAL_INPUTS = ("head_outputs", "priors", "generator", "assignment", "head_split")
 
 
 @dataclass
@@ -55,6 +55,15 @@ class KDInputs:
         generator: the source of every random draw of the step, given to methods whose ``needs``
             holds ``"generator"`` (the engine derives it from the run's seed and iteration); ``None``:
             torch's default generator.
+        assignment: level -> ``[N, P_l]`` int64: the student's own assignment of its priors (in the
+            priors' order), the index of the box in its image's ``boxes`` or -1 (a negative); the
+            positives are the cells the student's box losses train. Given only to methods whose
+            ``needs`` holds ``"assignment"`` (``liaf_lab.models.taps.prior_assignment``).
+        student_tower, teacher_tower: level -> branch (e.g. ``"cls"``, ``"reg"``) -> ``[N, C, H_l, W_l]``: each
+            detector's head-tower features at the distiller's ``split_index`` (the student's with gradient),
+            and ``teacher_head_from``: the frozen teacher's head from that split on, a callable taking such
+            features (student level names) and returning level -> ``{"cls_logits", "box_bins"}``. Given
+            only to methods whose ``needs`` holds ``"head_split"`` (``taps.tower_features``, ``head_from_split``).
     """
 
     student_feats: Features
@@ -67,6 +76,10 @@ class KDInputs:
     teacher_head: Mapping[str, Mapping[str, Tensor]] | None = None
     priors: Mapping[str, Tensor] | None = None
     generator: torch.Generator | None = None
+    assignment: Mapping[str, Tensor] | None = None
+    student_tower: Mapping[str, Mapping[str, Tensor]] | None = None
+    teacher_tower: Mapping[str, Mapping[str, Tensor]] | None = None
+    teacher_head_from: Callable[[Mapping[str, Mapping[str, Tensor]]], Mapping[str, Mapping[str, Tensor]]] | None = None
 
 
 @dataclass
@@ -90,6 +103,14 @@ def _per_level(name: str, value: Channels, levels: Sequence[str]) -> dict[str, i
             raise ValueError(f"{name} lacks the levels {missing}")
         return {lvl: int(value[lvl]) for lvl in levels}
     return {lvl: int(value) for lvl in levels}
+
+
+def flat_logits(logits: Tensor, num_priors: int) -> Tensor:
+    """Head logits ``[N, A*K, H, W]`` (channel ``a*K + k``) -> ``[N, H*W*A, K]`` in the priors' order
+    (row-major over H, W, then anchor); ``A = num_priors // (H*W)``."""
+    n, channels, h, w = logits.shape
+    a = num_priors // (h * w)
+    return logits.view(n, a, channels // a, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, channels // a)
 
 
 def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
@@ -145,6 +166,7 @@ class FeatureDistiller(nn.Module):
     label: ClassVar[str] = "base"  # how reports name the method
     needs: ClassVar[frozenset[str]] = frozenset()  # a subset of OPTIONAL_INPUTS
     head_keys: ClassVar[tuple[str, ...]] = ()  # with "head_outputs": the outputs read, e.g. ("cls_logits",)
+    split_index: int = 0  # with "head_split": the tower conv after which the heads are split (0: before the towers)
     two_stage: ClassVar[bool] = False
 
     def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float]) -> None:
@@ -235,7 +257,10 @@ class FeatureDistiller(nn.Module):
                                  "batched input (min_size and max_size of teacher and student must match)")
         self.check_strides("student_feats", s_feats, inputs.image_size)
         missing = [what for what, value in (("head_outputs", inputs.student_head), ("head_outputs", inputs.teacher_head),
-                                            ("priors", inputs.priors)) if what in self.needs and value is None]
+                                            ("priors", inputs.priors), ("assignment", inputs.assignment),
+                                            ("head_split", inputs.student_tower), ("head_split", inputs.teacher_tower),
+                                            ("head_split", inputs.teacher_head_from))
+                   if what in self.needs and value is None]
         if missing:
             raise ValueError(f"distiller {self.method_name!r} needs {sorted(set(missing))}, which a call with features "
                              "and boxes alone does not give; train it with liaf_lab.distill (DistillStep computes "
@@ -248,6 +273,12 @@ class FeatureDistiller(nn.Module):
             values["priors"] = self.at_levels(inputs.priors)
             if "head_outputs" in self.needs:
                 self.check_head_anchors(inputs)
+        if "assignment" in self.needs:
+            self.check_assignment(inputs)
+            if "box_bins" in self.head_keys:
+                self.check_box_bins(inputs)
+        if "head_split" in self.needs:
+            self.check_towers(inputs)
         check_values(values, {"boxes": boxes})
 
     def check_head_outputs(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
@@ -289,6 +320,48 @@ class FeatureDistiller(nn.Module):
                 if channels % a:
                     raise ValueError(f"distiller {self.method_name!r}: {key!r} at level {lvl!r} has {channels} channels, "
                                      f"not a multiple of the {a} priors per cell")
+
+    def check_assignment(self, inputs: KDInputs) -> None:
+        """``assignment[level]`` is an int64 ``[N, A * H_l * W_l]`` for a whole number ``A >= 1`` (shapes only)."""
+        for lvl in self.levels:
+            m = inputs.assignment.get(lvl) if isinstance(inputs.assignment, Mapping) else None
+            n, _, h, w = inputs.student_feats[lvl].shape
+            if not isinstance(m, Tensor) or m.dtype != torch.int64 or m.dim() != 2 or m.shape[0] != n \
+                    or m.shape[1] == 0 or m.shape[1] % (h * w):
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"distiller {self.method_name!r}: assignment[{lvl!r}] must be an int64 "
+                                 f"[{n}, A * {h} * {w}] (one box index or -1 per prior), got {got}")
+
+    def check_towers(self, inputs: KDInputs) -> None:
+        """``student_tower`` and ``teacher_tower``: the same branches at every level, each ``[N, C, H_l, W_l]`` on
+        the level's grid, ``C`` the side's channels (shapes only)."""
+        for lvl in self.levels:
+            n, _, h, w = inputs.student_feats[lvl].shape
+            branches = []
+            for side, tower, c in (("student_tower", inputs.student_tower, self.student_channels[lvl]),
+                                   ("teacher_tower", inputs.teacher_tower, self.teacher_channels[lvl])):
+                level = tower.get(lvl) if isinstance(tower, Mapping) else None
+                if not isinstance(level, Mapping) or not level:
+                    raise ValueError(f"distiller {self.method_name!r}: {side} lacks the level {lvl!r}")
+                branches.append(sorted(level))
+                for branch, x in level.items():
+                    if not isinstance(x, Tensor) or tuple(x.shape) != (n, c, h, w):
+                        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                        raise ValueError(f"distiller {self.method_name!r}: {side}[{lvl!r}][{branch!r}] must be "
+                                         f"[{n}, {c}, {h}, {w}], got {got}")
+            if branches[0] != branches[1]:
+                raise ValueError(f"distiller {self.method_name!r}: the towers' branches differ at level {lvl!r}: "
+                                 f"student {branches[0]}, teacher {branches[1]}")
+
+    def check_box_bins(self, inputs: KDInputs) -> None:
+        """``box_bins`` has ``4 * (R + 1)`` channels (``R >= 1``) per prior of the assignment (shapes only)."""
+        for lvl in self.levels:
+            num_priors = inputs.assignment[lvl].shape[1]
+            h, w = inputs.student_feats[lvl].shape[2:]
+            bins = inputs.student_head[lvl]["box_bins"].shape[1] * h * w / num_priors
+            if bins % 4 or bins < 8:
+                raise ValueError(f"distiller {self.method_name!r}: box_bins at level {lvl!r} must have 4 * (R + 1) "
+                                 f"channels per prior (R >= 1), got {bins:g} for {num_priors // (h * w)} priors per cell")
 
     def check_priors(self, inputs: KDInputs) -> None:
         """``priors[level]`` is ``[A * H_l * W_l, 4]`` for a whole number ``A >= 1`` of priors per cell."""

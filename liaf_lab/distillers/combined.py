@@ -23,6 +23,12 @@ class CombinedDistiller(FeatureDistiller):
         self.method_name = "+".join(parts)
         self.label = " + ".join(p.label for p in parts.values())
         self.needs = frozenset().union(*(p.needs for p in parts.values()))
+        self.head_keys = tuple(dict.fromkeys(k for p in parts.values() for k in p.head_keys))
+        splits = {p.split_index for p in parts.values() if "head_split" in p.needs}
+        if len(splits) > 1:
+            raise ValueError(f"the parts of {self.method_name!r} split the heads at different convs {sorted(splits)}; "
+                             "give them one split")
+        self.split_index = splits.pop() if splits else 0
 
     @property
     def two_stage(self) -> bool:

@@ -129,11 +129,14 @@ class DeFeatDistiller(FeatureDistiller):
           outside the grid marks only border cells (the public slicing wraps around there).
         * ``A`` (priors per cell) comes from the priors' shapes, so the method also needs ``priors``.
 
-    Args (beyond ``FeatureDistiller``'s); defaults are the public DeFeat config's (Faster R-CNN, VOC):
+    Args (beyond ``FeatureDistiller``'s); defaults are the values of the public DeFeat config (Faster R-CNN,
+    VOC). That config's ``type`` has no ``head-cls``, so its released run used the feature terms only; the
+    head KL is on here as in the paper's DeFeat (decoupled features and proposals), and
+    ``cls_pos_weight = cls_neg_weight = 0`` is the released run:
         fg_weight: weight of the object-region feature loss (public ``hint_neck_w`` 3).
         bg_weight: weight of the background feature loss (``hint_neck_back_w`` 12).
-        cls_pos_weight: weight of the positive-prior KL (``head_cls_w`` 2).
-        cls_neg_weight: weight of the negative-prior KL (``head_cls_back_w`` 2).
+        cls_pos_weight: weight of the positive-prior KL (``head_cls_w`` 2, unused by the released run).
+        cls_neg_weight: weight of the negative-prior KL (``head_cls_back_w`` 2, unused by the released run).
         temperature: T of the softened KL (``head_cls_T`` 1), positive.
         box_levels: ``"scale"`` or ``"all"`` (see above).
         head_kl: ``"softmax"`` or ``"sigmoid"`` (see above).

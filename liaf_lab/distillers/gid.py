@@ -36,20 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers, prior_boxes
+from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers, flat_logits, prior_boxes
 from .registry import register_distiller
 
 RoiLevel = Literal["size", "prior"]
 CANONICAL_LEVEL = 4  # FPN's k0: a box of ``canonical_size`` pixels pools from stride 2**4
 DIST_EPS = 1e-12  # RKD's ``pdist`` clamp of the squared distances
-
-
-def flat_logits(logits: Tensor, num_priors: int) -> Tensor:
-    """Head logits ``[N, A*K, H, W]`` (channel ``a*K + k``) -> ``[N, H*W*A, K]`` in the priors' order
-    (row-major over H, W, then anchor); ``A = num_priors // (H*W)``."""
-    n, channels, h, w = logits.shape
-    a = num_priors // (h * w)
-    return logits.view(n, a, channels // a, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, channels // a)
 
 
 def pair_iou(a: Tensor, b: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ Being modules, they can be wrapped in ``DistributedDataParallel`` as a whole.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,10 @@ from torch import Tensor, nn
 from ..distillers import FeatureDistiller, KDInputs
 from ..models.backbones import fpn_levels
 from ..models.detectors import fpn_strides, match_levels, shared_strides
-from ..models.taps import HEAD_OUTPUTS, detector_arch, detector_features, head_outputs, loss_on_features, run_detector
+from ..models.taps import (
+    ASSIGNERS, HEAD_OUTPUTS, HEAD_SPLITS, detector_arch, detector_features, head_from_split, head_outputs,
+    head_split_depth, loss_on_features, prior_assignment, run_detector, tower_features,
+)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -24,6 +28,30 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def check_detectors_serve(distiller: FeatureDistiller, student: nn.Module, teacher: nn.Module) -> None:
+    """A one-line ``ValueError`` naming the method, the detector and what it lacks, unless the detectors give
+    what the distiller ``needs``: its ``head_keys`` on both sides, and the student's assignment of priors."""
+    if "head_outputs" in distiller.needs:
+        for role, model in (("student", student), ("teacher", teacher)):
+            gives = HEAD_OUTPUTS[detector_arch(model)]
+            missing = [k for k in distiller.head_keys if k not in gives]
+            if missing:
+                raise ValueError(f"distiller {distiller.method_name!r} reads the head outputs {missing}, which the "
+                                 f"{role} ({type(model).__name__}) does not give (it gives {list(gives)})")
+    if "assignment" in distiller.needs and detector_arch(student) not in ASSIGNERS:
+        raise ValueError(f"distiller {distiller.method_name!r} reads the student's assignment of priors to boxes, which "
+                         f"the student ({type(student).__name__}) does not give (given by: {sorted(ASSIGNERS)})")
+    if "head_split" in distiller.needs:
+        for role, model in (("student", student), ("teacher", teacher)):
+            if detector_arch(model) not in HEAD_SPLITS:
+                raise ValueError(f"distiller {distiller.method_name!r} splits the heads after a tower conv, which the "
+                                 f"{role} ({type(model).__name__}) does not allow (given by: {sorted(HEAD_SPLITS)})")
+            depth = head_split_depth(model)
+            if not 0 <= distiller.split_index <= depth:
+                raise ValueError(f"distiller {distiller.method_name!r} splits the heads after conv "
+                                 f"{distiller.split_index}, but the {role}'s towers have {depth} convs")
 
 
 class DetectorStep(nn.Module):
@@ -106,13 +134,7 @@ class DistillStep(FrozenTeacherStep):
                 f"{distiller.strides}, student ({type(student).__name__}) levels {student_strides}; build the "
                 f"distiller with strides={shared_strides(student, teacher)} (shared_strides(student, teacher))"
             )
-        if "head_outputs" in distiller.needs:
-            for role, model in (("student", student), ("teacher", teacher)):
-                gives = HEAD_OUTPUTS[detector_arch(model)]
-                missing = [k for k in distiller.head_keys if k not in gives]
-                if missing:
-                    raise ValueError(f"distiller {distiller.method_name!r} reads the head outputs {missing}, which the "
-                                     f"{role} ({type(model).__name__}) does not give (it gives {list(gives)})")
+        check_detectors_serve(distiller, student, teacher)
         super().__init__(teacher)
         self.student = student
         self.distiller = distiller
@@ -132,10 +154,12 @@ class DistillStep(FrozenTeacherStep):
         seed and iteration, so random draws replay exactly on resume.
         """
         out = run_detector(self.student, list(images), list(targets))
-        needs = self.distiller.needs
+        needs, split = self.distiller.needs, self.distiller.split_index
         with torch.no_grad():
             feats = fpn_levels(self.teacher.backbone, out.image_list.tensors)
             t_head = head_outputs(self.teacher, out.image_list, feats)[0] if "head_outputs" in needs else None
+            t_tower = (tower_features(self.teacher, {lvl: feats[src] for lvl, src in self.levels.items()}, split)
+                       if "head_split" in needs else None)
         generator = None
         if "generator" in needs:
             device = out.image_list.tensors.device
@@ -148,5 +172,12 @@ class DistillStep(FrozenTeacherStep):
             teacher_head={lvl: t_head[src] for lvl, src in self.levels.items()} if t_head is not None else None,
             priors={lvl: out.priors[lvl] for lvl in self.levels} if "priors" in needs else None,
             generator=generator,
+            assignment=({lvl: m for lvl, m in prior_assignment(self.student, out.priors, out.targets).items()
+                         if lvl in self.levels} if "assignment" in needs else None),
+            student_tower=(tower_features(self.student, {lvl: out.features[lvl] for lvl in self.levels}, split)
+                           if "head_split" in needs else None),
+            teacher_tower=t_tower,
+            teacher_head_from=(partial(head_from_split, self.teacher, split=split, levels=self.levels)
+                               if "head_split" in needs else None),
         )
         return out.losses, inputs

@@ -39,7 +39,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .backbones import fpn_levels
 from .detectors import fpn_strides
-from .gfl import GFL
+from .gfl import GFL, atss_assign
 
 Target = dict[str, Tensor]
 FeaturesFn = Callable[[OrderedDict[str, Tensor], list[Target] | None], Mapping[str, Tensor]]
@@ -62,7 +62,8 @@ class DetectorOutput:
         head_outputs: level -> output name -> ``[N, A*D, H_l, W_l]`` (channel ``a*D + d``): RetinaNet
             ``cls_logits`` (D = K classes, A anchors) and ``bbox_regression`` (D = 4); FCOS the same with
             A = 1 plus ``bbox_ctrness``; GFL ``cls_logits`` and ``bbox_regression`` (A = 1, D = 4 x (reg_max + 1)
-            distance-bin logits); Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
+            distance-bin logits, also under the detector-independent name ``box_bins``, ``SHARED_OUTPUTS``);
+            Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
             Computed on the features the heads saw (after ``features_fn``).
         priors: level -> ``[H_l * W_l * A, 4]`` anchors in resized-input pixels, in the order of the
             head outputs' cells (row-major over H_l, W_l, then anchors).
@@ -84,11 +85,16 @@ class DetectorOutput:
         return {lvl: next(iter(out.values())) for lvl, out in self.head_outputs.items()}
 
 
+# Head outputs under a name that means the same on every detector giving it, for methods that need
+# the meaning, not the detector's name (architecture -> shared name -> the detector's own output):
+# ``box_bins``: ``[N, A * 4 * (R + 1), H_l, W_l]`` distance-bin logits (channel ``a*D + d``, ``D`` side-major:
+# left, top, right, bottom, ``R + 1`` bins each), given by detectors whose boxes are distributions.
+SHARED_OUTPUTS = {"gfl": {"box_bins": "bbox_regression"}}
 # The per-level head outputs each architecture gives (``DetectorOutput.head_outputs``).
 HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"),
                 "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
                 "fasterrcnn": ("objectness", "bbox_deltas"),
-                "gfl": ("cls_logits", "bbox_regression")}
+                "gfl": ("cls_logits", "bbox_regression", *SHARED_OUTPUTS["gfl"])}
 
 
 def detector_arch(model: nn.Module) -> str:
@@ -213,7 +219,9 @@ def _dense_heads(
         detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     split = {k: _per_level_outputs(v, features, num_anchors) for k, v in head_outputs.items()}
-    outputs = {lvl: {k: split[k][lvl] for k in head_outputs} for lvl in features}
+    shared = SHARED_OUTPUTS.get(detector_arch(model), {})
+    outputs = {lvl: {**{k: split[k][lvl] for k in head_outputs}, **{k: split[v][lvl] for k, v in shared.items()}}
+               for lvl in features}
     return losses, detections, outputs, dict(zip(features, anchors[0].split(per_level)))
 
 
@@ -385,3 +393,87 @@ def head_outputs(
     ordered = _ordered_features(features, list(fpn_strides(model)), len(image_list.image_sizes))
     _, _, outputs, priors = _heads(model, image_list, ordered, None, None)
     return outputs, priors
+
+
+def _atss_assignment(model: GFL, anchors: Tensor, counts: list[int], targets: list[Target]) -> Tensor:
+    """GFL: ATSS on all levels' anchors ``[A, 4]``, as ``GFL.compute_loss`` assigns them -> ``[N, A]``."""
+    anchors = anchors.to(torch.promote_types(anchors.dtype, torch.float32))
+    return torch.stack([atss_assign(anchors, counts, t["boxes"].to(anchors.dtype), model.atss_topk) for t in targets])
+
+
+# The detectors whose assignment of priors to boxes (the positives of their task loss) ``prior_assignment``
+# computes; a method that ``needs`` ``"assignment"`` runs on these students only.
+ASSIGNERS: dict[str, Callable[[nn.Module, Tensor, list[int], list[Target]], Tensor]] = {"gfl": _atss_assignment}
+
+
+@torch.no_grad()
+def prior_assignment(model: nn.Module, priors: Mapping[str, Tensor], targets: list[Target]) -> dict[str, Tensor]:
+    """The detector's own assignment of its priors to the ground-truth boxes (no gradient).
+
+    Args:
+        model: a detector in ``ASSIGNERS`` (GFL: ATSS, ``atss_assign``).
+        priors: ``DetectorOutput.priors``, every level in the model's order (ATSS compares levels).
+        targets: ``DetectorOutput.targets`` (boxes in resized-input pixels).
+
+    Returns:
+        level -> ``[N, P_l]`` int64 in the priors' order: the index of the prior's box in its image's
+        targets, or -1 (negative). The positives are the cells the detector's box losses train.
+    """
+    arch = detector_arch(model)
+    if arch not in ASSIGNERS:
+        raise ValueError(f"{type(model).__name__} does not give its assignment of priors (given by: {sorted(ASSIGNERS)})")
+    counts = [p.shape[0] for p in priors.values()]
+    matched = ASSIGNERS[arch](model, torch.cat(list(priors.values())), counts, targets)
+    return dict(zip(priors, matched.split(counts, dim=1)))
+
+
+# -- the head split at a tower conv (CrossKD: the student's tower features through the teacher's head) ------
+
+def _gfl_towers(model: GFL) -> dict[str, nn.Sequential]:
+    """GFL's two towers, each ``num_convs`` x (conv, GroupNorm, ReLU), by branch."""
+    return {"cls": model.head.classification_head.conv, "reg": model.head.regression_head.conv}
+
+
+def _gfl_head_from(model: GFL, level_index: int, held: Mapping[str, Tensor], split: int) -> dict[str, Tensor]:
+    """GFL's head on one level from the split on: the towers' remaining layers (the split conv's ReLU first),
+    then the output convs, the regression times its level scale -> ``{"cls_logits", "box_bins"}``."""
+    head, start = model.head, max(3 * split - 1, 0)
+    cls = head.classification_head.conv[start:](held["cls"])
+    reg = head.regression_head.conv[start:](held["reg"])
+    return {"cls_logits": head.classification_head.cls_logits(cls),
+            "box_bins": head.regression_head.bbox_reg(reg) * head.regression_head.scales[level_index]}
+
+
+# architecture -> (the towers by branch, the head from the split on); a split ``k`` holds the output of the
+# k-th conv and its norm, before its activation (k = 0: the FPN features).
+HEAD_SPLITS: dict[str, tuple[Callable[[nn.Module], dict[str, nn.Sequential]],
+                             Callable[[nn.Module, int, Mapping[str, Tensor], int], dict[str, Tensor]]]] = {
+    "gfl": (_gfl_towers, _gfl_head_from)}
+
+
+def head_split_depth(model: nn.Module) -> int:
+    """The convs per tower of a detector in ``HEAD_SPLITS`` (the largest split); ``ValueError`` for others."""
+    arch = detector_arch(model)
+    if arch not in HEAD_SPLITS:
+        raise ValueError(f"{type(model).__name__}'s head cannot be split (given by: {sorted(HEAD_SPLITS)})")
+    return min(len(tower) // 3 for tower in HEAD_SPLITS[arch][0](model).values())
+
+
+def tower_features(model: nn.Module, features: Mapping[str, Tensor], split: int) -> dict[str, dict[str, Tensor]]:
+    """Each tower's output at the split, per level: level -> branch -> ``[N, C, H_l, W_l]`` (the k-th conv and
+    its norm, before the activation; the features themselves for ``split`` 0), with the gradient of the
+    model's parameters."""
+    head_split_depth(model)
+    towers = HEAD_SPLITS[detector_arch(model)][0](model)
+    return {lvl: {b: tower[:max(3 * split - 1, 0)](f) for b, tower in towers.items()} for lvl, f in features.items()}
+
+
+def head_from_split(model: nn.Module, held: Mapping[str, Mapping[str, Tensor]], split: int,
+                    levels: Mapping[str, str] | None = None) -> dict[str, dict[str, Tensor]]:
+    """The model's head from the split on, run on ``held`` (level -> branch -> ``[N, C, H_l, W_l]``, e.g. another
+    detector's tower features): level -> ``{"cls_logits", "box_bins"}`` (the shared names). ``levels`` maps a
+    key of ``held`` to the model's level of the same stride (default: the same name)."""
+    head_split_depth(model)
+    order = list(fpn_strides(model))
+    head_from = HEAD_SPLITS[detector_arch(model)][1]
+    return {lvl: head_from(model, order.index((levels or {}).get(lvl, lvl)), h, split) for lvl, h in held.items()}

@@ -1,0 +1,105 @@
+"""BCKD: Bridging Cross-task Protocol Inconsistency for Distillation in Dense Object Detection
+(Yang et al., ICCV 2023).
+
+Prediction distillation of a dense detector with sigmoid classifiers and box distributions. Facts
+follow the public code (TinyTigerPan/BCKD: ``LDHead.loss_single``, ``NovelKDLoss`` in
+``mmdet/models/losses/kd_loss.py``, config ``bckd_r50_gflv1_r101_fpn_coco_1x``):
+
+* binary classification KD (public ``novel_kd_loss``): each class logit is a binary classifier whose
+  target is the teacher's probability, ``BCE(sigmoid(s), sigmoid(t)) * |sigmoid(t) - sigmoid(s)|^beta``
+  summed over classes and locations (the modulating factor keeps its gradient);
+* IoU-based localisation KD (public ``loss_score_kd``, a GIoU loss): at every location,
+  ``1 - GIoU(B^S, B^T)`` between the student's and the teacher's decoded boxes, weighted by
+  ``max_k |sigmoid(t_k) - sigmoid(s_k)|`` (no gradient);
+* both summed over the locations of a level and divided by the number of the student's positives
+  (``num_total_samples``, at least 1); a level adds its terms only if it holds a positive in the batch
+  (the public ``if len(pos_inds) > 0``); summed over levels, times ``cls_weight`` (1) and ``loc_weight`` (4).
+
+Boxes are decoded from GFL's bins: ``anchor centre -/+ integral(bins) * stride``, in units of the
+stride as the public code does (GIoU does not change with the unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+from ..models.gfl import anchor_centres, distance2box, integral_distances, mean_over_ranks
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers, flat_logits
+from .registry import register_distiller
+
+
+def binary_kd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
+    """Binary classification KD per logit: ``BCE(s, sigmoid(t)) * |sigmoid(t) - sigmoid(s)|^beta``.
+
+    ``student``, ``teacher``: ``[..., K]`` logits (the teacher's without gradient) -> ``[..., K]``.
+    """
+    target = teacher.sigmoid()
+    return F.binary_cross_entropy_with_logits(student, target, reduction="none") * (target - student.sigmoid()).abs().pow(beta)
+
+
+def box_weights(student: Tensor, teacher: Tensor) -> Tensor:
+    """The localisation KD's weight per prior, ``max_k |sigmoid(t_k) - sigmoid(s_k)|`` without gradient:
+    ``[..., K]`` logits -> ``[...]``."""
+    return (teacher.detach().sigmoid() - student.detach().sigmoid()).abs().amax(dim=-1)
+
+
+def decode_bins(bins: Tensor, priors: Tensor) -> Tensor:
+    """Boxes in units of the stride from bin logits ``[N, P, 4 (R + 1)]`` and priors ``[P, 4]`` scaled to
+    the stride: ``centre -/+ integral(bins)`` -> ``[N, P, 4]``."""
+    return distance2box(anchor_centres(priors), integral_distances(bins, bins.shape[-1] // 4 - 1))
+
+
+@register_distiller("bckd", label="BCKD")
+class BCKDDistiller(FeatureDistiller):
+    """``cls = cls_weight * sum_l sum binary_kd / N_pos``, ``loc = loc_weight * sum_l sum w (1 - GIoU) / N_pos``.
+
+    Args (beyond ``FeatureDistiller``'s; the features are not read):
+        cls_weight: weight of the binary classification KD (public 1).
+        loc_weight: weight of the IoU-based localisation KD (public 4).
+        beta: exponent of the modulating factor (public 1).
+    """
+
+    needs = frozenset({"head_outputs", "priors", "assignment"})
+    head_keys = ("cls_logits", "box_bins")
+
+    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
+                 cls_weight: float = 1.0, loc_weight: float = 4.0, beta: float = 1.0) -> None:
+        super().__init__(student_channels, teacher_channels, strides)
+        check_numbers(nonnegative={"cls_weight": cls_weight, "loc_weight": loc_weight}, positive={"beta": beta})
+        self.cls_weight = cls_weight
+        self.loc_weight = loc_weight
+        self.beta = beta
+
+    def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        num_pos = mean_over_ranks(sum((inputs.assignment[lvl] >= 0).sum() for lvl in self.levels)).clamp(min=1)
+        cls_total = loc_total = 0
+        for lvl in self.levels:
+            priors = inputs.priors[lvl]
+            s_cls = flat_logits(inputs.student_head[lvl]["cls_logits"], priors.shape[0])  # [N, P, K]
+            t_cls = flat_logits(inputs.teacher_head[lvl]["cls_logits"].detach(), priors.shape[0]).to(s_cls.dtype)
+            s_bins = flat_logits(inputs.student_head[lvl]["box_bins"], priors.shape[0])  # [N, P, 4 (R + 1)]
+            t_bins = flat_logits(inputs.teacher_head[lvl]["box_bins"].detach(), priors.shape[0]).to(s_bins.dtype)
+            scaled = priors.to(s_bins.dtype) / self.strides[lvl]
+            giou = generalized_box_iou_loss(decode_bins(s_bins, scaled), decode_bins(t_bins, scaled), reduction="none")
+            weight = box_weights(s_cls, t_cls)  # [N, P]
+            has_pos = (inputs.assignment[lvl] >= 0).any().to(s_cls.dtype)
+            cls_total = cls_total + has_pos * binary_kd(s_cls, t_cls, self.beta).sum()
+            loc_total = loc_total + has_pos * (weight * giou).sum()
+        return {"cls": self.cls_weight * cls_total / num_pos, "loc": self.loc_weight * loc_total / num_pos}
+
+    def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
+        """``box weight``: the localisation term's weight summed over each cell's priors, ``[N, H, W]`` (0 on a
+        level without positives, which adds no term)."""
+        out = {}
+        for lvl in self.levels:
+            n, _, h, w = inputs.student_feats[lvl].shape
+            num_priors = inputs.priors[lvl].shape[0]
+            weight = box_weights(flat_logits(inputs.student_head[lvl]["cls_logits"], num_priors),
+                                 flat_logits(inputs.teacher_head[lvl]["cls_logits"], num_priors))
+            has_pos = (inputs.assignment[lvl] >= 0).any().to(weight.dtype)
+            out[lvl] = has_pos * weight.view(n, h, w, -1).sum(dim=-1)
+        return {"box weight": out}

@@ -1,0 +1,71 @@
+"""PKD: General Distillation Framework for Object Detectors via Pearson Correlation Coefficient
+(Cao et al., NeurIPS 2022).
+
+One loss per FPN level, summed over levels, as mmrazor's ``PKDLoss`` (the authors' released code):
+
+* Eq. (standardisation): each channel of a level's map is standardised over batch and space,
+  ``F_hat = (F - mu_c) / (sigma_c + 1e-6)`` with ``mu_c`` and the unbiased ``sigma_c`` taken over
+  ``N x H x W``, on both sides;
+* Eq. (PKD loss): ``L = (1 / 2) * (1 / NCHW) ||F_hat^S - F_hat^T||^2``, which equals ``1 - r`` averaged
+  over channels with ``r`` the Pearson correlation of the two maps (up to the unbiased ``sigma``
+  and the ``1e-6``).
+
+The public code needs equal channels (its detectors all have 256-channel FPNs); here a 1x1 conv
+aligns the student where the channels differ, before the standardisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from .registry import register_distiller
+
+PKD_EPS = 1e-6  # mmrazor PKDLoss.norm: std + 1e-6
+
+
+def channel_standardise(feats: Tensor) -> Tensor:
+    """Each channel of ``feats`` ``[N, C, H, W]`` to zero mean and unit (unbiased) deviation over
+    ``N, H, W``: ``(F - mean) / (std + 1e-6)`` -> ``[N, C, H, W]``.
+
+    A constant channel (deviation 0, e.g. a GroupNorm output over a single value) gives 0 with a finite
+    gradient; ``torch.std``'s gradient there is NaN.
+    """
+    mean = feats.mean(dim=(0, 2, 3), keepdim=True)
+    var = feats.var(dim=(0, 2, 3), keepdim=True)
+    positive = var > 0
+    std = torch.where(positive, torch.where(positive, var, 1).sqrt(), 0)
+    return (feats - mean) / (std + PKD_EPS)
+
+
+def pkd_level_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """The PKD loss of one level (both ``[N, C, H, W]``, the student already aligned): half the mean
+    squared difference of the channel-standardised maps, a scalar."""
+    return F.mse_loss(channel_standardise(student), channel_standardise(teacher)) / 2
+
+
+@register_distiller("pkd", label="PKD")
+class PKDDistiller(FeatureDistiller):
+    """``L = loss_weight * sum_levels (1/2) mean (F_hat^S - F_hat^T)^2`` (see the module docstring).
+
+    Args (beyond ``FeatureDistiller``'s):
+        loss_weight: factor on each level's loss (mmrazor's RetinaNet and FCOS-to-RetinaNet configs
+            10; Faster R-CNN 6).
+
+    A 1x1 conv aligns the student where the channels differ (else the identity).
+    """
+
+    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
+                 loss_weight: float = 10.0) -> None:
+        super().__init__(student_channels, teacher_channels, strides)
+        check_numbers(nonnegative={"loss_weight": loss_weight})
+        self.loss_weight = loss_weight
+        self.projectors = self.make_projectors("auto")
+
+    def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
+        s, t = inputs.student_feats, inputs.teacher_feats
+        total = sum(pkd_level_loss(self.projectors[lvl](s[lvl]), t[lvl]) for lvl in self.levels)
+        return {self.method_name: self.loss_weight * total}
