@@ -188,6 +188,11 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
             raise StudyError(f"study folder {out} was run with {saved['threads']} threads per run and this call "
                              f"uses {spec['threads']}: results would not be comparable bit for bit. Pass "
                              f"--threads {saved['threads']} or use another --out")
+        saved_cpu, cpu = saved.get("environment", {}).get("cpu_capability"), environment_info()["cpu_capability"]
+        if saved_cpu is not None and saved_cpu != cpu:
+            raise StudyError(f"study folder {out} was run on a CPU with {saved_cpu} kernels and this machine uses {cpu}: "
+                             "the same seed trains other students with other kernels, so its runs would not be "
+                             "comparable bit for bit. Run it on a machine like the first, or use another --out")
         diffs = spec_differences({"config": saved["config"]}, {"config": spec["config"]})
         # A [kd.<method>] table no saved run reads (a method new to the study) changes no saved run.
         ran = {table for m in saved["methods"] for table in method_tables(m)}

@@ -265,3 +265,18 @@ def test_a_voc_test_set_overlapping_train_stops_a_study_before_anything_trains(t
                                          r"img1, img2;"):
         run_study(tmp_path / "study", "tiny", ["none"], [0], None, _tiny_run(root, "voc", "data.test_set=test"),
                   device="cpu")
+
+
+def test_a_study_folder_refuses_a_machine_with_other_cpu_kernels(tmp_path, small, monkeypatch):
+    """The same seed and thread count train other students with other CPU kernels (AVX2 against AVX512): measured,
+    docs/results.md. A study records the kernels it ran with and refuses a machine that uses others."""
+    import liaf_lab.engine.seeding as seeding
+
+    out = tmp_path / "s"
+    _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
+    recorded = json.loads((out / "study.json").read_text())["environment"]["cpu_capability"]
+    assert recorded == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
+    with pytest.raises(StudyError, match=f"run on a CPU with {recorded} kernels and this machine uses OTHER"):
+        _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
+    assert seeding.environment_info()["cpu_capability"] == "OTHER"

@@ -15,7 +15,8 @@ Kinds (``key=value`` arguments; ``split`` defaults to the study's report split; 
 
 - ``methods study=S``: the per-method Markdown table; ``family study=S``: the family's comparison table.
 - ``diff``, ``p``, ``p_holm``, ``verdict``, ``wins``, ``n``, ``halfwidth`` ``study=S a=A b=B``: one comparison.
-- ``mean``, ``aps``, ``seeds`` ``study=S method=M``: a method's AP mean ± std, per-seed APs, seed count.
+- ``mean``, ``aps``, ``seeds`` ``study=S method=M``: a method's AP mean ± std, per-seed APs, seed count;
+  ``ap study=S method=M seed=N``: one run's AP.
 - ``count study=S what=excludes0|separated|size``: comparisons of the family whose 95% interval
   excludes 0, whose Holm verdict separates them, or how many there are.
 - ``minutes study=S``: minutes of run time of the study's rows.
@@ -99,6 +100,11 @@ def render(kind: str, args: dict[str, str]) -> str:
     if kind == "mean":
         e = _entry(args)
         return f"{e['mean']:.2f} ± {e['std']:.2f}"
+    if kind == "ap":
+        entry = _entry(args)
+        if int(args["seed"]) not in entry["seeds"]:
+            raise QuoteError(f"study {args['study']} has no seed {args['seed']} of {args['method']}")
+        return f"{entry['AP'][entry['seeds'].index(int(args['seed']))]:.2f}"
     if kind == "aps":
         return " / ".join(f"{v:.2f}" for v in _entry(args)["AP"])
     if kind == "seeds":

@@ -70,7 +70,8 @@ class SeededSamples(Dataset):
 
 
 def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """What a run ran on: package versions, device, thread count (results are bit-exact only for the same)."""
+    """What a run ran on: package versions, device, thread count and CPU kernels (results are bit-exact only for the
+    same)."""
     import torchvision
 
     from .. import __version__
@@ -80,6 +81,8 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         "liaf_lab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        # the CPU kernels torch dispatches to (e.g. AVX2, AVX512): another set trains other students from one seed
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
