@@ -494,7 +494,7 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
             Slurm job through submitit (``executor_options``; logs and job ids in ``out_dir/slurm``), with the same
             results (``liaf_lab.executors``).
     """
-    from .study_report import Family, plan_seeds, write_study_report
+    from .study_report import plan_seeds, write_study_report
 
     start = time.perf_counter()
     out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)

@@ -8,6 +8,7 @@ student with LIAF-KD and with FitNet, and reports how close each student's featu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
