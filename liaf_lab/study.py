@@ -135,6 +135,16 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
             "grid_mode": grid_mode, "threads": threads}
 
 
+def read_differences(diffs: dict[str, tuple[Any, Any]], methods: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """``diffs`` (``config.<section>.<key>`` -> values) without the ``[kd.<method>]`` tables no run of ``methods``
+    reads: a method new to the package or the study changes no saved run."""
+    from .config import method_tables
+
+    ran = {table for m in methods for table in method_tables(m)}
+    return {k: v for k, v in diffs.items()
+            if not (k.startswith("config.kd.") and k.split(".")[2] not in ran and len(k.split(".")) > 3)}
+
+
 def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
     """What the study's results depend on besides its config (``liaf_lab.provenance``): the data of its splits as
     parsed and the package version (the teacher is added by ``_teacher``)."""
@@ -176,7 +186,6 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
     part of its design and may not change (its budget ``max_seeds`` and the comparisons made may).
     """
     from .atomic import read_json, write_json
-    from .config import method_tables
     from .engine.loop import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
@@ -193,11 +202,8 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
             raise StudyError(f"study folder {out} was run on a CPU with {saved_cpu} kernels and this machine uses {cpu}: "
                              "the same seed trains other students with other kernels, so its runs would not be "
                              "comparable bit for bit. Run it on a machine like the first, or use another --out")
-        diffs = spec_differences({"config": saved["config"]}, {"config": spec["config"]})
-        # A [kd.<method>] table no saved run reads (a method new to the study) changes no saved run.
-        ran = {table for m in saved["methods"] for table in method_tables(m)}
-        diffs = {k: v for k, v in diffs.items()
-                 if not (k.startswith("config.kd.") and k.split(".")[2] not in ran and len(k.split(".")) > 3)}
+        diffs = read_differences(spec_differences({"config": saved["config"]}, {"config": spec["config"]}),
+                                 saved["methods"])
         for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
             if saved.get(key, "product") != spec[key]:
                 diffs[key] = (saved.get(key, "product"), spec[key])

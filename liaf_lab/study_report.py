@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write, save_figure, write_json, write_text
-from .study import BASELINE, StudyError, study_folder
+from .study import BASELINE, StudyError, read_differences, study_folder
 from .verdicts import Comparison, PairedData, compare_family, paired_interval, stein_sample_size
 
 
@@ -367,7 +367,8 @@ def load_study_summary(study_dir: str | Path, config: str | None = None,
     spec = json.loads((out / "study.json").read_text())
     if config is not None:
         expected = json.loads(json.dumps(load_config(config, list(overrides)), default=str))
-        diffs = {k: v for k, v in spec_differences({"config": spec["config"]}, {"config": expected}).items()
+        diffs = {k: v for k, v in read_differences(spec_differences({"config": spec["config"]}, {"config": expected}),
+                                                   spec["methods"]).items()
                  if k.removeprefix("config.") not in spec["grid"]}
         if diffs:
             raise StudyError(f"{out} holds a study of another config than {config!r} "

@@ -180,7 +180,8 @@ def test_a_variant_reads_its_method_s_table_except_the_options_it_fixes():
 
 # MasKD's public configs start the student mask after 5000 (FCOS) or 7000 (RetinaNet) of the ~176k iterations
 # of their 2x schedule; each preset starts it after the same share of its own schedule (docs/distillers.md).
-MASKD_SOURCE = {"bench": 5000, "tiny": 5000, "gfl_tiny": 7000, "paper": 7000, "gfl_coco": 7000, "gfl_kitti": 7000}
+MASKD_SOURCE = {"bench": 5000, "tiny": 5000, "raccoon": 5000, "gfl_tiny": 7000, "paper": 7000, "gfl_coco": 7000,
+                "gfl_kitti": 7000}
 
 
 @pytest.mark.parametrize("name", list_presets())

@@ -53,3 +53,17 @@ def test_shipped_comparisons_are_what_the_shipped_rows_give():
             study = load_study_summary(folder)
             rows = [c.as_row() for c in [*study.comparisons, *study.compare(split="val")]]
             assert json.loads((folder / "comparisons.json").read_text()) == json.loads(json.dumps(rows)), folder.name
+
+
+def test_a_shipped_study_still_matches_its_preset_when_new_methods_add_tables():
+    """bench9 ran before PKD, CWD, LD, BCKD and CrossKD existed: their ``[kd.*]`` tables, which none of its runs
+    read, do not make it "another config"; a changed option of a method it ran does."""
+    from liaf_lab import load_study_summary
+    from liaf_lab.study import StudyError
+
+    bench400 = ["distill.iterations=400", "distill.lr=0.02", "data.num_val=300", "data.num_test=300",
+                "kd.maskd.custom_mask_warmup=11"]
+    folder = PROJECT_ROOT / "data_samples" / "studies" / "bench9"
+    assert load_study_summary(folder, config="bench", overrides=bench400).split == "test"
+    with pytest.raises(StudyError, match="config.kd.fitnet.loss_weight"):
+        load_study_summary(folder, config="bench", overrides=[*bench400, "kd.fitnet.loss_weight=0.3"])
