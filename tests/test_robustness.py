@@ -404,3 +404,23 @@ def test_diverged_batchnorm_statistics_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteError, match="the weights diverged .* parameters and buffers"):
         _fit(tmp_path, _cfg(), step=step, modules={"linear": step.linear, "norm": step.norm})
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_damaged_optimizer_state_falls_back_to_last_prev_pt(tmp_path):
+    """A checkpoint whose modules are whole but whose optimizer state does not fit the run (a momentum of another
+    shape, a missing parameter) is damaged like any other: the run resumes from last.prev.pt, bit for bit."""
+    _fit(tmp_path / "a", _cfg())
+    for name, damage in (("b", "shape"), ("c", "count")):
+        _fit(tmp_path / name, _cfg())
+        state = load_checkpoint(tmp_path / name / "last.pt")
+        momenta = state["optimizer"]["state"]
+        if damage == "shape":
+            first = next(iter(momenta))
+            momenta[first] = {k: torch.zeros(7) if isinstance(v, torch.Tensor) else v for k, v in momenta[first].items()}
+        else:
+            state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:-1]
+        torch.save(state, tmp_path / name / "last.pt")
+        with pytest.warns(UserWarning, match="optimizer state .*resuming from the previous checkpoint"):
+            assert _fit(tmp_path / name, _cfg()).iterations == 3
+        a, b = (load_checkpoint(tmp_path / x / "last.pt")["modules"]["linear"] for x in ("a", name))
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -295,15 +295,40 @@ def _check_run_checkpoint(path: Path, state: dict[str, Any]) -> None:
                               "spec records)")
 
 
-def _load_resume_state(ckpt_path: Path, device: torch.device) -> dict[str, Any] | None:
+def _check_optimizer_state(path: Path, saved: Any, params: list[Tensor]) -> None:
+    """``CheckpointError`` unless ``saved`` is an optimiser state of ``params`` (the optimiser's parameters in
+    group order, as ``state_dict`` numbers them): its groups name as many
+    parameters, and each per-parameter tensor (momentum, moments) has its parameter's shape."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    per_param = saved.get("state") if isinstance(saved, dict) else None
+    ids = ([i for g in groups for i in g.get("params", [])]
+           if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None)
+    if ids is None or not isinstance(per_param, dict) or len(ids) != len(params):
+        raise CheckpointError(f"{path} is a damaged run checkpoint (its optimizer state does not fit the run's "
+                              f"{len(params)} parameters)")
+    by_id = dict(zip(ids, params))
+    for i, entry in per_param.items():
+        p = by_id.get(i)
+        if p is None or not isinstance(entry, dict) or any(
+                isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape for v in entry.values()):
+            raise CheckpointError(f"{path} is a damaged run checkpoint (its optimizer state of parameter {i} does "
+                                  "not match that parameter)")
+
+
+def _load_resume_state(ckpt_path: Path, device: torch.device, params: list[Tensor],
+                       modules: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint to resume from: ``last.pt``, or ``last.prev.pt`` when ``last.pt`` is missing or damaged in
-    any way (unreadable, not a run checkpoint, inconsistent)."""
+    any way (unreadable, not a run checkpoint, inconsistent, or, for a checkpoint of this run's ``modules`` (its
+    spec's), an optimiser state of other ``params``; a checkpoint of other modules is refused later, naming the
+    config keys that differ)."""
     prev = previous_path(ckpt_path)
     candidates = [p for p in (ckpt_path, prev) if p.exists()]
     for i, path in enumerate(candidates):
         try:
             state = load_checkpoint(path, map_location=device)
             _check_run_checkpoint(path, state)
+            if state["spec"].get("modules") == modules:
+                _check_optimizer_state(path, state["optimizer"], params)
         except CheckpointError as err:
             if i + 1 < len(candidates):
                 warnings.warn(f"{err}; resuming from the previous checkpoint {candidates[i + 1]}", stacklevel=3)
@@ -427,7 +452,8 @@ def fit(
 
     start = 0
     ckpt_path = out / "last.pt" if out is not None else None
-    state = _load_resume_state(ckpt_path, device) if ckpt_path is not None else None
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]  # in the saved state's order
+    state = _load_resume_state(ckpt_path, device, optimized, spec.get("modules")) if ckpt_path is not None else None
     # The scheduler is built before the optimiser state is loaded: building one sets the groups' lr.
     scheduler = make_scheduler(optimizer, cfg.iterations, cfg.warmup, cfg.schedule, cfg.min_lr_factor)
     changes: list[dict[str, Any]] = []
