@@ -14,7 +14,8 @@ Kinds (``key=value`` arguments; ``split`` defaults to the study's report split; 
 ``versus=m`` choose the family a comparison is corrected over, default each method against ``none``):
 
 - ``methods study=S``: the per-method Markdown table; ``family study=S``: the family's comparison table.
-- ``diff``, ``p``, ``p_holm``, ``verdict``, ``wins``, ``n``, ``halfwidth`` ``study=S a=A b=B``: one comparison.
+- ``diff``, ``p``, ``p_holm``, ``verdict``, ``wins``, ``n``, ``halfwidth``, ``sentence`` ``study=S a=A b=B``: one
+  comparison (``sentence``: its verdict as the report writes it).
 - ``mean``, ``aps``, ``seeds`` ``study=S method=M``: a method's AP mean ± std, per-seed APs, seed count;
   ``ap study=S method=M seed=N``: one run's AP.
 - ``count study=S what=excludes0|separated|size``: comparisons of the family whose 95% interval
@@ -92,9 +93,10 @@ def render(kind: str, args: dict[str, str]) -> str:
         return "\n" + "\n".join(summary_table(_study(args["study"]).summary)) + "\n"
     if kind == "family":
         return "\n" + "\n".join(comparisons_table(_comparisons(args))) + "\n"
-    if kind in ("diff", "p", "p_holm", "verdict", "wins", "n", "halfwidth"):
+    if kind in ("diff", "p", "p_holm", "verdict", "wins", "n", "halfwidth", "sentence"):
         c = _comparison(args)
-        return {"diff": c.interval, "p": lambda: f"{c.p_value:.2g}", "p_holm": lambda: f"{c.p_holm:.2g}",
+        return {"diff": c.interval, "sentence": c.sentence, "p": lambda: f"{c.p_value:.2g}",
+                "p_holm": lambda: f"{c.p_holm:.2g}",
                 "verdict": lambda: c.verdict, "wins": lambda: f"{round(c.win_fraction * c.n)} of {c.n}",
                 "n": lambda: str(c.n), "halfwidth": lambda: f"{c.half_width:.2f}"}[kind]()
     if kind == "mean":
