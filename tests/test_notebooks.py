@@ -128,13 +128,12 @@ def test_notebook_runs_in_quick_mode(path: Path, checkpoints: Path, tmp_path: Pa
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    start = time.perf_counter()
+    # No time limit here (timed asserts fail on a loaded machine); `python tests/test_notebooks.py --quick` prints
+    # each notebook's time.
     execute_notebook(nb, checkpoints, quick=True, cwd=tmp_path)  # raises CellExecutionError on any error
-    seconds = time.perf_counter() - start
     assert not outputs(nb, "error")
     assert images(nb), f"{path.name} showed no figure"
     assert any("quick mode: True" in o.get("text", "") for o in outputs(nb, "stream"))
-    assert seconds < 120, f"{path.name} took {seconds:.0f} s in quick mode"
     assert not list(tmp_path.iterdir()), "notebooks must write only to their own temporary folders"
 
 
