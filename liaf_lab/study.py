@@ -526,8 +526,11 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
                                           finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
         _check_teacher(out, config, overrides, teacher_path)
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
-    rows = _execute(execute_tasks, out, [(str(out), config, overrides, r, teacher_path, device, threads) for r in runs],
-                    "study")
+    # Locally run_one checks a finished run in full; on Slurm a run whose result, weights and record agree is read
+    # back without a job.
+    finished = partial(finished_row, out) if executor == "slurm" else None
+    rows = _execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads) for r in runs],
+                    "study", finished)
     if family.target_half_width is not None:  # Stein's second stage: the seeds the pilot's spread asks for
         plan = plan_seeds(_table(runs, rows), methods, grid, grid_mode, family)
         extra = [Run(() if v == "default" else tuple(v.split(",")), s, m)
@@ -536,8 +539,8 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         if extra:
             _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods,
                         sorted({r.seed for r in runs}), family.as_dict())
-        rows.update(_execute(execute_tasks, out, [(str(out), config, overrides, r, teacher_path, device, threads)
-                                                  for r in extra if r.folder not in rows], "study, stage 2"))
+        rows.update(_execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads)
+                                             for r in extra if r.folder not in rows], "study, stage 2", finished))
     table = _table(runs, rows)
     seconds = time.perf_counter() - start
     report, summary = write_study_report(out, table, methods, sorted({r.seed for r in runs}), grid, seconds,
@@ -552,16 +555,15 @@ def _table(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[dict[str, A
 
 
 
-def _execute(execute_tasks: Callable, out: Path, tasks: list[tuple], desc: str) -> dict[str, dict[str, Any]]:
+def _execute(execute_tasks: Callable, tasks: list[tuple], desc: str,
+             finished: Callable[[str], dict[str, Any] | None] | None) -> dict[str, dict[str, Any]]:
     """Run (or load) each task's run through ``execute_tasks`` (``executors.execute`` with the study's jobs and
-    executor); ``{folder: row}``. Locally ``run_one`` checks a finished run in full; on Slurm a run whose result,
-    weights and record agree is read back without a job (``finished_row``)."""
+    executor); ``{folder: row}``. ``finished`` reads a run back without running it (``None``: ``run_one`` checks
+    each run itself)."""
     tasks = list({task[3].folder: task for task in tasks}.values())
     rows: dict[str, dict[str, Any]] = {}
-    slurm = execute_tasks.keywords.get("executor") == "slurm"
     bar = progress(total=len(tasks), desc=desc, dynamic_ncols=True)
-    for folder, row in execute_tasks(run_one, [(task[3].folder, task) for task in tasks],
-                                     finished=partial(finished_row, out) if slurm else None):
+    for folder, row in execute_tasks(run_one, [(task[3].folder, task) for task in tasks], finished=finished):
         rows[folder] = row  # the bar moves as runs finish, in any order
         bar.update(1)
     bar.close()

@@ -180,14 +180,17 @@ def plan_seeds(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[st
 
 
 def summarise(rows: list[dict[str, Any]], methods: Sequence[str], grid: dict[str, list[str]], split: str,
-              family: Family = Family()) -> dict[str, Any]:
+              family: Family = Family(), comparisons: Sequence[Comparison] | None = None) -> dict[str, Any]:
     """Per method: the variant chosen on ``val`` (best mean AP), and on ``split`` its AP per seed, mean, std
     and its comparison with the baseline (the paired differences, their 95% interval, p-value and
-    Holm-adjusted p-value over the study's family)."""
+    Holm-adjusted p-value over the study's family: ``comparisons`` when already computed, as
+    ``study_comparisons`` gives them)."""
     ap, chosen = _ap(rows, split), chosen_variants(rows, methods, grid)
     order = seed_order(sorted({r["seed"] for r in rows}), family)
     settings = {(r["method"], r["variant"]): r.get("settings", r["variant"]) for r in rows}
-    versus_baseline = {c.a: c for c in study_comparisons(rows, methods, grid, split, family) if c.b == BASELINE}
+    if comparisons is None:
+        comparisons = study_comparisons(rows, methods, grid, split, family)
+    versus_baseline = {c.a: c for c in comparisons if c.b == BASELINE}
     summary: dict[str, Any] = {}
     for method in methods:
         values = ap[(method, chosen[method])]
@@ -380,8 +383,9 @@ def load_study_summary(study_dir: str | Path, config: str | None = None,
     methods = [m for m in spec["methods"] if any(r["method"] == m for r in rows)]
     seeds = sorted({r["seed"] for r in rows})
     split, family = report_split(rows), Family.from_dict(spec.get("family"))
-    return StudySummary(rows, methods, seeds, spec["grid"], split, summarise(rows, methods, spec["grid"], split, family),
-                        family, study_comparisons(rows, methods, spec["grid"], split, family))
+    comparisons = study_comparisons(rows, methods, spec["grid"], split, family)
+    return StudySummary(rows, methods, seeds, spec["grid"], split,
+                        summarise(rows, methods, spec["grid"], split, family, comparisons), family, comparisons)
 
 
 def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
@@ -396,9 +400,9 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
         writer.writerows(rows)
     write_json(out / "results.json", rows)
     split = report_split(rows)
-    summary = summarise(rows, methods, grid, split, family)
-    write_json(out / "summary.json", summary, default=str)
     main = study_comparisons(rows, methods, grid, split, family)
+    summary = summarise(rows, methods, grid, split, family, main)
+    write_json(out / "summary.json", summary, default=str)
     tuning = study_comparisons(rows, methods, grid, "val", family) if split == "test" else []
     screen = screen_comparisons(rows, methods, family) if grid and grid_mode == "one_at_a_time" else []
     write_comparisons(out, [*main, *tuning, *screen])
