@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-width intervals (Stein's two-stage rule): --seeds is the pilot, then each comparison "
                         "gets the seeds a 95%% half-width of D AP needs, at most --max-seeds")
     p.add_argument("--max-seeds", type=int, metavar="N", help="the seed budget of --target-halfwidth")
+    p.add_argument("--teacher-cache", choices=["auto", "on", "off"], default="auto",
+                   help="share the frozen teacher's features between the runs of a seed, on disk in OUT/teacher_cache "
+                        "(exact: the same students; auto, the default: on when training on the CPU)")
+    p.add_argument("--teacher-cache-gb", type=float, default=20.0, metavar="GB",
+                   help="the most disk the teacher cache may need (default: 20); a study that would need more is "
+                        "refused before it starts")
     slurm = p.add_argument_group("cluster", "--executor slurm: the teacher and each run as a Slurm job (a job array) "
                                             "through submitit; OUT must be on a filesystem the nodes share")
     slurm.add_argument("--executor", choices=["local", "slurm"], default="local",
@@ -203,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
                                args.overrides, args.device, args.jobs, args.threads, args.teacher,
                                "one_at_a_time" if args.one_at_a_time else "product", pairwise=args.pairwise,
                                versus=args.versus, target_half_width=args.target_halfwidth,
-                               max_seeds=args.max_seeds, executor=args.executor, executor_options=options)
+                               max_seeds=args.max_seeds, executor=args.executor, executor_options=options,
+                               teacher_cache={"auto": None, "on": True, "off": False}[args.teacher_cache],
+                               teacher_cache_gb=args.teacher_cache_gb)
         except JobsPending as pending:
             print(pending)
             return 0

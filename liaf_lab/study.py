@@ -11,12 +11,14 @@ tunes are chosen on ``val``; the AP reported for them is the test split's.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
 import itertools
 import json
 import math
+import shutil
 import time
 import typing
 import warnings
@@ -30,6 +32,7 @@ import torch
 
 from .distillers import BASELINE
 from .executors import Executor, SlurmOptions, check_slurm, execute
+from .models.backbones import fpn_levels
 from .progress import progress
 from .verdicts import paired_interval  # noqa: F401  (re-exported: liaf_lab.study.paired_interval)
 
@@ -39,6 +42,10 @@ KD_SECTIONS = ("kd", "stage1")
 
 GridMode = Literal["product", "one_at_a_time"]
 GRID_MODES = typing.get_args(GridMode)
+
+#: The study's shared teacher features (``liaf_lab.engine.teacher_cache``), one folder per seed, removed once
+#: the seed's runs have finished.
+TEACHER_CACHE = "teacher_cache"
 
 
 class StudyError(ValueError):
@@ -289,6 +296,39 @@ def _check_teacher(out: Path, config: str, overrides: list[str], path: str) -> N
         record["inputs"]["teacher"] = teacher
         write_json(out / "study.json", record)
 
+def _check_teacher_cache(out: Path, config: str, overrides: list[str], path: str, seeds_at_once: int,
+                         bound_gb: float) -> None:
+    """Before any run trains: a ``StudyError`` naming the size when the teacher cache of ``seeds_at_once`` seeds
+    would exceed ``bound_gb`` GiB or the free disk space (less 1 GiB) of ``out``.
+
+    A seed's entries are the teacher's FPN levels of its training batches: measured on the first batch, times the
+    distillation's iterations (a stage 1 reads the first batches of the same order: no entries of its own).
+    """
+    from .builders import build_datasets, build_detector
+    from .config import load_config
+    from .data import collate_fn
+    from .engine.teacher_cache import MIN_FREE_BYTES
+
+    cfg = load_config(config, overrides)
+    train, _ = build_datasets(cfg)
+    teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path).eval()
+    batch = cfg["distill"].get("batch_size", 8)
+    images, _ = collate_fn([train[i] for i in range(min(batch, len(train)))])
+    with torch.no_grad():
+        levels = fpn_levels(teacher.backbone, teacher.transform(images)[0].tensors)
+    per_batch = sum(v.numel() * v.element_size() for v in levels.values()) * batch / len(images)
+    per_seed = per_batch * max(cfg["distill"]["iterations"], cfg.get("stage1", {}).get("iterations", 0))
+    needed = per_seed * seeds_at_once
+    free = shutil.disk_usage(out).free - MIN_FREE_BYTES
+    limit = min(bound_gb * 2**30, free)
+    if needed > limit:
+        which = (f"the bound of {bound_gb:g} GiB (--teacher-cache-gb)" if limit < free
+                 else f"the free disk space of {out} ({free / 2**30:.1f} GiB, less 1 GiB kept free)")
+        raise StudyError(f"the teacher cache would need about {needed / 2**30:.1f} GiB ({seeds_at_once} seeds at once x "
+                         f"{per_seed / 2**30:.2f} GiB: {per_seed / per_batch:.0f} batches of {per_batch / 2**20:.2f} "
+                         f"MiB), above {which}; raise the bound, use fewer --jobs, or pass --teacher-cache off")
+
+
 def _legacy_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run begun before runs recorded their inputs (its ``run.json`` has none): it is
     resumed and adopted as it is."""
@@ -354,11 +394,13 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
 
 
 def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
-            threads: int) -> dict[str, Any]:
+            threads: int, teacher_cache: bool = False) -> dict[str, Any]:
     """Train and evaluate one student of the study (in this process); returns its row.
 
     A finished run (its result, weights and record agree, and its record names these inputs) is not
-    trained again; a damaged one is redone with a warning.
+    trained again; a damaged one is redone with a warning. With ``teacher_cache`` the teacher's FPN levels
+    are shared with the seed's other runs through ``out/teacher_cache/seed<k>`` (``TeacherCache``: exact; how
+    many batches were read and computed goes to the run's ``teacher_cache.json``).
     """
     from .atomic import write_json
     from .builders import (
@@ -367,6 +409,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     from .config import load_config, method_config
     from .engine import evaluate_coco, train_student
     from .engine.distributed import resolve_device
+    from .engine.teacher_cache import TeacherCache
     from .engine.tracking import log_run_summary
     from .models import save_detector
     from .provenance import data_inputs, file_sha256, package_version
@@ -374,7 +417,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     torch.set_num_threads(threads)
     folder = Path(out) / run.folder
     result_path = folder / "result.json"
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cfg = load_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg, train.class_names)
@@ -396,17 +439,22 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     tcfg = train_config(cfg, "distill", seed=run.seed)
     teacher = (build_detector(cfg, "teacher", nc, weights_path=teacher_path, class_names=train.class_names)
                if run_config["teacher"] else None)
+    dev = resolve_device(device)
+    cache = (TeacherCache(Path(out) / TEACHER_CACHE / f"seed{run.seed}", teacher, dev)
+             if teacher_cache and teacher is not None and run.method != BASELINE else None)
     train_student(student, teacher, build_distiller(run.method, cfg, student, seed=run.seed), train, tcfg, folder,
                   device, stage1_cfg=train_config(cfg, "stage1", seed=run.seed), inherit=inherit,
-                  run_config=run_config, desc=f"no KD seed {run.seed}")
+                  run_config=run_config, desc=f"no KD seed {run.seed}", teacher_cache=cache)
+    if cache is not None:
+        write_json(folder / "teacher_cache.json", {"read": cache.hits, "computed": cache.misses})
     save_detector(folder / "student.pt", student, train.class_names)
-    dev = resolve_device(device)
     row: dict[str, Any] = {"method": run.method, "seed": run.seed, "variant": ",".join(run.variant) or "default",
                            "folder": run.folder, "threads": threads}
     row.update({f"val_{k}": v for k, v in evaluate_coco(student, val, device=dev, desc="evaluate val").items()})
     if test is not None:
         row.update({f"test_{k}": v for k, v in evaluate_coco(student, test, device=dev, desc="evaluate test").items()})
     row["seconds"] = time.perf_counter() - start
+    row["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: the run's cost on a loaded machine
     hparams = {"method": run.method, "seed": run.seed, "variant": row["variant"],
                **dict(o.partition("=")[::2] for o in run.variant)}  # one HParams entry per run, with its grid values
     log_run_summary(folder, tcfg.iterations, {k: v for k, v in row.items() if k.startswith(("val_", "test_"))},
@@ -477,7 +525,8 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
               teacher_weights: str | None = None, grid_mode: GridMode = "product", pairwise: bool = False,
               versus: Sequence[str] = (), target_half_width: float | None = None, max_seeds: int | None = None,
-              executor: Executor = "local", executor_options: SlurmOptions | None = None) -> StudyResult:
+              executor: Executor = "local", executor_options: SlurmOptions | None = None,
+              teacher_cache: bool | None = None, teacher_cache_gb: float = 20.0) -> StudyResult:
     """Run (or resume) a study and write its rows, report, comparisons and figure in ``out_dir``.
 
     Args:
@@ -499,6 +548,11 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         executor: ``"local"`` (processes, ``jobs``) or ``"slurm"``: the teacher (when trained) and every run as a
             Slurm job through submitit (``executor_options``; logs and job ids in ``out_dir/slurm``), with the same
             results (``liaf_lab.executors``).
+        teacher_cache: share the frozen teacher's FPN levels between the runs of a seed (``TeacherCache``; exact:
+            the students are bit-identical either way) in ``out_dir/teacher_cache``, each seed's folder removed
+            once its runs have finished. ``None``: on when the runs train on the CPU. Refused before any run when
+            it would need more than ``teacher_cache_gb`` GiB or the free disk space (seeds at once x the
+            teacher's levels of one seed's batches; at once: ``jobs + 1`` seeds locally, every seed on Slurm).
     """
     from .study_report import plan_seeds, write_study_report
 
@@ -525,12 +579,21 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
                                           finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
         _check_teacher(out, config, overrides, teacher_path)
+    if teacher_cache is None:
+        from .engine.distributed import resolve_device
+
+        teacher_cache = resolve_device(device).type == "cpu"
+    teacher_cache = bool(teacher_cache and needs_teacher and any(m != BASELINE for m in methods))
+    if teacher_cache:
+        every_seed = max(len(seeds), max_seeds or 0)
+        _check_teacher_cache(out, config, overrides, teacher_path, every_seed if executor == "slurm"
+                             else min(every_seed, jobs + 1), teacher_cache_gb)
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
     # Locally run_one checks a finished run in full; on Slurm a run whose result, weights and record agree is read
     # back without a job.
     finished = partial(finished_row, out) if executor == "slurm" else None
-    rows = _execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads) for r in runs],
-                    "study", finished)
+    rows = _execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads, teacher_cache)
+                                    for r in runs], "study", finished)
     if family.target_half_width is not None:  # Stein's second stage: the seeds the pilot's spread asks for
         plan = plan_seeds(_table(runs, rows), methods, grid, grid_mode, family)
         extra = [Run(() if v == "default" else tuple(v.split(",")), s, m)
@@ -539,8 +602,9 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
         if extra:
             _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods,
                         sorted({r.seed for r in runs}), family.as_dict())
-        rows.update(_execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads)
-                                             for r in extra if r.folder not in rows], "study, stage 2", finished))
+        rows.update(_execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads,
+                                              teacher_cache) for r in extra if r.folder not in rows],
+                             "study, stage 2", finished))
     table = _table(runs, rows)
     seconds = time.perf_counter() - start
     report, summary = write_study_report(out, table, methods, sorted({r.seed for r in runs}), grid, seconds,
@@ -562,10 +626,15 @@ def _execute(execute_tasks: Callable, tasks: list[tuple], desc: str,
     each run itself)."""
     tasks = list({task[3].folder: task for task in tasks}.values())
     rows: dict[str, dict[str, Any]] = {}
+    pending = collections.Counter(task[3].seed for task in tasks)
     bar = progress(total=len(tasks), desc=desc, dynamic_ncols=True)
     for folder, row in execute_tasks(run_one, [(task[3].folder, task) for task in tasks], finished=finished):
         rows[folder] = row  # the bar moves as runs finish, in any order
         bar.update(1)
+        seed = int(row["seed"])
+        pending[seed] -= 1
+        if not pending[seed]:  # no run of this seed reads its teacher cache again
+            shutil.rmtree(Path(tasks[0][0]) / TEACHER_CACHE / f"seed{seed}", ignore_errors=True)
     bar.close()
     return rows
 

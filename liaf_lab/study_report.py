@@ -408,11 +408,14 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
     write_comparisons(out, [*main, *tuning, *screen])
     plot_study(summary, out / "study.png", split)
     run_minutes = sum(r["seconds"] for r in rows if "seconds" in r) / 60
+    timed = [r["cpu_seconds"] for r in rows if "cpu_seconds" in r]
+    cpu = f", {sum(timed) / 3600:.2f} CPU-hours in the {len(timed)} runs that record it" if timed else ""
     lines = [
         "# Study report", "",
         f"Methods {list(methods)}, seeds {list(seeds)}, grid {grid or 'none'}"
         + (" (one value at a time)" if grid and grid_mode == "one_at_a_time" else "") + f"; {len(rows)} runs "
-        f"({run_minutes:.1f} min of training and evaluation in the runs, {seconds / 60:.1f} min for this call).", "",
+        f"({run_minutes:.1f} min of training and evaluation in the runs{cpu}, {seconds / 60:.1f} min for this "
+        "call).", "",
         f"AP (COCO bbox, %) on the **{split}** split. Differences are paired by seed (same initial weights and "
         "batches); each interval is Student's t 95% for that comparison alone, and each verdict follows the "
         "Holm-adjusted p-value over the study's family of comparisons (`comparisons.csv`).",

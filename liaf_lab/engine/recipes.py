@@ -19,6 +19,7 @@ from .distributed import is_main, resolve_device
 from .evaluate import evaluate_coco
 from .loop import FitResult, TrainConfig, fit, to_device
 from .steps import DetectorStep, DistillStep, Stage1Step
+from .teacher_cache import TeacherCache
 
 
 def periodic_eval(model: nn.Module, val_dataset: Dataset | None, collate_fn: Callable,
@@ -58,15 +59,16 @@ def train_detector(model: nn.Module, dataset: Dataset, cfg: TrainConfig, out_dir
 def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Dataset, cfg: TrainConfig,
                  out_dir: str | Path | None = None, device: torch.device | str | None = None,
                  collate_fn: Callable = default_collate, run_config: dict[str, Any] | None = None,
-                 new_schedule: bool = False) -> FitResult:
+                 new_schedule: bool = False, teacher_cache: TeacherCache | None = None) -> FitResult:
     """Stage 1 of a two-stage method (e.g. LIAF-KD Eq. 5): only ``distiller.stage1_modules()`` learn, on the
     frozen teacher's task loss plus the method's terms; those modules are what the run checkpoints.
 
     Afterwards ``distiller.stage1_ready`` is true; save ``distiller.state_dict()`` to reuse the result.
+    ``teacher_cache``: the teacher's FPN levels shared with other runs (``TeacherCache``; exact).
     """
     check_num_classes({"teacher": teacher}, dataset)
     check_image_sizes({"teacher": teacher}, dataset)
-    step = Stage1Step(teacher, distiller)
+    step = Stage1Step(teacher, distiller, teacher_cache)
     modules = distiller.stage1_modules()
     for p in distiller.parameters():
         p.requires_grad_(False)
@@ -118,11 +120,12 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
             cfg: TrainConfig, out_dir: str | Path | None = None, device: torch.device | str | None = None,
             collate_fn: Callable = default_collate, val_dataset: Dataset | None = None,
             inherit: bool = False, run_config: dict[str, Any] | None = None, new_schedule: bool = False,
-            on_iteration: Callable[[int], None] | None = None) -> FitResult:
+            on_iteration: Callable[[int], None] | None = None, teacher_cache: TeacherCache | None = None) -> FitResult:
     """Stage 2: train ``student`` on its task loss plus ``distiller``'s loss against the frozen teacher.
 
     ``inherit`` first copies the teacher's neck and head into the student where shapes match.
     ``on_iteration(it)`` runs after every step (see ``fit``), e.g. ``ScoreHistory.tracker``.
+    ``teacher_cache``: the teacher's FPN levels shared with other runs (``TeacherCache``; exact).
     """
     check_num_classes({"student": student, "teacher": teacher}, dataset)
     check_image_sizes({"student": student, "teacher": teacher}, dataset)
@@ -136,7 +139,7 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
         p.requires_grad_(False)
     for p in distiller.stage2_parameters():
         p.requires_grad_(True)
-    return fit(DistillStep(student, teacher, distiller), {"student": student, "distiller": distiller}, dataset,
+    return fit(DistillStep(student, teacher, distiller, teacher_cache), {"student": student, "distiller": distiller}, dataset,
                collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",
                periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule, on_iteration)
 
@@ -145,12 +148,13 @@ def train_student(student: nn.Module, teacher: nn.Module | None, distiller: Feat
                   dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, device: torch.device | str | None = None,
                   *, stage1_cfg: TrainConfig | None = None, inherit: bool = False, val_dataset: Dataset | None = None,
                   run_config: dict[str, Any] | None = None, new_schedule: bool = False,
-                  desc: str = "student (no KD)") -> FitResult:
+                  desc: str = "student (no KD)", teacher_cache: TeacherCache | None = None) -> FitResult:
     """One student of a comparison: trained on its task loss alone when ``distiller`` is ``None``, else
     distilled, after learning a stage 1 not yet learned in ``out_dir/stage1`` with ``stage1_cfg``.
 
     With ``inherit`` every student, the no-KD one too, first takes the teacher's neck and head, so the
     students of a seed start from the same weights and their difference is the KD loss's.
+    ``teacher_cache``: the teacher's FPN levels shared with the study's other runs (``TeacherCache``; exact).
     """
     if distiller is None:
         return train_detector(student, dataset, cfg, out_dir, device, desc=desc, val_dataset=val_dataset,
@@ -158,9 +162,9 @@ def train_student(student: nn.Module, teacher: nn.Module | None, distiller: Feat
                               inherit_from=teacher if inherit else None)
     if not distiller.stage1_ready and stage1_cfg is not None:
         learn_stage1(teacher, distiller, dataset, stage1_cfg, Path(out_dir) / "stage1", device, run_config=run_config,
-                     new_schedule=new_schedule)
+                     new_schedule=new_schedule, teacher_cache=teacher_cache)
     return distill(student, teacher, distiller, dataset, cfg, out_dir, device, val_dataset=val_dataset,
-                   inherit=inherit, run_config=run_config, new_schedule=new_schedule)
+                   inherit=inherit, run_config=run_config, new_schedule=new_schedule, teacher_cache=teacher_cache)
 
 
 def _resuming(out_dir: str | Path | None) -> bool:

@@ -18,9 +18,10 @@ from ..distillers import FeatureDistiller, KDInputs
 from ..models.backbones import fpn_levels
 from ..models.detectors import fpn_strides, match_levels, shared_strides
 from ..models.taps import (
-    ASSIGNERS, HEAD_OUTPUTS, HEAD_SPLITS, detector_arch, detector_features, head_from_split, head_outputs,
-    head_split_depth, loss_on_features, prior_assignment, run_detector, tower_features,
+    ASSIGNERS, HEAD_OUTPUTS, HEAD_SPLITS, detector_arch, head_from_split, head_outputs, head_split_depth,
+    loss_on_features, prior_assignment, run_detector, tower_features,
 )
+from .teacher_cache import TeacherCache
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -66,16 +67,28 @@ class DetectorStep(nn.Module):
 
 
 class FrozenTeacherStep(nn.Module):
-    """A step that holds a frozen teacher: no gradients, and BatchNorm kept in eval mode by ``train()``."""
+    """A step that holds a frozen teacher: no gradients, and BatchNorm kept in eval mode by ``train()``.
 
-    def __init__(self, teacher: nn.Module) -> None:
+    With a ``teacher_cache`` the teacher's FPN levels are read from it when a run computed them for the same
+    input before (``TeacherCache``: exact, the student trains bit for bit as without it).
+    """
+
+    def __init__(self, teacher: nn.Module, teacher_cache: TeacherCache | None = None) -> None:
         super().__init__()
         self.teacher = freeze(teacher)
+        self.teacher_cache = teacher_cache
 
     def train(self, mode: bool = True) -> FrozenTeacherStep:
         super().train(mode)
         self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def teacher_levels(self, images: Tensor) -> dict[str, Tensor]:
+        """The teacher's FPN levels ``{level: [N, C, H_l, W_l]}`` for the batched input ``images`` ``[N, 3, H, W]``."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.fpn_levels(self.teacher.backbone, images)
+        return fpn_levels(self.teacher.backbone, images)
 
 
 class Stage1Step(FrozenTeacherStep):
@@ -87,16 +100,17 @@ class Stage1Step(FrozenTeacherStep):
     The distiller's levels (the student's) are matched to the teacher's by stride (``match_levels``).
     """
 
-    def __init__(self, teacher: nn.Module, distiller: FeatureDistiller) -> None:
+    def __init__(self, teacher: nn.Module, distiller: FeatureDistiller, teacher_cache: TeacherCache | None = None) -> None:
         if not distiller.two_stage:
             raise ValueError(f"distiller {distiller.method_name!r} has no stage 1 to learn")
-        super().__init__(teacher)
+        super().__init__(teacher, teacher_cache)
         self.distiller = distiller
         self.levels = match_levels(distiller.strides, teacher)  # distiller level -> teacher level
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
         with torch.no_grad():
-            image_list, targets_t, feats = detector_features(self.teacher, list(images), [dict(t) for t in targets])
+            image_list, targets_t = self.teacher.transform(list(images), [dict(t) for t in targets])
+        feats = self.teacher_levels(image_list.tensors)
         out = self.distiller.stage1({lvl: feats[src] for lvl, src in self.levels.items()},
                                     [t["boxes"] for t in targets_t], labels=[t["labels"] for t in targets_t],
                                     image_size=tuple(image_list.tensors.shape[-2:]))
@@ -118,7 +132,8 @@ class DistillStep(FrozenTeacherStep):
     "pool" at strides 4..64, and a RetinaNet student, "0" to "p7" at 8..128).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
+                 teacher_cache: TeacherCache | None = None) -> None:
         for attr in ("image_mean", "image_std", "min_size", "max_size"):
             s_value, t_value = (tuple(v) if isinstance(v, (list, tuple)) else v
                                 for v in (getattr(student.transform, attr), getattr(teacher.transform, attr)))
@@ -135,7 +150,7 @@ class DistillStep(FrozenTeacherStep):
                 f"distiller with strides={shared_strides(student, teacher)} (shared_strides(student, teacher))"
             )
         check_detectors_serve(distiller, student, teacher)
-        super().__init__(teacher)
+        super().__init__(teacher, teacher_cache)
         self.student = student
         self.distiller = distiller
         self.levels = match_levels(distiller.strides, teacher)  # distiller level -> teacher level
@@ -155,8 +170,8 @@ class DistillStep(FrozenTeacherStep):
         """
         out = run_detector(self.student, list(images), list(targets))
         needs, split = self.distiller.needs, self.distiller.split_index
+        feats = self.teacher_levels(out.image_list.tensors)
         with torch.no_grad():
-            feats = fpn_levels(self.teacher.backbone, out.image_list.tensors)
             t_head = head_outputs(self.teacher, out.image_list, feats)[0] if "head_outputs" in needs else None
             t_tower = (tower_features(self.teacher, {lvl: feats[src] for lvl, src in self.levels.items()}, split)
                        if "head_split" in needs else None)
