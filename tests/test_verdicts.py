@@ -155,7 +155,7 @@ def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tm
     noise = {s: 0.5 * math.sin(3 * s + 1) for s in range(20)}
     trained = []
 
-    def fake_run_one(out, config, overrides, run, teacher_path, device, threads):
+    def fake_run_one(out, config, overrides, run, teacher_path, device, threads, teacher_cache=False):
         trained.append((run.method, run.seed))
         (row,) = _rows({run.method: {"none": 0, "fitnet": 0.3, "liaf": 1.5}[run.method]}, [run.seed], noise)
         k = {"none": 0, "fitnet": 1, "liaf": 2}[run.method]
@@ -166,6 +166,7 @@ def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tm
     monkeypatch.setattr(study, "run_one", fake_run_one)
     monkeypatch.setattr(study, "_teacher", lambda *a, **k: "teacher.pt")
     monkeypatch.setattr(study, "_check_teacher", lambda *a, **k: None)
+    monkeypatch.setattr(study, "_check_teacher_cache", lambda *a, **k: None)
     out = tmp_path / "s"
     result = run_study(out, "tiny", ["none", "fitnet", "liaf"], [0, 1, 2], device="cpu", target_half_width=0.4,
                        max_seeds=10)
