@@ -39,9 +39,9 @@ def test_presets_pass_their_own_check(name):
                              r"student \(--set input.min_size=...\)"),
     ("teacher.max_size=320", r"teacher.max_size is now input.max_size"),
     ("input.size=320", r"unknown key input.size; the keys of \[input\] are \['min_size', 'max_size'\]"),
-    ("train_teacher.iterations=abc", r"config tiny: \[train_teacher\] training option iterations='abc' must be int"),
-    ("distill.iterations=0", r"\[distill\] training option iterations=0 must be at least 1"),
-    ("stage1.iteratons=5", r"\[stage1\] unknown training options \['iteratons'\]"),
+    ("train_teacher.iterations=abc", r"config tiny: \[train_teacher\] training option iterations='abc' must be a positive int"),
+    ("distill.iterations=0", r"\[distill\] training option iterations=0 must be a positive int"),
+    ("stage1.iteratons=5", r"\[stage1\] unknown training option 'iteratons'; its options are \['iterations', "),
     ("stage1.seed=3", r"stage1.seed is not a config key: the seed of a run is --seed"),
     ("kd.liaf.roi_size=7", r"kd.liaf.roi_size=7 must be a list of two positive ints"),
     ("kd.liaf.roi_size=[7, 0]", r"kd.liaf.roi_size=\[7, 0\] must be a list of two positive ints"),
@@ -119,7 +119,9 @@ def test_test_split_keys_are_known_and_checked():
     for override, message in [
         ("data.test_fraction=1.5", r"data.test_fraction=1.5 must be between 0 and 1, exclusive"),
         ("data.test_fraction=0", r"data.test_fraction=0 must be between 0 and 1, exclusive"),
-        ("data.test_fraction=a", r"data.test_fraction='a' must be a non-negative number"),
+        ("data.test_fraction=a", r"data.test_fraction='a' must be a non-negative number"
+
+),
         ("data.test_ids=000001", r"data.test_ids='000001' must be a list of strings"),
         ("data.test_set=test", r"\[data\] with kind = 'kitti': unknown keys \['test_set'\]"),
     ]:

@@ -189,14 +189,15 @@ def test_orphan_temporary_checkpoints_are_removed_on_start(tmp_path):
 
 # -- TrainConfig -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, message", [
-    ({"iterations": "abc"}, "iterations='abc' must be int"),
-    ({"iterations": 0}, "iterations=0 must be at least 1"),
-    ({"lr": float("nan")}, "lr=nan must be float"),
-    ({"lr": -1.0}, "lr=-1.0 must not be negative"),
-    ({"amp": 1}, "amp=1 must be bool"),
+    ({"iterations": "abc"}, "iterations='abc' must be a positive int"),
+    ({"iterations": 0}, "iterations=0 must be a positive int"),
+    ({"lr": float("nan")}, "lr=nan must be a finite number >= 0"),
+    ({"lr": -1.0}, "lr=-1.0 must be a finite number >= 0"),
+    ({"amp": 1}, "amp=1 must be true or false"),
     ({"schedule": "linear"}, "schedule='linear' must be one of"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite='ignore' must be one of"),
-    ({"grad_clip": "x"}, "grad_clip='x' must be float or None"),
+    ({"grad_clip": "x"}, "grad_clip='x' must be a finite number >= 0 or None"
+),
 ])
 def test_train_config_values_are_checked(kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,15 +22,13 @@ from ..atomic import DiskFullError, RecordError, atomic_write, read_json, save_f
 from ..checkpoint import (
     CheckpointError, load_checkpoint, load_module_state, previous_path, remove_orphan_temporaries, save_checkpoint,
 )
+from ..options import NonNegative, NonNegativeInt, Options, PositiveInt
 from ..progress import progress
 from .schedule import lr_factor, make_scheduler
 from .seeding import SeededSamples, derive_seed, environment_info, reseed
 from .tracking import TensorBoardLog
 
 
-_CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("constant", "step", "cosine"),
-            "on_nonfinite": ("stop", "skip")}
-_POSITIVE = ("iterations", "batch_size", "checkpoint_every", "log_every")
 # A loss term this many times the largest other term is warned about (once per run).
 RATIO_WARNING = 1000.0
 # What ``fit(..., new_schedule=True)`` lets a resumed run change; any other difference is refused.
@@ -39,7 +37,7 @@ SCHEDULE_KEYS = ("iterations", "lr", "warmup", "schedule", "min_lr_factor", "che
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """How one stage trains. Defaults follow the paper (SGD, momentum 0.9, weight decay 1e-4).
 
     Values are type-checked on construction; a wrong one raises ``ValueError`` naming the option.
@@ -52,59 +50,29 @@ class TrainConfig:
     deterministic for a given thread count).
     """
 
-    iterations: int = 1000
-    batch_size: int = 8
-    lr: float = 0.01
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup: int = 100
-    schedule: str = "step"  # constant | step | cosine
-    min_lr_factor: float = 0.0
-    grad_clip: float | None = 10.0
+    owner: ClassVar[str] = "training option"
+
+    iterations: PositiveInt = 1000
+    batch_size: PositiveInt = 8
+    lr: NonNegative = 0.01
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: NonNegative = 0.9
+    weight_decay: NonNegative = 1e-4
+    warmup: NonNegativeInt = 100
+    schedule: Literal["constant", "step", "cosine"] = "step"
+    min_lr_factor: NonNegative = 0.0
+    grad_clip: NonNegative | None = 10.0
     amp: bool = True  # mixed precision, used on CUDA only
-    checkpoint_every: int = 200
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end (by the caller)
-    num_workers: int = 0
-    seed: int = 0
-    on_nonfinite: str = "stop"  # stop | skip
-    max_abs_weight: float | None = 1e6
+    checkpoint_every: PositiveInt = 200
+    log_every: PositiveInt = 10
+    eval_every: NonNegativeInt = 0  # 0: only at the end (by the caller)
+    num_workers: NonNegativeInt = 0
+    seed: NonNegativeInt = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_abs_weight: NonNegative | None = 1e6
     sync_bn: bool = False
     deterministic: bool = False
 
-    def __post_init__(self) -> None:
-        for name, f in self.__dataclass_fields__.items():
-            value, kind = getattr(self, name), str(f.type)
-            optional = "None" in kind
-            if value is None and optional:
-                continue
-            if kind.startswith("bool"):
-                ok = isinstance(value, bool)
-            elif kind.startswith("int"):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif kind.startswith("float"):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                if ok:
-                    object.__setattr__(self, name, float(value))
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                raise ValueError(f"training option {name}={value!r} must be {kind.replace(' | None', ' or None')}")
-            if name in _CHOICES and value not in _CHOICES[name]:
-                raise ValueError(f"training option {name}={value!r} must be one of {list(_CHOICES[name])}")
-            if name in _POSITIVE and value < 1:
-                raise ValueError(f"training option {name}={value!r} must be at least 1")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"training option {name}={value!r} must not be negative")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
