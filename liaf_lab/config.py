@@ -2,8 +2,10 @@
 
 A config has the sections of ``SECTIONS``. ``load_config`` checks it once, before anything is
 built: an unknown section or key, a missing one, or a value of the wrong type is a ``ValueError``
-naming ``section.key``. The expected types are those of the functions the values go to
-(``create_detector``, each registered distiller's constructor, ``distill``, ``TrainConfig``).
+naming ``section.key``. The expected types are those of what the values go to (``create_detector``,
+each registered distiller's ``Options``, ``distill``, ``TrainConfig``), checked by the one validator
+of ``liaf_lab.options``.
+
 
 ``[kd]`` holds ``inherit`` and one table per method, ``[kd.<method>]`` (e.g. ``[kd.liaf]``), with that
 method's options; the registry says which methods and options exist, so a new method needs no edit here.
@@ -13,17 +15,17 @@ from __future__ import annotations
 
 import ast
 import copy
-import math
 import tomllib
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from .data.kitti import check_test_split
-from .distillers import BASELINE, list_distillers, method_options, method_parts, variant_of
+from .distillers import BASELINE, list_distillers, method_option_types, method_parts, variant_of
 from .engine import TrainConfig, distill
 from .models import create_detector
+from .options import NonNegative, PositiveInt, check_value
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ INPUT_KEYS = ("min_size", "max_size")
 # [teacher], [student]: create_detector's arguments (the optional ones: pretrained weights, frozen BatchNorm).
 DETECTOR_KEYS = ("arch", "depth", "width_mult", "fpn_channels")
 DETECTOR_OPTIONAL = {"frozen_bn": bool, "weights": str, "weights_backbone": str}
-# [kd]: distill()'s options shared by every method; [kd.<method>]: the method's constructor options.
+# [kd]: distill()'s options shared by every method; [kd.<method>]: the method's options (its ``Options``).
 KD_KEYS = {"inherit": typing.get_type_hints(distill)["inherit"]}
 # Training sections: TrainConfig's fields, less seed (the run's --seed).
 TRAIN_SECTIONS = ("train_teacher", "stage1", "distill")
@@ -49,11 +51,13 @@ DATA_OPTIONAL = {"coco": ("test_images", "test_ann", "allow_outside_images"),
 DATA_TYPES: dict[str, Any] = {
     "kind": Literal[tuple(DATA_REQUIRED)], "train_images": str, "train_ann": str, "val_images": str, "val_ann": str,
     "test_images": str, "test_ann": str, "root": str, "train_set": str, "val_set": str, "test_set": str,
-    "classes": list[str], "merge": dict[str, str], "test_fraction": float, "test_ids": list[str],
-    "skip_bad_images": bool, "num_train": int, "num_val": int, "num_test": int, "image_size": int, "seed": int,
-    "cache": str, "allow_outside_images": bool,
+    "classes": list[str], "merge": dict[str, str], "test_fraction": NonNegative, "test_ids": list[str],
+    "skip_bad_images": bool, "num_train": PositiveInt, "num_val": PositiveInt, "num_test": PositiveInt,
+    "image_size": PositiveInt, "seed": PositiveInt, "cache": str, "allow_outside_images": bool,
 }
-_DETECTOR_TYPES = typing.get_type_hints(create_detector)
+# Plain numbers as a config takes them: ints positive, floats finite and >= 0.
+_CONFIG_NUMBERS = {int: PositiveInt, float: NonNegative}
+_DETECTOR_TYPES = {k: _CONFIG_NUMBERS.get(v, v) for k, v in typing.get_type_hints(create_detector).items()}
 # section -> key -> type, and the keys a section must have.
 KEY_TYPES: dict[str, dict[str, Any]] = {
     "input": {k: _DETECTOR_TYPES[k] for k in INPUT_KEYS},
@@ -154,22 +158,22 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 
 def check_kd(kd: Mapping[str, Any]) -> None:
-    """Check ``[kd]``: ``inherit``, and per registered method a table of its constructor's options."""
+    """Check ``[kd]``: ``inherit``, and per registered method a table of its options (its ``Options``)."""
     for key, value in kd.items():
         if key in KD_KEYS:
             check_value(f"kd.{key}", value, KD_KEYS[key])
         elif key in list_distillers():
             if not isinstance(value, Mapping):
                 raise ValueError(f"kd.{key} must be a table of the options of {key!r} ([kd.{key}] in the file)")
-            options = method_options(key)
+            options = method_option_types(key)
             for name, option in value.items():
                 if name not in options:
                     raise ValueError(f"unknown key kd.{key}.{name}; the options of {key!r} are {list(options)}")
-                check_value(f"kd.{key}.{name}", option, options[name][0])
+                check_value(f"kd.{key}.{name}", option, options[name])
         elif isinstance(value, Mapping):
             raise ValueError(f"no distiller is registered as {key!r} ([kd.{key}]); registered: {list_distillers()}")
         else:
-            owners = [m for m in list_distillers() if key in method_options(m)]
+            owners = [m for m in list_distillers() if key in method_option_types(m)]
             if owners:
                 raise ValueError(f"kd.{key} is an option of {owners}: set it per method, e.g. kd.{owners[0]}.{key} "
                                  f"([kd.{owners[0]}] in the file)")
@@ -193,15 +197,17 @@ def method_tables(method: str | None) -> set[str]:
 
 
 def kd_options(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """The config's options of one registered ``method`` (``[kd.<method>]``), as its constructor takes them.
+    """The config's options of one registered ``method`` (``[kd.<method>]``), as ``create_distiller`` takes
+    them (its ``Options`` normalise them, e.g. a list to a tuple).
 
     A variant (``register_variant``) takes its method's table without the options it fixes, then its own.
     """
-    options, kd = method_options(method), cfg.get("kd", {})
+    kd = cfg.get("kd", {})
     of, fixed = variant_of(method)
     table = {k: v for k, v in kd.get(of, {}).items() if k not in fixed} if of != method else {}
     table.update(kd.get(method, {}))
-    return {k: tuple(v) if typing.get_origin(options[k][0]) is tuple else v for k, v in table.items()}
+    return table
+
 
 
 def check_data(data: Mapping[str, Any]) -> str:
@@ -230,47 +236,6 @@ def input_size(cfg: Mapping[str, Any]) -> tuple[int, int]:
     """``(min_size, max_size)`` of ``cfg["input"]``; ``max_size`` defaults to torchvision's ratio, 1333 / 800."""
     size = cfg["input"]
     return size["min_size"], size.get("max_size", round(size["min_size"] * 1333 / 800))
-
-
-def check_value(name: str, value: Any, hint: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` (from TOML or ``--set``) is of type ``hint``.
-
-    Config ints must be positive and floats finite and non-negative; ``tuple[int, int]`` is a list of two.
-    """
-    expected, test = _expected(hint)
-    if not test(value):
-        raise ValueError(f"{name}={value!r} must be {expected}")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-_COUNTS = {2: "two", 3: "three", 4: "four"}
-_PLAIN: dict[Any, tuple[str, Callable[[Any], bool]]] = {
-    bool: ("true or false", lambda v: isinstance(v, bool)),
-    int: ("a positive int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-    float: ("a non-negative number", lambda v: _number(v) and v >= 0),
-    str: ("a string", lambda v: isinstance(v, str)),
-}
-
-
-def _expected(hint: Any) -> tuple[str, Callable[[Any], bool]]:
-    """What a config value of type ``hint`` must be, in words, and the test of it."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return f"one of {list(args)}", lambda v: any(type(v) is type(a) and v == a for a in args)
-    if origin in (tuple, list, Sequence):
-        what, test = _expected(args[0])
-        count = f"{_COUNTS.get(len(args), len(args))} " if origin is tuple else ""
-        return (f"a list of {count}{what.removeprefix('a ')}s",
-                lambda v: isinstance(v, (list, tuple)) and (origin is not tuple or len(v) == len(args))
-                and all(map(test, v)))
-    if origin in (dict, Mapping):
-        (key, key_ok), (value, value_ok) = _expected(args[0]), _expected(args[1])
-        return (f"a table of {key.removeprefix('a ')}s to {value.removeprefix('a ')}s",
-                lambda v: isinstance(v, Mapping) and all(key_ok(k) and value_ok(x) for k, x in v.items()))
-    return _PLAIN[hint]
 
 
 def _check_keys(section: str, values: Mapping[str, Any], allowed: Sequence[str], required: Sequence[str]) -> None:

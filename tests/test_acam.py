@@ -475,7 +475,7 @@ def test_bad_options(option, value):
 
 
 def test_unknown_option_and_no_projector_needs_equal_channels():
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown distiller 'acam' option"):
         create_distiller("acam", 3, TEACHER_C, STRIDES, temperature=1.0)
     with pytest.raises(ValueError, match="projector"):
         ACAMDistiller(3, TEACHER_C, STRIDES, projector=False)

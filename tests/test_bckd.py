@@ -225,9 +225,9 @@ def test_registry_and_options():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"cls_weight": -1.0}, r"^cls_weight must be a finite number >= 0"),
-    ({"loc_weight": float("nan")}, r"^loc_weight must be a finite number >= 0"),
-    ({"beta": 0.0}, r"^beta must be a finite number > 0"),
+    ({"cls_weight": -1.0}, r"^distiller 'bckd' option cls_weight=\S+ must be a finite number >= 0"),
+    ({"loc_weight": float("nan")}, r"^distiller 'bckd' option loc_weight=\S+ must be a finite number >= 0"),
+    ({"beta": 0.0}, r"^distiller 'bckd' option beta=\S+ must be a finite number > 0"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):

@@ -48,7 +48,7 @@ def test_presets_pass_their_own_check(name):
     ("kd.liaf.num_selectors=2.5", r"kd.liaf.num_selectors=2.5 must be a positive int"),
     ("kd.liaf.normalize=images", r"kd.liaf.normalize='images' must be one of \['image', 'batch'\]"),
     ("kd.inherit=1", r"kd.inherit=1 must be true or false"),
-    ("kd.fitnet.loss_weight=-1", r"kd.fitnet.loss_weight=-1 must be a non-negative number"),
+    ("kd.fitnet.loss_weight=-1", r"kd.fitnet.loss_weight=-1 must be a finite number >= 0"),
     ("teacher.arch=yolo", r"teacher.arch='yolo' must be one of \['retinanet', 'fcos', 'fasterrcnn', 'gfl'\]"),
     ("input.min_size=320.0", r"input.min_size=320.0 must be a positive int"),
     ("input.max_size=100", r"input.min_size=160 is larger than input.max_size=100"),
@@ -119,7 +119,8 @@ def test_test_split_keys_are_known_and_checked():
     for override, message in [
         ("data.test_fraction=1.5", r"data.test_fraction=1.5 must be between 0 and 1, exclusive"),
         ("data.test_fraction=0", r"data.test_fraction=0 must be between 0 and 1, exclusive"),
-        ("data.test_fraction=a", r"data.test_fraction='a' must be a non-negative number"
+        ("data.test_fraction=a", r"data.test_fraction='a' must be a finite number >= 0"
+
 
 ),
         ("data.test_ids=000001", r"data.test_ids='000001' must be a list of strings"),

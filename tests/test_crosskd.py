@@ -222,10 +222,10 @@ def test_registry_and_options():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"split": -1}, r"^split must be an int >= 0"),
-    ({"split": 1.5}, r"^split must be an int >= 0"),
-    ({"reg_weight": -1.0}, r"^reg_weight must be a finite number >= 0"),
-    ({"temperature": 0.0}, r"^temperature must be a finite number > 0"),
+    ({"split": -1}, r"^distiller 'crosskd' option split=\S+ must be an int >= 0"),
+    ({"split": 1.5}, r"^distiller 'crosskd' option split=\S+ must be an int >= 0"),
+    ({"reg_weight": -1.0}, r"^distiller 'crosskd' option reg_weight=\S+ must be a finite number >= 0"),
+    ({"temperature": 0.0}, r"^distiller 'crosskd' option temperature=\S+ must be a finite number > 0"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):

@@ -110,9 +110,9 @@ def test_no_gradient_into_the_teacher():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"loss_weight": -1.0}, r"^loss_weight must be a finite number >= 0"),
-    ({"temperature": 0.0}, r"^temperature must be a finite number > 0"),
-    ({"temperature": float("nan")}, r"^temperature must be a finite number > 0"),
+    ({"loss_weight": -1.0}, r"^distiller 'cwd' option loss_weight=\S+ must be a finite number >= 0"),
+    ({"temperature": 0.0}, r"^distiller 'cwd' option temperature=\S+ must be a finite number > 0"),
+    ({"temperature": float("nan")}, r"^distiller 'cwd' option temperature=\S+ must be a finite number > 0"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):

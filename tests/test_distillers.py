@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from torch.func import functional_call
 
 from liaf_lab import FeatureDistiller, FitNetDistiller, LIAFDistiller, create_distiller, list_distillers, register_distiller
 from liaf_lab.distillers import registry
+from liaf_lab.options import Weight
 
 TEACHER_C = 3
 
@@ -431,15 +433,19 @@ def test_register_distiller_adds_and_rejects_duplicates():
     try:
         @register_distiller("test-dummy")
         class Dummy(FeatureDistiller):
-            def __init__(self, student_channels, teacher_channels, strides, scale: float = 1.0) -> None:
-                super().__init__(student_channels, teacher_channels, strides)
-                self.scale = scale
+            @dataclass(frozen=True)
+            class Options(FeatureDistiller.Options):
+                scale: Weight = 1.0
 
         assert "test-dummy" in list_distillers()
-        made = create_distiller("test-dummy", 4, 6, {"0": 8}, scale=3.0)
+        made = create_distiller("test-dummy", 4, 6, {"0": 8}, scale=3)
         assert isinstance(made, Dummy) and made.scale == 3.0 and Dummy.method_name == "test-dummy"
+        assert made.options == Dummy.Options(scale=3.0)
         with pytest.raises(ValueError, match="already registered"):
             register_distiller("test-dummy")(Dummy)
+        with pytest.raises(ValueError, match=r"distiller 'test-bare' \(Bare\) must declare its options"):
+            register_distiller("test-bare")(type("Bare", (FeatureDistiller,), {}))
+
     finally:
         registry._REGISTRY.pop("test-dummy", None)
     assert "test-dummy" not in list_distillers()
@@ -469,8 +475,9 @@ def test_paper_literal_variant_is_liaf_with_the_literal_options_fixed():
     t = {lvl: torch.randn(2, 6, 8, 8) for lvl in strides}
     boxes = [torch.tensor([[2.0, 2.0, 30.0, 40.0], [10.0, 5.0, 50.0, 60.0]]), torch.tensor([[0.0, 0.0, 20.0, 20.0]])]
     assert torch.equal(d(s, t, boxes), ref(s, t, boxes))  # batch softmax couples the two images in both
-    with pytest.raises(ValueError, match="unknown option 'nope' of distiller 'liaf'"):
+    with pytest.raises(ValueError, match="unknown distiller 'liaf' option 'nope'"):
         registry.register_variant("test-variant", of="liaf", label="x", nope=1)
+
     assert "test-variant" not in list_distillers()
 
 

@@ -418,7 +418,7 @@ def test_bad_options(options, match):
 
 
 def test_unknown_option():
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown distiller 'ima' option"):
         create_distiller("ima", 2, TEACHER_C, STRIDES, zeta=0.5)
 
 

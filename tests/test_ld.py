@@ -214,8 +214,8 @@ def test_registry_and_options():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"loss_weight": -1.0}, r"^loss_weight must be a finite number >= 0"),
-    ({"temperature": 0.0}, r"^temperature must be a finite number > 0"),
+    ({"loss_weight": -1.0}, r"^distiller 'ld' option loss_weight=\S+ must be a finite number >= 0"),
+    ({"temperature": 0.0}, r"^distiller 'ld' option temperature=\S+ must be a finite number > 0"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):

@@ -309,7 +309,7 @@ def test_bad_options(options, match):
 
 
 def test_unknown_option():
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown distiller 'mgd' option"):
         create_distiller("mgd", 2, TEACHER_C, STRIDES, mask_ratio=0.5)
 
 

@@ -146,7 +146,7 @@ def test_no_gradient_into_the_teacher():
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_bad_options(value):
-    with pytest.raises(ValueError, match=r"^loss_weight must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"^distiller 'pkd' option loss_weight=\S+ must be a finite number >= 0"):
         PKDDistiller(2, TEACHER_C, STRIDES, loss_weight=value)
 
 

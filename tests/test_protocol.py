@@ -53,8 +53,8 @@ def test_the_field_s_methods_are_registered_with_labels():
 def test_unknown_methods_options_and_reserved_names_are_clear_errors():
     with pytest.raises(ValueError, match=r"unknown distiller 'nope'; choose one of \['acam', 'bckd', 'crosskd', 'cwd', 'defeat', 'fgd', 'fgfi', 'fitnet', 'gid'"):
         create_distiller("liaf+nope", 8, 16, {"0": 8.0})
-    with pytest.raises(ValueError, match=r"unknown option 'mask_ratio' of distiller 'mgd'; its options are "
-                                         r"\['alpha', 'lambda_mask'\]"):
+    with pytest.raises(ValueError, match=r"^unknown distiller 'mgd' option 'mask_ratio'; its options are "
+                                         r"\['alpha', 'lambda_mask'\]$"):
         create_distiller("mgd", 8, 16, {"0": 8.0}, mask_ratio=0.5)
     with pytest.raises(ValueError, match=r"options of 'liaf\+maskd' must be given per method \(\['liaf', 'maskd'\]\)"):
         create_distiller("liaf+maskd", 8, 16, {"0": 8.0}, loss_weight=1.0)
@@ -226,14 +226,3 @@ def test_no_method_name_or_class_is_tested_for_outside_the_distillers():
             if any(re.search(p, line) for p in patterns):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
-
-
-@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), True, "1"])
-def test_check_numbers_names_the_option(value):
-    from liaf_lab.distillers.base import check_numbers
-
-    check_numbers({"w": 0.0}, {"t": 1e-9})
-    with pytest.raises(ValueError, match=r"^w must be a finite number >= 0, got"):
-        check_numbers({"w": value})
-    with pytest.raises(ValueError, match=r"^t must be a finite number > 0, got"):
-        check_numbers(positive={"t": 0.0 if value == -1.0 else value})

@@ -483,7 +483,7 @@ def test_registry_and_options():
     d = create_distiller("samkd", 8, 16, {"0": 8.0}, alpha=1e-3, pyramid="1-2")
     assert isinstance(d, SAMKDDistiller) and d.alpha == 1e-3 and d.pyramid == (1, 2)
     assert d.needs == frozenset({"head_outputs"}) and d.head_keys == ("cls_logits",)
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown distiller 'samkd' option"):
         create_distiller("samkd", 8, 16, {"0": 8.0}, gamma=1.0)
 
 

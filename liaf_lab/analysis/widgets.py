@@ -21,10 +21,11 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, InstanceScorer, KDInputs
-from ..distillers.base import check_choices
 from ..distillers.liaf import MaskScale, MaskSide
 from ..instance import Normalize, instance_mask
 from ..models.backbones import eval_mode
+from ..options import check_value
+
 from ..validation import check_boxes, check_feature_dict
 from .cam import _device, resize_for_detector
 from .maps import SIDES, _groups, _paired_order, kd_inputs_for
@@ -363,8 +364,9 @@ class MaskInspector:
         if isinstance(s["image"], bool) or not isinstance(s["image"], int) or not 0 <= s["image"] < len(self.images):
             raise ValueError(f"image must be an index in 0..{len(self.images) - 1}, got {s['image']!r}")
         check_levels([s["level"]], self.levels, "the inspector")
-        check_choices(mask_scale=(s["mask_scale"], MaskScale), mask_side=(s["mask_side"], MaskSide),
-                      normalize=(s["normalize"], Normalize))
+        for name, choices in (("mask_scale", MaskScale), ("mask_side", MaskSide), ("normalize", Normalize)):
+            check_value(name, s[name], choices)
+
         distiller = self.methods[s["method"]][1]
         if isinstance(distiller, InstanceScorer):
             num = distiller.selectors[self.levels[0]].num_selectors

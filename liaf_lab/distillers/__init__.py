@@ -20,14 +20,14 @@ from .bckd import BCKDDistiller
 from .crosskd import CrossKDDistiller
 from .combined import CombinedDistiller
 from .registry import (
-    BASELINE, create_distiller, list_distillers, method_label, method_options, method_parts, register_distiller,
-    register_variant, variant_of,
+    BASELINE, create_distiller, list_distillers, method_label, method_option_types, method_options, method_parts,
+    register_distiller, register_variant, variant_of,
 )
 
 __all__ = [
     "ACAMDistiller", "BASELINE", "BCKDDistiller", "CWDDistiller", "CombinedDistiller", "CrossKDDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
     "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LDDistiller", "LIAFDistiller", "MGDDistiller",
     "MasKDDistiller", "PKDDistiller", "SAMKDDistiller",
-    "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_options",
-    "method_parts", "register_distiller", "register_variant", "variant_of",
+    "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_option_types",
+    "method_options", "method_parts", "register_distiller", "register_variant", "variant_of",
 ]

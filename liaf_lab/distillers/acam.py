@@ -7,14 +7,15 @@ paper leaves open is an option of ``ACAMDistiller``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
+from ..options import PositiveInt, Range, Weight
+from .base import FeatureDistiller, KDInputs
 from .maskd import dice_coeff
 from .registry import register_distiller
 
@@ -249,46 +250,25 @@ class ACAMDistiller(FeatureDistiller):
             2); a level where even one query cell per image does not fit is a ``ValueError``.
     """
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        alpha: float = 1.0,
-        lambda_div: float = 1.0,
-        num_masks: int = 6,
-        projector: bool = True,
-        channel_units: ChannelUnits = "scalar",
-        detach: Detach = "none",
-        dice_masks: DiceMasks = "both",
-        dice_form: DiceForm = "ratio",
-        batch_reduction: BatchReduction = "image",
-        level_reduction: LevelReduction = "sum",
-        max_attention_elements: int = 2**20,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"alpha": alpha, "lambda_div": lambda_div})
-        check_choices(channel_units=(channel_units, ChannelUnits), detach=(detach, Detach),
-                      dice_masks=(dice_masks, DiceMasks), dice_form=(dice_form, DiceForm),
-                      batch_reduction=(batch_reduction, BatchReduction),
-                      level_reduction=(level_reduction, LevelReduction))
-        if num_masks < 2:
-            raise ValueError(f"num_masks must be at least 2 (the diversity term compares pairs), got {num_masks!r}")
-        if max_attention_elements < 1:
-            raise ValueError(f"max_attention_elements must be a positive int, got {max_attention_elements!r}")
-        self.alpha = alpha
-        self.lambda_div = lambda_div
-        self.num_masks = num_masks
-        self.channel_units = channel_units
-        self.detach = detach
-        self.dice_masks = dice_masks
-        self.dice_form = dice_form
-        self.batch_reduction = batch_reduction
-        self.level_reduction = level_reduction
-        self.max_attention_elements = max_attention_elements
-        self.projectors = self.make_projectors(projector)
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        alpha: Weight = 1.0
+        lambda_div: Weight = 1.0
+        num_masks: Annotated[int, Range(ge=2)] = 6  # the diversity term compares pairs
+        projector: bool = True
+        channel_units: ChannelUnits = "scalar"
+        detach: Detach = "none"
+        dice_masks: DiceMasks = "both"
+        dice_form: DiceForm = "ratio"
+        batch_reduction: BatchReduction = "image"
+        level_reduction: LevelReduction = "sum"
+        max_attention_elements: PositiveInt = 2**20
+
+    def build(self) -> None:
+        self.projectors = self.make_projectors(self.projector)
         self.masking = nn.ModuleDict({
-            lvl: CooperativeMasking(self.teacher_channels[lvl], num_masks, channel_units) for lvl in self.levels
+            lvl: CooperativeMasking(self.teacher_channels[lvl], self.num_masks, self.channel_units)
+            for lvl in self.levels
         })
 
     def rows_per_block(self, level: str, images: int, cells: int) -> int:

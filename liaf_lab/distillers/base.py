@@ -1,8 +1,10 @@
 """The distiller protocol every method follows (docs/method.md, "The distiller protocol").
 
 A method is one ``FeatureDistiller`` subclass in its own file, registered with
-``register_distiller``. In every stage-2 step it reads one ``KDInputs`` and returns named loss terms
-(``loss_terms``); their sum is the KD loss and each is logged on its own. A method with a learned
+``register_distiller``, its options declared once as a nested ``Options`` dataclass (typed, with
+bounds and choices, checked by ``liaf_lab.options``) and its modules made in ``build``. In every
+stage-2 step it reads one ``KDInputs`` and returns named loss terms (``loss_terms``); their sum is
+the KD loss and each is logged on its own. A method with a learned
 stage 1 (LIAF-KD's selectors, MasKD's receptive tokens) sets ``two_stage``, names the modules stage 1
 trains (``stage1_modules``) and gives the teacher features to run the frozen teacher's head on
 (``stage1``); the engine runs one generic stage 1 for any such method. What trains in stage 2 is
@@ -11,16 +13,15 @@ trains (``stage1_modules``) and gives the teacher features to run the frozen tea
 
 from __future__ import annotations
 
-import math
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import options as typed
 from ..validation import (
     check_boxes,
     check_feature_dict,
@@ -121,24 +122,6 @@ def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
     return F.mse_loss(student, teacher, reduction="mean")
 
 
-def check_numbers(nonnegative: Mapping[str, float] | None = None, positive: Mapping[str, float] | None = None) -> None:
-    """Options: each in ``nonnegative`` (loss weights) a finite number >= 0, each in ``positive``
-    (temperatures, sizes) a finite number > 0; else a one-line ``ValueError`` naming the option."""
-    for values, bound, ok in ((nonnegative or {}, ">= 0", lambda v: v >= 0), (positive or {}, "> 0", lambda v: v > 0)):
-        for name, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def check_choices(**options: tuple[object, object]) -> None:
-    """Options of a ``Literal`` type: ``name=(value, Literal[...])``; a value outside the literal's
-    choices is a one-line ``ValueError`` naming the option and listing its choices."""
-    for name, (value, choices) in options.items():
-        allowed = typing.get_args(choices)
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
 def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tensor:
     """The box each prior ``[P, 4]`` stands for -> ``[P, 4]``: the prior itself, or for a point prior
     (both sides ``<= stride``: an anchor-free detector's location, e.g. FCOS's one-cell anchor or a
@@ -151,15 +134,18 @@ def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tens
 
 
 class FeatureDistiller(nn.Module):
-    """The base of every distiller: its FPN levels, channels and strides, the input checks, the stages.
+    """The base of every distiller: its FPN levels, channels and strides, its options, the input checks, the stages.
 
     Args:
         student_channels: C of the student's levels (one int for all levels, or per level).
         teacher_channels: C of the teacher's levels.
         strides: level name -> input pixels per cell; the levels that are distilled.
+        options: the method's options, declared once as its nested ``Options`` dataclass (typed, with
+            bounds and choices: ``liaf_lab.options``) and checked by it; each is also an attribute.
 
-    Subclasses implement ``compute_terms`` (and, if ``two_stage``, ``stage1_modules`` and
-    ``compute_stage1``); the public ``loss_terms`` and ``stage1`` validate the inputs first.
+    Subclasses declare ``Options``, make their modules in ``build`` and implement ``compute_terms``
+    (and, if ``two_stage``, ``stage1_modules`` and ``compute_stage1``); the public ``loss_terms`` and
+    ``stage1`` validate the inputs first.
     """
 
     method_name: ClassVar[str] = "base"  # set by register_distiller
@@ -169,7 +155,12 @@ class FeatureDistiller(nn.Module):
     split_index: int = 0  # with "head_split": the tower conv after which the heads are split (0: before the towers)
     two_stage: ClassVar[bool] = False
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float]) -> None:
+    @dataclass(frozen=True)
+    class Options(typed.Options):
+        """A method's options: a frozen dataclass of typed fields with defaults (none here)."""
+
+    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
+                 **options: Any) -> None:
         super().__init__()
         if not strides:
             raise ValueError("strides must name at least one level, e.g. {'0': 8, '1': 16}")
@@ -181,6 +172,14 @@ class FeatureDistiller(nn.Module):
         # its parts' counters (its ``two_stage`` is a property over them).
         if type(self).two_stage is True:
             self.register_buffer("stage1_steps", torch.zeros((), dtype=torch.long))
+        self.options = self.Options.from_dict(options)
+        for name, value in self.options.to_dict().items():
+            setattr(self, name, value)
+        self.build()
+
+    def build(self) -> None:
+        """Make the method's modules from its options (``self.options``, each also an attribute); none here."""
+
 
     # -- building blocks ----------------------------------------------------------------------
     def make_projectors(self, mode: bool | Literal["auto"]) -> nn.ModuleDict:

@@ -21,14 +21,15 @@ stride as the public code does (GIoU does not change with the unit).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
 from ..models.gfl import anchor_centres, distance2box, integral_distances, mean_over_ranks
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers, flat_logits
+from ..options import Positive, Weight
+from .base import FeatureDistiller, KDInputs, flat_logits
 from .registry import register_distiller
 
 
@@ -66,13 +67,11 @@ class BCKDDistiller(FeatureDistiller):
     needs = frozenset({"head_outputs", "priors", "assignment"})
     head_keys = ("cls_logits", "box_bins")
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 cls_weight: float = 1.0, loc_weight: float = 4.0, beta: float = 1.0) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers(nonnegative={"cls_weight": cls_weight, "loc_weight": loc_weight}, positive={"beta": beta})
-        self.cls_weight = cls_weight
-        self.loc_weight = loc_weight
-        self.beta = beta
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        cls_weight: Weight = 1.0
+        loc_weight: Weight = 4.0
+        beta: Positive = 1.0
 
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
         num_pos = mean_over_ranks(sum((inputs.assignment[lvl] >= 0).sum() for lvl in self.levels)).clamp(min=1)

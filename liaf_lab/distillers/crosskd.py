@@ -25,12 +25,14 @@ tower features to the teacher's channels before ``align_scale``; the public conf
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from ..models.gfl import mean_over_ranks
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers, flat_logits
+from ..options import NonNegativeInt, Positive, Weight
+from .base import FeatureDistiller, KDInputs, flat_logits
 from .bckd import binary_kd, decode_bins
 from .ld import bin_kl
 from .pkd import channel_standardise
@@ -63,17 +65,17 @@ class CrossKDDistiller(FeatureDistiller):
     needs = frozenset({"head_outputs", "priors", "assignment", "head_split"})
     head_keys = ("cls_logits", "box_bins")
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 split: int = 3, cls_weight: float = 1.0, reg_weight: float = 3.0, box_weight: float = 2.0,
-                 temperature: float = 1.0, beta: float = 1.0) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers(nonnegative={"cls_weight": cls_weight, "reg_weight": reg_weight, "box_weight": box_weight},
-                      positive={"temperature": temperature, "beta": beta})
-        if isinstance(split, bool) or not isinstance(split, int) or split < 0:
-            raise ValueError(f"split must be an int >= 0 (the tower conv after which the heads are split), got {split!r}")
-        self.split_index = split
-        self.cls_weight, self.reg_weight, self.box_weight = cls_weight, reg_weight, box_weight
-        self.temperature, self.beta = temperature, beta
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        split: NonNegativeInt = 3  # the tower conv after which the heads are split
+        cls_weight: Weight = 1.0
+        reg_weight: Weight = 3.0
+        box_weight: Weight = 2.0
+        temperature: Positive = 1.0
+        beta: Positive = 1.0
+
+    def build(self) -> None:
+        self.split_index = self.split
         self.projectors = nn.ModuleDict({branch: self.make_projectors("auto") for branch in BRANCHES})
 
     def cross_head(self, inputs: KDInputs) -> Mapping[str, Mapping[str, Tensor]]:

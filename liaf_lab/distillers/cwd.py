@@ -14,12 +14,13 @@ public detection configs distil 256-channel FPNs on both sides and need none).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from ..options import Positive, Weight
+from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 
 
@@ -50,12 +51,12 @@ class CWDDistiller(FeatureDistiller):
     A 1x1 conv aligns the student where the channels differ (else the identity).
     """
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 loss_weight: float = 10.0, temperature: float = 1.0) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers(nonnegative={"loss_weight": loss_weight}, positive={"temperature": temperature})
-        self.loss_weight = loss_weight
-        self.temperature = temperature
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 10.0
+        temperature: Positive = 1.0
+
+    def build(self) -> None:
         self.projectors = self.make_projectors("auto")
 
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:

@@ -12,6 +12,7 @@ and ``KLDivergenceLoss`` (``mmdet/apis/train.py``) and the weights of its DeFeat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
+from ..options import Positive, Weight
+from .base import FeatureDistiller, KDInputs
 from .fgfi import adaptation_layers
 from .registry import register_distiller
 
@@ -145,30 +147,17 @@ class DeFeatDistiller(FeatureDistiller):
     needs = frozenset({"head_outputs", "priors"})
     head_keys = ("cls_logits",)
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        fg_weight: float = 3.0,
-        bg_weight: float = 12.0,
-        cls_pos_weight: float = 2.0,
-        cls_neg_weight: float = 2.0,
-        temperature: float = 1.0,
-        box_levels: BoxLevels = "scale",
-        head_kl: HeadKL = "softmax",
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"fg_weight": fg_weight, "bg_weight": bg_weight, "cls_pos_weight": cls_pos_weight,
-                       "cls_neg_weight": cls_neg_weight}, {"temperature": temperature})
-        check_choices(box_levels=(box_levels, BoxLevels), head_kl=(head_kl, HeadKL))
-        self.fg_weight = fg_weight
-        self.bg_weight = bg_weight
-        self.cls_pos_weight = cls_pos_weight
-        self.cls_neg_weight = cls_neg_weight
-        self.temperature = temperature
-        self.box_levels = box_levels
-        self.head_kl = head_kl
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        fg_weight: Weight = 3.0
+        bg_weight: Weight = 12.0
+        cls_pos_weight: Weight = 2.0
+        cls_neg_weight: Weight = 2.0
+        temperature: Positive = 1.0
+        box_levels: BoxLevels = "scale"
+        head_kl: HeadKL = "softmax"
+
+    def build(self) -> None:
         self.adapters = adaptation_layers(self.student_channels, self.teacher_channels, relu=False)
 
     def masks(self, inputs: KDInputs) -> dict[str, Tensor]:

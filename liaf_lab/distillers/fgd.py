@@ -14,14 +14,16 @@ Equations are named by the public code's functions (the paper's numbering is not
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from ..options import Positive, Weight
+from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 
 
@@ -130,29 +132,20 @@ class FGDDistiller(FeatureDistiller):
         lambda_global: weight of the global loss (``lambda_fgd``).
     """
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        temperature: float = 0.5,
-        alpha_fg: float = 1e-3,
-        beta_bg: float = 5e-4,
-        gamma_attention: float = 5e-4,
-        lambda_global: float = 5e-6,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"alpha_fg": alpha_fg, "beta_bg": beta_bg, "gamma_attention": gamma_attention,
-                       "lambda_global": lambda_global}, {"temperature": temperature})
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        temperature: Positive = 0.5
+        alpha_fg: Weight = 1e-3
+        beta_bg: Weight = 5e-4
+        gamma_attention: Weight = 5e-4
+        lambda_global: Weight = 5e-6
+
+    def build(self) -> None:
         small = {lvl: c for lvl, c in self.teacher_channels.items() if c < 2}
         if small:
             raise ValueError(f"FGD's GcBlock needs at least 2 teacher channels (C/2 >= 1), got {small}")
-        self.temperature = temperature
-        self.alpha_fg = alpha_fg
-        self.beta_bg = beta_bg
-        self.gamma_attention = gamma_attention
-        self.lambda_global = lambda_global
         self.projectors = self.make_projectors("auto")
+
         self.gc_student = nn.ModuleDict({lvl: GcBlock(self.teacher_channels[lvl]) for lvl in self.levels})
         self.gc_teacher = nn.ModuleDict({lvl: GcBlock(self.teacher_channels[lvl]) for lvl in self.levels})
 

@@ -12,6 +12,7 @@ with its weight ``--ilw 0.01`` (``trainval_net_sup.py``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers, prior_boxes
+from ..options import Fraction, Positive, Weight
+from .base import FeatureDistiller, KDInputs, prior_boxes
 from .registry import register_distiller
 
 IoUMax = Literal["level", "all"]
@@ -121,27 +123,16 @@ class FGFIDistiller(FeatureDistiller):
 
     needs = frozenset({"priors"})
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        loss_weight: float = 0.01,
-        psi: float = 0.5,
-        point_prior_scale: float = 8.0,
-        iou_max: IoUMax = "level",
-        adapter_relu: bool = False,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"loss_weight": loss_weight}, {"point_prior_scale": point_prior_scale})
-        if not 0 <= psi <= 1:
-            raise ValueError(f"psi must lie in [0, 1], got {psi!r}")
-        check_choices(iou_max=(iou_max, IoUMax))
-        self.loss_weight = loss_weight
-        self.psi = psi
-        self.point_prior_scale = point_prior_scale
-        self.iou_max = iou_max
-        self.adapters = adaptation_layers(self.student_channels, self.teacher_channels, adapter_relu)
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 0.01
+        psi: Fraction = 0.5
+        point_prior_scale: Positive = 8.0
+        iou_max: IoUMax = "level"
+        adapter_relu: bool = False
+
+    def build(self) -> None:
+        self.adapters = adaptation_layers(self.student_channels, self.teacher_channels, self.adapter_relu)
 
     def masks(self, inputs: KDInputs) -> dict[str, Tensor]:
         """The imitation mask ``[N, H, W]`` of every level (``imitation_masks`` with this distiller's options)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Channels, FeatureDistiller, KDInputs, feature_mse
+from ..options import Weight
+from .base import FeatureDistiller, KDInputs, feature_mse
 from .registry import register_distiller
 
 
@@ -20,11 +21,14 @@ class FitNetDistiller(FeatureDistiller):
             the channels of student and teacher must agree.
     """
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 loss_weight: float = 1.0, projector: bool = True) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        self.loss_weight = loss_weight
-        self.projectors = self.make_projectors(projector)
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 1.0
+        projector: bool = True
+
+    def build(self) -> None:
+        self.projectors = self.make_projectors(self.projector)
+
 
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
         s, t = inputs.student_feats, inputs.teacher_feats

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers, flat_logits, prior_boxes
+from ..options import Fraction, Positive, PositiveInt, Weight
+from .base import FeatureDistiller, KDInputs, flat_logits, prior_boxes
 from .registry import register_distiller
 
 RoiLevel = Literal["size", "prior"]
@@ -172,52 +174,26 @@ class GIDDistiller(FeatureDistiller):
     needs = frozenset({"head_outputs", "priors"})
     head_keys = ("cls_logits",)
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        feature_weight: float = 5e-3,
-        relation_weight: float = 40.0,
-        response_weight: float = 0.1,
-        num_instances: int = 10,
-        nms_iou: float = 0.3,
-        pre_nms: int = 3000,
-        roi_size: int = 10,
-        sampling_ratio: int = 2,
-        roi_level: RoiLevel = "size",
-        canonical_size: float = 224.0,
-        point_prior_scale: float = 8.0,
-        response_iou: float = 0.5,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"feature_weight": feature_weight, "relation_weight": relation_weight,
-                       "response_weight": response_weight},
-                      {"canonical_size": canonical_size, "point_prior_scale": point_prior_scale})
-        for name, value in (("num_instances", num_instances), ("pre_nms", pre_nms), ("roi_size", roi_size),
-                            ("sampling_ratio", sampling_ratio)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("nms_iou", nms_iou), ("response_iou", response_iou)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        check_choices(roi_level=(roi_level, RoiLevel))
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        feature_weight: Weight = 5e-3
+        relation_weight: Weight = 40.0
+        response_weight: Weight = 0.1
+        num_instances: PositiveInt = 10
+        nms_iou: Fraction = 0.3
+        pre_nms: PositiveInt = 3000
+        roi_size: PositiveInt = 10
+        sampling_ratio: PositiveInt = 2
+        roi_level: RoiLevel = "size"
+        canonical_size: Positive = 224.0
+        point_prior_scale: Positive = 8.0
+        response_iou: Fraction = 0.5
+
+    def build(self) -> None:
         for side, channels in (("student", self.student_channels), ("teacher", self.teacher_channels)):
             if len(set(channels.values())) > 1:
                 raise ValueError(f"GID pools each instance from one of the levels, so the {side} levels must share "
                                  f"their channels, got {channels}")
-        self.feature_weight = feature_weight
-        self.relation_weight = relation_weight
-        self.response_weight = response_weight
-        self.num_instances = num_instances
-        self.nms_iou = nms_iou
-        self.pre_nms = pre_nms
-        self.roi_size = roi_size
-        self.sampling_ratio = sampling_ratio
-        self.roi_level = roi_level
-        self.canonical_size = canonical_size
-        self.point_prior_scale = point_prior_scale
-        self.response_iou = response_iou
         self.projectors = self.make_projectors("auto")
 
     # -- selection ------------------------------------------------------------------------------

@@ -54,15 +54,17 @@ boxes) falls back to its image's statistics and importance, so the loss still co
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
+from ..options import Range, Weight
+from .base import FeatureDistiller, KDInputs
 from .mgd import random_keep_mask
 from .registry import register_distiller
 
@@ -192,31 +194,18 @@ class IMADistiller(FeatureDistiller):
 
     needs = frozenset({"generator"})
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        loss_weight: float = 1.0,
-        mask_ratio: float = 0.65,
-        alpha: float = 10.0,
-        instance: Instance = "image",
-        standardize: Standardize = "both",
-        scale_deflation: bool = True,
-        projector: bool = False,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"loss_weight": loss_weight, "alpha": alpha})
-        if not 0 <= mask_ratio < 1:
-            raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio!r}")
-        check_choices(instance=(instance, Instance), standardize=(standardize, Standardize))
-        self.loss_weight = loss_weight
-        self.mask_ratio = mask_ratio
-        self.alpha = alpha
-        self.instance = instance
-        self.standardize = standardize
-        self.scale_deflation = scale_deflation
-        self.projectors = self.make_projectors(True if projector else "auto")
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 1.0
+        mask_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.65
+        alpha: Weight = 10.0
+        instance: Instance = "image"
+        standardize: Standardize = "both"
+        scale_deflation: bool = True
+        projector: bool = False
+
+    def build(self) -> None:
+        self.projectors = self.make_projectors(True if self.projector else "auto")
 
     def level_parts(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor],
                     generator: torch.Generator | None) -> tuple[Tensor, Tensor, BoxGeometry | None, Tensor | None]:

@@ -21,12 +21,13 @@ student's ``assignment``; detectors that give them are listed in docs/distillers
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers, flat_logits
+from ..options import Positive, Weight
+from .base import FeatureDistiller, KDInputs, flat_logits
 from .registry import register_distiller
 
 
@@ -52,12 +53,10 @@ class LDDistiller(FeatureDistiller):
     needs = frozenset({"head_outputs", "assignment"})
     head_keys = ("cls_logits", "box_bins")
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 loss_weight: float = 0.25, temperature: float = 10.0) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers(nonnegative={"loss_weight": loss_weight}, positive={"temperature": temperature})
-        self.loss_weight = loss_weight
-        self.temperature = temperature
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 0.25
+        temperature: Positive = 10.0
 
     def positive_weights(self, inputs: KDInputs, level: str) -> Tensor:
         """``w_p`` at the student's positives of ``level``, 0 elsewhere: ``[N, P]`` without gradient."""

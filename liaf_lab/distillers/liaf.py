@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -18,7 +19,8 @@ from ..instance import (
     roi_instance_features,
     score_entropy,
 )
-from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, check_choices, feature_mse
+from ..options import PositiveInt, Weight
+from .base import FeatureDistiller, KDInputs, Stage1Output, feature_mse
 from .registry import register_distiller, register_variant
 
 MaskScale = Literal["literal", "count"]
@@ -88,40 +90,29 @@ class LIAFDistiller(FeatureDistiller):
 
     two_stage = True
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        loss_weight: float = 1.0,
-        projector: bool = True,
-        num_selectors: int = 6,
-        roi_size: tuple[int, int] = (7, 7),
-        sampling_ratio: int = 2,
-        normalize: Normalize = "image",
-        mask_scale: MaskScale = "literal",
-        mask_side: MaskSide = "separate",
-        detach_scores: bool = True,
-        freeze_selectors: bool = True,
-        diversity_weight: float = 1.0,
-        logit_scale: LogitScale = "none",
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        self.loss_weight = loss_weight
-        self.projectors = self.make_projectors(projector)
-        check_choices(mask_scale=(mask_scale, MaskScale), mask_side=(mask_side, MaskSide))
-        self.roi_size = tuple(roi_size)
-        self.sampling_ratio = sampling_ratio
-        self.mask_scale = mask_scale
-        self.mask_side = mask_side
-        self.detach_scores = detach_scores
-        self.freeze_selectors = freeze_selectors
-        self.diversity_weight = diversity_weight
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 1.0
+        projector: bool = True
+        num_selectors: PositiveInt = 6
+        roi_size: tuple[PositiveInt, PositiveInt] = (7, 7)
+        sampling_ratio: PositiveInt = 2
+        normalize: Normalize = "image"
+        mask_scale: MaskScale = "literal"
+        mask_side: MaskSide = "separate"
+        detach_scores: bool = True
+        freeze_selectors: bool = True
+        diversity_weight: Weight = 1.0
+        logit_scale: LogitScale = "none"
+
+    def build(self) -> None:
+        self.projectors = self.make_projectors(self.projector)
         self.selectors = nn.ModuleDict({
-            lvl: InstanceSelectors(num_selectors, self.teacher_channels[lvl], self.roi_size, normalize,
-                                   logit_scale=logit_scale)
+            lvl: InstanceSelectors(self.num_selectors, self.teacher_channels[lvl], self.roi_size, self.normalize,
+                                   logit_scale=self.logit_scale)
             for lvl in self.levels
         })
+
 
     # -- scores and masks ---------------------------------------------------------------------
     def instance_scores(

@@ -7,12 +7,15 @@ Follows the public code (hunto/MasKD): ``MaskModule``, ``dice_coeff`` and ``MasK
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from .base import Channels, FeatureDistiller, KDInputs, Stage1Output, check_numbers
+from ..options import NonNegativeInt, Range, Weight
+from .base import FeatureDistiller, KDInputs, Stage1Output
 from .registry import register_distiller
 
 DICE_EPS = 1e-12  # dice_coeff's epsilon, added to each squared norm
@@ -131,34 +134,22 @@ class MasKDDistiller(FeatureDistiller):
 
     two_stage = True
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        loss_weight: float = 7.0,
-        num_tokens: int = 6,
-        weight_mask: bool = True,
-        custom_mask: bool = True,
-        custom_mask_warmup: int = 7000,
-        projector: bool = True,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"loss_weight": loss_weight})
-        if num_tokens < 2:
-            raise ValueError(f"num_tokens must be at least 2 (the dice term compares token pairs), got {num_tokens!r}")
-        if custom_mask_warmup < 0:
-            raise ValueError(f"custom_mask_warmup must be >= 0, got {custom_mask_warmup!r}")
-        self.loss_weight = loss_weight
-        self.num_tokens = num_tokens
-        self.weight_mask = weight_mask
-        self.custom_mask = custom_mask
-        self.custom_mask_warmup = custom_mask_warmup
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 7.0
+        num_tokens: Annotated[int, Range(ge=2)] = 6  # the dice term compares token pairs
+        weight_mask: bool = True
+        custom_mask: bool = True
+        custom_mask_warmup: NonNegativeInt = 7000
+        projector: bool = True
+
+    def build(self) -> None:
         # seeded by the caller: tokens, then the weight convs, level by level
         self.mask_modules = nn.ModuleDict({
-            lvl: MaskModule(self.teacher_channels[lvl], num_tokens, weight_mask) for lvl in self.levels
+            lvl: MaskModule(self.teacher_channels[lvl], self.num_tokens, self.weight_mask) for lvl in self.levels
         })
-        self.projectors = self.make_projectors(projector)
+        self.projectors = self.make_projectors(self.projector)
+
         self.register_buffer("kd_steps", torch.zeros((), dtype=torch.long))
 
     # -- stage 2 --------------------------------------------------------------------------------

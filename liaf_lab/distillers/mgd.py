@@ -8,12 +8,14 @@ generation block must rebuild the teacher's full feature from it. As in the publ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .base import Channels, FeatureDistiller, KDInputs
+from ..options import Fraction, Weight
+from .base import FeatureDistiller, KDInputs
+
 from .registry import register_distiller
 
 
@@ -53,16 +55,14 @@ class MGDDistiller(FeatureDistiller):
 
     needs = frozenset({"generator"})
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 alpha: float = 2e-5, lambda_mask: float = 0.65) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be non-negative, got {alpha!r}")
-        if not 0 <= lambda_mask <= 1:
-            raise ValueError(f"lambda_mask must lie in [0, 1], got {lambda_mask!r}")
-        self.alpha = alpha
-        self.lambda_mask = lambda_mask
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        alpha: Weight = 2e-5
+        lambda_mask: Fraction = 0.65
+
+    def build(self) -> None:
         self.align = self.make_projectors("auto")
+
         self.generation = nn.ModuleDict({lvl: generation_block(self.teacher_channels[lvl]) for lvl in self.levels})
 
     def masked_input(self, level: str, student: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

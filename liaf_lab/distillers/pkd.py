@@ -16,12 +16,14 @@ aligns the student where the channels differ, before the standardisation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Channels, FeatureDistiller, KDInputs, check_numbers
+from ..options import Weight
+from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 
 PKD_EPS = 1e-6  # mmrazor PKDLoss.norm: std + 1e-6
@@ -58,11 +60,11 @@ class PKDDistiller(FeatureDistiller):
     A 1x1 conv aligns the student where the channels differ (else the identity).
     """
 
-    def __init__(self, student_channels: Channels, teacher_channels: Channels, strides: Mapping[str, float],
-                 loss_weight: float = 10.0) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers(nonnegative={"loss_weight": loss_weight})
-        self.loss_weight = loss_weight
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        loss_weight: Weight = 10.0
+
+    def build(self) -> None:
         self.projectors = self.make_projectors("auto")
 
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:

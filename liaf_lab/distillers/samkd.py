@@ -15,14 +15,15 @@ cells differ in size by one and neighbours may share a row (or column).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Channels, FeatureDistiller, KDInputs, check_choices, check_numbers
+from ..options import Positive, PositiveInt, Weight
+from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 
 Pyramid = Literal["1-2-4", "1-2", "1-4", "2-4", "1", "2", "4"]
@@ -206,43 +207,28 @@ class SAMKDDistiller(FeatureDistiller):
     needs = frozenset({"head_outputs"})
     head_keys = (HEAD_KEY,)
 
-    def __init__(
-        self,
-        student_channels: Channels,
-        teacher_channels: Channels,
-        strides: Mapping[str, float],
-        alpha: float = 2e-3,
-        beta: float = 6e-6,
-        tau: float = 0.5,
-        omega_s: float = 0.95,
-        omega_c: float = 0.5,
-        lambda_s: float = 0.45,
-        mu_c: float = 0.55,
-        pyramid: Pyramid = "1-2-4",
-        small_levels: SmallLevels = "skip",
-        spatial_norm: SpatialNorm = "mean",
-        feature_norm: FeatureNorm = "sum",
-        divergence: Divergence = "binary",
-        kl_temperature: float = 1.0,
-        num_anchors: int = 1,
-        detach_weight: bool = True,
-        always_project: bool = False,
-    ) -> None:
-        super().__init__(student_channels, teacher_channels, strides)
-        check_numbers({"alpha": alpha, "beta": beta, "omega_s": omega_s, "omega_c": omega_c, "lambda_s": lambda_s,
-                       "mu_c": mu_c}, {"tau": tau, "kl_temperature": kl_temperature})
-        check_choices(pyramid=(pyramid, Pyramid), small_levels=(small_levels, SmallLevels),
-                      spatial_norm=(spatial_norm, SpatialNorm), feature_norm=(feature_norm, FeatureNorm),
-                      divergence=(divergence, Divergence))
-        if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"num_anchors must be a positive int, got {num_anchors!r}")
-        self.alpha, self.beta, self.tau = alpha, beta, tau
-        self.omega_s, self.omega_c, self.lambda_s, self.mu_c = omega_s, omega_c, lambda_s, mu_c
-        self.pyramid = tuple(int(n) for n in pyramid.split("-"))
-        self.small_levels, self.spatial_norm, self.feature_norm = small_levels, spatial_norm, feature_norm
-        self.divergence, self.kl_temperature, self.num_anchors = divergence, kl_temperature, num_anchors
-        self.detach_weight = detach_weight
-        self.align = self.make_projectors(True if always_project else "auto")
+    @dataclass(frozen=True)
+    class Options(FeatureDistiller.Options):
+        alpha: Weight = 2e-3
+        beta: Weight = 6e-6
+        tau: Positive = 0.5
+        omega_s: Weight = 0.95
+        omega_c: Weight = 0.5
+        lambda_s: Weight = 0.45
+        mu_c: Weight = 0.55
+        pyramid: Pyramid = "1-2-4"
+        small_levels: SmallLevels = "skip"
+        spatial_norm: SpatialNorm = "mean"
+        feature_norm: FeatureNorm = "sum"
+        divergence: Divergence = "binary"
+        kl_temperature: Positive = 1.0
+        num_anchors: PositiveInt = 1
+        detach_weight: bool = True
+        always_project: bool = False
+
+    def build(self) -> None:
+        self.pyramid = tuple(int(n) for n in self.pyramid.split("-"))  # the option "1-2-4" as cell counts (1, 2, 4)
+        self.align = self.make_projectors(True if self.always_project else "auto")
         self.spatial_blocks = nn.ModuleDict({lvl: spatial_block(self.teacher_channels[lvl]) for lvl in self.levels})
         self.channel_blocks = nn.ModuleDict({lvl: channel_block(self.teacher_channels[lvl]) for lvl in self.levels})
 
