@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+import tomllib
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
+from liaf_lab.config import apply_overrides, check_config, kd_options, load_config
+from liaf_lab.distillers import create_distiller, list_distillers, method_option_types, variant_of
 from liaf_lab.options import (
-    Fraction, NonNegativeInt, Options, Positive, PositiveInt, Weight, check_value, describe,
+    Fraction, NonNegativeInt, Options, Positive, PositiveInt, Range, Weight, check_value, describe, option_types,
 )
+
 
 
 @pytest.mark.parametrize("hint, words", [
@@ -69,3 +76,88 @@ def test_an_option_set_checks_its_fields_and_keys():
         _Demo(weight=-1.0)
     with pytest.raises(ValueError, match=r"^unknown demo option 'wieght'; its options are \['weight', 'size', 'mode'\]$"):
         _Demo.from_dict({"wieght": 1.0})
+
+
+# -- every registered method, checked alike (as timm tests every model) --------------------------------
+METHODS = list_distillers()
+STRUCTURE = dict(student_channels=8, teacher_channels=16, strides={"0": 8.0})
+
+
+def _options(name: str) -> type[Options]:
+    return type(create_distiller(name, **STRUCTURE).options)
+
+
+def _bounds(hint) -> list[Range]:
+    return [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
+
+
+def _other(hint, value):
+    """A valid value of type ``hint`` other than ``value``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return next(a for a in args if a != value)
+    if origin is tuple:
+        return tuple(v + 1 for v in value)
+    if isinstance(value, bool):
+        return not value
+    upper = [b for b in _bounds(hint) if b.le is not None or b.lt is not None]
+    return value / 2 if upper else value + 1
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return f"[{', '.join(map(_toml, value))}]"
+    return json.dumps(value)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_declares_typed_bounded_options_with_a_loss_weight(name):
+    types = method_option_types(name)
+    assert types == option_types(_options(name))
+    weights = [k for k, hint in types.items() if hint == Weight]
+    assert weights, f"{name} declares no loss weight (options.Weight)"
+    for key, hint in types.items():
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        if base in (int, float):
+            assert _bounds(hint), f"{name}.{key}: a number option declares its bounds (options.Range)"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_rejects_a_negative_or_non_finite_weight_alike_in_python_and_in_a_config(name):
+    method = variant_of(name)[0]
+    cfg = load_config("tiny")
+    for key, hint in method_option_types(name).items():
+        if typing.get_origin(hint) is not typing.Annotated or typing.get_args(hint)[0] is not float:
+            continue
+        for value in [-1.0, float("nan"), float("inf")] if hint == Weight else [float("nan"), float("inf")]:
+            with pytest.raises(ValueError, match=rf"^distiller '{method}' option {key}={value!r} must be a finite number"):
+                create_distiller(name, **STRUCTURE, **{key: value})
+            with pytest.raises(ValueError, match=rf"^kd\.{name}\.{key}={value!r} must be a finite number"):
+                check_config({**cfg, "kd": {name: {key: value}}})
+
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_rejects_an_unknown_option_naming_it_and_the_valid_ones(name):
+    method, valid = variant_of(name)[0], list(method_option_types(name))
+    with pytest.raises(ValueError, match=rf"^unknown distiller '{method}' option 'no_such_option'; its options are "
+                                         rf"{re.escape(str(valid))}$"):
+        create_distiller(name, **STRUCTURE, no_such_option=1.0)
+    with pytest.raises(ValueError, match=rf"unknown key kd\.{name}\.no_such_option; the options of '{name}' are"):
+        check_config(apply_overrides(load_config("tiny"), [f"kd.{name}.no_such_option=1.0"]))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_round_trips_its_options_through_a_config_table(name):
+    """options -> a ``[kd.<name>]`` TOML table -> ``load_config``'s checks -> ``kd_options`` -> equal options."""
+    declared = _options(name)
+    defaults = create_distiller(name, **STRUCTURE).options
+    changed = declared(**{k: _other(hint, getattr(defaults, k)) for k, hint in option_types(declared).items()})
+    for options in (defaults, changed):
+        table = "\n".join(f"{k} = {_toml(v)}" for k, v in options.to_dict().items())
+        cfg = load_config("tiny")
+        cfg["kd"][name] = tomllib.loads(table)
+        check_config(cfg)
+        assert declared.from_dict(kd_options(cfg, name)) == options
