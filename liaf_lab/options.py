@@ -17,9 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
-
-T = TypeVar("T", bound="Options")
+from typing import Annotated, Any, ClassVar, Literal, Self, Union
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,8 @@ class Options:
             object.__setattr__(self, name, check_value(f"{self.owner} {name}", getattr(self, name), hint))
 
     @classmethod
-    def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+
         """The options ``values`` sets (the others at their defaults); an unknown key is a ``ValueError``."""
         known = list(option_types(cls))
         unknown = [k for k in values if k not in known]

@@ -80,7 +80,8 @@ def test_an_option_set_checks_its_fields_and_keys():
 
 # -- every registered method, checked alike (as timm tests every model) --------------------------------
 METHODS = list_distillers()
-STRUCTURE = dict(student_channels=8, teacher_channels=16, strides={"0": 8.0})
+STRUCTURE = {"student_channels": 8, "teacher_channels": 16, "strides": {"0": 8.0}}
+
 
 
 def _options(name: str) -> type[Options]:
