@@ -6,7 +6,6 @@ naming ``section.key``. The expected types are those of what the values go to (`
 each registered distiller's ``Options``, ``distill``, ``TrainConfig``), checked by the one validator
 of ``liaf_lab.options``.
 
-
 ``[kd]`` holds ``inherit`` and one table per method, ``[kd.<method>]`` (e.g. ``[kd.liaf]``), with that
 method's options; the registry says which methods and options exist, so a new method needs no edit here.
 """
@@ -207,7 +206,6 @@ def kd_options(cfg: Mapping[str, Any], method: str) -> dict[str, Any]:
     table = {k: v for k, v in kd.get(of, {}).items() if k not in fixed} if of != method else {}
     table.update(kd.get(method, {}))
     return table
-
 
 
 def check_data(data: Mapping[str, Any]) -> str:

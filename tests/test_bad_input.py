@@ -196,7 +196,6 @@ def test_bad_construction(cls):
 def test_empty_selector_set():
     with pytest.raises(ValueError, match="num_selectors=0 must be a positive int"):
         LIAFDistiller(4, 6, STRIDES, num_selectors=0)
-
     with pytest.raises(ValueError, match="num_selectors must be at least 1"):
         InstanceSelectors(0, 6)
     with pytest.raises(ValueError, match=r"E holds no selectors \(shape \[0, D\]\)"):

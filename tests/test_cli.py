@@ -21,8 +21,7 @@ def _one_error_line(capsys) -> str:
     ("student.min_sise=320", "unknown key student.min_sise; the keys of [student] are"),
     ("teacher.min_size=320", "teacher.min_size is now input.min_size"),
     ("train_teacher.iterations=abc", "[train_teacher] training option iterations='abc' must be a positive int"),
-    ("train_teacher.iterations=0", "[train_teacher] training option iterations=0 must be a positive int"
-),
+    ("train_teacher.iterations=0", "[train_teacher] training option iterations=0 must be a positive int"),
     ("kd.liaf.roi_size=7", "kd.liaf.roi_size=7 must be a list of two positive ints"),
     ("data.kind=kitti", "[data] with kind = 'kitti': missing keys ['root']"),
 ])

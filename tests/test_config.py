@@ -109,7 +109,6 @@ def test_changing_data_kind_drops_the_other_kinds_keys():
         load_config("tiny", ["data.kind=kitti", "data.root=/k", "data.merge={'Van': 1}"])
 
 
-
 def test_test_split_keys_are_known_and_checked():
     voc = load_config("tiny", ["data.kind=voc", "data.root=/data/voc", "data.test_set=test"])
     assert voc["data"] == {"kind": "voc", "root": "/data/voc", "test_set": "test"}
@@ -119,10 +118,7 @@ def test_test_split_keys_are_known_and_checked():
     for override, message in [
         ("data.test_fraction=1.5", r"data.test_fraction=1.5 must be between 0 and 1, exclusive"),
         ("data.test_fraction=0", r"data.test_fraction=0 must be between 0 and 1, exclusive"),
-        ("data.test_fraction=a", r"data.test_fraction='a' must be a finite number >= 0"
-
-
-),
+        ("data.test_fraction=a", r"data.test_fraction='a' must be a finite number >= 0"),
         ("data.test_ids=000001", r"data.test_ids='000001' must be a list of strings"),
         ("data.test_set=test", r"\[data\] with kind = 'kitti': unknown keys \['test_set'\]"),
     ]:

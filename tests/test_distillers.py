@@ -445,7 +445,6 @@ def test_register_distiller_adds_and_rejects_duplicates():
             register_distiller("test-dummy")(Dummy)
         with pytest.raises(ValueError, match=r"distiller 'test-bare' \(Bare\) must declare its options"):
             register_distiller("test-bare")(type("Bare", (FeatureDistiller,), {}))
-
     finally:
         registry._REGISTRY.pop("test-dummy", None)
     assert "test-dummy" not in list_distillers()
@@ -477,7 +476,6 @@ def test_paper_literal_variant_is_liaf_with_the_literal_options_fixed():
     assert torch.equal(d(s, t, boxes), ref(s, t, boxes))  # batch softmax couples the two images in both
     with pytest.raises(ValueError, match="unknown distiller 'liaf' option 'nope'"):
         registry.register_variant("test-variant", of="liaf", label="x", nope=1)
-
     assert "test-variant" not in list_distillers()
 
 

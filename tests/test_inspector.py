@@ -160,7 +160,6 @@ def test_views_leave_the_live_widget_alone(toy: dict) -> None:
     with pytest.raises(ValueError, match="selector must be 'mean' or an index in 0..2"):
         insp.view(selector=3)
     with pytest.raises(ValueError, match="mask_scale='sqrt' must be one of"):
-
         insp.view(mask_scale="sqrt")
 
 

@@ -18,7 +18,6 @@ from liaf_lab.options import (
 )
 
 
-
 @pytest.mark.parametrize("hint, words", [
     (Weight, "a finite number >= 0"),
     (Positive, "a finite number > 0"),
@@ -83,7 +82,6 @@ METHODS = list_distillers()
 STRUCTURE = {"student_channels": 8, "teacher_channels": 16, "strides": {"0": 8.0}}
 
 
-
 def _options(name: str) -> type[Options]:
     return type(create_distiller(name, **STRUCTURE).options)
 
@@ -137,7 +135,6 @@ def test_every_method_rejects_a_negative_or_non_finite_weight_alike_in_python_an
                 create_distiller(name, **STRUCTURE, **{key: value})
             with pytest.raises(ValueError, match=rf"^kd\.{name}\.{key}={value!r} must be a finite number"):
                 check_config({**cfg, "kd": {name: {key: value}}})
-
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -25,7 +25,6 @@ from ..distillers.liaf import MaskScale, MaskSide
 from ..instance import Normalize, instance_mask
 from ..models.backbones import eval_mode
 from ..options import check_value
-
 from ..validation import check_boxes, check_feature_dict
 from .cam import _device, resize_for_detector
 from .maps import SIDES, _groups, _paired_order, kd_inputs_for
@@ -366,7 +365,6 @@ class MaskInspector:
         check_levels([s["level"]], self.levels, "the inspector")
         for name, choices in (("mask_scale", MaskScale), ("mask_side", MaskSide), ("normalize", Normalize)):
             check_value(name, s[name], choices)
-
         distiller = self.methods[s["method"]][1]
         if isinstance(distiller, InstanceScorer):
             num = distiller.selectors[self.levels[0]].num_selectors

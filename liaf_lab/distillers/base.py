@@ -180,7 +180,6 @@ class FeatureDistiller(nn.Module):
     def build(self) -> None:
         """Make the method's modules from its options (``self.options``, each also an attribute); none here."""
 
-
     # -- building blocks ----------------------------------------------------------------------
     def make_projectors(self, mode: bool | Literal["auto"]) -> nn.ModuleDict:
         """Per level a 1x1 conv from student to teacher channels (FitNet's ``f_phi``, the align conv).

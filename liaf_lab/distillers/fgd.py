@@ -145,7 +145,6 @@ class FGDDistiller(FeatureDistiller):
         if small:
             raise ValueError(f"FGD's GcBlock needs at least 2 teacher channels (C/2 >= 1), got {small}")
         self.projectors = self.make_projectors("auto")
-
         self.gc_student = nn.ModuleDict({lvl: GcBlock(self.teacher_channels[lvl]) for lvl in self.levels})
         self.gc_teacher = nn.ModuleDict({lvl: GcBlock(self.teacher_channels[lvl]) for lvl in self.levels})
 

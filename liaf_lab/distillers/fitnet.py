@@ -29,7 +29,6 @@ class FitNetDistiller(FeatureDistiller):
     def build(self) -> None:
         self.projectors = self.make_projectors(self.projector)
 
-
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
         s, t = inputs.student_feats, inputs.teacher_feats
         total = sum(feature_mse(t[lvl], self.projectors[lvl](s[lvl])) for lvl in self.levels)

@@ -113,7 +113,6 @@ class LIAFDistiller(FeatureDistiller):
             for lvl in self.levels
         })
 
-
     # -- scores and masks ---------------------------------------------------------------------
     def instance_scores(
         self,

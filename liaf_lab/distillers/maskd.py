@@ -149,7 +149,6 @@ class MasKDDistiller(FeatureDistiller):
             lvl: MaskModule(self.teacher_channels[lvl], self.num_tokens, self.weight_mask) for lvl in self.levels
         })
         self.projectors = self.make_projectors(self.projector)
-
         self.register_buffer("kd_steps", torch.zeros((), dtype=torch.long))
 
     # -- stage 2 --------------------------------------------------------------------------------

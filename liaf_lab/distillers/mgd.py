@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ..options import Fraction, Weight
 from .base import FeatureDistiller, KDInputs
-
 from .registry import register_distiller
 
 
@@ -62,7 +61,6 @@ class MGDDistiller(FeatureDistiller):
 
     def build(self) -> None:
         self.align = self.make_projectors("auto")
-
         self.generation = nn.ModuleDict({lvl: generation_block(self.teacher_channels[lvl]) for lvl in self.levels})
 
     def masked_input(self, level: str, student: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

@@ -82,7 +82,6 @@ def variant_of(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
-
 def list_distillers() -> list[str]:
     """The registered method names, variants included (combine them with ``+``)."""
     return sorted([*_REGISTRY, *_VARIANTS])

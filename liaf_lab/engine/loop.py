@@ -74,7 +74,6 @@ class TrainConfig(Options):
     deterministic: bool = False
 
 
-
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
