@@ -45,8 +45,10 @@ class Range:
         return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}" if high else ""
 
 
-Weight = Annotated[float, Range(ge=0)]  # a loss weight (and any other finite number >= 0)
-NonNegative = Weight
+NonNegative = Annotated[float, Range(ge=0)]
+LOSS_WEIGHT = "loss weight"  # metadata marking a loss weight (every method has at least one)
+Weight = Annotated[NonNegative, LOSS_WEIGHT]  # a factor on a loss term: finite and >= 0
+
 Positive = Annotated[float, Range(gt=0)]  # temperatures, sizes
 Fraction = Annotated[float, Range(ge=0, le=1)]
 PositiveInt = Annotated[int, Range(ge=1)]

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..instance import concat_boxes
-from ..options import Range, Weight
+from ..options import NonNegative, Range, Weight
 from .base import FeatureDistiller, KDInputs
 from .mgd import random_keep_mask
 from .registry import register_distiller
@@ -198,7 +198,7 @@ class IMADistiller(FeatureDistiller):
     class Options(FeatureDistiller.Options):
         loss_weight: Weight = 1.0
         mask_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.65
-        alpha: Weight = 10.0
+        alpha: NonNegative = 10.0  # the sigmoid's scale, not a loss weight
         instance: Instance = "image"
         standardize: Standardize = "both"
         scale_deflation: bool = True

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..options import Positive, PositiveInt, Weight
+from ..options import NonNegative, Positive, PositiveInt, Weight
 from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 
@@ -212,8 +212,8 @@ class SAMKDDistiller(FeatureDistiller):
         alpha: Weight = 2e-3
         beta: Weight = 6e-6
         tau: Positive = 0.5
-        omega_s: Weight = 0.95
-        omega_c: Weight = 0.5
+        omega_s: NonNegative = 0.95
+        omega_c: NonNegative = 0.5
         lambda_s: Weight = 0.45
         mu_c: Weight = 0.55
         pyramid: Pyramid = "1-2-4"
