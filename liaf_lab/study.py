@@ -165,7 +165,7 @@ def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
 
 def _input_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``key -> (saved, new)`` for every differing item of two input records (``inputs.data.val``, ...)."""
-    from .engine.loop import spec_differences
+    from .engine.run_folder import spec_differences
 
     return {k.replace("config.", "inputs.", 1): v
             for k, v in spec_differences({"config": saved}, {"config": new}).items()}
@@ -193,7 +193,7 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
     part of its design and may not change (its budget ``max_seeds`` and the comparisons made may).
     """
     from .atomic import read_json, write_json
-    from .engine.loop import describe_differences, spec_differences
+    from .engine.run_folder import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
     path = out / "study.json"
@@ -280,7 +280,7 @@ def _check_teacher(out: Path, config: str, overrides: list[str], path: str) -> N
     from .atomic import read_json, write_json
     from .builders import build_datasets, build_detector
     from .config import load_config
-    from .engine.loop import describe_differences
+    from .engine.run_folder import describe_differences
     from .provenance import teacher_input
 
     cfg = load_config(config, overrides)
@@ -356,7 +356,7 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
     (its result, weights and record disagree; redone with a warning). ``StudyError`` when it finished with
     another configuration or other inputs than ``run_config``."""
     from .atomic import RecordError, read_json
-    from .engine.loop import describe_differences, spec_differences
+    from .engine.run_folder import describe_differences, spec_differences
     from .provenance import file_sha256
 
     result, record_path, student = folder / "result.json", folder / "record.json", folder / "student.pt"

@@ -364,7 +364,7 @@ def load_study_summary(study_dir: str | Path, config: str | None = None,
     study of another config (the differing keys are listed).
     """
     from .config import load_config
-    from .engine.loop import describe_differences, spec_differences
+    from .engine.run_folder import describe_differences, spec_differences
 
     out = study_folder(study_dir)
     spec = json.loads((out / "study.json").read_text())

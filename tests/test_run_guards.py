@@ -15,7 +15,8 @@ from torch import nn
 
 from liaf_lab.checkpoint import CheckpointError, save_checkpoint
 from liaf_lab.engine import TrainConfig, fit, load_checkpoint
-from liaf_lab.engine.loop import NonFiniteError, RunConfigError
+from liaf_lab.engine.loop import NonFiniteError
+from liaf_lab.engine.run_folder import RunConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_job import FlippedPoints, LinearStep, collate  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from liaf_lab.engine import TrainConfig, fit
-from liaf_lab.engine.loop import RunConfigError
+from liaf_lab.engine.run_folder import RunConfigError
 from liaf_lab.engine.tracking import log_run_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,13 +72,13 @@ def test_a_resumed_run_appends_without_duplicating_steps(tmp_path):
 
 
 def test_a_folder_where_events_cannot_be_written_stops_before_training(tmp_path, monkeypatch):
-    import liaf_lab.engine.loop as loop
+    import liaf_lab.engine.run_logs as run_logs
 
     class Unwritable:
         def __init__(self, out, start):
             raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(loop, "TensorBoardLog", Unwritable)
+    monkeypatch.setattr(run_logs, "TensorBoardLog", Unwritable)
     step = LinearStep()
     with pytest.raises(RunConfigError, match=f"TensorBoard folder {tmp_path} is not writable .*Permission denied"):
         _fit(tmp_path, step)

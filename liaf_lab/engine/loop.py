@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -18,22 +16,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as ddp
-from ..atomic import DiskFullError, RecordError, atomic_write, read_json, save_figure, write_json, write_text
-from ..checkpoint import (
-    CheckpointError, load_checkpoint, load_module_state, previous_path, remove_orphan_temporaries, save_checkpoint,
-)
+from ..atomic import DiskFullError, save_figure
+from ..checkpoint import load_module_state, save_checkpoint
 from ..options import NonNegative, NonNegativeInt, Options, PositiveInt
 from ..progress import progress
+from .run_folder import check_resume, load_resume_state, prepare_run_folder, record_run, run_spec
+from .run_logs import MetricsLog, RunLogs
 from .schedule import lr_factor, make_scheduler
-from .seeding import SeededSamples, derive_seed, environment_info, reseed
-from .tracking import TensorBoardLog
+from .seeding import SeededSamples, derive_seed, reseed
 
 
 # A loss term this many times the largest other term is warned about (once per run).
 RATIO_WARNING = 1000.0
-# What ``fit(..., new_schedule=True)`` lets a resumed run change; any other difference is refused.
-SCHEDULE_KEYS = ("iterations", "lr", "warmup", "schedule", "min_lr_factor", "checkpoint_every", "log_every",
-                 "eval_every")
 
 
 @dataclass
@@ -94,10 +88,6 @@ def to_device(images: Sequence[Tensor], targets: Sequence[dict], device: torch.d
     return images, targets
 
 
-class RunConfigError(ValueError):
-    """A run folder holds a run of another configuration (or is not a liaf_lab run folder)."""
-
-
 class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss, gradient or parameter, or the weights diverged."""
 
@@ -111,228 +101,6 @@ class FitResult:
     evaluations: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
 
-
-class MetricsLog:
-    """Per-iteration metrics in ``metrics.csv``; rows past a resumed checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_from: int) -> None:
-        self.path = path
-        self.rows: list[dict[str, Any]] = []
-        if path.exists() and resume_from > 0:
-            with path.open() as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-
-    def flush(self) -> None:
-        fields: list[str] = []
-        for row in self.rows:
-            fields += [k for k in row if k not in fields]
-        with atomic_write(self.path, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-
-
-class EvaluationLog:
-    """``evaluations.jsonl``: one line per periodic evaluation, the file rewritten atomically as each is added."""
-
-    def __init__(self, path: Path, resume_from: int) -> None:
-        self.path = path
-        self.lines: list[str] = []
-        if path.exists():  # evaluations past the checkpoint are redone by the resumed run
-            self.lines = [line for line in path.read_text().splitlines()
-                          if line.strip() and json.loads(line)["iteration"] <= resume_from]
-            self._write()
-
-    def _write(self) -> None:
-        write_text(self.path, "".join(line + "\n" for line in self.lines))
-
-    def append(self, entry: dict[str, Any]) -> None:
-        self.lines.append(json.dumps(entry))
-        self._write()
-
-
-def _open_tensorboard(out: Path, start: int) -> TensorBoardLog:
-    """The run's TensorBoard events (``engine.tracking``), opened before training; a folder where the event file
-    cannot be written stops the run here, like ``prepare_run_folder``."""
-    try:
-        return TensorBoardLog(out, start)
-    except OSError as err:
-        raise RunConfigError(f"TensorBoard folder {out} is not writable ({type(err).__name__}: "
-                             f"{err.strerror or err})") from None
-
-
-def module_signature(modules: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
-    """What a checkpoint's modules are: class and every state tensor's shape (architecture and width)."""
-    return {name: {"class": type(m).__name__,
-                   "tensors": {k: list(v.shape) for k, v in m.state_dict().items()}} for name, m in modules.items()}
-
-
-def run_spec(cfg: TrainConfig, modules: dict[str, nn.Module], run_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Everything a run folder is bound to: the training options, the caller's resolved config, the modules."""
-    config = json.loads(json.dumps(run_config or {}, default=str))  # plain JSON types: weights_only loads them
-    return {"train": asdict(cfg), "config": config, "modules": module_signature(modules)}
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def spec_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``key -> (saved value, new value)`` for every key that differs (module tensors summarised per module)."""
-    diffs: dict[str, tuple[Any, Any]] = {}
-    for section in ("train", "config"):
-        a, b = _flatten(saved.get(section, {})), _flatten(new.get(section, {}))
-        for key in sorted(set(a) | set(b)):
-            if a.get(key, "<unset>") != b.get(key, "<unset>"):
-                diffs[f"{section}.{key}"] = (a.get(key, "<unset>"), b.get(key, "<unset>"))
-    old_m, new_m = saved.get("modules", {}), new.get("modules", {})
-    for name in sorted(set(old_m) | set(new_m)):
-        a, b = old_m.get(name), new_m.get(name)
-        if a is None or b is None:
-            diffs[f"modules.{name}"] = ("present" if a else "absent", "present" if b else "absent")
-        elif a["class"] != b["class"]:
-            diffs[f"modules.{name}"] = (a["class"], b["class"])
-        elif a["tensors"] != b["tensors"]:
-            changed = [k for k in sorted(set(a["tensors"]) | set(b["tensors"]))
-                       if a["tensors"].get(k) != b["tensors"].get(k)]
-            k = changed[0]
-            diffs[f"modules.{name}"] = (f"{len(changed)} tensors differ, e.g. {k} {a['tensors'].get(k)}",
-                                        f"{k} {b['tensors'].get(k)}")
-    return diffs
-
-
-def describe_differences(diffs: dict[str, tuple[Any, Any]]) -> str:
-    """``"key: old in the folder, new now; ..."`` for the messages that refuse a changed config."""
-    return "; ".join(f"{k}: {a!r} in the folder, {b!r} now" for k, (a, b) in diffs.items())
-
-
-def prepare_run_folder(out: Path) -> None:
-    """Create ``out``, check it is writable (before any training) and remove orphan temporary files."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_check"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        reason = f"{type(err).__name__}: {err.strerror or err}"
-        raise RunConfigError(f"run folder {out} is not writable ({reason})") from None
-    removed = remove_orphan_temporaries(out)
-    if removed:
-        warnings.warn(f"removed {len(removed)} temporary files left in {out} by an interrupted checkpoint write",
-                      stacklevel=3)
-
-
-def _read_run_record(path: Path) -> dict[str, Any]:
-    """A run folder's previous ``run.json`` (``{}`` when there is none, or, with a warning, when it is damaged:
-    the run rewrites it)."""
-    if not path.exists():
-        return {}
-    try:
-        return read_json(path, "run record")
-    except RecordError as err:
-        warnings.warn(f"{err}; it is written again", stacklevel=3)
-        return {}
-
-
-def _check_run_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``CheckpointError`` unless ``state`` is a whole ``fit`` checkpoint: its keys, and module tensors of the
-    shapes its own spec records (a file damaged inside a valid zip is caught here, not deep in torch)."""
-    missing = [k for k in ("modules", "optimizer", "scheduler", "scaler", "iteration", "spec") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a liaf_lab run checkpoint (it lacks {missing}); expected the last.pt "
-                              "that fit() writes")
-    modules, spec = state["modules"], state["spec"]
-    if not isinstance(modules, dict) or not isinstance(spec, dict) or not isinstance(state["iteration"], int) \
-            or not all(isinstance(m, dict) for m in modules.values()):
-        raise CheckpointError(f"{path} is a damaged run checkpoint (its modules, spec or iteration have the wrong "
-                              "type)")
-    shapes = {name: {k: list(v.shape) if isinstance(v, Tensor) else type(v).__name__ for k, v in m.items()}
-              for name, m in modules.items()}
-    recorded = {name: m.get("tensors") for name, m in spec.get("modules", {}).items()}
-    if shapes != recorded:
-        raise CheckpointError(f"{path} is a damaged run checkpoint (its module tensors do not match the shapes its "
-                              "spec records)")
-
-
-def _check_optimizer_state(path: Path, saved: Any, params: list[Tensor]) -> None:
-    """``CheckpointError`` unless ``saved`` is an optimiser state of ``params`` (the optimiser's parameters in
-    group order, as ``state_dict`` numbers them): its groups name as many
-    parameters, and each per-parameter tensor (momentum, moments) has its parameter's shape."""
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    per_param = saved.get("state") if isinstance(saved, dict) else None
-    ids = ([i for g in groups for i in g.get("params", [])]
-           if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None)
-    if ids is None or not isinstance(per_param, dict) or len(ids) != len(params):
-        raise CheckpointError(f"{path} is a damaged run checkpoint (its optimizer state does not fit the run's "
-                              f"{len(params)} parameters)")
-    by_id = dict(zip(ids, params))
-    for i, entry in per_param.items():
-        p = by_id.get(i)
-        if p is None or not isinstance(entry, dict) or any(
-                isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape for v in entry.values()):
-            raise CheckpointError(f"{path} is a damaged run checkpoint (its optimizer state of parameter {i} does "
-                                  "not match that parameter)")
-
-
-def _load_resume_state(ckpt_path: Path, device: torch.device, params: list[Tensor],
-                       modules: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint to resume from: ``last.pt``, or ``last.prev.pt`` when ``last.pt`` is missing or damaged in
-    any way (unreadable, not a run checkpoint, inconsistent, or, for a checkpoint of this run's ``modules`` (its
-    spec's), an optimiser state of other ``params``; a checkpoint of other modules is refused later, naming the
-    config keys that differ)."""
-    prev = previous_path(ckpt_path)
-    candidates = [p for p in (ckpt_path, prev) if p.exists()]
-    for i, path in enumerate(candidates):
-        try:
-            state = load_checkpoint(path, map_location=device)
-            _check_run_checkpoint(path, state)
-            if state["spec"].get("modules") == modules:
-                _check_optimizer_state(path, state["optimizer"], params)
-        except CheckpointError as err:
-            if i + 1 < len(candidates):
-                warnings.warn(f"{err}; resuming from the previous checkpoint {candidates[i + 1]}", stacklevel=3)
-                continue
-            raise CheckpointError(f"{err}; there is no earlier good checkpoint: use another --out, or delete {path} "
-                                  "to start the run afresh") from None
-        if path != ckpt_path and not ckpt_path.exists():
-            warnings.warn(f"{ckpt_path} is missing (a kill between two renames); resuming from {path}", stacklevel=3)
-        return state
-    return None
-
-
-def _schedule_key(key: str, spec: dict[str, Any]) -> bool:
-    """Whether the spec key ``key`` (e.g. ``train.lr``, ``config.config.distill.iterations``) is a schedule key:
-    one of ``SCHEDULE_KEYS`` in the training options, or in a table of the caller's config that holds only
-    training options (a config's training section, which the CLI records whole)."""
-    section, _, name = key.rpartition(".")
-    if name not in SCHEDULE_KEYS:
-        return False
-    if section == "train":
-        return True
-    table: Any = spec
-    for part in section.split("."):
-        table = table.get(part) if isinstance(table, dict) else None
-    return isinstance(table, dict) and set(table) <= set(TrainConfig.__dataclass_fields__)
-
-
-def _check_resume(out: Path, saved: dict[str, Any], new: dict[str, Any], new_schedule: bool) -> dict[str, tuple]:
-    diffs = spec_differences(saved, new)
-    refused = {k: v for k, v in diffs.items() if not (new_schedule and _schedule_key(k, new))}
-    if refused:
-        listed = describe_differences(refused)
-        hint = (" Only the schedule may change with new_schedule (--new-schedule): " + ", ".join(SCHEDULE_KEYS)
-                if any(k.removeprefix("train.") in SCHEDULE_KEYS for k in refused) or new_schedule else "")
-        raise RunConfigError(f"run folder {out} holds a run of another configuration ({listed}). Use another "
-                             f"--out/out_dir for a new run, or the same settings to resume.{hint}")
-    return diffs
 
 
 def _set_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, iteration: int):
@@ -356,6 +124,189 @@ def _total_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     norms = torch._foreach_norm(tensors, norm_type)
     stacked = torch.stack([n.to(norms[0].device) for n in norms])
     return stacked.max() if norm_type == math.inf else torch.linalg.vector_norm(stacked, norm_type)
+
+
+@dataclass
+class _Run:
+    """What a run carries from one iteration to the next and into its checkpoint."""
+
+    iteration: int = 0
+    skipped: int = 0  # optimiser steps skipped for a non-finite value (``on_nonfinite="skip"``)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # schedule changes of resumed runs
+    saved_at: int | None = None  # the iteration of the last good checkpoint
+    last: dict[str, float] = field(default_factory=dict)  # the last step's loss terms
+
+
+def _resume(ckpt_path: Path | None, device: torch.device, modules: dict[str, nn.Module],
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, cfg: TrainConfig, spec: dict[str, Any],
+            new_schedule: bool) -> tuple[_Run, Any, bool]:
+    """The run's state, its scheduler, and whether it resumed: from ``ckpt_path`` (``load_resume_state``) when
+    there is a checkpoint, the modules, optimiser, scaler and scheduler restored (a new scheduler positioned at
+    the checkpoint's iteration when ``new_schedule`` changed the schedule), else a fresh run."""
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]  # in the saved state's order
+    state = load_resume_state(ckpt_path, device, optimized, spec.get("modules")) if ckpt_path is not None else None
+    # The scheduler is built before the optimiser state is loaded: building one sets the groups' lr.
+    scheduler = make_scheduler(optimizer, cfg.iterations, cfg.warmup, cfg.schedule, cfg.min_lr_factor)
+    if state is None:
+        return _Run(), scheduler, False
+    diffs = check_resume(ckpt_path.parent, state["spec"], spec, new_schedule, TrainConfig.__dataclass_fields__)
+    start = int(state["iteration"])
+    run = _Run(start, int(state.get("skipped_steps", 0)), list(state.get("schedule_changes", [])), start)
+    for name, module in modules.items():
+        load_module_state(module, state["modules"][name], ckpt_path, f"the {name!r} module of this run")
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if diffs:  # only schedule keys can differ here (new_schedule)
+        run.changes.append({"iteration": start, "changed": {k: list(v) for k, v in diffs.items()}})
+        scheduler = _set_schedule(optimizer, cfg, start)
+    else:
+        scheduler.load_state_dict(state["scheduler"])
+    return run, scheduler, True
+
+
+def _distributed_model(step: nn.Module, cfg: TrainConfig, device: torch.device,
+                       distributed: bool) -> tuple[nn.Module, nn.Module]:
+    """``(step, model)``: the step (with SyncBatchNorm when ``cfg.sync_bn`` under DDP) and what trains it, the
+    step itself or its ``DistributedDataParallel`` wrapper under torchrun."""
+    if not distributed:
+        return step, step
+    if cfg.sync_bn:
+        if device.type != "cuda":
+            raise ValueError("sync_bn=True needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
+        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    return step, DistributedDataParallel(step, find_unused_parameters=True,
+                                         device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _batches(dataset: Dataset, collate_fn: Callable, cfg: TrainConfig, start: int) -> Iterator[tuple[list, list]]:
+    """The batches of iterations ``start + 1 .. cfg.iterations``: each epoch a permutation drawn from
+    ``(cfg.seed, epoch)`` and sharded over the ranks (``DistributedSampler``, whole batches only), each sample
+    augmented from its own seed (``SeededSamples``), so that a resumed run sees what an uninterrupted one does.
+    ``ValueError`` (before any batch) when a process gets less than one batch per epoch."""
+    sampler = DistributedSampler(dataset, num_replicas=ddp.world_size(), rank=ddp.rank(), shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size} "
+                         f"per process ({ddp.world_size()} processes)")
+    return _epochs(sampler, SeededSamples(dataset), collate_fn, cfg, start, per_epoch)
+
+
+def _epochs(sampler: DistributedSampler, samples: SeededSamples, collate_fn: Callable, cfg: TrainConfig, start: int,
+            per_epoch: int) -> Iterator[tuple[list, list]]:
+    """``_batches``' generator: epoch after epoch from iteration ``start`` until ``cfg.iterations``."""
+    it = start
+    while it < cfg.iterations:
+        epoch, offset = divmod(it, per_epoch)
+        sampler.set_epoch(epoch)
+        indices = [(i, derive_seed(cfg.seed, "sample", epoch, i)) for i in sampler]
+        indices = indices[offset * cfg.batch_size: per_epoch * cfg.batch_size]
+        batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+        loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate_fn, num_workers=cfg.num_workers,
+                            generator=torch.Generator())
+        for batch in loader:
+            yield batch
+            it += 1
+            if it >= cfg.iterations:
+                return
+
+
+def _forward_backward(model: nn.Module, images: list[Tensor], targets: list[dict], optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, params: list[nn.Parameter], cfg: TrainConfig, use_amp: bool,
+                      distributed: bool) -> tuple[dict[str, float], float]:
+    """One forward and backward pass, the gradients clipped to ``cfg.grad_clip`` (as ``clip_grad_norm_``, the norm
+    computed once): the loss terms (averaged over ranks) and the gradients' total norm, in one device read."""
+    with torch.autocast(optimizer.param_groups[0]["params"][0].device.type, enabled=use_amp):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if use_amp:
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = _total_norm(grads, 2.0)
+    if cfg.grad_clip and grads:
+        torch._foreach_mul_(grads, (cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+    terms = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float().to(loss.device)])
+    if distributed:
+        torch.distributed.all_reduce(terms)
+        terms[:-1] /= ddp.world_size()
+        terms[-1] = grad_norm
+    values = terms.tolist()
+    return dict(zip(losses, values[:-1], strict=True)), values[-1]
+
+
+def _guarded_step(run: _Run, gnorm: float, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  watched: list[Tensor], cfg: TrainConfig, use_amp: bool, desc: str, ckpt_path: Path | None) -> None:
+    """The optimiser step, guarded: a non-finite loss term or gradient norm (the norm is left to the scaler under
+    AMP) stops the run (``NonFiniteError``) or, with ``cfg.on_nonfinite="skip"``, skips the step (counted and
+    warned); after the step, weights or floating buffers beyond ``cfg.max_abs_weight`` (or non-finite) stop it."""
+    it = run.iteration
+    loss_ok = all(math.isfinite(v) for v in run.last.values())
+    if not loss_ok or (not math.isfinite(gnorm) and not use_amp):
+        where = (f"{desc}: iteration {it + 1}: " + ("loss" if not loss_ok else "gradient norm") +
+                 f" is not finite (loss terms { {k: round(v, 4) for k, v in run.last.items()} }, "
+                 f"gradient norm {gnorm})")
+        if cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"{where}; the run stopped without saving it (last good checkpoint: "
+                                 f"{ckpt_path if ckpt_path is not None and ckpt_path.exists() else 'none'})."
+                                 " Lower the learning rate or the loss weights, or check the data")
+        run.skipped += 1
+        warnings.warn(f"{where}; step skipped ({run.skipped} so far)", stacklevel=3)
+        optimizer.zero_grad(set_to_none=True)
+        return
+    scaler.step(optimizer)
+    scaler.update()
+    biggest = float(_total_norm([p.detach() for p in watched], math.inf))
+    if not math.isfinite(biggest) or (cfg.max_abs_weight is not None and biggest > cfg.max_abs_weight):
+        raise NonFiniteError(
+            f"{desc}: iteration {it + 1}: the weights diverged (largest magnitude {biggest:.3g} of the "
+            f"parameters and buffers such as BatchNorm statistics, limit max_abs_weight={cfg.max_abs_weight}); "
+            "the run stopped without saving it. Lower the learning rate or enable grad_clip")
+
+
+def _warn_dominant_term(terms: dict[str, float], desc: str, it: int) -> bool:
+    """Warn when one loss term is more than ``RATIO_WARNING`` times the largest other term (a loss weight off by
+    orders of magnitude); whether it warned."""
+    if len(terms) < 2:
+        return False
+    for k, v in terms.items():
+        largest = max(abs(o) for name, o in terms.items() if name != k)
+        if largest > 0 and abs(v) > RATIO_WARNING * largest:
+            warnings.warn(f"{desc}: loss term {k!r} is {abs(v) / largest:.3g}x the largest other term at iteration "
+                          f"{it} ({v:.4g} against {largest:.4g}); check its loss weight", stacklevel=3)
+            return True
+    return False
+
+
+class _Checkpoints:
+    """The main process's ``last.pt``, written atomically (the one before kept as ``last.prev.pt``), with the
+    metrics written up to it."""
+
+    def __init__(self, path: Path | None, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                 scheduler: Any, scaler: torch.amp.GradScaler, spec: dict[str, Any], logs: RunLogs | None) -> None:
+        self.path, self.modules, self.optimizer, self.scheduler, self.scaler = path, modules, optimizer, scheduler, scaler
+        self.spec, self.logs = spec, logs
+
+    def save(self, run: _Run) -> None:
+        """Checkpoint ``run`` at its iteration; a full disk raises ``DiskFullError`` naming the last good one."""
+        if self.path is None or not ddp.is_main():
+            return
+        try:
+            save_checkpoint(self.path, {
+                "modules": {n: m.state_dict() for n, m in self.modules.items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "iteration": run.iteration, "spec": self.spec,
+                "schedule_changes": run.changes, "skipped_steps": run.skipped,
+            }, keep_previous=True)
+            if self.logs is not None:
+                self.logs.metrics.flush()
+        except DiskFullError as err:
+            last_good = (f"iteration {run.saved_at} ({self.path}), which a rerun resumes from"
+                         if run.saved_at is not None else "none: the run starts afresh when rerun")
+            raise DiskFullError(err.errno, f"{err} at iteration {run.iteration}; the last good checkpoint is "
+                                           f"{last_good}", err.filename) from err
+        run.saved_at = run.iteration
 
 
 def fit(
@@ -385,7 +336,7 @@ def fit(
     ``run_config`` (the caller's resolved config, e.g. the CLI's), the modules' shapes and the
     environment. Resuming (or re-running a finished folder) with any difference raises
     ``RunConfigError`` listing it; ``new_schedule=True`` lets only the schedule keys
-    (``SCHEDULE_KEYS``) change and records the change in ``run.json``.
+    (``SCHEDULE_KEYS``) change and records the change in ``run.json`` (``engine.run_folder``).
 
     Before each optimiser step the gradients' total norm and after it the largest magnitude of the
     parameters and floating buffers (BatchNorm statistics) are checked in one fused reduction read
@@ -401,199 +352,93 @@ def fit(
     device = ddp.resolve_device(device)
     distributed = ddp.init_distributed(device)
     out = Path(out_dir) if out_dir is not None else None
-    main = ddp.is_main()
-    if out is not None and main:
+    main = out is not None and ddp.is_main()  # the process that writes the run folder
+    if main:
         prepare_run_folder(out)
     ddp.barrier()
     if cfg.deterministic and device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
     step.to(device)
-    params = [p for m in checkpoint_modules.values() for p in m.parameters() if p.requires_grad]
-    # Floating buffers (BatchNorm's running statistics) are checked with the weights: they diverge too.
-    watched = params + [b for m in checkpoint_modules.values() for b in m.buffers() if b.is_floating_point()]
+    params, watched = _trainable(checkpoint_modules)
     optimizer = make_optimizer(params, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     spec = run_spec(cfg, checkpoint_modules, run_config)
-
-    start = 0
     ckpt_path = out / "last.pt" if out is not None else None
-    optimized = [p for group in optimizer.param_groups for p in group["params"]]  # in the saved state's order
-    state = _load_resume_state(ckpt_path, device, optimized, spec.get("modules")) if ckpt_path is not None else None
-    # The scheduler is built before the optimiser state is loaded: building one sets the groups' lr.
-    scheduler = make_scheduler(optimizer, cfg.iterations, cfg.warmup, cfg.schedule, cfg.min_lr_factor)
-    changes: list[dict[str, Any]] = []
-    if state is not None:
-        diffs = _check_resume(out, state["spec"], spec, new_schedule)
-        changes = list(state.get("schedule_changes", []))
-        start = int(state["iteration"])
-        for name, module in checkpoint_modules.items():
-            load_module_state(module, state["modules"][name], ckpt_path, f"the {name!r} module of this run")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if diffs:  # only schedule keys can differ here (new_schedule)
-            changes.append({"iteration": start, "changed": {k: list(v) for k, v in diffs.items()}})
-            scheduler = _set_schedule(optimizer, cfg, start)
-        else:
-            scheduler.load_state_dict(state["scheduler"])
-    if out is not None and main:
-        old = _read_run_record(out / "run.json")
-        env = environment_info(device)
-        if old.get("environment", {}).get("threads") not in (None, env["threads"]) and state is not None:
-            warnings.warn(f"{out} was run with {old['environment']['threads']} threads and resumes with "
-                          f"{env['threads']}: the result will not be bit-identical to an uninterrupted run",
-                          stacklevel=2)
-        write_json(out / "run.json", {"desc": desc, "seed": cfg.seed, "environment": env, "spec": spec,
-                                       "schedule_changes": changes, "world_size": ddp.world_size()}, default=str)
-
-    if cfg.sync_bn and distributed:
-        if device.type != "cuda":
-            raise ValueError("sync_bn=True needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
-        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
-    model = step
-    if distributed:
-        model = DistributedDataParallel(step, find_unused_parameters=True,
-                                        device_ids=[device.index] if device.type == "cuda" else None)
-
-    log = MetricsLog(out / "metrics.csv", start) if (out is not None and main) else None
-    eval_log = EvaluationLog(out / "evaluations.jsonl", start) if (out is not None and main) else None
-    tensorboard = _open_tensorboard(out, start) if (out is not None and main and start < cfg.iterations) else None
-    sampler = DistributedSampler(dataset, num_replicas=ddp.world_size(), rank=ddp.rank(), shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    per_epoch = len(sampler) // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {cfg.batch_size} "
-                         f"per process ({ddp.world_size()} processes)")
-    samples = SeededSamples(dataset)
-    skipped = int(state.get("skipped_steps", 0)) if state is not None else 0
-    saved_at = start if state is not None else None  # the iteration of the last good checkpoint
-
-    def save(iteration: int) -> None:
-        nonlocal saved_at
-        if ckpt_path is None or not main:
-            return
-        try:
-            save_checkpoint(ckpt_path, {
-                "modules": {n: m.state_dict() for n, m in checkpoint_modules.items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "iteration": iteration, "spec": spec,
-                "schedule_changes": changes, "skipped_steps": skipped,
-            }, keep_previous=True)
-            if log is not None:
-                log.flush()
-        except DiskFullError as err:
-            last_good = (f"iteration {saved_at} ({ckpt_path}), which a rerun resumes from" if saved_at is not None
-                         else "none: the run starts afresh when rerun")
-            raise DiskFullError(err.errno, f"{err} at iteration {iteration}; the last good checkpoint is "
-                                           f"{last_good}", err.filename) from err
-        saved_at = iteration
-
-    it = start
+    run, scheduler, resumed = _resume(ckpt_path, device, checkpoint_modules, optimizer, scaler, cfg, spec,
+                                      new_schedule)
+    start = run.iteration
+    if main:
+        record_run(out, desc, cfg.seed, device, spec, run.changes, ddp.world_size(), resumed)
+    step, model = _distributed_model(step, cfg, device, distributed)
+    logs = RunLogs(out, start, cfg.iterations, cfg.log_every) if main else None
+    batches = _batches(dataset, collate_fn, cfg, start)
+    checkpoints = _Checkpoints(ckpt_path, checkpoint_modules, optimizer, scheduler, scaler, spec, logs)
     evaluations: list[dict] = []
-    last: dict[str, float] = {}
-    warned_ratio = False
+    warned = False
     step.train()
-    bar = progress(total=cfg.iterations, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
-    tick = time.perf_counter()
-    while it < cfg.iterations:
-        epoch, offset = divmod(it, per_epoch)
-        sampler.set_epoch(epoch)
-        indices = [(i, derive_seed(cfg.seed, "sample", epoch, i)) for i in sampler]
-        indices = indices[offset * cfg.batch_size: per_epoch * cfg.batch_size]
-        batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
-        loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate_fn, num_workers=cfg.num_workers,
-                            generator=torch.Generator())
-        for images, targets in loader:
-            images, targets = to_device(images, targets, device)
-            reseed(cfg.seed, "step", ddp.rank(), it)
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if use_amp:
-                scaler.unscale_(optimizer)
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = _total_norm(grads, 2.0)
-            if cfg.grad_clip and grads:  # as clip_grad_norm_, with the norm computed once
-                torch._foreach_mul_(grads, (cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
-            # One device read per iteration: the loss terms (averaged over ranks) and the gradient norm.
-            terms = torch.stack([v.detach().float() for v in losses.values()]
-                                + [grad_norm.detach().float().to(loss.device)])
-            if distributed:
-                torch.distributed.all_reduce(terms)
-                terms[:-1] /= ddp.world_size()
-                terms[-1] = grad_norm
-            values = terms.tolist()
-            last = dict(zip(losses, values[:-1]))
-            loss_value, gnorm = sum(values[:-1]), values[-1]
-            loss_ok = all(math.isfinite(v) for v in values[:-1])
-            if not loss_ok or (not math.isfinite(gnorm) and not use_amp):
-                where = (f"{desc}: iteration {it + 1}: " + ("loss" if not loss_ok else "gradient norm") +
-                         f" is not finite (loss terms { {k: round(v, 4) for k, v in last.items()} }, "
-                         f"gradient norm {gnorm})")
-                if cfg.on_nonfinite == "stop":
-                    raise NonFiniteError(f"{where}; the run stopped without saving it (last good checkpoint: "
-                                         f"{ckpt_path if ckpt_path is not None and ckpt_path.exists() else 'none'})."
-                                         " Lower the learning rate or the loss weights, or check the data")
-                skipped += 1
-                warnings.warn(f"{where}; step skipped ({skipped} so far)", stacklevel=2)
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-                biggest = float(_total_norm([p.detach() for p in watched], math.inf))
-                if not math.isfinite(biggest) or (cfg.max_abs_weight is not None and biggest > cfg.max_abs_weight):
-                    raise NonFiniteError(
-                        f"{desc}: iteration {it + 1}: the weights diverged (largest magnitude {biggest:.3g} of the "
-                        f"parameters and buffers such as BatchNorm statistics, limit "
-                        f"max_abs_weight={cfg.max_abs_weight}); the run stopped without saving it. Lower the "
-                        "learning rate or enable grad_clip")
-            if not warned_ratio and len(last) > 1:
-                for k, v in last.items():
-                    largest = max(abs(o) for name, o in last.items() if name != k)
-                    if largest > 0 and abs(v) > RATIO_WARNING * largest:
-                        warnings.warn(f"{desc}: loss term {k!r} is {abs(v) / largest:.3g}x the largest other term "
-                                      f"at iteration {it + 1} ({v:.4g} against {largest:.4g}); check its loss "
-                                      "weight", stacklevel=2)
-                        warned_ratio = True
-                        break
-            scheduler.step()
-            it += 1
-            if log is not None and (it % cfg.log_every == 0 or it == cfg.iterations):
-                now = time.perf_counter()
-                log.add({"iteration": it, "lr": optimizer.param_groups[0]["lr"], "loss": loss_value, **last,
-                         "grad_norm": gnorm, "skipped_steps": skipped, "sec_per_iter": (now - tick) / cfg.log_every})
-                if tensorboard is not None:
-                    tensorboard.add("train", log.rows[-1], it)
-                tick = now
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if on_iteration is not None:
-                on_iteration(it)
-                step.train()
-            if evaluate is not None and cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-                entry = {"iteration": it, **evaluate(it)}
-                evaluations.append(entry)
-                if eval_log is not None:
-                    eval_log.append(entry)
-                if tensorboard is not None:
-                    tensorboard.add("eval", entry, it)
-                step.train()
-            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-                save(it)
-            if it >= cfg.iterations:
-                break
+    bar = progress(total=cfg.iterations, initial=start, desc=desc, disable=not ddp.is_main(), dynamic_ncols=True)
+    for images, targets in batches:
+        images, targets = to_device(images, targets, device)
+        reseed(cfg.seed, "step", ddp.rank(), run.iteration)
+        run.last, gnorm = _forward_backward(model, images, targets, optimizer, scaler, params, cfg, use_amp,
+                                            distributed)
+        _guarded_step(run, gnorm, optimizer, scaler, watched, cfg, use_amp, desc, ckpt_path)
+        warned = warned or _warn_dominant_term(run.last, desc, run.iteration + 1)
+        scheduler.step()
+        run.iteration = it = run.iteration + 1
+        loss_value = sum(run.last.values())
+        if logs is not None:
+            logs.iteration(it, {"lr": optimizer.param_groups[0]["lr"], "loss": loss_value, **run.last,
+                                "grad_norm": gnorm, "skipped_steps": run.skipped})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if on_iteration is not None:
+            on_iteration(it)
+            step.train()
+        if evaluate is not None and _due(it, cfg.eval_every, cfg.iterations):
+            evaluations.append(_evaluate(evaluate, it, logs))
+            step.train()
+        if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+            checkpoints.save(run)
     bar.close()
-    if tensorboard is not None:
-        tensorboard.close()
-    if start >= cfg.iterations and log is not None:
-        log.flush()
-    if log is not None and log.rows:
-        plot_curves(log, out)
+    if logs is not None:
+        _close_logs(logs, out, resumed_finished=start >= cfg.iterations)
     ddp.barrier()
-    return FitResult(it, last, out / "metrics.csv" if log is not None else None, ckpt_path, evaluations, skipped)
+    return FitResult(run.iteration, run.last, out / "metrics.csv" if logs is not None else None, ckpt_path,
+                     evaluations, run.skipped)
+
+
+def _trainable(modules: dict[str, nn.Module]) -> tuple[list[nn.Parameter], list[Tensor]]:
+    """The parameters the optimiser trains (those that require grad), and what the divergence guard watches: them
+    and the floating buffers (BatchNorm's running statistics diverge too)."""
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    return params, params + [b for m in modules.values() for b in m.buffers() if b.is_floating_point()]
+
+
+def _due(it: int, every: int, iterations: int) -> bool:
+    """Whether a periodic evaluation (every ``every`` iterations, 0: never) falls at ``it``; the caller evaluates
+    the end of training itself."""
+    return bool(every) and it % every == 0 and it < iterations
+
+
+def _evaluate(evaluate: Callable[[int], dict[str, float]], it: int, logs: RunLogs | None) -> dict[str, Any]:
+    """A periodic evaluation at iteration ``it``, logged."""
+    entry = {"iteration": it, **evaluate(it)}
+    if logs is not None:
+        logs.evaluation(entry)
+    return entry
+
+
+def _close_logs(logs: RunLogs, out: Path, resumed_finished: bool) -> None:
+    """Close TensorBoard; write ``metrics.csv`` when a finished run was run again (no checkpoint wrote it) and
+    draw the curves."""
+    logs.close()
+    if resumed_finished:
+        logs.metrics.flush()
+    if logs.metrics.rows:
+        plot_curves(logs.metrics, out)
 
 
 def plot_curves(log: MetricsLog, out: Path) -> Path:

@@ -14,7 +14,7 @@ from ..atomic import write_json
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller
 from ..models import detector_features
-from ..models.detectors import check_image_sizes, check_num_classes, match_levels
+from ..models.detectors import check_image_sizes, check_num_classes, match_levels, pair_levels
 from .distributed import is_main, resolve_device
 from .evaluate import evaluate_coco
 from .loop import FitResult, TrainConfig, fit, to_device
@@ -69,12 +69,7 @@ def learn_stage1(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
     check_num_classes({"teacher": teacher}, dataset)
     check_image_sizes({"teacher": teacher}, dataset)
     step = Stage1Step(teacher, distiller, teacher_cache)
-    modules = distiller.stage1_modules()
-    for p in distiller.parameters():
-        p.requires_grad_(False)
-    for module in modules.values():
-        module.requires_grad_(True)
-    result = fit(step, modules, dataset, collate_fn, cfg, out_dir, device, f"stage 1 ({distiller.method_name})",
+    result = fit(step, distiller.train_stage(1), dataset, collate_fn, cfg, out_dir, device, f"stage 1 ({distiller.method_name})",
                  run_config=run_config, new_schedule=new_schedule)
     distiller.mark_stage1(result.iterations)
     if out_dir is not None and is_main():
@@ -103,7 +98,7 @@ def stage1_stats(teacher: nn.Module, distiller: FeatureDistiller, dataset: Datas
         for images, targets in DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
             images, targets = to_device(images, targets, device)
             _, targets_t, feats = detector_features(teacher, images, targets)
-            stats = distiller.stage1_stats({lvl: feats[src] for lvl, src in levels.items()},
+            stats = distiller.stage1_stats(pair_levels(feats, levels),
                                            [t["boxes"] for t in targets_t])
             for name, v in stats.items():
                 values.setdefault(name, []).append(v.double().cpu())
@@ -135,11 +130,8 @@ def distill(student: nn.Module, teacher: nn.Module, distiller: FeatureDistiller,
                          "its stage-1 state (CLI: --stage1 stage1.pt)")
     if inherit and not _resuming(out_dir):
         inherit_neck_and_head(student, teacher)
-    for p in distiller.parameters():
-        p.requires_grad_(False)
-    for p in distiller.stage2_parameters():
-        p.requires_grad_(True)
-    return fit(DistillStep(student, teacher, distiller, teacher_cache), {"student": student, "distiller": distiller}, dataset,
+    return fit(DistillStep(student, teacher, distiller, teacher_cache), {"student": student, **distiller.train_stage(2)},
+               dataset,
                collate_fn, cfg, out_dir, device, f"distill ({distiller.method_name})",
                periodic_eval(student, val_dataset, collate_fn, device), run_config, new_schedule, on_iteration)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, KDInputs
 from ..models.backbones import fpn_levels
-from ..models.detectors import fpn_strides, match_levels, shared_strides
+from ..models.detectors import fpn_strides, match_levels, pair_levels, shared_strides
 from ..models.taps import (
     ASSIGNERS, HEAD_OUTPUTS, HEAD_SPLITS, detector_arch, head_from_split, head_outputs, head_split_depth,
     loss_on_features, prior_assignment, run_detector, tower_features,
@@ -111,7 +111,7 @@ class Stage1Step(FrozenTeacherStep):
         with torch.no_grad():
             image_list, targets_t = self.teacher.transform(list(images), [dict(t) for t in targets])
         feats = self.teacher_levels(image_list.tensors)
-        out = self.distiller.stage1({lvl: feats[src] for lvl, src in self.levels.items()},
+        out = self.distiller.stage1(pair_levels(feats, self.levels),
                                     [t["boxes"] for t in targets_t], labels=[t["labels"] for t in targets_t],
                                     image_size=tuple(image_list.tensors.shape[-2:]))
         losses: dict[str, Tensor] = {}
@@ -171,20 +171,20 @@ class DistillStep(FrozenTeacherStep):
         out = run_detector(self.student, list(images), list(targets))
         needs, split = self.distiller.needs, self.distiller.split_index
         feats = self.teacher_levels(out.image_list.tensors)
+        t_feats = pair_levels(feats, self.levels)
         with torch.no_grad():
             t_head = head_outputs(self.teacher, out.image_list, feats)[0] if "head_outputs" in needs else None
-            t_tower = (tower_features(self.teacher, {lvl: feats[src] for lvl, src in self.levels.items()}, split)
-                       if "head_split" in needs else None)
+            t_tower = tower_features(self.teacher, t_feats, split) if "head_split" in needs else None
         generator = None
         if "generator" in needs:
             device = out.image_list.tensors.device
             generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
         inputs = KDInputs(
-            dict(out.features), {lvl: feats[src] for lvl, src in self.levels.items()},
+            dict(out.features), t_feats,
             [t["boxes"] for t in out.targets], [t["labels"] for t in out.targets],
             tuple(out.image_list.tensors.shape[-2:]), list(out.image_list.image_sizes),
             student_head={lvl: out.head_outputs[lvl] for lvl in self.levels} if t_head is not None else None,
-            teacher_head={lvl: t_head[src] for lvl, src in self.levels.items()} if t_head is not None else None,
+            teacher_head=pair_levels(t_head, self.levels) if t_head is not None else None,
             priors={lvl: out.priors[lvl] for lvl in self.levels} if "priors" in needs else None,
             generator=generator,
             assignment=({lvl: m for lvl, m in prior_assignment(self.student, out.priors, out.targets).items()

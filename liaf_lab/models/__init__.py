@@ -16,6 +16,7 @@ from .detectors import (
     fpn_strides,
     load_detector_weights,
     match_levels,
+    pair_levels,
     save_detector,
     shared_strides,
 )
@@ -28,5 +29,5 @@ __all__ = [
     "count_parameters", "create_detector", "default_anchor_sizes", "detector_arch", "detector_features",
     "detector_meta", "detector_num_classes", "eval_mode", "fpn_levels", "fpn_strides", "head_outputs",
     "load_detector_weights",
-    "loss_on_features", "match_levels", "resnet_fpn", "run_detector", "save_detector", "shared_strides",
+    "loss_on_features", "match_levels", "pair_levels", "resnet_fpn", "run_detector", "save_detector", "shared_strides",
 ]

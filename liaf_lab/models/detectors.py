@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from ..checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from .backbones import backbone_strides, resnet_fpn
 from .gfl import GFL, OCTAVE_BASE_SCALE, GFLAnchorGenerator
 from .pretrained import LOG, load_pretrained, load_pretrained_backbone
+
+T = TypeVar("T")
 
 Arch = Literal["retinanet", "fcos", "fasterrcnn", "gfl"]
 DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN,
@@ -250,6 +252,12 @@ def match_levels(strides: Mapping[str, float], teacher: nn.Module) -> dict[str, 
         )
     return pairs
 
+
+
+def pair_levels(by_teacher_level: Mapping[str, T], levels: Mapping[str, str]) -> dict[str, T]:
+    """``by_teacher_level``'s values (e.g. the teacher's FPN maps) keyed by the distiller's levels, through the
+    level map ``levels`` of ``match_levels`` (distiller level -> teacher level)."""
+    return {lvl: by_teacher_level[src] for lvl, src in levels.items()}
 
 def detector_num_classes(model: nn.Module) -> int:
     """Class count of a detector's classifier (background included).
