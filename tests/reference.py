@@ -64,7 +64,7 @@ def ref_scores(roi_feats: Tensor, batch_index: Tensor, weight: Tensor, per_image
 
     Returns ``[K, I]``.
     """
-    K, I = weight.shape[0], roi_feats.shape[0]
+    K, I = weight.shape[0], roi_feats.shape[0]  # noqa: E741 - the paper's I instances
     flat = roi_feats.reshape(I, -1).to(weight.dtype)
     index = [int(b) for b in batch_index]
     groups = sorted(set(index)) if per_image else [None]
@@ -314,7 +314,7 @@ def assert_default_generator_draws(distiller: Callable[..., Tensor], student: Ma
 def assert_loss_and_grads_close(loss: Tensor, want: Tensor, wrt: Sequence[Tensor]) -> None:
     """``loss`` equals its reference ``want``, and so do their gradients in each tensor of ``wrt``."""
     torch.testing.assert_close(loss, want)
-    for got, ref in zip(torch.autograd.grad(loss, wrt, retain_graph=True), torch.autograd.grad(want, wrt)):
+    for got, ref in zip(torch.autograd.grad(loss, wrt, retain_graph=True), torch.autograd.grad(want, wrt), strict=True):
         torch.testing.assert_close(got, ref)
 
 
@@ -328,6 +328,6 @@ def feature_gradcheck(distiller: torch.nn.Module, student_c: int, teacher_c: int
     names = [n for n, _ in distiller.named_parameters()]
 
     def loss(s: Tensor, *ps: Tensor) -> Tensor:
-        return torch.func.functional_call(distiller, dict(zip(names, ps)), ({"p4": s}, teacher, [torch.zeros(0, 4)] * 2))
+        return torch.func.functional_call(distiller, dict(zip(names, ps, strict=True)), ({"p4": s}, teacher, [torch.zeros(0, 4)] * 2))
 
     return torch.autograd.gradcheck(loss, (student, *params), eps=1e-6, atol=1e-5)

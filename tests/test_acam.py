@@ -190,7 +190,7 @@ def test_terms_and_grads_match_reference(variant):
     want = ref_acam_terms(student, teacher, d)
     assert_terms_close(got, want)
     wrt = [*student.values(), *d.parameters()]
-    for g, w in zip(grads(sum(got.values()), wrt), grads(sum(want.values()), wrt)):
+    for g, w in zip(grads(sum(got.values()), wrt), grads(sum(want.values()), wrt), strict=True):
         torch.testing.assert_close(g, w)
 
 
@@ -249,7 +249,7 @@ def test_without_projector_and_an_odd_width():
     got = d.loss_terms(KDInputs(student, teacher, make_boxes((1, 1))))
     assert_terms_close(got, ref_acam_terms(student, teacher, d))
     wrt = [*student.values(), *d.parameters()]
-    for g, w in zip(grads(sum(got.values()), wrt), grads(sum(ref_acam_terms(student, teacher, d).values()), wrt)):
+    for g, w in zip(grads(sum(got.values()), wrt), grads(sum(ref_acam_terms(student, teacher, d).values()), wrt), strict=True):
         torch.testing.assert_close(g, w)
 
 
@@ -286,7 +286,7 @@ def test_gradcheck_tiny_double(budget):
     names = [f"distiller.{n}" for n, _ in d.named_parameters()]
 
     def f(s, *params):
-        return functional_call(wrapper, dict(zip(names, params)), (s,))
+        return functional_call(wrapper, dict(zip(names, params, strict=True)), (s,))
 
     params = [p.detach().clone().requires_grad_() for p in d.parameters()]
     assert torch.autograd.gradcheck(f, (student, *params))
@@ -306,7 +306,7 @@ def test_blocks_of_queries_equal_one_block(rows):
         torch.testing.assert_close(a[name], b[name])
     wrt_a = [*student.values(), *whole.parameters()]
     wrt_b = [*student.values(), *blocks.parameters()]
-    for ga, gb in zip(grads(sum(a.values()), wrt_a), grads(sum(b.values()), wrt_b)):
+    for ga, gb in zip(grads(sum(a.values()), wrt_a), grads(sum(b.values()), wrt_b), strict=True):
         torch.testing.assert_close(ga, gb)
 
 
@@ -417,7 +417,7 @@ def test_detach_student_cuts_the_fusion_path_into_the_student_only():
     loss = terms["channel"] + terms["spatial"]
     want = ref_acam_terms(student, teacher, d)
     got_student = grads(loss, list(student.values()))
-    for g, w in zip(got_student, grads(want["channel"] + want["spatial"], list(student.values()))):
+    for g, w in zip(got_student, grads(want["channel"] + want["spatial"], list(student.values())), strict=True):
         torch.testing.assert_close(g, w)
     full = make_acam(3)  # the same weights without the detach
     full_terms = full.loss_terms(KDInputs(student, teacher, boxes))

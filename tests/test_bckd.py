@@ -137,7 +137,7 @@ def test_terms_and_grads_match_reference(case):
     for key in ("cls", "loc"):
         g_got = torch.autograd.grad(got[key], wrt, retain_graph=True, allow_unused=True)
         g_ref = torch.autograd.grad(want[key], wrt, retain_graph=True, allow_unused=True)
-        for a, b in zip(g_got, g_ref):
+        for a, b in zip(g_got, g_ref, strict=True):
             if a is None or b is None:
                 assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum()), key
             else:

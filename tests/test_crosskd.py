@@ -92,7 +92,7 @@ def ref_crosskd(d: CrossKDDistiller, inputs: KDInputs, cls_weight=1.0, reg_weigh
                         zt = [t_bins[i, e * per_side + b, y, x] / T for b in range(per_side)]
                         px = [torch.exp(v) / sum(torch.exp(u) for u in zx) for v in zx]
                         pt = [torch.exp(v) / sum(torch.exp(u) for u in zt) for v in zt]
-                        kl = sum(q * (torch.log(q) - torch.log(r)) for q, r in zip(pt, px)) * T * T
+                        kl = sum(q * (torch.log(q) - torch.log(r)) for q, r in zip(pt, px, strict=True)) * T * T
                         reg_total = reg_total + weight * (kl / per_side if mean_over_bins else kl) / 4
                     prior, stride = inputs.priors[lvl][y * w + x], d.strides[lvl]
                     box_x = ref_decode([x_bins[i, b, y, x] for b in range(4 * per_side)], prior, stride)
@@ -134,7 +134,7 @@ def test_terms_and_grads_match_reference(case):
     params = [p for p in step.student.parameters() if p.requires_grad] + list(d.parameters())
     total, ref_total = sum(got.values()), sum(want.values())
     for a, b in zip(torch.autograd.grad(total, params, allow_unused=True, retain_graph=True),
-                    torch.autograd.grad(ref_total, params, allow_unused=True)):
+                    torch.autograd.grad(ref_total, params, allow_unused=True), strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)

@@ -34,7 +34,7 @@ def ref_cwd_loss(student, teacher, d: CWDDistiller, temperature=None, loss_weigh
                 zs, zt = s[i, ch].flatten() / tau, t[i, ch].flatten() / tau
                 ps = [torch.exp(v) / sum(torch.exp(u) for u in zs) for v in zs]
                 pt = [torch.exp(v) / sum(torch.exp(u) for u in zt) for v in zt]
-                kl = kl + sum(a * (torch.log(a) - torch.log(b)) for a, b in zip(pt, ps))
+                kl = kl + sum(a * (torch.log(a) - torch.log(b)) for a, b in zip(pt, ps, strict=True))
         total = total + kl * tau**2 / (n * c)
     return (d.loss_weight if loss_weight is None else loss_weight) * total
 

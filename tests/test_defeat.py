@@ -190,7 +190,7 @@ def test_terms_and_grads_match_reference(case):
     g_got = torch.autograd.grad(sum(got.values()), wrt, allow_unused=True, materialize_grads=True)
     g_want = torch.autograd.grad(sum(as_tensor(v, got["fg"]) for v in want.values()), wrt, allow_unused=True,
                                  materialize_grads=True)
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b)
     if sum(counts) == 0:
         assert float(got["fg"].detach()) == 0 and float(got["cls_pos"].detach()) == 0
@@ -260,7 +260,7 @@ def test_gradcheck_tiny_double():
     def loss(s: Tensor, z: Tensor, *ps: Tensor) -> Tensor:
         kd_inputs = KDInputs({"p4": s}, inputs.teacher_feats, inputs.boxes, student_head={"p4": {"cls_logits": z}},
                              teacher_head=inputs.teacher_head, priors=inputs.priors)
-        return functional_call(Loss(), {f"d.{n}": p for n, p in zip(names, ps)}, (kd_inputs,))
+        return functional_call(Loss(), {f"d.{n}": p for n, p in zip(names, ps, strict=True)}, (kd_inputs,))
 
     assert torch.autograd.gradcheck(loss, (student, logits, *params))
 

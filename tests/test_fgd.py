@@ -153,7 +153,7 @@ def test_terms_and_grads_match_reference(case):
     wrt = [*student.values(), *d.parameters()]
     g_got = torch.autograd.grad(sum(got.values()), wrt, allow_unused=True)
     g_want = torch.autograd.grad(sum(want.values()), wrt, allow_unused=True)
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         assert a is not None and b is not None
         torch.testing.assert_close(a, b)
 
@@ -181,7 +181,7 @@ def test_gradcheck_tiny_double():
     student = make_feats(3, 2, 1, {"p4": 8.0})["p4"].requires_grad_(True)
 
     def loss(s: Tensor, *ps: Tensor) -> Tensor:
-        return functional_call(d, dict(zip(names, ps)), ({"p4": s}, teacher, boxes))
+        return functional_call(d, dict(zip(names, ps, strict=True)), ({"p4": s}, teacher, boxes))
 
     assert torch.autograd.gradcheck(loss, (student, *params))
 
@@ -259,7 +259,7 @@ def test_zero_initialised_global_term_is_plain_sum_mse():
             assert block.conv_mask.bias.eq(0).all() and block.conv_mask.weight.ne(0).any()
     student, teacher = make_feats(TEACHER_C, 2, 1), make_feats(TEACHER_C, 2, 2)
     got = terms_of(d, student, teacher, make_boxes((2, 1)))["global"]
-    want = d.lambda_global * sum(((student[l] - teacher[l]) ** 2).sum() / 2 for l in STRIDES)
+    want = d.lambda_global * sum(((student[lvl] - teacher[lvl]) ** 2).sum() / 2 for lvl in STRIDES)
     torch.testing.assert_close(got, want)
 
 

@@ -169,7 +169,7 @@ def test_loss_and_grads_match_reference(case):
     if sum(counts) == 0:
         assert float(terms["imitation"].detach()) == 0.0
         return
-    for a, b in zip(grads(terms["imitation"], wrt), grads(want, wrt)):
+    for a, b in zip(grads(terms["imitation"], wrt), grads(want, wrt), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -237,7 +237,7 @@ def test_gradcheck_tiny_double():
             return self.d.loss_terms(inputs)["imitation"]
 
     def loss(s: Tensor, *ps: Tensor) -> Tensor:
-        return functional_call(Loss(), {f"d.{n}": p for n, p in zip(names, ps)},
+        return functional_call(Loss(), {f"d.{n}": p for n, p in zip(names, ps, strict=True)},
                                (inputs_of({"p4": s}, teacher, boxes, priors),))
 
     assert torch.autograd.gradcheck(loss, (student, *params))

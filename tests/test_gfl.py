@@ -135,7 +135,7 @@ def ref_gfl_loss(cls: Tensor, bbox: Tensor, anchors: Tensor, counts: list[int], 
                  reg_max: int, beta: float = 2.0, giou_weight: float = 2.0, dfl_weight: float = 0.25,
                  topk: int = 9) -> dict[str, Tensor]:
     """GFL's loss (mmdetection ``GFLHead.loss`` / ``loss_single``) image by image, location by location."""
-    level_stride = [s for n, s in zip(counts, strides) for _ in range(n)]
+    level_stride = [s for n, s in zip(counts, strides, strict=True) for _ in range(n)]
     qfl, giou, dfl = cls.new_zeros(()), cls.new_zeros(()), cls.new_zeros(())
     num_pos, weight_sum = 0, 0.0
     for i, t in enumerate(targets):
@@ -371,7 +371,7 @@ def test_loss_matches_reference(case, reg_max):
         assert got["bbox_regression"].item() == 0.0 and got["bbox_dfl"].item() == 0.0
     got_grads = torch.autograd.grad(sum(got.values()), (cls, bbox))
     ref_grads = torch.autograd.grad(sum(ref.values()), (cls, bbox), allow_unused=True)
-    for a, b in zip(got_grads, ref_grads):
+    for a, b in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
 
 
@@ -447,7 +447,7 @@ def test_eval_detections_match_run_detector_and_head_outputs():
         out = run_detector(model, images, targets)
         same = loss_on_features(model, out.image_list, out.targets, dict(out.features))
     assert sum(len(d["boxes"]) for d in expected) > 0
-    for got, exp in zip(out.detections, expected):
+    for got, exp in zip(out.detections, expected, strict=True):
         assert_same(got, exp)
         assert float(got["boxes"][:, 2].max()) <= 128 and float(got["boxes"].min()) >= 0
     assert_same(same, out.losses)

@@ -247,7 +247,7 @@ def test_selection_terms_and_grads_match_reference(case):
     wrt = [*inputs.student_feats.values(), *(h["cls_logits"] for h in inputs.student_head.values()), *d.parameters()]
     g_got = torch.autograd.grad(sum(got.values()), wrt, allow_unused=True)
     g_want = torch.autograd.grad(sum(want.values()), wrt, allow_unused=True)
-    for x, a, b in zip(wrt, g_got, g_want):
+    for x, a, b in zip(wrt, g_got, g_want, strict=True):
         assert a is not None  # an unused level gets zeros here, None in the reference
         torch.testing.assert_close(a, torch.zeros_like(x) if b is None else b)
     assert any(g.abs().sum() > 0 for g in g_got[:len(inputs.student_feats)])
@@ -357,7 +357,7 @@ def test_gradcheck_tiny_double_with_fixed_selection():
     def loss(s: Tensor, z: Tensor, *ps: Tensor) -> Tensor:
         x = KDInputs({"p4": s}, inputs.teacher_feats, inputs.boxes, student_head={"p4": {"cls_logits": z}},
                      teacher_head=inputs.teacher_head, priors=inputs.priors)
-        return torch.stack(list(functional_call(wrapper, dict(zip(names, ps)), (x, index, valid)).values())).sum()
+        return torch.stack(list(functional_call(wrapper, dict(zip(names, ps, strict=True)), (x, index, valid)).values())).sum()
 
     student = inputs.student_feats["p4"].detach().clone().requires_grad_(True)
     logits = inputs.student_head["p4"]["cls_logits"].detach().clone().requires_grad_(True)

@@ -147,7 +147,7 @@ def test_loss_and_grads_match_reference(boxes, instance, standardize):
     want = ref_ima_loss(student, teacher, b, d, gen(7))
     torch.testing.assert_close(loss, want)
     wrt = [*student.values(), *d.parameters()]
-    for got, ref in zip(grads(loss, wrt), grads(want, wrt)):
+    for got, ref in zip(grads(loss, wrt), grads(want, wrt), strict=True):
         torch.testing.assert_close(got, ref)
 
 
@@ -213,7 +213,7 @@ def test_gradcheck_tiny_double(instance):
     names = [n for n, _ in d.named_parameters()]
 
     def loss(s, *ps):
-        return torch.func.functional_call(d, dict(zip(names, ps)), ({"p4": s}, teacher, boxes), {"generator": gen(9)})
+        return torch.func.functional_call(d, dict(zip(names, ps, strict=True)), ({"p4": s}, teacher, boxes), {"generator": gen(9)})
 
     assert torch.autograd.gradcheck(loss, (student, *params), eps=1e-6, atol=1e-5)
 

@@ -89,7 +89,7 @@ def ref_ld_loss(inputs: KDInputs, levels, loss_weight=0.25, temperature=10.0, me
                             s = [s_bins[i, j * d + e * bins + b, y, x] / temperature for b in range(bins)]
                             t = [t_bins[i, j * d + e * bins + b, y, x].detach() / temperature for b in range(bins)]
                             ps, pt = ref_softmax(s), ref_softmax(t)
-                            kl = sum(q * (torch.log(q) - torch.log(r)) for q, r in zip(pt, ps))
+                            kl = sum(q * (torch.log(q) - torch.log(r)) for q, r in zip(pt, ps, strict=True))
                             kl = kl / bins if mean_over_bins else kl
                             level_sum = level_sum + weight * kl * temperature**2
         total = total + level_sum / avg_factor
@@ -124,7 +124,7 @@ def test_loss_and_grads_match_reference(case):
     got = torch.autograd.grad(loss, wrt, retain_graph=True)
     ref = torch.autograd.grad(want, wrt, allow_unused=True) if torch.is_tensor(want) and want.requires_grad \
         else [torch.zeros_like(x) for x in wrt]
-    for g_got, g_ref in zip(got, ref):
+    for g_got, g_ref in zip(got, ref, strict=True):
         torch.testing.assert_close(g_got, torch.zeros_like(g_got) if g_ref is None else g_ref)
 
 

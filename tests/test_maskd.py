@@ -219,7 +219,7 @@ def test_loss_gradcheck():
     names = ["projectors.p4.weight", "projectors.p4.bias"]
 
     def f(s, w, b):
-        return functional_call(d, dict(zip(names, (w, b))), ({"p4": s}, teacher, [torch.zeros(0, 4)] * 2))
+        return functional_call(d, dict(zip(names, (w, b), strict=True)), ({"p4": s}, teacher, [torch.zeros(0, 4)] * 2))
 
     s = torch.randn(2, 2, 3, 4, generator=gen(21), dtype=torch.float64, requires_grad=True)
     params = [dict(d.named_parameters())[n].detach().clone().requires_grad_() for n in names]
@@ -292,7 +292,7 @@ def test_stage1_view_and_dice_match_reference(weight_mask):
     out = d.stage1({**teacher, "p5": extra}, make_boxes((2, 0), seed=5))
     assert set(out.views) == {"maskd"} and set(out.terms) == {"dice"}
     assert set(out.views["maskd"]) == set(STRIDES)  # only the distiller's levels
-    want_views, want_dice = ref_stage1(d, {l: v.detach() for l, v in teacher.items()})
+    want_views, want_dice = ref_stage1(d, {lvl: v.detach() for lvl, v in teacher.items()})
     for lvl in STRIDES:
         torch.testing.assert_close(out.views["maskd"][lvl], want_views[lvl])
     torch.testing.assert_close(out.terms["dice"], want_dice)
@@ -336,7 +336,7 @@ def test_stage1_gradcheck():
     names = [f"distiller.mask_modules.{n}" for n, _ in d.mask_modules.named_parameters()]
 
     def f(*params):
-        return functional_call(wrapper, dict(zip(names, params)), (teacher,))
+        return functional_call(wrapper, dict(zip(names, params, strict=True)), (teacher,))
 
     params = [p.detach().clone().requires_grad_() for p in d.mask_modules.parameters()]
     assert torch.autograd.gradcheck(f, tuple(params))
@@ -371,7 +371,7 @@ def test_init_is_seeded_and_follows_the_public_scales():
     d1 = MasKDDistiller(4, 16, {"0": 8, "1": 16})
     torch.manual_seed(3)
     d2 = MasKDDistiller(4, 16, {"0": 8, "1": 16})
-    for (n1, p1), (n2, p2) in zip(d1.state_dict().items(), d2.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(d1.state_dict().items(), d2.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     m = d1.mask_modules["0"].requires_grad_(False)
     assert m.mask_token.shape == (6, 16) and float(m.mask_token.std()) < 0.02

@@ -91,7 +91,7 @@ def test_loss_and_grads_match_reference(student_c, lambda_mask, boxes):
     want = ref_mgd_loss(student, teacher, d, gen(7))
     torch.testing.assert_close(loss, want)
     wrt = [*student.values(), *d.parameters()]
-    for got, ref in zip(grads(loss, wrt), grads(want, wrt)):
+    for got, ref in zip(grads(loss, wrt), grads(want, wrt), strict=True):
         torch.testing.assert_close(got, ref)
 
 
@@ -158,7 +158,7 @@ def test_gradcheck_tiny_double():
     names = [n for n, _ in d.named_parameters()]
 
     def loss(s, *ps):
-        state = dict(zip(names, ps))
+        state = dict(zip(names, ps, strict=True))
         return torch.func.functional_call(d, state, ({"p4": s}, teacher, [torch.zeros(0, 4)] * 1),
                                           {"generator": gen(9)})
 

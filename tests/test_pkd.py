@@ -38,7 +38,7 @@ def ref_pkd_loss(student, teacher, d: PKDDistiller, loss_weight=None) -> torch.T
     for lvl in d.levels:
         s_hat, t_hat = ref_standardise(ref_align(student[lvl], d.projectors[lvl])), ref_standardise(teacher[lvl])
         count = sum(len(ch) for ch in t_hat)
-        total = total + sum((a - b) ** 2 for sc, tc in zip(s_hat, t_hat) for a, b in zip(sc, tc)) / count / 2
+        total = total + sum((a - b) ** 2 for sc, tc in zip(s_hat, t_hat, strict=True) for a, b in zip(sc, tc, strict=True)) / count / 2
     return (d.loss_weight if loss_weight is None else loss_weight) * total
 
 
@@ -68,7 +68,7 @@ def test_loss_is_one_minus_the_pearson_correlation_per_channel():
     s, t = make_feats(TEACHER_C, 2, 1, strides={"p3": 4.0}), make_feats(TEACHER_C, 2, 2, strides={"p3": 4.0})
     t["p3"] = t["p3"] + 0.8 * s["p3"]  # correlated
     flat_s, flat_t = (x["p3"].transpose(0, 1).flatten(1) for x in (s, t))
-    r = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(flat_s, flat_t)])
+    r = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(flat_s, flat_t, strict=True)])
     m = flat_s.shape[1]
     torch.testing.assert_close(d(s, t, make_boxes((0, 0))), (m - 1) / m * (1 - r).mean(), rtol=1e-5, atol=1e-6)
 

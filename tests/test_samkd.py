@@ -208,7 +208,7 @@ def test_loss_and_grads_match_reference(student_c, boxes):
         torch.testing.assert_close(terms[name], want[name], msg=name)
     wrt = learnable(s, sh, d)
     got, ref = grads(sum(terms.values()), wrt), grads(sum(want.values()), wrt)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r)
 
 
@@ -231,7 +231,7 @@ def test_options_match_reference(options):
     for name in terms:
         torch.testing.assert_close(terms[name], want[name], msg=name)
     wrt = learnable(s, sh, d)
-    for g, r in zip(grads(sum(terms.values()), wrt), grads(sum(want.values()), wrt)):
+    for g, r in zip(grads(sum(terms.values()), wrt), grads(sum(want.values()), wrt), strict=True):
         torch.testing.assert_close(g, r)
 
 
@@ -267,7 +267,7 @@ def test_learnable_parts_grads_after_backward_match_reference():
     for name, p in d.named_parameters():
         assert bool(p.grad.abs().sum() > 0), name
         torch.testing.assert_close(got[name], p.grad, msg=name)
-    for g, x in zip(got_inputs, [*s.values(), *(h["cls_logits"] for h in sh.values())]):
+    for g, x in zip(got_inputs, [*s.values(), *(h["cls_logits"] for h in sh.values())], strict=True):
         assert bool(g.abs().sum() > 0)
         torch.testing.assert_close(g, x.grad)
 
@@ -393,7 +393,7 @@ def test_gradcheck_tiny_double():
     params = [p.detach().clone().requires_grad_(True) for p in wrapper.parameters()]
 
     def loss(student, logits, *ps):
-        return functional_call(wrapper, dict(zip(names, ps)), (student, logits))
+        return functional_call(wrapper, dict(zip(names, ps, strict=True)), (student, logits))
 
     assert torch.autograd.gradcheck(loss, (s["p4"], sh["p4"]["cls_logits"], *params), eps=1e-6, atol=1e-5)
 

@@ -306,7 +306,7 @@ def _check_optimizer_state(path: Path, saved: Any, params: list[Tensor]) -> None
     if ids is None or not isinstance(per_param, dict) or len(ids) != len(params):
         raise CheckpointError(f"{path} is a damaged run checkpoint (its optimizer state does not fit the run's "
                               f"{len(params)} parameters)")
-    by_id = dict(zip(ids, params))
+    by_id = dict(zip(ids, params, strict=True))
     for i, entry in per_param.items():
         p = by_id.get(i)
         if p is None or not isinstance(entry, dict) or any(
@@ -376,7 +376,7 @@ def _set_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, iteration:
     scheduler.last_epoch = iteration
     lrs = [cfg.lr * lr_factor(iteration, cfg.iterations, cfg.warmup, cfg.schedule, min_factor=cfg.min_lr_factor)
            for _ in optimizer.param_groups]
-    for group, lr in zip(optimizer.param_groups, lrs):
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports
     return scheduler
@@ -559,7 +559,7 @@ def fit(
                 terms[:-1] /= ddp.world_size()
                 terms[-1] = grad_norm
             values = terms.tolist()
-            last = dict(zip(losses, values[:-1]))
+            last = dict(zip(losses, values[:-1], strict=True))
             loss_value, gnorm = sum(values[:-1]), values[-1]
             loss_ok = all(math.isfinite(v) for v in values[:-1])
             if not loss_ok or (not math.isfinite(gnorm) and not use_amp):
