@@ -5,7 +5,7 @@ Sizes: batch 2, 256 channels (teacher and student), the five FPN levels of an 80
 
 Measures, in one run, and prints the ratios:
   (a) ``liaf_lab.instance_mask`` on all five levels against the literal loop reference of Eq. 7
-      (``tests/reference.py``); target >= 100x faster.
+      (``tests/references/liaf.py``); target >= 100x faster.
   (b) forward + backward of ``LIAFDistiller`` against ``FitNetDistiller`` with the same projector
       weights; target <= 1.3x.
   (c) peak memory of (b) for both: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the rise of
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from reference import random_boxes, ref_instance_mask  # noqa: E402
+from helpers import random_boxes  # noqa: E402
+from references.liaf import ref_instance_mask  # noqa: E402
 
 from liaf_lab import FitNetDistiller, LIAFDistiller, instance_mask, roi_instance_features  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Shared test setup: ``tests/reference.py`` importable as ``reference``; one torch thread in-process.
+"""Shared test setup: ``tests/helpers.py`` and the ``tests/references/`` package importable (``helpers``,
+``references.<method>``); one torch thread in-process; the ``small`` study overrides.
 
 One thread: tiny models run faster without intra-op threading, and results do not depend on the
 machine's core count (subprocess tests set ``OMP_NUM_THREADS`` themselves).

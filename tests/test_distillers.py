@@ -7,14 +7,10 @@ import math
 
 import pytest
 import torch
-from reference import (
-    SIZES,
-    STRIDES,
-    gen,
-    make_boxes,
-    make_feats,
+from helpers import SIZES, STRIDES, gen, make_boxes, make_feats
+from references.fitnet import ref_fitnet_loss
+from references.liaf import (
     ref_diversity_loss,
-    ref_fitnet_loss,
     ref_instance_mask,
     ref_level_scores,
     ref_liaf_loss,
