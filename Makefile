@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torchvision; constraints.txt pins a matching torch/torchvision pair.
 PIP := $(BIN)/pip install --isolated --progress-bar off
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: install
 	$(BIN)/liaf-lab demo --out runs/demo
+
+lint: install
+	$(BIN)/ruff check .
 
 test: install
 	$(BIN)/python -m pytest -q

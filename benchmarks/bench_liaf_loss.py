@@ -5,7 +5,7 @@ Sizes: batch 2, 256 channels (teacher and student), the five FPN levels of an 80
 
 Measures, in one run, and prints the ratios:
   (a) ``liaf_lab.instance_mask`` on all five levels against the literal loop reference of Eq. 7
-      (``tests/reference.py``); target >= 100x faster.
+      (``tests/references/liaf.py``); target >= 100x faster.
   (b) forward + backward of ``LIAFDistiller`` against ``FitNetDistiller`` with the same projector
       weights; target <= 1.3x.
   (c) peak memory of (b) for both: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the rise of
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from reference import random_boxes, ref_instance_mask  # noqa: E402
+from helpers import random_boxes  # noqa: E402
+from references.liaf import ref_instance_mask  # noqa: E402
 
 from liaf_lab import FitNetDistiller, LIAFDistiller, instance_mask, roi_instance_features  # noqa: E402
 
@@ -47,8 +48,8 @@ BATCH, CHANNELS, BOXES_PER_IMAGE = 2, 256, 20
 
 def make_inputs(device: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    student = {l: torch.randn(BATCH, CHANNELS, *s, generator=g).to(device) for l, s in SIZES.items()}
-    teacher = {l: torch.randn(BATCH, CHANNELS, *s, generator=g).to(device) for l, s in SIZES.items()}
+    student = {lvl: torch.randn(BATCH, CHANNELS, *s, generator=g).to(device) for lvl, s in SIZES.items()}
+    teacher = {lvl: torch.randn(BATCH, CHANNELS, *s, generator=g).to(device) for lvl, s in SIZES.items()}
     # log-uniform sides from 8 to 600 px, up to 5% over the border
     boxes = [random_boxes(g, BOXES_PER_IMAGE, IMAGE, min_side=8.0, max_side=600.0, overhang=0.05).to(device)
              for _ in range(BATCH)]
@@ -96,17 +97,17 @@ def bench_mask(device: torch.device, repeats: int, ref_repeats: int) -> dict:
     dev_boxes, dev_scores = [b.to(device) for b in boxes], scores.to(device)
 
     def lib():
-        return {l: instance_mask(dev_boxes, dev_scores, SIZES[l], STRIDES[l]) for l in STRIDES}
+        return {lvl: instance_mask(dev_boxes, dev_scores, SIZES[lvl], STRIDES[lvl]) for lvl in STRIDES}
 
     def ref():
-        return {l: ref_instance_mask(boxes, scores, SIZES[l], STRIDES[l]) for l in STRIDES}
+        return {lvl: ref_instance_mask(boxes, scores, SIZES[lvl], STRIDES[lvl]) for lvl in STRIDES}
 
     lib()  # warm-up
     lib_times = [timed(lib, device) for _ in range(repeats)]
     ref_times = [timed(ref, torch.device("cpu")) for _ in range(ref_repeats)]
     got, want = lib(), ref()
-    for l in STRIDES:  # the speed-up only counts if the results agree
-        torch.testing.assert_close(got[l].cpu(), want[l])
+    for lvl in STRIDES:  # the speed-up only counts if the results agree
+        torch.testing.assert_close(got[lvl].cpu(), want[lvl])
     lib_s, ref_s = statistics.median(lib_times), statistics.median(ref_times)
     return {"lib_ms": 1e3 * lib_s, "ref_ms": 1e3 * ref_s, "speedup": ref_s / lib_s}
 
@@ -123,14 +124,14 @@ def bench_time(device: torch.device, repeats: int, warmup: int) -> dict:
     liaf_live, _ = make_distillers(device, detach_scores=False, freeze_selectors=False)
     variants["liaf_all_grads"] = fwd_bwd(liaf_live, student, teacher, boxes)
     # where LIAF's extra time goes: RoIAlign of both sides on every level (Eq. 2) ...
-    detached = {side: {l: f.detach() for l, f in feats.items()} for side, feats in (("s", student), ("t", teacher))}
+    detached = {side: {lvl: f.detach() for lvl, f in feats.items()} for side, feats in (("s", student), ("t", teacher))}
     variants["part_roi_align"] = lambda: [
-        roi_instance_features(feats[l], boxes, STRIDES[l], liaf.roi_size, liaf.sampling_ratio)
-        for feats in detached.values() for l in STRIDES
+        roi_instance_features(feats[lvl], boxes, STRIDES[lvl], liaf.roi_size, liaf.sampling_ratio)
+        for feats in detached.values() for lvl in STRIDES
     ]
     # ... and scores + masks (Eq. 2-7, RoIAlign included), without the loss itself
     variants["part_scores_masks"] = lambda: [
-        liaf.level_masks(l, detached["s"][l], detached["t"][l], boxes, None) for l in STRIDES
+        liaf.level_masks(lvl, detached["s"][lvl], detached["t"][lvl], boxes, None) for lvl in STRIDES
     ]
     with torch.no_grad():
         l_val, f_val = float(liaf(student, teacher, boxes)), float(fitnet(student, teacher, boxes))

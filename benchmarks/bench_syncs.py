@@ -117,7 +117,7 @@ def random_head(keys: tuple[str, ...], needs: frozenset[str], sizes: dict[str, t
             out[field] = {lvl: {b: torch.randn(batch, c, h, w, generator=g).to(device) for b in branches}
                           for lvl, (h, w) in sizes.items()}
         out["teacher_head_from"] = partial(head_from_split, model, split=split,
-                                           levels=dict(zip(sizes, fpn_strides(model))))
+                                           levels=dict(zip(sizes, fpn_strides(model), strict=False)))
     return out
 
 

@@ -103,7 +103,7 @@ def run_amp(device: torch.device, s: dict[str, Any]) -> dict[str, Any]:
         amp.append(float(train_step(step, opt, batch, dtype, scaler)))
         skipped += scaler.get_scale() < scale  # the scale drops when a step had inf/NaN gradients
     rtol = AMP_RTOL[device.type]
-    rel = max(abs(a - f) / max(abs(f), 1e-12) for a, f in zip(amp, fp32))
+    rel = max(abs(a - f) / max(abs(f), 1e-12) for a, f in zip(amp, fp32, strict=True))
     if not (all(math.isfinite(a) for a in amp) and rel <= rtol and skipped == 0):
         raise AssertionError(f"AMP ({dtype}) losses {amp} against fp32 {fp32}: up to {rel:.3g} relative "
                              f"(tolerance {rtol}), {skipped} skipped steps")
@@ -161,7 +161,7 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(format_table([{"distiller": d, **row} for d, row in r["reads"].items()]))
         elif name == "amp":
             lines.append(format_table([{"step": i, "loss_fp32": f, f"loss_{r['dtype']}": a}
-                                       for i, (f, a) in enumerate(zip(r["loss_fp32"], r["loss_amp"]))]))
+                                       for i, (f, a) in enumerate(zip(r["loss_fp32"], r["loss_amp"], strict=True))]))
             lines.append(f"\nmax relative difference {r['max_rel_diff']:.2e} (tolerance {r['rtol']})")
         elif name == "step":
             lines.append(f"input {r['image'][0]}x{r['image'][1]}, batch {r['batch']}, median of {r['repeats']} "

@@ -1,5 +1,7 @@
 """liaf_lab: learn, run and analyse knowledge distillation of object detectors, centred on LIAF-KD."""
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it (setuptools dynamic)
+
 from ._ops_check import TorchvisionOpsError, check_torchvision_ops
 
 check_torchvision_ops()
@@ -21,8 +23,6 @@ from .models import create_detector, fpn_strides, save_detector  # noqa: E402
 from .study import StudyRun, load_study_run, run_study  # noqa: E402
 from .study_report import StudySummary, load_study_summary  # noqa: E402
 from .validation import set_debug  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "TrainConfig", "create_detector", "distill", "evaluate_coco", "fpn_strides", "learn_stage1", "stage1_stats", "train_detector",

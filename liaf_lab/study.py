@@ -107,7 +107,7 @@ def grid_variants(grid: dict[str, list[str]], mode: GridMode = "product") -> lis
     if mode == "one_at_a_time":
         return [(), *[(f"{k}={v}",) for k, values in grid.items() for v in values]]
     keys = list(grid)
-    return [tuple(f"{k}={v}" for k, v in zip(keys, combo)) for combo in itertools.product(*grid.values())]
+    return [tuple(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
 def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]],

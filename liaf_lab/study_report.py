@@ -347,8 +347,8 @@ class StudySummary:
         for name in (a, b):
             self._check(name)
         ea, eb = self.summary[a], self.summary[b]
-        pb = dict(zip(eb["seeds"], eb["AP"]))
-        return paired_interval([x - pb[s] for s, x in zip(ea["seeds"], ea["AP"]) if s in pb])
+        pb = dict(zip(eb["seeds"], eb["AP"], strict=True))
+        return paired_interval([x - pb[s] for s, x in zip(ea["seeds"], ea["AP"], strict=True) if s in pb])
 
     def _check(self, name: str) -> None:
         if name not in self.summary:

@@ -75,8 +75,8 @@ def run_toy(steps: int = 60, seed: int = 0, out_dir: str | Path | None = None) -
         out = liaf.stage1(feats, boxes)
         masked, div = out.views["liaf"], out.terms["diversity"]
         task = sum(
-            F.binary_cross_entropy_with_logits(head(masked[l]), objectness_target(boxes, masked[l].shape[-2:], s))
-            for l, s in STRIDES.items()
+            F.binary_cross_entropy_with_logits(head(masked[lvl]), objectness_target(boxes, masked[lvl].shape[-2:], s))
+            for lvl, s in STRIDES.items()
         )
         opt.zero_grad()
         (task + div).backward()

@@ -186,7 +186,7 @@ def check_level_size(name: str, feature: Tensor, stride: float, image_size: tupl
     got = tuple(feature.shape[-2:])
     ceil = tuple(-int(-s // stride) for s in image_size)
     floor = tuple(int(s // stride) for s in image_size)
-    if any(g not in (c, f) for g, c, f in zip(got, ceil, floor)):
+    if any(g not in (c, f) for g, c, f in zip(got, ceil, floor, strict=True)):
         want = f"{ceil[0]}x{ceil[1]}" + ("" if ceil == floor else f" (or {floor[0]}x{floor[1]})")
         raise ValueError(
             f"{name} is {got[0]}x{got[1]} but stride {stride:g} on the {image_size[0]}x{image_size[1]} input "

@@ -212,7 +212,7 @@ def compare_family(family: str, split: str, pairs: Sequence[PairedData], bootstr
         raw.append((pair, mean, low, high, p))
     adjusted = holm([r[4] for r in raw])
     out = []
-    for (pair, mean, low, high, p), p_adj in zip(raw, adjusted):
+    for (pair, mean, low, high, p), p_adj in zip(raw, adjusted, strict=True):
         boot = bootstrap_interval(pair.diffs, seed=bootstrap_seed)
         out.append(Comparison(
             family=family, a=pair.a, b=pair.b, split=split, n=len(pair.diffs), seeds=list(pair.seeds),

@@ -1,4 +1,5 @@
-"""Shared test setup: ``tests/reference.py`` importable as ``reference``; one torch thread in-process.
+"""Shared test setup: ``tests/helpers.py`` and the ``tests/references/`` package importable (``helpers``,
+``references.<method>``); one torch thread in-process; the ``small`` study overrides.
 
 One thread: tiny models run faster without intra-op threading, and results do not depend on the
 machine's core count (subprocess tests set ``OMP_NUM_THREADS`` themselves).
@@ -26,3 +27,11 @@ def tiny_data(tmp_path_factory) -> Path:
     generate_scenes(root, 8, (64, 64), seed=0, split="train")
     generate_scenes(root, 4, (64, 64), seed=0, split="val")
     return root
+
+
+@pytest.fixture
+def small(tmp_path) -> list[str]:
+    """The bench preset shrunk to seconds: 16/8/8 images of 64 px, 2 iterations per stage."""
+    return ["data.num_train=16", "data.num_val=8", "data.num_test=8", "data.image_size=64",
+            f"data.cache='{tmp_path / 'cache'}'", "input.min_size=64", "input.max_size=64", "distill.iterations=2",
+            "distill.batch_size=2", "distill.warmup=1", "stage1.iterations=2", "stage1.batch_size=2"]

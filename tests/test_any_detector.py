@@ -185,9 +185,9 @@ def test_mask_rcnn_box_losses_match_torchvision():
     model = build("maskrcnn", 4, 0).train()
     images, targets = batch()
     with_masks = []
-    for img, t in zip(images, targets):
+    for img, t in zip(images, targets, strict=True):
         masks = torch.zeros(len(t["boxes"]), *img.shape[-2:], dtype=torch.uint8)
-        for m, (x1, y1, x2, y2) in zip(masks, t["boxes"].int().tolist()):
+        for m, (x1, y1, x2, y2) in zip(masks, t["boxes"].int().tolist(), strict=True):
             m[y1:y2, x1:x2] = 1
         with_masks.append({**t, "masks": masks})
     torch.manual_seed(3)

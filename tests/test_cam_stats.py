@@ -51,7 +51,7 @@ def test_summary_averages_non_empty_maps_per_seed_and_pairs_seeds_with_the_basel
     assert kd["share inside boxes"] == pytest.approx(np.mean(kd_means))
     assert kd["std over seeds"] == pytest.approx(np.std(kd_means, ddof=1))
     assert kd["std over images"] == pytest.approx(np.mean([np.std([0.4, 0.6], ddof=1), np.std([0.3, 0.5], ddof=1)]))
-    mean, low, high = paired_interval([k - b for k, b in zip(kd_means, base_means)])
+    mean, low, high = paired_interval([k - b for k, b in zip(kd_means, base_means, strict=True)])
     assert kd["- base [95% CI]"] == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
     assert "- base [95% CI]" not in base and base["box area share"] == 0.25
     assert plot_cam_shares(rows).axes[0].get_ylabel() == "share of CAM inside GT boxes"

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from reference import STRIDES, assert_loss_and_grads_close, feature_gradcheck, make_boxes, make_feats
-from test_mgd import ref_align
+from helpers import STRIDES, assert_loss_and_grads_close, feature_gradcheck, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
 from liaf_lab.distillers.cwd import CWDDistiller
+from references.cwd import ref_cwd_loss
 
 TEACHER_C = 3
 
@@ -18,25 +18,6 @@ TEACHER_C = 3
 def make_cwd(student_c: int = 2, strides=STRIDES, **kw) -> CWDDistiller:
     torch.manual_seed(0)
     return CWDDistiller(student_c, TEACHER_C, strides, **kw).double()
-
-
-def ref_cwd_loss(student, teacher, d: CWDDistiller, temperature=None, loss_weight=None) -> torch.Tensor:
-    """Per level, image and channel: the teacher's and student's spatial softmax at ``T`` written with
-    ``exp`` and sums, ``sum_hw p_t (log p_t - log p_s)``; times ``T^2 / (N C)``, times the weight."""
-    tau = d.temperature if temperature is None else temperature
-    total = 0
-    for lvl in d.levels:
-        s, t = ref_align(student[lvl], d.projectors[lvl]), teacher[lvl]
-        n, c = t.shape[:2]
-        kl = 0
-        for i in range(n):
-            for ch in range(c):
-                zs, zt = s[i, ch].flatten() / tau, t[i, ch].flatten() / tau
-                ps = [torch.exp(v) / sum(torch.exp(u) for u in zs) for v in zs]
-                pt = [torch.exp(v) / sum(torch.exp(u) for u in zt) for v in zt]
-                kl = kl + sum(a * (torch.log(a) - torch.log(b)) for a, b in zip(pt, ps))
-        total = total + kl * tau**2 / (n * c)
-    return (d.loss_weight if loss_weight is None else loss_weight) * total
 
 
 CASES = {

@@ -4,15 +4,13 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import torch
-import torch.nn.functional as F
-from reference import IMAGE, SIZES, STRIDES, gen, random_boxes
+from helpers import IMAGE, STRIDES, gen, random_boxes
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -22,6 +20,7 @@ from liaf_lab.distillers.defeat import DeFeatDistiller, box_level_index, gt_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads
+from references.defeat import ALL_SIZES, ref_masks, ref_terms
 
 TEACHER_C = 4
 CLASSES = 3
@@ -29,7 +28,6 @@ OPTIONS = {"fg_weight": 1.3, "bg_weight": 0.6, "cls_pos_weight": 0.9, "cls_neg_w
 # Large strides on a 256 x 320 input: boxes of 40-256 pixels fall on both levels under the public size rule.
 BIG_STRIDES = {"a": 32.0, "b": 64.0}
 BIG_IMAGE = (256.0, 320.0)
-ALL_SIZES = {**SIZES, "a": (8, 10), "b": (4, 5)}
 
 
 def feats(channels: int, n: int, seed: int, strides=STRIDES, requires_grad: bool = False) -> dict[str, Tensor]:
@@ -73,84 +71,6 @@ def make_inputs(student_c: int, counts, strides=STRIDES, anchors: int = 2, requi
                     teacher_head=heads(n, 5, strides, anchors), priors=priors_for(strides, anchors))
 
 
-# -- the literal reference -----------------------------------------------------------------------------
-def ref_level_of(box: list[float], num_levels: int) -> int:
-    """``_map_roi_levels`` for one box."""
-    scale = math.sqrt((box[2] - box[0] + 1) * (box[3] - box[1] + 1))
-    return min(max(math.floor(math.log2(scale / 56 + 1e-6)), 0), num_levels - 1)
-
-
-def ref_masks(boxes, strides, box_levels: str) -> dict[str, list]:
-    """``get_gt_mask`` image by image and box by box: the box over the stride, ``int`` (= floor) of its corners
-    clipped to the grid, the rectangle ``[ly:ry, lx:rx]`` or, if empty, the single cell ``[ly, lx]``."""
-    ranked = sorted(strides, key=lambda lvl: strides[lvl])
-    masks = {lvl: [] for lvl in strides}
-    for image_boxes in boxes:
-        for lvl, stride in strides.items():
-            h, w = ALL_SIZES[lvl]
-            mask = [[0.0] * w for _ in range(h)]
-            for box in image_boxes.tolist():
-                if box_levels == "scale" and ref_level_of(box, len(ranked)) != ranked.index(lvl):
-                    continue
-                x1, y1, x2, y2 = (v / stride for v in box)
-                lx, rx = min(max(math.floor(x1), 0), w - 1), min(max(math.floor(x2), 0), w)
-                ly, ry = min(max(math.floor(y1), 0), h - 1), min(max(math.floor(y2), 0), h)
-                if lx == rx or ly == ry:
-                    mask[ly][lx] = 1.0
-                else:
-                    for i in range(ly, ry):
-                        for j in range(lx, rx):
-                            mask[i][j] = 1.0
-            masks[lvl].append(mask)
-    return masks
-
-
-def ref_kl(s: Tensor, t: Tensor, form: str) -> Tensor:
-    """``KL(p_T || p_S)`` of one prior's K logits (already divided by T)."""
-    if form == "softmax":
-        p = torch.softmax(t, dim=0)
-        return (p * (torch.log(p) - torch.log_softmax(s, dim=0))).sum()
-    p, q = torch.sigmoid(t), torch.sigmoid(s)
-    return (p * (torch.log(p) - torch.log(q)) + (1 - p) * (torch.log(1 - p) - torch.log(1 - q))).sum()
-
-
-def ref_terms(d: DeFeatDistiller, inputs: KDInputs) -> dict[str, Tensor]:
-    """``neck-decouple`` per level (sum over masked cells and channels over ``max(1, 2 * C * count)``), the mean over
-    levels; ``KL-decouple`` prior by prior, pooled over levels (sum over ``max(1, count)``), times ``T^2``; weighted."""
-    masks = ref_masks(inputs.boxes, d.strides, d.box_levels)
-    T = d.temperature
-    fg, bg = 0, 0
-    kl_sum, kl_count = [0, 0], [0, 0]  # positive, negative
-    for lvl in d.levels:
-        conv = d.adapters[lvl]
-        adapted = F.conv2d(inputs.student_feats[lvl], conv.weight, conv.bias, padding=1)
-        teacher = inputs.teacher_feats[lvl]
-        n_img, channels, h, w = teacher.shape
-        s_cls, t_cls = inputs.student_head[lvl]["cls_logits"], inputs.teacher_head[lvl]["cls_logits"]
-        anchors = inputs.priors[lvl].shape[0] // (h * w)
-        k = s_cls.shape[1] // anchors
-        num, count = [0, 0], [0, 0]  # fg, bg
-        for n in range(n_img):
-            for i in range(h):
-                for j in range(w):
-                    side = 0 if masks[lvl][n][i][j] else 1
-                    num[side] = num[side] + ((adapted[n, :, i, j] - teacher[n, :, i, j]) ** 2).sum()
-                    count[side] += 1
-                    for a in range(anchors):
-                        kl = ref_kl(s_cls[n, a * k:(a + 1) * k, i, j] / T, t_cls[n, a * k:(a + 1) * k, i, j] / T,
-                                    d.head_kl)
-                        kl_sum[side] = kl_sum[side] + kl
-                        kl_count[side] += 1
-        fg = fg + num[0] / max(1.0, 2 * channels * count[0])
-        bg = bg + num[1] / max(1.0, 2 * channels * count[1])
-    return {
-        "fg": d.fg_weight * fg / len(d.levels),
-        "bg": d.bg_weight * bg / len(d.levels),
-        "cls_pos": d.cls_pos_weight * T ** 2 * kl_sum[0] / max(1, kl_count[0]),
-        "cls_neg": d.cls_neg_weight * T ** 2 * kl_sum[1] / max(1, kl_count[1]),
-    }
-
-
 def as_tensor(v, like: Tensor) -> Tensor:
     return v if isinstance(v, Tensor) else like.new_tensor(float(v))
 
@@ -190,7 +110,7 @@ def test_terms_and_grads_match_reference(case):
     g_got = torch.autograd.grad(sum(got.values()), wrt, allow_unused=True, materialize_grads=True)
     g_want = torch.autograd.grad(sum(as_tensor(v, got["fg"]) for v in want.values()), wrt, allow_unused=True,
                                  materialize_grads=True)
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b)
     if sum(counts) == 0:
         assert float(got["fg"].detach()) == 0 and float(got["cls_pos"].detach()) == 0
@@ -260,7 +180,7 @@ def test_gradcheck_tiny_double():
     def loss(s: Tensor, z: Tensor, *ps: Tensor) -> Tensor:
         kd_inputs = KDInputs({"p4": s}, inputs.teacher_feats, inputs.boxes, student_head={"p4": {"cls_logits": z}},
                              teacher_head=inputs.teacher_head, priors=inputs.priors)
-        return functional_call(Loss(), {f"d.{n}": p for n, p in zip(names, ps)}, (kd_inputs,))
+        return functional_call(Loss(), {f"d.{n}": p for n, p in zip(names, ps, strict=True)}, (kd_inputs,))
 
     assert torch.autograd.gradcheck(loss, (student, logits, *params))
 

@@ -8,14 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from reference import (
-    SIZES,
-    STRIDES,
-    gen,
-    make_boxes,
-    make_feats,
+from helpers import SIZES, STRIDES, gen, make_boxes, make_feats
+from references.fitnet import ref_fitnet_loss
+from references.liaf import (
     ref_diversity_loss,
-    ref_fitnet_loss,
     ref_instance_mask,
     ref_level_scores,
     ref_liaf_loss,
@@ -67,7 +63,7 @@ def grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor 
 
 def assert_grads_close(got, want):
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         if w is None or g is None:
             # an unused input: both sides must agree that there is no gradient (or an all-zero one)
             other = g if w is None else w
@@ -169,7 +165,7 @@ def test_fitnet_matches_reference():
 def test_fitnet_without_projector_is_plain_mse():
     d = FitNetDistiller(TEACHER_C, TEACHER_C, STRIDES, projector=False)
     student, teacher = make_feats(TEACHER_C, 2, 1), make_feats(TEACHER_C, 2, 2)
-    want = sum(((student[l] - teacher[l]) ** 2).mean() for l in STRIDES)
+    want = sum(((student[lvl] - teacher[lvl]) ** 2).mean() for lvl in STRIDES)
     torch.testing.assert_close(d(student, teacher, make_boxes((0, 1))).double(), want)
     assert list(d.parameters()) == []
 
@@ -210,7 +206,7 @@ def test_learning_selectors_add_weighted_diversity():
     d = make_liaf(freeze_selectors=False, diversity_weight=0.4)
     student, teacher, boxes = make_feats(2, 2, 1), make_feats(TEACHER_C, 2, 2), make_boxes((1, 1))
     frozen = make_liaf(freeze_selectors=True)
-    div = sum(ref_diversity_loss(d.selectors[l].weight) for l in STRIDES) / len(STRIDES)
+    div = sum(ref_diversity_loss(d.selectors[lvl].weight) for lvl in STRIDES) / len(STRIDES)
     torch.testing.assert_close(d(student, teacher, boxes), frozen(student, teacher, boxes) + 0.4 * div)
     torch.testing.assert_close(d.diversity_loss(), div)
 
@@ -223,13 +219,13 @@ def test_detach_scores_false_sends_gradient_through_the_scores(student_c):
         student, _ = backward_once(d, student_c)
         grads_by_option[detach] = ([s.grad for s in student.values()], [p.grad for p in d.projectors.parameters()])
     (s_det, p_det), (s_live, p_live) = grads_by_option[True], grads_by_option[False]
-    assert any(not torch.allclose(a, b) for a, b in zip(s_det, s_live))
+    assert any(not torch.allclose(a, b) for a, b in zip(s_det, s_live, strict=True))
     if student_c != TEACHER_C:
         # the student scores read the projected features, so the projector's gradient changes too
         assert not torch.allclose(p_det[0], p_live[0])
     else:
         # scores read raw student features: the projector's gradient is the same either way
-        for a, b in zip(p_det, p_live):
+        for a, b in zip(p_det, p_live, strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -240,7 +236,7 @@ def test_detached_scores_equal_a_fixed_mask():
     masks = d.masks(student, teacher, boxes)
     loss = d(student, teacher, boxes)
     want = sum(
-        ((masks[l][0] * teacher[l] - d.projectors[l](masks[l][1] * student[l])) ** 2).mean() for l in STRIDES
+        ((masks[lvl][0] * teacher[lvl] - d.projectors[lvl](masks[lvl][1] * student[lvl])) ** 2).mean() for lvl in STRIDES
     )
     torch.testing.assert_close(loss, want)
     assert_grads_close(grads(loss, list(student.values())), grads(want, list(student.values())))
@@ -313,11 +309,11 @@ def test_stage1_masks_teacher_and_weights_diversity(mask_scale):
             a = a * torch.tensor([float(len(b)) for b in boxes for _ in range(len(b))], dtype=torch.float64)
         want = teacher[lvl] * ref_instance_mask(boxes, a, SIZES[lvl], stride)
         torch.testing.assert_close(masked[lvl], want)
-    ref_div = sum(ref_diversity_loss(d.selectors[l].weight) for l in STRIDES) / len(STRIDES)
+    ref_div = sum(ref_diversity_loss(d.selectors[lvl].weight) for lvl in STRIDES) / len(STRIDES)
     torch.testing.assert_close(div, 0.25 * ref_div)
 
     # the gradient of L_task^T + mu L_div reaches the selectors only
-    loss = sum((masked[l] ** 2).sum() for l in STRIDES) + div
+    loss = sum((masked[lvl] ** 2).sum() for lvl in STRIDES) + div
     loss.backward()
     assert all(nonzero(p.grad) for p in d.selectors.parameters())
     assert all(p.grad is None for p in d.projectors.parameters())
@@ -330,13 +326,13 @@ def test_stage1_selector_gradient_matches_reference():
     out = d.stage1(teacher, boxes)
     masked, div = out.views["liaf"], out.terms["diversity"]
     target = make_feats(TEACHER_C, 2, 9)
-    loss = sum(((masked[l] - target[l]) ** 2).mean() for l in STRIDES) + div
-    ws = [d.selectors[l].weight for l in STRIDES]
+    loss = sum(((masked[lvl] - target[lvl]) ** 2).mean() for lvl in STRIDES) + div
+    ws = [d.selectors[lvl].weight for lvl in STRIDES]
     want = sum(
-        ((teacher[l] * ref_instance_mask(boxes, ref_level_scores(teacher[l], boxes, s, d.selectors[l].weight,
-                                                                roi_size=(3, 3)), SIZES[l], s)
-          - target[l]) ** 2).mean()
-        for l, s in STRIDES.items()
+        ((teacher[lvl] * ref_instance_mask(boxes, ref_level_scores(teacher[lvl], boxes, s, d.selectors[lvl].weight,
+                                                                  roi_size=(3, 3)), SIZES[lvl], s)
+          - target[lvl]) ** 2).mean()
+        for lvl, s in STRIDES.items()
     ) + sum(ref_diversity_loss(w) for w in ws) / len(ws)
     torch.testing.assert_close(loss, want)
     assert_grads_close(grads(loss, ws), grads(want, ws))
@@ -400,13 +396,13 @@ def test_liaf_stage1_stats_are_the_selector_entropies():
 def test_liaf_loss_gradcheck():
     d = make_liaf(2, mask_scale="count", detach_scores=False, freeze_selectors=False)
     strides = {"p3": 4.0, "p4": 8.0}
-    teacher = {l: torch.randn(2, TEACHER_C, 4, 5, generator=gen(20), dtype=torch.float64) for l in strides}
+    teacher = {lvl: torch.randn(2, TEACHER_C, 4, 5, generator=gen(20), dtype=torch.float64) for lvl in strides}
     boxes = [torch.tensor([[1.0, 2.0, 13.0, 11.0], [5.0, 0.0, 19.0, 9.0]], dtype=torch.float64),
              torch.tensor([[0.5, 0.5, 9.0, 15.5]], dtype=torch.float64)]
     names = ["selectors.p3.weight", "selectors.p4.weight", "projectors.p3.weight"]
 
     def f(s3, s4, w3, w4, pw):
-        params = dict(zip(names, (w3, w4, pw)))
+        params = dict(zip(names, (w3, w4, pw), strict=True))
         return functional_call(d, params, ({"p3": s3, "p4": s4}, teacher, boxes))
 
     s3 = torch.randn(2, 2, 4, 5, generator=gen(21), dtype=torch.float64, requires_grad=True)
@@ -469,7 +465,7 @@ def test_paper_literal_variant_is_liaf_with_the_literal_options_fixed():
         ref = create_distiller("liaf", 4, 6, strides, **{**literal, "mask_scale": "count"})
     assert isinstance(d, LIAFDistiller) and d.method_name == "liaf_paper" and d.mask_scale == "count"
     assert all(s.normalize == "batch" for s in d.selectors.values())
-    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), ref.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), ref.state_dict().values(), strict=True))
     s = {lvl: torch.randn(2, 4, 8, 8) for lvl in strides}
     t = {lvl: torch.randn(2, 6, 8, 8) for lvl in strides}
     boxes = [torch.tensor([[2.0, 2.0, 30.0, 40.0], [10.0, 5.0, 50.0, 60.0]]), torch.tensor([[0.0, 0.0, 20.0, 20.0]])]

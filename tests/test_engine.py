@@ -176,6 +176,7 @@ def test_inheritance_copies_matching_neck_and_head_only(tiny_data):
     nc = len(_dataset(tiny_data, "train", train=False).class_names) + 1
     torch.manual_seed(0)
     teacher = create_detector("fcos", nc, depth=34, width_mult=0.25, fpn_channels=16, min_size=64, max_size=64)
+
     same_neck = create_detector("fcos", nc, depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
     copied = inherit_neck_and_head(same_neck, teacher)
     assert copied and all(k.startswith(("backbone.fpn.", "head.")) for k in copied)
@@ -197,7 +198,10 @@ def test_a_no_kd_student_inherits_like_a_distilled_one(tiny_data, tmp_path):
     nc = len(train.class_names) + 1
     torch.manual_seed(0)
     teacher = create_detector("fcos", nc, depth=34, width_mult=0.25, fpn_channels=16, min_size=64, max_size=64)
-    make = lambda: create_detector("fcos", nc, depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
+
+    def make():
+        return create_detector("fcos", nc, depth=18, width_mult=0.125, fpn_channels=16, min_size=64, max_size=64)
+
     cfg = TrainConfig(iterations=2, batch_size=2, warmup=0, checkpoint_every=1, log_every=1)
     torch.manual_seed(1)
     inherited = make()

@@ -20,7 +20,7 @@ from liaf_lab.executors import ExecutorError, SlurmOptions, _Resumable, execute
 from liaf_lab.study import Run, run_one, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_study import TEACHER, small  # noqa: E402,F401  (the shrunk bench preset)
+from test_study import TEACHER  # noqa: E402
 
 LOCAL = SlurmOptions(cluster="local", gpus=0, cpus=1)
 

@@ -36,7 +36,7 @@ LABEL_SETS = [torch.tensor([1, 2, 3]), torch.tensor([2]), torch.tensor([3, 1])]
 def toy() -> dict:
     torch.manual_seed(0)
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    targets = [{"boxes": b, "labels": lab} for b, lab in zip(BOX_SETS, LABEL_SETS)]
+    targets = [{"boxes": b, "labels": lab} for b, lab in zip(BOX_SETS, LABEL_SETS, strict=True)]
     return {"images": images, "targets": targets, "distiller": LIAFDistiller(16, 32, STRIDES, num_selectors=3),
             "teacher": TinyPyramid(32).eval(), "student": TinyPyramid(16).eval()}
 
@@ -238,7 +238,7 @@ def test_method_dropdown_shows_any_methods_maps(toy: dict) -> None:
     for index in range(3):
         view = insp.view(image=index, level="1")
         assert view.color_range == {"box": (0.0, 2.0), "ramp": (0.0, 15 / 16)}  # fixed over images, per level
-        for row, box in zip(view.rows, BOX_SETS[index]):
+        for row, box in zip(view.rows, BOX_SETS[index], strict=True):
             cells = region(box, (4, 4), 16.0)
             ramp = (torch.arange(16, dtype=torch.float32).view(4, 4) / 16)[cells].mean()
             assert (row["box (teacher)"], row["box (student)"]) == (1.0, 2.0)
@@ -309,7 +309,7 @@ def test_with_detectors_matches_a_training_step() -> None:
     inputs = kd_inputs_for(student, teacher, d, [IMAGE], targets)
     with torch.no_grad():
         m_t, _ = d.level_masks("0", inputs.student_feats["0"], inputs.teacher_feats["0"], inputs.boxes)
-    for row, box in zip(insp.view(level="0").rows, inputs.boxes[0]):
+    for row, box in zip(insp.view(level="0").rows, inputs.boxes[0], strict=True):
         cells = region(box, tuple(m_t.shape[-2:]), 8.0)
         torch.testing.assert_close(m_t[0, 0][cells], torch.full((int(cells.sum()),), row["M^T"]))
     assert [r["class"] for r in insp.current.rows] == ["car", "person"]

@@ -1,4 +1,4 @@
-"""liaf_lab.instance against the literal loop references in tests/reference.py (Eq. 2, 3, 4, 6, 7)."""
+"""liaf_lab.instance against the literal loop references in tests/references/liaf.py (Eq. 2, 3, 4, 6, 7)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import (
-    random_boxes,
-    ref_diversity_loss,
-    ref_instance_mask,
-    ref_roi_features,
-    ref_scores,
-)
+from helpers import random_boxes
+from references.liaf import ref_diversity_loss, ref_instance_mask, ref_roi_features, ref_scores
 
 from liaf_lab import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features
 from liaf_lab.instance import concat_boxes, score_entropy, segment_softmax
+from references.liaf import ref_entropy
 
 PROPERTY = settings(max_examples=30, deadline=None)
 
@@ -326,18 +322,6 @@ def test_selector_logit_scale_matches_reference(logit_scale):
 def test_selector_logit_scale_is_checked():
     with pytest.raises(ValueError, match="logit_scale"):
         InstanceSelectors(2, 3, logit_scale="cosine")
-
-
-def ref_entropy(scores, index, num_images):
-    """Each selector's entropy per image, of the scores renormalised within the image, over log(n)."""
-    out = torch.full((scores.shape[0], num_images), float("nan"), dtype=torch.float64)
-    for k in range(scores.shape[0]):
-        for n in range(num_images):
-            p = [float(scores[k, i]) for i in range(len(index)) if int(index[i]) == n]
-            if len(p) >= 2:
-                total = sum(p)
-                out[k, n] = -sum(x / total * math.log(x / total) for x in p if x > 0) / math.log(len(p))
-    return out
 
 
 @pytest.mark.parametrize("normalize", ["image", "batch"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import SIZES, STRIDES, gen, make_boxes, make_feats
+from helpers import SIZES, STRIDES, gen, make_boxes, make_feats
 from torch import Tensor
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
@@ -21,6 +21,7 @@ from liaf_lab.models.taps import prior_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads  # noqa: E402
+from references.ld import ref_ld_loss
 
 F64 = torch.float64
 SMALL = dict(depth=18, min_size=64, max_size=64)
@@ -54,48 +55,6 @@ def make_ld(strides=STRIDES, student_c: int = 2, teacher_c: int = 3, **kw) -> LD
     return LDDistiller(student_c, teacher_c, strides, **kw)
 
 
-# -- the literal reference ------------------------------------------------------------------------------
-def ref_softmax(z: list[Tensor]) -> list[Tensor]:
-    total = sum(torch.exp(v) for v in z)
-    return [torch.exp(v) / total for v in z]
-
-
-def ref_ld_loss(inputs: KDInputs, levels, loss_weight=0.25, temperature=10.0, mean_over_bins=True,
-                avg_factor=4.0, weight_from="student") -> Tensor:
-    """mmdetection's ``LDHead.loss_single`` LD term per level, summed: at each positive prior ``p`` (loop over
-    images, cells, anchors), ``w_p`` = max over classes of sigmoid(student cls logit); per side,
-    ``T^2 * mean_bins p_t (log p_t - log p_s)`` (``knowledge_distillation_kl_div_loss``), times ``w_p``; summed
-    and divided by ``avg_factor`` 4; times ``loss_weight``."""
-    total = 0
-    for lvl in levels:
-        s_bins, t_bins = inputs.student_head[lvl]["box_bins"], inputs.teacher_head[lvl]["box_bins"]
-        head = inputs.student_head if weight_from == "student" else inputs.teacher_head
-        cls = head[lvl]["cls_logits"].detach()
-        matched = inputs.assignment[lvl]
-        n, _, h, w = s_bins.shape
-        a = matched.shape[1] // (h * w)
-        k, d = cls.shape[1] // a, s_bins.shape[1] // a
-        bins = d // 4
-        level_sum = 0
-        for i in range(n):
-            for y in range(h):
-                for x in range(w):
-                    for j in range(a):
-                        prior = (y * w + x) * a + j
-                        if int(matched[i, prior]) < 0:
-                            continue
-                        weight = max(torch.sigmoid(cls[i, j * k + c, y, x]) for c in range(k))
-                        for e in range(4):
-                            s = [s_bins[i, j * d + e * bins + b, y, x] / temperature for b in range(bins)]
-                            t = [t_bins[i, j * d + e * bins + b, y, x].detach() / temperature for b in range(bins)]
-                            ps, pt = ref_softmax(s), ref_softmax(t)
-                            kl = sum(q * (torch.log(q) - torch.log(r)) for q, r in zip(pt, ps))
-                            kl = kl / bins if mean_over_bins else kl
-                            level_sum = level_sum + weight * kl * temperature**2
-        total = total + level_sum / avg_factor
-    return loss_weight * total
-
-
 def ld_loss(d: LDDistiller, inputs: KDInputs) -> Tensor:
     return d.loss_terms(inputs)["ld"]
 
@@ -124,7 +83,7 @@ def test_loss_and_grads_match_reference(case):
     got = torch.autograd.grad(loss, wrt, retain_graph=True)
     ref = torch.autograd.grad(want, wrt, allow_unused=True) if torch.is_tensor(want) and want.requires_grad \
         else [torch.zeros_like(x) for x in wrt]
-    for g_got, g_ref in zip(got, ref):
+    for g_got, g_ref in zip(got, ref, strict=True):
         torch.testing.assert_close(g_got, torch.zeros_like(g_got) if g_ref is None else g_ref)
 
 

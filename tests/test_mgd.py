@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import STRIDES, assert_default_generator_draws, assert_seeded_draws, gen, make_boxes, make_feats
+from helpers import STRIDES, assert_default_generator_draws, assert_seeded_draws, gen, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
 from liaf_lab.distillers.mgd import MGDDistiller, random_keep_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads  # noqa: E402
+from references.mgd import ref_mgd_loss
 
 TEACHER_C = 3
 
@@ -23,49 +24,6 @@ TEACHER_C = 3
 def make_mgd(student_c: int = 2, seed: int = 0, strides=STRIDES, **kw) -> MGDDistiller:
     torch.manual_seed(seed)
     return MGDDistiller(student_c, TEACHER_C, strides, **kw).double()
-
-
-# -- the literal reference ------------------------------------------------------------------------------
-def ref_align(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
-    """``f_align``: identity, or a 1x1 conv written as a sum over input channels."""
-    if not isinstance(conv, torch.nn.Conv2d):
-        return x
-    w, b = conv.weight[:, :, 0, 0], conv.bias
-    return torch.stack([sum(w[o, c] * x[:, c] for c in range(x.shape[1])) + b[o] for o in range(w.shape[0])], dim=1)
-
-
-def ref_generation(x: torch.Tensor, block: torch.nn.Sequential) -> torch.Tensor:
-    """Eq. 3: conv3x3 -> ReLU -> conv3x3 (padding 1), from the block's weights."""
-    conv1, conv2 = block[0], block[2]
-    hidden = torch.relu(F.conv2d(x, conv1.weight, conv1.bias, padding=1))
-    return F.conv2d(hidden, conv2.weight, conv2.bias, padding=1)
-
-
-def ref_mgd_loss(student, teacher, d: MGDDistiller, generator, alpha=None, lambda_mask=None) -> torch.Tensor:
-    """The public ``FeatureLoss.get_dis_loss`` per level, literally: draw ``r [N, 1, H, W]``, mask each cell
-    where ``r > 1 - lambda``, generate, and sum the squared error cell by cell; divide by N; times alpha."""
-    alpha = d.alpha if alpha is None else alpha
-    lam = d.lambda_mask if lambda_mask is None else lambda_mask
-    total = 0
-    for lvl in d.levels:
-        s = ref_align(student[lvl], d.align[lvl])
-        t = teacher[lvl]
-        n_img, _, h, w = t.shape
-        r = torch.rand((n_img, 1, h, w), generator=generator, dtype=s.dtype)
-        mask = torch.ones(n_img, 1, h, w, dtype=s.dtype)
-        for n in range(n_img):
-            for i in range(h):
-                for j in range(w):
-                    if float(r[n, 0, i, j]) > 1 - lam:
-                        mask[n, 0, i, j] = 0.0
-        generated = ref_generation(s * mask, d.generation[lvl])
-        err = 0
-        for n in range(n_img):
-            for i in range(h):
-                for j in range(w):
-                    err = err + ((generated[n, :, i, j] - t[n, :, i, j]) ** 2).sum()
-        total = total + err / n_img
-    return alpha * total
 
 
 def grads(loss, tensors):
@@ -91,7 +49,7 @@ def test_loss_and_grads_match_reference(student_c, lambda_mask, boxes):
     want = ref_mgd_loss(student, teacher, d, gen(7))
     torch.testing.assert_close(loss, want)
     wrt = [*student.values(), *d.parameters()]
-    for got, ref in zip(grads(loss, wrt), grads(want, wrt)):
+    for got, ref in zip(grads(loss, wrt), grads(want, wrt), strict=True):
         torch.testing.assert_close(got, ref)
 
 
@@ -158,7 +116,7 @@ def test_gradcheck_tiny_double():
     names = [n for n, _ in d.named_parameters()]
 
     def loss(s, *ps):
-        state = dict(zip(names, ps))
+        state = dict(zip(names, ps, strict=True))
         return torch.func.functional_call(d, state, ({"p4": s}, teacher, [torch.zeros(0, 4)] * 1),
                                           {"generator": gen(9)})
 

@@ -96,7 +96,7 @@ def test_factory_builds_and_runs(arch, depth):
         dets = run_detector(model, images).detections
     assert len(dets) == 2 and all(set(d) == {"boxes", "scores", "labels"} for d in dets)
     # boxes are back in original image pixels
-    assert all(float(d["boxes"][:, 2].max()) <= img.shape[-1] for d, img in zip(dets, images) if len(d["boxes"]))
+    assert all(float(d["boxes"][:, 2].max()) <= img.shape[-1] for d, img in zip(dets, images, strict=True) if len(d["boxes"]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -170,7 +170,7 @@ def test_detections_match_torchvision_eval_mode(arch):
         out = run_detector(model, images)
     assert out.losses == {} and out.targets is None
     assert sum(len(d["boxes"]) for d in expected) > 0
-    for got, exp in zip(out.detections, expected):
+    for got, exp in zip(out.detections, expected, strict=True):
         assert set(got) == set(exp)
         for k in exp:
             torch.testing.assert_close(got[k], exp[k], msg=k)

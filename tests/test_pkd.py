@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from reference import STRIDES, assert_loss_and_grads_close, feature_gradcheck, make_boxes, make_feats
-from test_mgd import ref_align
+from helpers import STRIDES, assert_loss_and_grads_close, feature_gradcheck, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
 from liaf_lab.distillers.pkd import PKDDistiller, channel_standardise
+from references.pkd import ref_pkd_loss
 
 TEACHER_C = 3
 
@@ -18,28 +18,6 @@ TEACHER_C = 3
 def make_pkd(student_c: int = 2, strides=STRIDES, **kw) -> PKDDistiller:
     torch.manual_seed(0)
     return PKDDistiller(student_c, TEACHER_C, strides, **kw).double()
-
-
-def ref_standardise(x: torch.Tensor) -> list[list[float | torch.Tensor]]:
-    """Public ``PKDLoss.norm`` channel by channel: the channel's N*H*W values, minus their mean, over their
-    unbiased standard deviation + 1e-6 (computed with explicit sums)."""
-    out = []
-    for c in range(x.shape[1]):
-        values = [x[n, c, i, j] for n in range(x.shape[0]) for i in range(x.shape[2]) for j in range(x.shape[3])]
-        mean = sum(values) / len(values)
-        std = torch.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-        out.append([(v - mean) / (std + 1e-6) for v in values])
-    return out
-
-
-def ref_pkd_loss(student, teacher, d: PKDDistiller, loss_weight=None) -> torch.Tensor:
-    """``loss_weight * sum_levels mse(norm(S), norm(T)) / 2``, element by element."""
-    total = 0
-    for lvl in d.levels:
-        s_hat, t_hat = ref_standardise(ref_align(student[lvl], d.projectors[lvl])), ref_standardise(teacher[lvl])
-        count = sum(len(ch) for ch in t_hat)
-        total = total + sum((a - b) ** 2 for sc, tc in zip(s_hat, t_hat) for a, b in zip(sc, tc)) / count / 2
-    return (d.loss_weight if loss_weight is None else loss_weight) * total
 
 
 CASES = {
@@ -68,7 +46,7 @@ def test_loss_is_one_minus_the_pearson_correlation_per_channel():
     s, t = make_feats(TEACHER_C, 2, 1, strides={"p3": 4.0}), make_feats(TEACHER_C, 2, 2, strides={"p3": 4.0})
     t["p3"] = t["p3"] + 0.8 * s["p3"]  # correlated
     flat_s, flat_t = (x["p3"].transpose(0, 1).flatten(1) for x in (s, t))
-    r = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(flat_s, flat_t)])
+    r = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(flat_s, flat_t, strict=True)])
     m = flat_s.shape[1]
     torch.testing.assert_close(d(s, t, make_boxes((0, 0))), (m - 1) / m * (1 - r).mean(), rtol=1e-5, atol=1e-6)
 

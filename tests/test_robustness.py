@@ -37,7 +37,7 @@ from liaf_lab.study import Run, StudyError, run_one, run_study
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli import _one_error_line  # noqa: E402
 from test_data import _coco_fixture, _image, _voc_fixture, _voc_xml  # noqa: E402
-from test_study import TEACHER, small  # noqa: E402, F401 - small: the bench preset shrunk to seconds
+from test_study import TEACHER  # noqa: E402
 from toy_job import FlippedPoints, LinearStep, collate  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(liaf_lab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}

@@ -35,7 +35,7 @@ def test_tracking_leaves_training_unchanged_and_records_every_k(shipped, tmp_pat
     history = ScoreHistory(levels=["0"])
     tracked = run(shipped, tmp_path / "tracked", history)
     plain = run(shipped, tmp_path / "plain", None)
-    assert all(torch.equal(a, b) for a, b in zip(tracked.state_dict().values(), plain.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(tracked.state_dict().values(), plain.state_dict().values(), strict=True))
     assert sorted({r["iteration"] for r in history.records}) == [0, 2, 4]
     gaps = history.gaps()
     literal = {}

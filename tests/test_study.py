@@ -18,14 +18,6 @@ from liaf_lab.verdicts import Comparison
 TEACHER = str(PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt")
 
 
-@pytest.fixture
-def small(tmp_path) -> list[str]:
-    """The bench preset shrunk to seconds: 16/8/8 images of 64 px, 2 iterations per stage."""
-    return ["data.num_train=16", "data.num_val=8", "data.num_test=8", "data.image_size=64",
-            f"data.cache='{tmp_path / 'cache'}'", "input.min_size=64", "input.max_size=64", "distill.iterations=2",
-            "distill.batch_size=2", "distill.warmup=1", "stage1.iterations=2", "stage1.batch_size=2"]
-
-
 def test_paired_interval_is_students_t():
     mean, low, high = paired_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) from tables, sd = 1

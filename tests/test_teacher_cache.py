@@ -22,7 +22,7 @@ from liaf_lab.models.backbones import fpn_levels
 from liaf_lab.study import TEACHER_CACHE, StudyError, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_study import TEACHER, small  # noqa: E402,F401  (the shrunk bench preset)
+from test_study import TEACHER  # noqa: E402
 
 
 @pytest.fixture

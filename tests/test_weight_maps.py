@@ -1,11 +1,20 @@
-"""``weight_maps`` (what each method's loss weights or masks, per level) against the literal, loop-by-loop
-references of the methods' own test files, and ``plot_weight_maps``."""
+"""``weight_maps`` (what each method's loss weights or masks, per level) against the methods' literal, loop-by-loop
+references (``tests/references/``), and ``plot_weight_maps``."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import references.acam
+import references.defeat
+import references.fgd
+import references.fgfi
+import references.gid
+import references.ima
+import references.maskd
+import references.mgd
+import references.samkd
 import test_acam
 import test_defeat
 import test_fgd
@@ -16,7 +25,8 @@ import test_maskd
 import test_mgd
 import test_samkd
 import torch
-from reference import SIZES, STRIDES, gen, make_boxes, make_feats, ref_instance_mask, ref_level_scores
+from helpers import SIZES, STRIDES, gen, make_boxes, make_feats
+from references.liaf import ref_instance_mask, ref_level_scores
 from torch import Tensor
 
 from liaf_lab.analysis import plot_weight_maps
@@ -86,10 +96,10 @@ def test_maskd_maps_are_the_token_masks_and_the_cell_weight_of_the_loss(custom, 
     want_loss = 0
     for lvl in d.levels:
         module, aligned = d.mask_modules[lvl], d.projectors[lvl](s[lvl])
-        masks = test_maskd.ref_masks(module.mask_token, t[lvl])
+        masks = references.maskd.ref_masks(module.mask_token, t[lvl])
         if custom:  # after the warm-up: the teacher's masks times the student's
-            masks = masks * test_maskd.ref_masks(module.mask_token, aligned)
-        p = test_maskd.ref_weights(module.prob, t[lvl]) if weight_mask else None
+            masks = masks * references.maskd.ref_masks(module.mask_token, aligned)
+        p = references.maskd.ref_weights(module.prob, t[lvl]) if weight_mask else None
         n_img, n_tok, height, width = masks.shape
         weight = torch.zeros(n_img, height, width, dtype=F64)
         for n in range(n_img):
@@ -115,11 +125,11 @@ def test_fgd_maps_are_its_fore_and_background_masks_and_both_spatial_attentions(
     check_layout(maps, ["foreground mask", "background mask", "spatial attention (teacher)",
                         "spatial attention (student)"], list(STRIDES), SIZES, 2)
     for lvl, stride in STRIDES.items():
-        fg, bg = test_fgd.ref_masks(boxes, stride, SIZES[lvl])
+        fg, bg = references.fgd.ref_masks(boxes, stride, SIZES[lvl])
         torch.testing.assert_close(maps["foreground mask"][lvl], torch.tensor(fg, dtype=F64))
         torch.testing.assert_close(maps["background mask"][lvl], torch.tensor(bg, dtype=F64))
-        torch.testing.assert_close(maps["spatial attention (teacher)"][lvl], test_fgd.ref_attention(t[lvl], 0.7)[0])
-        student = test_fgd.ref_attention(d.projectors[lvl](s[lvl]), 0.7)[0]
+        torch.testing.assert_close(maps["spatial attention (teacher)"][lvl], references.fgd.ref_attention(t[lvl], 0.7)[0])
+        student = references.fgd.ref_attention(d.projectors[lvl](s[lvl]), 0.7)[0]
         torch.testing.assert_close(maps["spatial attention (student)"][lvl], student)
 
 
@@ -137,8 +147,8 @@ def test_mgd_keep_mask_is_the_mask_the_loss_draws_from_the_same_generator():
     # the loss with a generator in the same state used exactly this mask
     want_loss = 0
     for lvl in d.levels:
-        masked = test_mgd.ref_align(s[lvl], d.align[lvl]) * maps["keep mask"][lvl][:, None]
-        want_loss = want_loss + (test_mgd.ref_generation(masked, d.generation[lvl]) - t[lvl]).square().sum() / 2
+        masked = references.mgd.ref_align(s[lvl], d.align[lvl]) * maps["keep mask"][lvl][:, None]
+        want_loss = want_loss + (references.mgd.ref_generation(masked, d.generation[lvl]) - t[lvl]).square().sum() / 2
     torch.testing.assert_close(d.loss_terms(KDInputs(s, t, boxes, generator=gen(7)))["mgd"], 0.3 * want_loss)
     other = d.weight_maps(KDInputs(s, t, boxes, generator=gen(8)))["keep mask"]["p3"]
     assert not torch.equal(other, maps["keep mask"]["p3"])
@@ -152,51 +162,21 @@ def test_acam_maps_are_eq5_spatial_masks(max_elements):
     maps = d.weight_maps(KDInputs(s, t, boxes))
     check_layout(maps, [f"spatial mask {m + 1}" for m in range(test_acam.MASKS)], list(STRIDES), SIZES, 2)
     for lvl in d.levels:
-        aligned = test_acam.ref_align(s[lvl], d.projectors[lvl])
+        aligned = references.acam.ref_align(s[lvl], d.projectors[lvl])
         for n in range(2):
-            _, spatial, _ = test_acam.ref_image(aligned[n], t[lvl][n], d.masking[lvl], d.channel_units, d.detach)
+            _, spatial, _ = references.acam.ref_image(aligned[n], t[lvl][n], d.masking[lvl], d.channel_units, d.detach)
             for m, want in enumerate(spatial):
                 torch.testing.assert_close(maps[f"spatial mask {m + 1}"][lvl][n].flatten(), want)
 
 
 # -- SAMKD ---------------------------------------------------------------------------------------------
-def ref_samkd_maps(d, teacher: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Eq. 1 and 3 cell by cell for every pyramid size that fits the level (bounds as ``adaptive_avg_pool2d``);
-    a pixel in two cells takes the mean of its two values."""
-    out: dict[str, dict[str, Tensor]] = {}
-    for lvl in d.levels:
-        t_map = teacher[lvl]
-        n_img, channels, height, width = t_map.shape
-        for n in d.pyramid:
-            if n > height or n > width:
-                continue
-            att, keep, count = (torch.zeros(n_img, height, width, dtype=F64) for _ in range(3))
-            for i in range(n):
-                r0, r1 = math.floor(i * height / n), math.ceil((i + 1) * height / n)
-                for j in range(n):
-                    c0, c1 = math.floor(j * width / n), math.ceil((j + 1) * width / n)
-                    for b in range(n_img):
-                        t = t_map[b, :, r0:r1, c0:c1]
-                        sig = [[torch.sigmoid(sum(t[k, p, q] ** 2 for k in range(channels)) / (d.tau * channels))
-                                for q in range(c1 - c0)] for p in range(r1 - r0)]
-                        values = test_samkd.ref_phi(sig, d.spatial_norm)
-                        for p in range(r1 - r0):
-                            for q in range(c1 - c0):
-                                att[b, r0 + p, c0 + q] += values[p][q]
-                                keep[b, r0 + p, c0 + q] += 0.0 if float(values[p][q]) >= d.omega_s else 1.0
-                                count[b, r0 + p, c0 + q] += 1
-            out.setdefault(f"spatial attention {n}x{n}", {})[lvl] = att / count
-            out.setdefault(f"spatial mask {n}x{n}", {})[lvl] = keep / count
-    return out
-
-
 @pytest.mark.parametrize("sizes", [test_samkd.ODD, {"p3": (8, 10), "p4": (3, 5)}], ids=["overlapping-cells", "small-level"])
 @pytest.mark.parametrize("norm", ["mean", "softmax"])
 def test_samkd_maps_are_eq1_attention_and_eq3_mask_per_pyramid_cell(sizes, norm):
     d = test_samkd.make_samkd(3, spatial_norm=norm, omega_s=1.0)
     s, t, sh, th, boxes = test_samkd.case(3, sizes)
     maps = d.weight_maps(test_samkd.inputs_of(s, t, sh, th, boxes))
-    want = ref_samkd_maps(d, t)
+    want = references.samkd.ref_samkd_maps(d, t)
     names = [f"spatial {kind} {n}x{n}" for n in (1, 2, 4) for kind in ("attention", "mask")]
     levels = {name: ["p3"] if name.endswith("4x4") and sizes["p4"][0] < 4 else ["p3", "p4"] for name in names}
     check_layout(maps, names, levels, sizes, 2)
@@ -215,14 +195,14 @@ def test_gid_maps_are_the_selected_instances_and_the_response_mask(kind, options
     inputs = test_gid.make_inputs(3, kind, counts=(1, 2), requires_grad=False)
     maps = d.weight_maps(inputs)
     check_layout(maps, ["selected instances", "response mask"], list(STRIDES), SIZES, 2)
-    priors, selected = test_gid.ref_priors(d, inputs), test_gid.ref_select(d, inputs)
+    priors, selected = references.gid.ref_priors(d, inputs), references.gid.ref_select(d, inputs)
     chosen = {lvl: torch.zeros(2, *SIZES[lvl], dtype=F64) for lvl in d.levels}
     response = {lvl: torch.zeros(2, *SIZES[lvl], dtype=F64) for lvl in d.levels}
     per_cell = {lvl: inputs.priors[lvl].shape[0] // (SIZES[lvl][0] * SIZES[lvl][1]) for lvl in d.levels}
     for b, keep in enumerate(selected):
         for q in keep:  # the GI score over the GI box, on the level the instance is pooled from
             p = priors[q]
-            lvl = d.levels[test_gid.ref_level(d, p)]
+            lvl = d.levels[references.gid.ref_level(d, p)]
             i, j = p["cell"]
             t = inputs.teacher_head[p["lvl"]]["cls_logits"][b, :, i, j].tolist()
             s = inputs.student_head[p["lvl"]]["cls_logits"][b, :, i, j].tolist()
@@ -234,7 +214,7 @@ def test_gid_maps_are_the_selected_instances_and_the_response_mask(kind, options
                     if y1 <= h * stride < y2 and x1 <= w * stride < x2:
                         chosen[lvl][b, h, w] = max(float(chosen[lvl][b, h, w]), score)
         for p in priors:  # a prior is in the GI mask when it matches a kept instance
-            if any(test_gid.ref_iou(p["box"], priors[q]["box"]) >= d.response_iou for q in keep):
+            if any(references.gid.ref_iou(p["box"], priors[q]["box"]) >= d.response_iou for q in keep):
                 response[p["lvl"]][b, p["cell"][0], p["cell"][1]] += 1 / per_cell[p["lvl"]]
     for lvl in d.levels:
         torch.testing.assert_close(maps["selected instances"][lvl], chosen[lvl])
@@ -249,7 +229,7 @@ def test_fgfi_map_is_the_imitation_mask():
     boxes, priors = test_fgfi.make_boxes((3, 1), seed=3), test_fgfi.anchors(STRIDES)
     maps = d.weight_maps(KDInputs(s, t, boxes, priors=priors))
     check_layout(maps, ["imitation mask"], list(STRIDES), SIZES, 2)
-    want = test_fgfi.ref_masks(priors, boxes, d.strides, d.psi, d.point_prior_scale, d.iou_max)
+    want = references.fgfi.ref_masks(priors, boxes, d.strides, d.psi, d.point_prior_scale, d.iou_max)
     for lvl in d.levels:
         torch.testing.assert_close(maps["imitation mask"][lvl], torch.tensor(want[lvl], dtype=F64))
     assert float(maps["imitation mask"]["p3"].sum()) > 0
@@ -261,7 +241,7 @@ def test_defeat_maps_are_the_object_mask_and_its_complement(box_levels):
     inputs = test_defeat.make_inputs(3, (3, 2))  # student features and logits with gradient
     maps = d.weight_maps(inputs)
     check_layout(maps, ["object mask", "background mask"], list(STRIDES), SIZES, 2)
-    want = test_defeat.ref_masks(inputs.boxes, d.strides, box_levels)
+    want = references.defeat.ref_masks(inputs.boxes, d.strides, box_levels)
     for lvl in d.levels:
         torch.testing.assert_close(maps["object mask"][lvl], torch.tensor(want[lvl], dtype=F64))
         torch.testing.assert_close(maps["background mask"][lvl], 1 - torch.tensor(want[lvl], dtype=F64))
@@ -279,16 +259,16 @@ def test_ima_maps_are_the_keep_mask_and_the_scale_deflation(instance):
         height, width = SIZES[lvl]
         r = torch.rand((2, 1, height, width), generator=g, dtype=F64)[:, 0]
         assert torch.equal(maps["keep mask"][lvl], (r <= 0.6).to(F64))
-        a = test_ima.ref_align(s[lvl], d.projectors[lvl]).detach()
+        a = references.ima.ref_align(s[lvl], d.projectors[lvl]).detach()
         for n in range(2):  # gamma of the instance each cell belongs to (smallest covering box, else the image)
             instances = [[(h, w) for h in range(height) for w in range(width)]]
             if instance == "box":
-                instances += [test_ima.ref_box_cells(box, stride, height, width) for box in boxes[n]]
-            gammas = [sigmoid(3.0 * test_ima.ref_cosine(a[n], t[lvl][n], cells)) if cells else None
+                instances += [references.ima.ref_box_cells(box, stride, height, width) for box in boxes[n]]
+            gammas = [sigmoid(3.0 * references.ima.ref_cosine(a[n], t[lvl][n], cells)) if cells else None
                       for cells in instances]
             for h in range(height):
                 for w in range(width):
-                    owner = test_ima.ref_owner(instances, h, w)
+                    owner = references.ima.ref_owner(instances, h, w)
                     assert math.isclose(float(maps["scale deflation"][lvl][n, h, w]), gammas[owner], rel_tol=1e-9)
     if instance == "box":  # the boxes give their cells their own gamma
         assert len(torch.unique(maps["scale deflation"]["p3"][0])) > 1

@@ -164,7 +164,7 @@ class _ScoredDetector(nn.Module):
         self._layout = (names, shapes, tuple(images.tensors.shape[-2:]), tuple(images.image_sizes[0]))
         packed = self.tap(torch.cat([f.flatten(2) for f in feats.values()], dim=2)[..., None])
         parts = packed[..., 0].split([s[2] * s[3] for s in shapes], dim=2)
-        feats = OrderedDict((n, p.reshape(s)) for n, p, s in zip(names, parts, shapes))
+        feats = OrderedDict((n, p.reshape(s)) for n, p, s in zip(names, parts, shapes, strict=True))
         if self.kind is None:
             return packed.new_zeros(x.shape[0])
         if self.kind == "dense":
@@ -179,7 +179,7 @@ class _ScoredDetector(nn.Module):
         anchors = self.model.anchor_generator(images, levels)
         return torch.stack([
             (_inside_weights(a, t["boxes"]) * _pick(lg, t["labels"], 0).t()).sum()
-            for lg, a, t in zip(logits, anchors, targets)
+            for lg, a, t in zip(logits, anchors, targets, strict=True)
         ])
 
     def _two_stage_score(
@@ -195,7 +195,7 @@ class _ScoredDetector(nn.Module):
         objectness = torch.cat([o.permute(0, 2, 3, 1).flatten(1) for o in objectness], dim=1)  # [N, A_total]
         anchors = self.model.rpn.anchor_generator(images, levels)
         scores = []
-        for cls, obj, a, t in zip(per_image, objectness, anchors, targets):
+        for cls, obj, a, t in zip(per_image, objectness, anchors, targets, strict=True):
             labels = t["labels"]
             cls_score = torch.where(labels < 0, cls[:, 1:].max(dim=1).values,
                                     cls.gather(1, labels.clamp(min=0)[:, None])[:, 0])
@@ -207,7 +207,7 @@ class _ScoredDetector(nn.Module):
         names, shapes, padded, valid = self._layout
         parts = packed[..., 0].split([s[2] * s[3] for s in shapes], dim=2)
         crops = []
-        for part, shape in zip(parts, shapes):
+        for part, shape in zip(parts, shapes, strict=True):
             level = part.reshape(shape)
             rows = min(shape[2], math.ceil(valid[0] * shape[2] / padded[0]))
             cols = min(shape[3], math.ceil(valid[1] * shape[3] / padded[1]))
@@ -487,7 +487,7 @@ def compare_cams(
     draw_boxes(axes[0, 0], img, boxes, target_labels, class_names=class_names)
     axes[0, 0].set_title("image")
     cm = colormaps[cmap]
-    for ax, (name, heat) in zip(axes[0, 1:], heats.items()):
+    for ax, (name, heat) in zip(axes[0, 1:], heats.items(), strict=True):
         overlay = (1 - alpha) * img.permute(1, 2, 0).numpy() + alpha * cm(heat)[..., :3]
         ax.imshow(np.clip(overlay, 0, 1))
         draw_boxes(ax, None, boxes, target_labels, class_names=class_names, linewidth=1.0)

@@ -182,7 +182,7 @@ class ScoreHistory:
             for side, style in (("student", "-"), ("teacher", "--")):
                 points = sorted(series.get((side, i), {}).items())
                 if points:
-                    ax.plot(*zip(*points), style, color=color, marker="o", markersize=3,
+                    ax.plot(*zip(*points, strict=True), style, color=color, marker="o", markersize=3,
                             label=f"{side} #{i} (image {self.instances[i]['image']})")
         iterations = sorted(set(series.get(("student", chosen[0]), {})) & set(series.get(("teacher", chosen[0]), {})))
         gaps = [sum(abs(series[("student", i)][t] - series[("teacher", i)][t]) for i in chosen) / len(chosen)

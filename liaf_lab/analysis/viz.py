@@ -224,7 +224,7 @@ def plot_instance_scores(
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = new_figure(ncols, nrows, panel=(max(3.0, 0.5 * num_inst + 1.5), 3.0))
     top = max(float(s.max()) for s in series.values())
-    for ax, (name, values) in zip(axes.flat, panels):
+    for ax, (name, values) in zip(axes.flat, panels, strict=False):
         draw_score_bars(ax, values, labels, ymax=top)
         ax.set_title(name)
     for ax in list(axes.flat)[len(panels):]:
@@ -305,7 +305,7 @@ def plot_masks(
     height, width = img.shape[-2:]
     vmax = max(1.0, max(float(a.max()) for a in arrays.values()))
     fig, axes = new_figure(len(levels), panel=(3.5, 3.5 * height / width + 0.4))
-    for ax, lvl in zip(axes[0], levels):
+    for ax, lvl in zip(axes[0], levels, strict=True):
         draw_boxes(ax, img, boxes if boxes is not None else torch.zeros(0, 4), scores=scores, colorbar=False)
         mappable = draw_mask(ax, arrays[lvl], (height, width), strides[lvl] if strides is not None else None,
                              vmax=vmax, cmap=cmap, alpha=alpha)
@@ -355,7 +355,7 @@ def plot_detections(
     fig, axes = new_figure(1 + len(dets), panel=(3.5, 3.5 * height / width + 0.4))
     draw_boxes(axes[0, 0], img, gt["boxes"], gt["labels"], class_names=class_names)
     axes[0, 0].set_title(f"ground truth ({len(gt['boxes'])})")
-    for ax, (name, d) in zip(axes[0, 1:], dets.items()):
+    for ax, (name, d) in zip(axes[0, 1:], dets.items(), strict=True):
         keep = (d["scores"] >= score_threshold).nonzero().flatten()
         keep = keep[d["scores"][keep].argsort(descending=True)][:max_detections]
         draw_boxes(ax, img, d["boxes"][keep], d["labels"][keep], d["scores"][keep],
@@ -426,13 +426,13 @@ def plot_training_curves(
     if not groups:
         raise ValueError(f"no loss or metric columns found; columns: {columns}")
     fig, axes = new_figure(len(groups), panel=(5.0, 3.5))
-    for ax, (title, keys) in zip(axes[0], groups):
+    for ax, (title, keys) in zip(axes[0], groups, strict=True):
         positive = True
         for key in keys:
             pts = [(_to_float(r.get(x)), _to_float(r.get(key))) for r in records]
             pts = [(a, b) for a, b in pts if a is not None and b is not None]
             if pts:
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=key)
                 positive = positive and min(ys) > 0
         ax.set_title(title)

@@ -228,7 +228,7 @@ class MaskInspector:
         self.boxes: list[Tensor] = []
         self.labels: list[Tensor | None] = []
         self._samples: list[tuple[Tensor, dict[str, Tensor]]] = []  # what kd_inputs_for reads (detectors)
-        for i, (image, target) in enumerate(zip(images, targets)):
+        for i, (image, target) in enumerate(zip(images, targets, strict=True)):
             tgt = dict(target) if isinstance(target, Mapping) else {"boxes": target}
             if "boxes" not in tgt:
                 raise ValueError(f"targets[{i}] has no 'boxes'; it has {list(tgt)}")
@@ -534,7 +534,7 @@ class MaskInspector:
             draw_boxes(ax, image, boxes, list(range(len(names))), weights, names, color_by_score=False, colorbar=False)
             mappable = draw_mask(ax, mask.numpy(), tuple(image.shape[-2:]), stride, vmin=lo, vmax=hi)
             ax.set_title(f"{title}\n({'shared, from (A^T+A^S)/2' if shared else 'from A^' + key[-1]}, {s['mask_scale']})")
-            spots += [(ax, box, _tooltip(row)) for box, row in zip(boxes.tolist(), view.rows)]
+            spots += [(ax, box, _tooltip(row)) for box, row in zip(boxes.tolist(), view.rows, strict=True)]
         fig.colorbar(mappable, ax=[ax_t, ax_s], fraction=0.046, pad=0.02,
                      label=f"mask weight ({s['mask_scale']}, fixed [0, {hi:.3g}])")
         fig.suptitle(f"{s['method']} · image {index} · level {s['level']} (stride {stride:g})")
@@ -606,15 +606,15 @@ class MaskInspector:
         fig, axes = new_figure(ncols, line + 1, panel=(3.3, 3.3 * image.shape[1] / image.shape[2] + 0.5))
         spots: list[_Spot] = []
         used = set()
-        for (base, members), (r, c) in zip(groups, places):
+        for (base, members), (r, c) in zip(groups, places, strict=True):
             lo, hi = view.color_range[base]
             group_axes = [axes[r, c + k] for k in range(len(members))]
-            for ax, member in zip(group_axes, members):
+            for ax, member in zip(group_axes, members, strict=True):
                 draw_boxes(ax, image, boxes, list(range(len(names))), class_names=names, color_by_score=False,
                            colorbar=False)
                 mappable = draw_mask(ax, arrays[member].numpy(), tuple(image.shape[-2:]), stride, vmin=lo, vmax=hi)
                 ax.set_title(member, fontsize=9)
-                spots += [(ax, box, _tooltip(row)) for box, row in zip(boxes.tolist(), view.rows)]
+                spots += [(ax, box, _tooltip(row)) for box, row in zip(boxes.tolist(), view.rows, strict=True)]
                 used.add(id(ax))
             fig.colorbar(mappable, ax=group_axes, fraction=0.046, pad=0.02, label=f"fixed [{lo:.3g}, {hi:.3g}]")
         for ax in axes.flat:

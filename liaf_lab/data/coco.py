@@ -108,7 +108,7 @@ class CocoDetectionDataset(DetectionDataset):
 
         sanitize, check_image = BoxSanitizer(ann_file), ImageChecker(ann_file, skip_bad_images)
         records = []
-        for image_id, im in zip(image_ids, images):
+        for image_id, im in zip(image_ids, images, strict=True):
             where = f"{ann_file}: image id {image_id}"
             file_name = str(_field(im, "file_name", where))
             width, height = _size(im, "width", where), _size(im, "height", where)

@@ -97,9 +97,9 @@ class BoxSanitizer:
         area_ok = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
         keep = finite & area_ok
         changed = keep & (clipped != boxes).any(axis=1)
-        self.clipped += [name for name, c in zip(names, changed) if c]
-        self.dropped += [name for name, f, a in zip(names, finite, area_ok) if f and not a]
-        self.nonfinite += [name for name, f in zip(names, finite) if not f]
+        self.clipped += [name for name, c in zip(names, changed, strict=True) if c]
+        self.dropped += [name for name, f, a in zip(names, finite, area_ok, strict=True) if f and not a]
+        self.nonfinite += [name for name, f in zip(names, finite, strict=True) if not f]
         return clipped, keep
 
     def record(
@@ -314,8 +314,8 @@ def records_to_coco(
     all_cats = [label_to_cat_id[i + 1] for i in range(len(class_names))]
     for r in records:
         images.append({"id": r.image_id, "file_name": r.path.name, "width": r.width, "height": r.height})
-        objects = zip(r.boxes, r.labels, _areas(r.boxes, r.areas))
-        ignored = zip(r.ignore_boxes, r.ignore_labels, _areas(r.ignore_boxes, r.ignore_areas))
+        objects = zip(r.boxes, r.labels, _areas(r.boxes, r.areas), strict=True)
+        ignored = zip(r.ignore_boxes, r.ignore_labels, _areas(r.ignore_boxes, r.ignore_areas), strict=True)
         rows = [(b, [label_to_cat_id[int(c)]], a, 0) for b, c, a in objects]
         rows += [(b, [label_to_cat_id[int(c)]] if c else all_cats, a, 1) for b, c, a in ignored]
         for box, cats, area, crowd in rows:
@@ -325,7 +325,7 @@ def records_to_coco(
                     "id": len(annotations) + 1, "image_id": r.image_id, "category_id": c, "iscrowd": crowd,
                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(area),
                 })
-    categories = [{"id": c, "name": n} for c, n in zip(all_cats, class_names)]
+    categories = [{"id": c, "name": n} for c, n in zip(all_cats, class_names, strict=True)]
     return coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
 
 

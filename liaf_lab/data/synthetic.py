@@ -119,7 +119,7 @@ def _inside(kind: str, u: FloatArray, v: FloatArray, params: NDArray[np.float64]
         return ((np.abs(u) <= params[0]) | (np.abs(v) <= params[0])) & (np.abs(u) <= 1) & (np.abs(v) <= 1)
     # "blob": star-convex outline r(phi) = 1 + sum_k a_k cos(k phi + p_k), scaled to fit the unit disc
     phi, edge = np.arctan2(v, u), np.ones_like(u)
-    for k, a, p in zip((2, 3, 5), params[:3], params[3:]):
+    for k, a, p in zip((2, 3, 5), params[:3], params[3:], strict=True):
         edge += a * np.cos(k * phi + p)
     return np.hypot(u, v) <= edge / (1 + params[:3].sum())
 
@@ -258,7 +258,7 @@ def _scene(rng: np.random.Generator, height: int, width: int) -> tuple[NDArray[n
                 "contrast": float(layer.opacity * np.linalg.norm(own - under) / np.sqrt(3)), "blur": layer.blur,
             })
         _composite(canvas, layer)
-    for inst, vis, total in zip(instances, visible_maps, totals):
+    for inst, vis, total in zip(instances, visible_maps, totals, strict=True):
         inst["visible"] = float(vis.sum()) / total
     canvas += rng.normal(0, rng.uniform(0, 0.03), canvas.shape).astype(np.float32)
     return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8), instances

@@ -126,7 +126,7 @@ class SquaredErrorSums(torch.autograd.Function):
         # d/dS of sum_{k,p} D^2 w_kp = -2 D w, with D = T - S and w_kp = g_cells_p + g_channels_k, formed for
         # a few channels at a time so that no second [N, C, HW] tensor exists
         grad = aligned.to(grad_cells.dtype) - teacher
-        for part, channels in zip(grad.split(16, dim=1), grad_channels.split(16, dim=1)):
+        for part, channels in zip(grad.split(16, dim=1), grad_channels.split(16, dim=1), strict=True):
             part.mul_(grad_cells[:, None, :] + channels[:, :, None])
         grad.mul_(2)
         teacher_grad = -grad.to(teacher.dtype) if ctx.needs_input_grad[0] else None

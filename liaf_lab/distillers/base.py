@@ -188,8 +188,8 @@ class FeatureDistiller(nn.Module):
         channels must then agree). Elsewhere the projector is the identity.
         """
         if mode is False:
-            bad = {l: (self.student_channels[l], self.teacher_channels[l]) for l in self.levels
-                   if self.student_channels[l] != self.teacher_channels[l]}
+            bad = {lvl: (self.student_channels[lvl], self.teacher_channels[lvl]) for lvl in self.levels
+                   if self.student_channels[lvl] != self.teacher_channels[lvl]}
             if bad:
                 raise ValueError(f"student and teacher channels differ at levels {bad} (student, teacher); "
                                  "use projector=True to learn a 1x1 projection")
@@ -226,7 +226,7 @@ class FeatureDistiller(nn.Module):
         if labels is not None:
             if len(labels) != len(boxes):
                 raise ValueError(f"labels has {len(labels)} entries for {len(boxes)} images")
-            for i, (lab, box) in enumerate(zip(labels, boxes)):
+            for i, (lab, box) in enumerate(zip(labels, boxes, strict=True)):
                 if not isinstance(lab, Tensor) or lab.dtype != torch.int64 or lab.shape != box.shape[:1]:
                     got = f"{lab.dtype} {tuple(lab.shape)}" if isinstance(lab, Tensor) else type(lab).__name__
                     raise ValueError(f"labels[{i}] must be an int64 tensor [{box.shape[0]}] (one per box), got {got}")

@@ -214,7 +214,7 @@ class GIDDistiller(FeatureDistiller):
     def prior_scores(teacher: list[Tensor], student: list[Tensor]) -> Tensor:
         """GISM's GI scores ``[N, P]`` (``gi_scores``) of the priors of all levels, concatenated in level
         order, from the per-level logits ``[N, P_l, K]`` of ``gi_boxes_and_logits``."""
-        return torch.cat([gi_scores(t, s.detach()) for t, s in zip(teacher, student)], dim=1)
+        return torch.cat([gi_scores(t, s.detach()) for t, s in zip(teacher, student, strict=True)], dim=1)
 
     @torch.no_grad()
     def select_scored(self, boxes: list[Tensor], scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,7 +281,7 @@ class GIDDistiller(FeatureDistiller):
         Per level ``boxes [P_l, 4]`` and logits ``[N, P_l, K]``; ``gi [N, K_gi, 4]``, ``valid [N, K_gi]``.
         """
         total, count = None, None
-        for mask, t, s in zip(self.response_masks(boxes, gi, valid), teacher, student):
+        for mask, t, s in zip(self.response_masks(boxes, gi, valid), teacher, student, strict=True):
             mask = mask.to(s.dtype)
             bce = F.binary_cross_entropy_with_logits(s, t.sigmoid(), reduction="none").sum(dim=2)
             level_total, level_count = (bce * mask).sum(), mask.sum()

@@ -32,10 +32,10 @@ def predict_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = defa
                         generator=torch.Generator())
     for images, targets in progress(loader, desc=desc, leave=False):
         detections = model([im.to(device) for im in images])
-        for det, target in zip(detections, targets):
+        for det, target in zip(detections, targets, strict=True):
             boxes = det["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True):
                 if label == 0:  # torchvision's background class (a trained student may still score it): no
                     continue    # category, which COCOeval would ignore anyway
                 results.append({"image_id": int(target["image_id"]), "bbox": [round(v, 2) for v in box],
@@ -54,7 +54,7 @@ def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: float(v) for name, v in zip(METRIC_NAMES, ev.stats)}
+    return {name: float(v) for name, v in zip(METRIC_NAMES, ev.stats, strict=True)}
 
 
 def evaluate_coco(model: nn.Module, dataset: Dataset, collate_fn: Callable = default_collate, batch_size: int = 8,

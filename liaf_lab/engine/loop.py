@@ -111,7 +111,7 @@ def _set_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, iteration:
     scheduler.last_epoch = iteration
     lrs = [cfg.lr * lr_factor(iteration, cfg.iterations, cfg.warmup, cfg.schedule, min_factor=cfg.min_lr_factor)
            for _ in optimizer.param_groups]
-    for group, lr in zip(optimizer.param_groups, lrs):
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports
     return scheduler

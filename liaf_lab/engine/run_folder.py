@@ -136,7 +136,7 @@ def check_optimizer_state(path: Path, saved: Any, params: list[Tensor]) -> None:
     if ids is None or not isinstance(per_param, dict) or len(ids) != len(params):
         raise CheckpointError(f"{path} is a damaged run checkpoint (its optimizer state does not fit the run's "
                               f"{len(params)} parameters)")
-    by_id = dict(zip(ids, params))
+    by_id = dict(zip(ids, params, strict=True))
     for i, entry in per_param.items():
         p = by_id.get(i)
         if p is None or not isinstance(entry, dict) or any(

@@ -435,7 +435,7 @@ class GFL(nn.Module):
         if len(num_anchors_per_level) != len(strides):
             raise ValueError(f"{len(num_anchors_per_level)} levels of anchors, but the anchor generator has "
                              f"{len(strides)} strides {list(strides)}")
-        return torch.cat([torch.full((n,), s) for n, s in zip(num_anchors_per_level, strides)]).to(device)
+        return torch.cat([torch.full((n,), s) for n, s in zip(num_anchors_per_level, strides, strict=True)]).to(device)
 
     def _check_labels(self, targets: list[Target]) -> None:
         """``ValueError`` naming a label outside ``0..num_classes-1`` (one device read per batch)."""
@@ -483,12 +483,12 @@ class GFL(nn.Module):
         bbox_logits = head_outputs["bbox_regression"].to(dtype)  # [N, A, 4(R+1)]
         anchors_t = torch.stack(anchors).to(dtype)  # [N, A, 4]
         matched = torch.stack([atss_assign(a, num_anchors_per_level, t["boxes"].to(dtype), self.atss_topk)
-                               for a, t in zip(anchors_t, targets)])  # [N, A], -1: negative
+                               for a, t in zip(anchors_t, targets, strict=True)])  # [N, A], -1: negative
         pos = (matched >= 0).to(dtype)
         gt_boxes = torch.stack([t["boxes"].to(dtype)[m.clamp(min=0)] if len(t["boxes"]) else
-                                anchors_t.new_zeros(len(m), 4) for t, m in zip(targets, matched)])  # [N, A, 4]
+                                anchors_t.new_zeros(len(m), 4) for t, m in zip(targets, matched, strict=True)])  # [N, A, 4]
         gt_labels = torch.stack([t["labels"][m.clamp(min=0)] if len(t["labels"]) else torch.zeros_like(m)
-                                 for t, m in zip(targets, matched)])  # [N, A]
+                                 for t, m in zip(targets, matched, strict=True)])  # [N, A]
 
         strides = self._anchor_strides(num_anchors_per_level, cls_logits.device).to(dtype)[:, None]  # [A, 1]
         centres = anchor_centres(anchors_t) / strides  # [N, A, 2], in strides
@@ -532,7 +532,7 @@ class GFL(nn.Module):
         for index, image_size in enumerate(image_sizes):
             boxes_all, scores_all, labels_all = [], [], []
             for logits, bbox, level_anchors, stride in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
-                                                           anchors[index], self.anchor_generator.strides):
+                                                           anchors[index], self.anchor_generator.strides, strict=True):
                 num_classes = logits.shape[-1]
                 scores = _at_least_float32(logits[index]).sigmoid().flatten()
                 keep = scores > self.score_thresh

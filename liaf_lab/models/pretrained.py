@@ -203,7 +203,7 @@ def _remap_rows(state: Mapping[str, Tensor], target: Mapping[str, Tensor], class
     coco = file_names or _COCO_CATEGORIES
     ids = list(category_ids)
     names = list(class_names) if class_names is not None else [coco[c] if 0 < c < 91 else "" for c in ids]
-    if len(ids) != num_classes - 1 or any(not 0 < c < 91 or coco[c] != n for c, n in zip(ids, names)):
+    if len(ids) != num_classes - 1 or any(not 0 < c < 91 or coco[c] != n for c, n in zip(ids, names, strict=True)):
         return "the dataset's categories are not COCO's (by id and name): class layers re-initialised"
     picked = [0, *ids]  # row 0: background / "no object"
     out = {}

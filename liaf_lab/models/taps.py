@@ -182,7 +182,7 @@ def _per_level_outputs(flat: Tensor, features: Mapping[str, Tensor], num_anchors
     """
     cells = [f.shape[-2] * f.shape[-1] * num_anchors for f in features.values()]
     out = {}
-    for (lvl, f), part in zip(features.items(), flat.split(cells, dim=1)):
+    for (lvl, f), part in zip(features.items(), flat.split(cells, dim=1), strict=True):
         n, _, h, w = f.shape
         d = part.shape[-1]
         out[lvl] = part.reshape(n, h, w, num_anchors, d).permute(0, 3, 4, 1, 2).reshape(n, num_anchors * d, h, w)
@@ -222,7 +222,7 @@ def _dense_heads(
     shared = SHARED_OUTPUTS.get(detector_arch(model), {})
     outputs = {lvl: {**{k: split[k][lvl] for k in head_outputs}, **{k: split[v][lvl] for k, v in shared.items()}}
                for lvl in features}
-    return losses, detections, outputs, dict(zip(features, anchors[0].split(per_level)))
+    return losses, detections, outputs, dict(zip(features, anchors[0].split(per_level), strict=True))
 
 
 def _box_branch(model: FasterRCNN, features: OrderedDict[str, Tensor], proposals: list[Tensor],
@@ -246,9 +246,9 @@ def _box_training_samples(
     matched_idxs, labels = roi.assign_targets_to_proposals(proposals, gt_boxes, [t["labels"] for t in targets])
     sampled = roi.subsample(labels)
     no_box = torch.zeros((1, 4), dtype=dtype, device=device)  # torchvision's stand-in for an image without boxes
-    matched_boxes = [(g if g.numel() else no_box)[m[i]] for g, m, i in zip(gt_boxes, matched_idxs, sampled)]
-    proposals = [p[i] for p, i in zip(proposals, sampled)]
-    return proposals, [lab[i] for lab, i in zip(labels, sampled)], roi.box_coder.encode(matched_boxes, proposals)
+    matched_boxes = [(g if g.numel() else no_box)[m[i]] for g, m, i in zip(gt_boxes, matched_idxs, sampled, strict=True)]
+    proposals = [p[i] for p, i in zip(proposals, sampled, strict=True)]
+    return proposals, [lab[i] for lab, i in zip(labels, sampled, strict=True)], roi.box_coder.encode(matched_boxes, proposals)
 
 
 def _rcnn_heads(
@@ -283,10 +283,10 @@ def _rcnn_heads(
     if original_sizes is not None:
         class_logits, box_regression = _box_branch(model, features, proposals, sizes)
         boxes, scores, labels = roi.postprocess_detections(class_logits, box_regression, proposals, sizes)
-        detections = [{"boxes": b, "labels": l, "scores": s} for b, s, l in zip(boxes, scores, labels)]
+        detections = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels, strict=True)]
         detections = model.transform.postprocess(detections, sizes, original_sizes)
-    outputs = {lvl: {"objectness": o, "bbox_deltas": d} for lvl, o, d in zip(features, objectness, deltas)}
-    return losses, detections, outputs, dict(zip(features, anchors[0].split(anchors_per_level)))
+    outputs = {lvl: {"objectness": o, "bbox_deltas": d} for lvl, o, d in zip(features, objectness, deltas, strict=True)}
+    return losses, detections, outputs, dict(zip(features, anchors[0].split(anchors_per_level), strict=True))
 
 
 def _heads(
@@ -424,7 +424,7 @@ def prior_assignment(model: nn.Module, priors: Mapping[str, Tensor], targets: li
         raise ValueError(f"{type(model).__name__} does not give its assignment of priors (given by: {sorted(ASSIGNERS)})")
     counts = [p.shape[0] for p in priors.values()]
     matched = ASSIGNERS[arch](model, torch.cat(list(priors.values())), counts, targets)
-    return dict(zip(priors, matched.split(counts, dim=1)))
+    return dict(zip(priors, matched.split(counts, dim=1), strict=True))
 
 
 # -- the head split at a tower conv (CrossKD: the student's tower features through the teacher's head) ------
