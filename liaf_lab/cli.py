@@ -10,6 +10,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 DESCRIPTION = """\
 LIAF-KD and the detector-distillation methods of its field, for torchvision detectors. The recipe, step by step (tiny preset, bundled sample data):
@@ -193,48 +197,58 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 def run(args: argparse.Namespace) -> int:
     """Carry out a parsed ``liaf-lab`` command."""
-    if args.command == "toy":
-        from .toy import run_toy
+    commands = {"toy": _toy, "study": _study, "demo": _demo}
+    return commands.get(args.command, _train)(args)
 
-        print(json.dumps(run_toy(out_dir=args.out), indent=2))
+
+def _toy(args: argparse.Namespace) -> int:
+    from .toy import run_toy
+
+    print(json.dumps(run_toy(out_dir=args.out), indent=2))
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .executors import JobsPending, SlurmOptions
+    from .study import parse_grid, run_study
+
+    options = SlurmOptions(partition=args.partition, time_min=args.time, gpus=args.gpus, cpus=args.cpus,
+                           array_parallelism=args.array_parallelism, mem_gb=args.mem_gb, wait=not args.no_wait)
+    try:
+        result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid),
+                           args.overrides, args.device, args.jobs, args.threads, args.teacher,
+                           "one_at_a_time" if args.one_at_a_time else "product", pairwise=args.pairwise,
+                           versus=args.versus, target_half_width=args.target_halfwidth,
+                           max_seeds=args.max_seeds, executor=args.executor, executor_options=options,
+                           teacher_cache={"auto": None, "on": True, "off": False}[args.teacher_cache],
+                           teacher_cache_gb=args.teacher_cache_gb)
+    except JobsPending as pending:
+        print(pending)
         return 0
-    if args.command == "study":
-        from .executors import JobsPending, SlurmOptions
-        from .study import parse_grid, run_study
+    print(result.report.read_text())
+    return 0
 
-        options = SlurmOptions(partition=args.partition, time_min=args.time, gpus=args.gpus, cpus=args.cpus,
-                               array_parallelism=args.array_parallelism, mem_gb=args.mem_gb, wait=not args.no_wait)
-        try:
-            result = run_study(args.out, args.config, args.methods, args.seeds, parse_grid(args.grid),
-                               args.overrides, args.device, args.jobs, args.threads, args.teacher,
-                               "one_at_a_time" if args.one_at_a_time else "product", pairwise=args.pairwise,
-                               versus=args.versus, target_half_width=args.target_halfwidth,
-                               max_seeds=args.max_seeds, executor=args.executor, executor_options=options,
-                               teacher_cache={"auto": None, "on": True, "off": False}[args.teacher_cache],
-                               teacher_cache_gb=args.teacher_cache_gb)
-        except JobsPending as pending:
-            print(pending)
-            return 0
-        print(result.report.read_text())
-        return 0
-    if args.command == "demo":
-        from .demo import run_demo
 
-        results = run_demo(args.out, args.config, tuple(args.seeds), args.overrides, args.device,
-                           teacher_weights=None if args.train_teacher else "auto", quick=args.quick,
-                           methods=tuple(args.methods))
-        print((Path(args.out) / "report.md").read_text())
-        return 0 if results else 1
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
 
-    from .builders import build_datasets, build_detector, build_distiller, dataset_category_ids, train_config
-    from .checkpoint import load_module_state
-    from .config import load_config, method_config, resolve_path
+    results = run_demo(args.out, args.config, tuple(args.seeds), args.overrides, args.device,
+                       teacher_weights=None if args.train_teacher else "auto", quick=args.quick,
+                       methods=tuple(args.methods))
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if results else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``evaluate``, ``train-teacher``, ``learn-stage1`` and ``distill``: one run of a config, then (but for
+    ``learn-stage1``) its detector saved and evaluated on val."""
+    from .builders import build_datasets, build_detector, dataset_category_ids, train_config
+    from .config import load_config, method_config
     from .data import collate_fn
-    from .distillers import BASELINE
-    from .engine import evaluate_coco, learn_stage1, load_checkpoint, save_checkpoint, train_detector, train_student
-    from .models import save_detector
+    from .engine import evaluate_coco, train_detector
     from .engine.distributed import is_main, resolve_device
     from .engine.tracking import log_run_summary
+    from .models import save_detector
 
     cfg = load_config(args.config, args.overrides)
     train, val = build_datasets(cfg)
@@ -261,38 +275,9 @@ def run(args: argparse.Namespace) -> int:
                        val_dataset=val, **resume)
         name = "teacher.pt"
     else:
-        inherit = cfg["kd"].get("inherit", False)
-        if not args.teacher and (stage1_command or args.method != BASELINE or inherit):
-            raise ValueError("--teacher is required (train one with `liaf-lab train-teacher`)"
-                             + ("; with kd.inherit = true the no-KD student starts from its neck and head too"
-                                if args.method == BASELINE else ""))
-        teacher = (build_detector(cfg, "teacher", num_classes, weights_path=args.teacher, class_names=classes)
-                   if args.teacher else None)
         model = build_detector(cfg, "student", num_classes, seed=seed, **pretrained)
-        distiller = build_distiller(args.method, cfg, model, seed=seed)
-        if stage1_command and (distiller is None or not distiller.two_stage):
-            raise ValueError(f"method {args.method!r} has no stage 1 to learn")
-        if not stage1_command and args.stage1:
-            if distiller is None or not distiller.two_stage:
-                raise ValueError(f"--stage1 is for two-stage methods; {args.method!r} has no stage 1")
-            stage1 = resolve_path(args.stage1)
-            load_module_state(distiller, load_checkpoint(stage1), stage1,
-                              f"the stage-1 state of a {args.method!r} distiller of this config (stage1.pt)")
-            if not distiller.stage1_ready:
-                raise ValueError(f"{stage1} holds a {args.method!r} distiller whose stage 1 never ran")
-        elif distiller is not None and distiller.two_stage:
-            stage1_out = out if stage1_command else out / "stage1"
-            learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), stage1_out, args.device,
-                         **resume)
-            if is_main():
-                save_checkpoint(stage1_out / "stage1.pt", distiller.state_dict())
-                stats = stage1_out / "stage1_stats.json"
-                if stats.exists():
-                    print(f"stage-1 statistics ({stats}):\n{stats.read_text()}")
-        if stage1_command:
+        if not _train_student(args, cfg, model, train, val, out, stage1_command, resume):
             return 0
-        train_student(model, teacher, distiller, train, train_config(cfg, "distill", seed=seed), out, args.device,
-                      inherit=inherit, val_dataset=val, **resume)  # stage 1 was learned or loaded above
         name = "student.pt"
     if is_main():
         save_detector(out / name, model, classes)
@@ -304,6 +289,52 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     return 0
 
+
+def _train_student(args: argparse.Namespace, cfg: dict, model: nn.Module, train: Any, val: Any, out: Path,
+                   stage1_command: bool, resume: dict[str, Any]) -> bool:
+    """``learn-stage1`` or ``distill`` of ``model`` (stage 1 learned, or loaded with ``--stage1``); whether a
+    student was trained (``learn-stage1`` trains none)."""
+    from .builders import build_detector, build_distiller, train_config
+    from .checkpoint import load_module_state
+    from .config import resolve_path
+    from .distillers import BASELINE
+    from .engine import learn_stage1, load_checkpoint, save_checkpoint, train_student
+    from .engine.distributed import is_main
+
+    classes, seed = train.class_names, args.seed
+    inherit = cfg["kd"].get("inherit", False)
+    if not args.teacher and (stage1_command or args.method != BASELINE or inherit):
+        raise ValueError("--teacher is required (train one with `liaf-lab train-teacher`)"
+                         + ("; with kd.inherit = true the no-KD student starts from its neck and head too"
+                            if args.method == BASELINE else ""))
+    teacher = (build_detector(cfg, "teacher", len(classes) + 1, weights_path=args.teacher, class_names=classes)
+               if args.teacher else None)
+    distiller = build_distiller(args.method, cfg, model, seed=seed)
+    two_stage = distiller is not None and distiller.two_stage
+    if stage1_command and not two_stage:
+        raise ValueError(f"method {args.method!r} has no stage 1 to learn")
+    if not stage1_command and args.stage1:
+        if not two_stage:
+            raise ValueError(f"--stage1 is for two-stage methods; {args.method!r} has no stage 1")
+        stage1 = resolve_path(args.stage1)
+        load_module_state(distiller, load_checkpoint(stage1), stage1,
+                          f"the stage-1 state of a {args.method!r} distiller of this config (stage1.pt)")
+        if not distiller.stage1_ready:
+            raise ValueError(f"{stage1} holds a {args.method!r} distiller whose stage 1 never ran")
+    elif two_stage:
+        stage1_out = out if stage1_command else out / "stage1"
+        learn_stage1(teacher, distiller, train, train_config(cfg, "stage1", seed=seed), stage1_out, args.device,
+                     **resume)
+        if is_main():
+            save_checkpoint(stage1_out / "stage1.pt", distiller.state_dict())
+            stats = stage1_out / "stage1_stats.json"
+            if stats.exists():
+                print(f"stage-1 statistics ({stats}):\n{stats.read_text()}")
+    if stage1_command:
+        return False
+    train_student(model, teacher, distiller, train, train_config(cfg, "distill", seed=seed), out, args.device,
+                  inherit=inherit, val_dataset=val, **resume)  # stage 1 was learned or loaded above
+    return True
 
 if __name__ == "__main__":
     sys.exit(main())

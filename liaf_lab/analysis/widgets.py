@@ -131,6 +131,26 @@ def _tooltip(row: Mapping[str, Any]) -> str:
     return head + "\n" + "\n".join(f"{k}: {_fmt(v)}" for k, v in row.items() if k not in ("instance", "label", "class"))
 
 
+def _method_pairs(student: FeatureSource, distiller: FeatureDistiller,
+                  methods: Mapping[str, tuple[FeatureSource, FeatureDistiller]] | None
+                  ) -> dict[str, tuple[FeatureSource, FeatureDistiller]]:
+    """The inspector's methods by label: ``distiller`` with ``student`` first, then ``methods``; ``ValueError``
+    naming a pair that is not a (student, distiller), reuses the distiller's label or distils other levels."""
+    if not isinstance(distiller, FeatureDistiller):
+        raise ValueError(f"distiller must be a liaf_lab distiller (FeatureDistiller), got {type(distiller).__name__}")
+    pairs: dict[str, tuple[FeatureSource, FeatureDistiller]] = {distiller.label: (student, distiller)}
+    for name, pair in (methods or {}).items():
+        if name in pairs:
+            raise ValueError(f"methods has {name!r}, the name of the distiller itself: choose another name")
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], FeatureDistiller)):
+            raise ValueError(f"methods[{name!r}] must be a (student, distiller) pair, got {type(pair).__name__}")
+        if pair[1].levels != distiller.levels:
+            raise ValueError(f"methods[{name!r}] distils the levels {pair[1].levels} but the distiller "
+                             f"{distiller.levels}: build every distiller for the same student levels")
+        pairs[name] = pair
+    return pairs
+
+
 class MaskInspector:
     """Browse what a distillation method weights: pick a method, image and FPN level (and for LIAF-KD a
     selector and the mask options); see the teacher's and student's masks side by side and a table per instance.
@@ -198,18 +218,7 @@ class MaskInspector:
         methods: Mapping[str, tuple[FeatureSource, FeatureDistiller]] | None = None,
         seed: int = 0,
     ) -> None:
-        if not isinstance(distiller, FeatureDistiller):
-            raise ValueError(f"distiller must be a liaf_lab distiller (FeatureDistiller), got {type(distiller).__name__}")
-        self.methods: dict[str, tuple[FeatureSource, FeatureDistiller]] = {distiller.label: (student, distiller)}
-        for name, pair in (methods or {}).items():
-            if name in self.methods:
-                raise ValueError(f"methods has {name!r}, the name of the distiller itself: choose another name")
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], FeatureDistiller)):
-                raise ValueError(f"methods[{name!r}] must be a (student, distiller) pair, got {type(pair).__name__}")
-            if pair[1].levels != distiller.levels:
-                raise ValueError(f"methods[{name!r}] distils the levels {pair[1].levels} but the distiller "
-                                 f"{distiller.levels}: build every distiller for the same student levels")
-            self.methods[name] = pair
+        self.methods = _method_pairs(student, distiller, methods)
         images = list(images)
         if not images:
             raise ValueError("images is empty: pass at least one [3, H, W] image")

@@ -68,6 +68,29 @@ def kitti_splits(all_ids: Sequence[str], test_fraction: float | None = None,
     return splits
 
 
+def _read_labels(label_path: Path, label_of: Mapping[str, int]) -> tuple[list[list[float]], list[int], list[str]]:
+    """One KITTI label file: the boxes ``[x1, y1, x2, y2]`` of its objects, their labels (``label_of``, 0: an
+    ignore region for a type not kept) and where each is written (``"<file> line <k>"``); ``ValueError`` naming
+    the line of a malformed row."""
+    rows, labels, lines = [], [], []
+    for k, line in enumerate(label_path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != _NUM_FIELDS:
+            raise ValueError(f"{label_path} line {k}: expected {_NUM_FIELDS} KITTI fields, got {len(fields)}")
+        name = fields[0]
+        if name not in KITTI_TYPES:
+            raise ValueError(f"{label_path} line {k}: unknown class {name!r}; KITTI types are {KITTI_TYPES}")
+        try:
+            rows.append([float(v) for v in fields[4:8]])
+        except ValueError as e:
+            raise ValueError(f"{label_path} line {k}: bad box {fields[4:8]}: {e}") from None
+        labels.append(label_of.get(name, 0))
+        lines.append(f"{label_path.name} line {k}")
+    return rows, labels, lines
+
+
 class KittiDataset(DetectionDataset):
     """KITTI ``training/`` data as ``(image [3, H, W], target)``; ignored types go to ``ignore_boxes``.
 
@@ -137,22 +160,7 @@ class KittiDataset(DetectionDataset):
             if size is None:
                 continue
             width, height = size
-            rows, labels, lines = [], [], []
-            for k, line in enumerate(label_path.read_text().splitlines(), start=1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != _NUM_FIELDS:
-                    raise ValueError(f"{label_path} line {k}: expected {_NUM_FIELDS} KITTI fields, got {len(fields)}")
-                name = fields[0]
-                if name not in KITTI_TYPES:
-                    raise ValueError(f"{label_path} line {k}: unknown class {name!r}; KITTI types are {KITTI_TYPES}")
-                try:
-                    rows.append([float(v) for v in fields[4:8]])
-                except ValueError as e:
-                    raise ValueError(f"{label_path} line {k}: bad box {fields[4:8]}: {e}") from None
-                labels.append(label_of.get(name, 0))
-                lines.append(f"{label_path.name} line {k}")
+            rows, labels, lines = _read_labels(label_path, label_of)
             ignore = [label == 0 for label in labels]
             records.append(sanitize.record(index[stem], image_path, width, height, rows, labels, ignore, lines))
         sanitize.warn()
