@@ -18,7 +18,7 @@ from .distillers import (  # noqa: E402
     register_variant,
 )
 from .engine import TrainConfig, distill, evaluate_coco, learn_stage1, stage1_stats, train_detector  # noqa: E402
-from .instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features, score_entropy  # noqa: E402
+from .distillers.instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features, score_entropy  # noqa: E402
 from .models import create_detector, fpn_strides, save_detector  # noqa: E402
 from .study import StudyRun, load_study_run, run_study  # noqa: E402
 from .study_report import StudySummary, load_study_summary  # noqa: E402

@@ -1,4 +1,4 @@
-"""liaf_lab.instance against the literal loop references in tests/references/liaf.py (Eq. 2, 3, 4, 6, 7)."""
+"""liaf_lab.distillers.instance against the literal loop references in tests/references/liaf.py (Eq. 2, 3, 4, 6, 7)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from helpers import random_boxes
 from references.liaf import ref_diversity_loss, ref_instance_mask, ref_roi_features, ref_scores
 
 from liaf_lab import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features
-from liaf_lab.instance import concat_boxes, score_entropy, segment_softmax
+from liaf_lab.distillers.instance import score_entropy, segment_softmax
+from liaf_lab.distillers.ops import concat_boxes
 from references.liaf import ref_entropy
 
 PROPERTY = settings(max_examples=30, deadline=None)

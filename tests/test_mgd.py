@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from helpers import STRIDES, assert_default_generator_draws, assert_seeded_draws, gen, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
-from liaf_lab.distillers.mgd import MGDDistiller, random_keep_mask
+from liaf_lab.distillers.mgd import MGDDistiller
+from liaf_lab.distillers.ops import random_keep_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads  # noqa: E402

@@ -9,7 +9,8 @@ import torch
 from helpers import STRIDES, assert_loss_and_grads_close, feature_gradcheck, make_boxes, make_feats
 
 from liaf_lab.distillers import KDInputs, create_distiller, list_distillers, method_label, method_options
-from liaf_lab.distillers.pkd import PKDDistiller, channel_standardise
+from liaf_lab.distillers.ops import channel_standardise
+from liaf_lab.distillers.pkd import PKDDistiller
 from references.pkd import ref_pkd_loss
 
 TEACHER_C = 3

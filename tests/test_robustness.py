@@ -29,7 +29,7 @@ from liaf_lab.cli import main
 from liaf_lab.data import CocoDetectionDataset, DatasetWarning, VOCDataset
 from liaf_lab.engine import TrainConfig, evaluate_coco, fit
 from liaf_lab.engine.loop import NonFiniteError
-from liaf_lab.instance import instance_mask
+from liaf_lab.distillers.instance import instance_mask
 from liaf_lab.models import create_detector
 from liaf_lab.processes import FolderLock
 from liaf_lab.study import Run, StudyError, run_one, run_study

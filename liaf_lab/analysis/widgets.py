@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, InstanceScorer, KDInputs
 from ..distillers.liaf import MaskScale, MaskSide
-from ..instance import Normalize, instance_mask
+from ..distillers.instance import Normalize, instance_mask
 from ..models.backbones import eval_mode
 from ..options import check_value
 from ..validation import check_boxes, check_feature_dict

@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from ..options import PositiveInt, Range, Weight
 from .base import FeatureDistiller, KDInputs
-from .maskd import dice_coeff
+from .ops import dice_coeff
 from .registry import register_distiller
 
 ChannelUnits = Literal["scalar", "vector"]

@@ -23,35 +23,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from ..models.gfl import anchor_centres, distance2box, integral_distances, mean_over_ranks
+from ..models.gfl import mean_over_ranks
 from ..options import Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
+from .ops import binary_kd, decode_bins
 from .registry import register_distiller
-
-
-def binary_kd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
-    """Binary classification KD per logit: ``BCE(s, sigmoid(t)) * |sigmoid(t) - sigmoid(s)|^beta``.
-
-    ``student``, ``teacher``: ``[..., K]`` logits (the teacher's without gradient) -> ``[..., K]``.
-    """
-    target = teacher.sigmoid()
-    return F.binary_cross_entropy_with_logits(student, target, reduction="none") * (target - student.sigmoid()).abs().pow(beta)
 
 
 def box_weights(student: Tensor, teacher: Tensor) -> Tensor:
     """The localisation KD's weight per prior, ``max_k |sigmoid(t_k) - sigmoid(s_k)|`` without gradient:
     ``[..., K]`` logits -> ``[...]``."""
     return (teacher.detach().sigmoid() - student.detach().sigmoid()).abs().amax(dim=-1)
-
-
-def decode_bins(bins: Tensor, priors: Tensor) -> Tensor:
-    """Boxes in units of the stride from bin logits ``[N, P, 4 (R + 1)]`` and priors ``[P, 4]`` scaled to
-    the stride: ``centre -/+ integral(bins)`` -> ``[N, P, 4]``."""
-    return distance2box(anchor_centres(priors), integral_distances(bins, bins.shape[-1] // 4 - 1))
 
 
 @register_distiller("bckd", label="BCKD")

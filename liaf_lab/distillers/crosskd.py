@@ -33,9 +33,7 @@ from torchvision.ops import generalized_box_iou_loss
 from ..models.gfl import mean_over_ranks
 from ..options import NonNegativeInt, Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
-from .bckd import binary_kd, decode_bins
-from .ld import bin_kl
-from .pkd import channel_standardise
+from .ops import bin_kl, binary_kd, channel_standardise, decode_bins
 from .registry import register_distiller
 
 BRANCHES = ("cls", "reg")

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..instance import concat_boxes
 from ..options import Positive, Weight
 from .base import FeatureDistiller, KDInputs
-from .fgfi import adaptation_layers
+from .ops import adaptation_layers, box_cells, concat_boxes
 from .registry import register_distiller
 
 BoxLevels = Literal["scale", "all"]
@@ -48,7 +47,7 @@ def gt_masks(
 
     A box divided by the stride covers the columns ``floor(x1) <= w < floor(x2)`` and rows
     ``floor(y1) <= h < floor(y2)`` (first clipped to the grid); where either range is empty, only
-    the cell ``(floor(y1), floor(x1))``. With ``box_levels="scale"`` a box marks only the level
+    the cell ``(floor(y1), floor(x1))`` (``ops.box_cells``'s ``"defeat"`` rule). With ``box_levels="scale"`` a box marks only the level
     ``box_level_index`` gives it, the levels ranked by stride; with ``"all"`` every level.
 
     Args:
@@ -64,16 +63,7 @@ def gt_masks(
     level_index = box_level_index(rois, len(ranked))
     masks = {}
     for lvl, (height, width) in sizes.items():
-        grid = torch.floor(rois / strides[lvl])
-        lx, ly = grid[:, 0:1].clamp(0, width - 1), grid[:, 1:2].clamp(0, height - 1)  # [I, 1]
-        rx, ry = grid[:, 2:3].clamp(0, width), grid[:, 3:4].clamp(0, height)
-        cols = torch.arange(width, device=device, dtype=dtype)
-        rows = torch.arange(height, device=device, dtype=dtype)
-        in_x = (cols >= lx) & (cols < rx)  # [I, W]
-        in_y = (rows >= ly) & (rows < ry)  # [I, H]
-        corner = (rows == ly)[:, :, None] & (cols == lx)[:, None, :]  # [I, H, W]
-        empty = ((rx <= lx) | (ry <= ly))[:, 0]
-        inside = torch.where(empty[:, None, None], corner, in_y[:, :, None] & in_x[:, None, :])
+        inside = box_cells(rois, strides[lvl], (height, width), "defeat")  # [I, H, W]
         if box_levels == "scale":
             inside = inside & (level_index == ranked.index(lvl))[:, None, None]
         values = inside.flatten(1).to(dtype)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..instance import concat_boxes
 from ..options import Positive, Weight
 from .base import FeatureDistiller, KDInputs
+from .ops import box_cells, concat_boxes, fgd_cell_span
 from .registry import register_distiller
 
 
@@ -44,7 +44,7 @@ def fgd_masks(boxes: Sequence[Tensor], stride: float, size: tuple[int, int]) -> 
     """Public ``forward``'s ``Mask_fg``/``Mask_bg`` (paper: binary and scale masks): fore- and background masks ``[N, H, W]``.
 
     Each box is scaled to the grid by ``1 / stride`` and covers the cells ``floor(y1)..ceil(y2)`` and
-    ``floor(x1)..ceil(x2)`` inclusive (clipped to the grid), each of which takes the larger of its value
+    ``floor(x1)..ceil(x2)`` inclusive (clipped to the grid; ``ops.box_cells``'s ``"fgd"`` rule), each of which takes the larger of its value
     and ``1 / ((ceil(y2) + 1 - floor(y1)) * (ceil(x2) + 1 - floor(x1)))`` (the smaller box wins). The
     background is 1 where the foreground is 0, divided by its count when that is positive.
 
@@ -57,16 +57,11 @@ def fgd_masks(boxes: Sequence[Tensor], stride: float, size: tuple[int, int]) -> 
     """
     height, width = size
     rois, batch_index = concat_boxes(boxes)
-    rois = rois.to(torch.promote_types(rois.dtype, torch.float32)) / stride
+    rois = rois.to(torch.promote_types(rois.dtype, torch.float32))
     device, dtype = rois.device, rois.dtype
-    wmin, hmin = rois[:, 0].floor(), rois[:, 1].floor()
-    wmax, hmax = rois[:, 2].ceil(), rois[:, 3].ceil()
-    area = 1.0 / ((hmax + 1 - hmin) * (wmax + 1 - wmin))  # [I]
-    hs = torch.arange(height, device=device, dtype=dtype)
-    ws = torch.arange(width, device=device, dtype=dtype)
-    in_y = (hs >= hmin[:, None]) & (hs <= hmax[:, None])  # [I, H]
-    in_x = (ws >= wmin[:, None]) & (ws <= wmax[:, None])  # [I, W]
-    inside = in_y[:, :, None] & in_x[:, None, :]  # [I, H, W]
+    first, last = fgd_cell_span(rois / stride)  # [I, 2] each, (x, y), before clipping
+    area = 1.0 / ((last[:, 1] + 1 - first[:, 1]) * (last[:, 0] + 1 - first[:, 0]))  # [I]
+    inside = box_cells(rois, stride, size, "fgd")  # [I, H, W]
     values = torch.where(inside, area[:, None, None], torch.zeros((), device=device, dtype=dtype)).flatten(1)
     fg = torch.zeros(len(boxes), height * width, device=device, dtype=dtype).scatter_reduce(
         0, batch_index[:, None].expand_as(values), values, reduce="amax", include_self=True

@@ -16,31 +16,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import box_iou
 
-from ..instance import concat_boxes
 from ..options import Fraction, Positive, Weight
 from .base import FeatureDistiller, KDInputs, prior_boxes
+from .ops import adaptation_layers, concat_boxes
 from .registry import register_distiller
 
 IoUMax = Literal["level", "all"]
-
-
-def adaptation_layers(student_channels: Mapping[str, int], teacher_channels: Mapping[str, int],
-                      relu: bool) -> nn.ModuleDict:
-    """Per level the public ``stu_feature_adap``: a 3x3 conv (padding 1) ``C_s -> C_t``, optionally then ReLU.
-
-    Init as the public code's ``normal_init(..., 0, 0.0001, truncated=True)``: weight
-    ``fmod(N(0, 1), 2) * 1e-4``, bias left at PyTorch's default.
-    """
-    layers = {}
-    for lvl, c_t in teacher_channels.items():
-        conv = nn.Conv2d(student_channels[lvl], c_t, kernel_size=3, padding=1)
-        with torch.no_grad():
-            conv.weight.normal_().fmod_(2).mul_(1e-4)
-        layers[lvl] = nn.Sequential(conv, nn.ReLU()) if relu else conv
-    return nn.ModuleDict(layers)
 
 
 def imitation_masks(

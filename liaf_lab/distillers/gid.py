@@ -39,6 +39,7 @@ from torchvision.ops import roi_align
 
 from ..options import Fraction, Positive, PositiveInt, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits, prior_boxes
+from .ops import box_cells
 from .registry import register_distiller
 
 RoiLevel = Literal["size", "prior"]
@@ -306,7 +307,7 @@ class GIDDistiller(FeatureDistiller):
 
         * ``selected instances``: the GI score of each selected instance (``select``, ``prior_scores``)
           over its GI box on the level it is pooled from (``instances``; cells ``(h, w)`` with
-          ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2``, LIAF-KD's cell rule), the larger
+          ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2``, ``ops.box_cells``'s ``"corner"`` rule), the larger
           score where two overlap, 0 elsewhere; what ``feature`` and ``relation`` read;
         * ``response mask``: the share of the cell's priors in the GI mask (``response_masks``), where
           ``response`` distils the class logits.
@@ -320,11 +321,7 @@ class GIDDistiller(FeatureDistiller):
         maps: dict[str, dict[str, Tensor]] = {"selected instances": {}, "response mask": {}}
         for i, lvl in enumerate(self.levels):
             n, _, height, width = inputs.teacher_feats[lvl].shape
-            hs = torch.arange(height, device=gi.device, dtype=gi.dtype) * self.strides[lvl]
-            ws = torch.arange(width, device=gi.device, dtype=gi.dtype) * self.strides[lvl]
-            in_y = (hs >= gi[..., 1:2]) & (hs < gi[..., 3:4])  # [N, K, H]
-            in_x = (ws >= gi[..., 0:1]) & (ws < gi[..., 2:3])  # [N, K, W]
-            inside = in_y[..., :, None] & in_x[..., None, :] & (level == i)[..., None, None]  # [N, K, H, W]
+            inside = box_cells(gi, self.strides[lvl], (height, width)) & (level == i)[..., None, None]  # [N, K, H, W]
             maps["selected instances"][lvl] = torch.where(inside, picked[..., None, None], 0.0).amax(dim=1)
             maps["response mask"][lvl] = response[i].view(n, height, width, -1).to(picked.dtype).mean(dim=3)
         return maps

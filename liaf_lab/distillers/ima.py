@@ -9,7 +9,7 @@ loss is rebuilt from the text; each piece names the sentence it comes from. Per 
    a 1x1 conv only where the channels differ, unless ``projector=True``.
 2. Instance mask distillation. "a binary mask M ... generated randomly with a mask ratio zeta",
    "R_{i,j} ... sampled from a uniform distribution ... for each spatial location (i, j)": one draw
-   per image and cell from ``KDInputs.generator``, shared over channels (``mgd.random_keep_mask``:
+   per image and cell from ``KDInputs.generator``, shared over channels (``ops.random_keep_mask``:
    dropped where ``R > 1 - zeta``, a fraction ``zeta`` on average; the paper's ``M`` is
    ``H x W x 1``, drawn per image here as in MGD's code). "element-wise multiplication, applied to the
    function F(F^S)": ``F`` is read as ``f_align``; the phrase "masks out certain frequency
@@ -45,8 +45,8 @@ loss is rebuilt from the text; each piece names the sentence it comes from. Per 
 "Instance". The paper defines ``F in R^{N x C x H x W}`` "where N is the number of instances" and
 places the scale deflation "along the instance dimension", so an instance is an image of the batch:
 ``instance="image"`` (default). ``instance="box"`` reads it as an object: each ground-truth box covers
-the cells ``(h, w)`` with ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2`` (the cell rule of
-``liaf_lab.instance.instance_mask``); its statistics and cosine are taken over those cells. A cell
+the cells ``(h, w)`` with ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2`` (``ops.box_cells``'s
+``"corner"`` rule, that of LIAF-KD's ``instance_mask``); its statistics and cosine are taken over those cells. A cell
 inside several boxes is standardised and scaled by the box with the fewest cells (the smaller box
 wins, FGD's rule; ties: the earlier box); a cell inside no box (and every cell of an image without
 boxes) falls back to its image's statistics and importance, so the loss still covers the whole map.
@@ -62,10 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..instance import concat_boxes
 from ..options import NonNegative, Range, Weight
 from .base import FeatureDistiller, KDInputs
-from .mgd import random_keep_mask
+from .ops import box_cells, concat_boxes, random_keep_mask
 from .registry import register_distiller
 
 Instance = Literal["image", "box"]
@@ -78,7 +77,7 @@ class BoxGeometry:
     """Which cells of one level each box covers and which box each cell takes its statistics from.
 
     Attributes:
-        inside: ``[I, H*W]`` 1 where box ``i`` covers the cell (cell rule of ``instance_mask``).
+        inside: ``[I, H*W]`` 1 where box ``i`` covers the cell (``ops.box_cells``, ``"corner"`` rule).
         owner: ``[I, H*W]`` 1 where box ``i`` is the smallest box covering the cell (ties: lowest ``i``).
         image_of: ``[N, I]`` 1 where box ``i`` belongs to image ``n``.
         rest: ``[N, H*W]`` 1 where no box covers the cell (the image's statistics apply).
@@ -90,15 +89,9 @@ class BoxGeometry:
         height, width = size
         n = len(boxes)
         rois, batch_index = concat_boxes([b.to(like.device) for b in boxes])
-        rois = rois.to(torch.promote_types(rois.dtype, torch.float32))
         batch_index = batch_index.to(like.device)
         num = rois.shape[0]
-        # h >= y1 / stride  <=>  h * stride >= y1 (exact for integer cells), as in instance_mask
-        hs = torch.arange(height, device=like.device, dtype=rois.dtype) * stride
-        ws = torch.arange(width, device=like.device, dtype=rois.dtype) * stride
-        in_y = (hs >= rois[:, 1:2]) & (hs < rois[:, 3:4])  # [I, H]
-        in_x = (ws >= rois[:, 0:1]) & (ws < rois[:, 2:3])  # [I, W]
-        inside = (in_y[:, :, None] & in_x[:, None, :]).flatten(1)  # [I, HW]
+        inside = box_cells(rois, stride, size).flatten(1)  # [I, HW]
         count = inside.sum(dim=1)  # [I]
         index = batch_index[:, None].expand_as(inside)
         big = torch.iinfo(torch.long).max

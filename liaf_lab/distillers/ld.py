@@ -23,22 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..options import Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
+from .ops import bin_kl
 from .registry import register_distiller
-
-
-def bin_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Eq. (LD) per side: ``T^2 * mean_bins softmax(t/T) * (log softmax(t/T) - log softmax(s/T))``.
-
-    ``student``, ``teacher``: ``[..., R + 1]`` bin logits of one side each -> ``[...]``.
-    """
-    log_s = F.log_softmax(student / temperature, dim=-1)
-    log_t = F.log_softmax(teacher / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, reduction="none", log_target=True).mean(dim=-1) * temperature**2
 
 
 @register_distiller("ld", label="LD")

@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..instance import (
+from ..options import PositiveInt, Weight
+from .base import FeatureDistiller, KDInputs, Stage1Output, feature_mse
+from .instance import (
     InstanceSelectors,
     LogitScale,
     Normalize,
-    concat_boxes,
     instance_mask,
     roi_instance_features,
     score_entropy,
 )
-from ..options import PositiveInt, Weight
-from .base import FeatureDistiller, KDInputs, Stage1Output, feature_mse
+from .ops import concat_boxes
 from .registry import register_distiller, register_variant
 
 MaskScale = Literal["literal", "count"]

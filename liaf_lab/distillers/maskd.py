@@ -16,24 +16,8 @@ from torch import Tensor, nn
 
 from ..options import NonNegativeInt, Range, Weight
 from .base import FeatureDistiller, KDInputs, Stage1Output
+from .ops import dice_coeff
 from .registry import register_distiller
-
-DICE_EPS = 1e-12  # dice_coeff's epsilon, added to each squared norm
-
-
-def dice_coeff(masks: Tensor) -> Tensor:
-    """The public ``dice_coeff`` (the paper's mask diversity loss): for masks ``[N, T, HW]``, the mean
-    over images and ordered token pairs ``i != j`` of ``2 <m_i, m_j> / (|m_i|^2 + eps + |m_j|^2 + eps)``.
-
-    Returns a scalar; ``T >= 2``.
-    """
-    num_tokens = masks.shape[1]
-    gram = masks @ masks.transpose(1, 2)  # [N, T, T]: <m_i, m_j>
-    norms = torch.diagonal(gram, dim1=1, dim2=2)  # [N, T]: |m_i|^2
-    dice = 2 * gram / ((norms[:, :, None] + DICE_EPS) + (norms[:, None, :] + DICE_EPS))
-    off_diagonal = 1 - torch.eye(num_tokens, dtype=masks.dtype, device=masks.device)
-    return (dice * off_diagonal).sum() / (masks.shape[0] * num_tokens * (num_tokens - 1))
-
 
 def cell_weight(masks: Tensor, weights: Tensor | None) -> Tensor:
     """``MasKDLoss``'s weight of each cell: ``w = sum_t p_t M_t^2 / sum_HW M_t``, ``[N, H, W]``.

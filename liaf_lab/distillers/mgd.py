@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..options import Fraction, Weight
 from .base import FeatureDistiller, KDInputs
+from .ops import random_keep_mask
 from .registry import register_distiller
 
 
@@ -25,17 +26,6 @@ def generation_block(channels: int) -> nn.Sequential:
         nn.ReLU(),
         nn.Conv2d(channels, channels, kernel_size=3, padding=1),
     )
-
-
-def random_keep_mask(like: Tensor, lambda_mask: float, generator: torch.Generator | None) -> Tensor:
-    """Eq. 2 as the public code's ``get_dis_loss`` draws it: ``[N, 1, H, W]``, 0 where ``r > 1 - lambda``, else 1.
-
-    ``r ~ U[0, 1)`` has one value per image and cell (shared over channels), drawn from ``generator``
-    on ``like``'s device in its dtype; a fraction ``lambda_mask`` of the cells is dropped on average.
-    """
-    n, _, h, w = like.shape
-    r = torch.rand((n, 1, h, w), generator=generator, device=like.device, dtype=like.dtype)
-    return (r <= 1 - lambda_mask).to(like.dtype)
 
 
 @register_distiller("mgd", label="MGD")

@@ -18,30 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..options import Weight
 from .base import FeatureDistiller, KDInputs
+from .ops import channel_standardise
 from .registry import register_distiller
-
-PKD_EPS = 1e-6  # mmrazor PKDLoss.norm: std + 1e-6
-
-
-def channel_standardise(feats: Tensor) -> Tensor:
-    """Each channel of ``feats`` ``[N, C, H, W]`` to zero mean and unit (unbiased) deviation over
-    ``N, H, W``: ``(F - mean) / (std + 1e-6)`` -> ``[N, C, H, W]``.
-
-    A constant channel (deviation 0, e.g. a GroupNorm output over a single value) gives 0 with a finite
-    gradient; ``torch.std``'s gradient there is NaN.
-    """
-    mean = feats.mean(dim=(0, 2, 3), keepdim=True)
-    var = feats.var(dim=(0, 2, 3), keepdim=True)
-    positive = var > 0
-    std = torch.where(positive, torch.where(positive, var, 1).sqrt(), 0)
-    return (feats - mean) / (std + PKD_EPS)
-
 
 def pkd_level_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """The PKD loss of one level (both ``[N, C, H, W]``, the student already aligned): half the mean

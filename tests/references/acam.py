@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from liaf_lab.distillers.acam import ACAMDistiller
-from liaf_lab.distillers.maskd import DICE_EPS
+from liaf_lab.distillers.ops import DICE_EPS
 
 from .common import ref_align, ref_sigmoid
 

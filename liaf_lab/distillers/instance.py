@@ -14,21 +14,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from .validation import check_boxes, check_grid_size, check_stride, check_tensor, check_values, should_validate
+from ..validation import check_boxes, check_grid_size, check_stride, check_tensor, check_values, should_validate
+from .ops import box_cell_axes, concat_boxes
 
 Normalize = Literal["image", "batch"]
 # The factor on Eq. 3's logits ``F_ROI . E_k``: none (the paper), ``1/sqrt(C h w)`` (attention's
 # scaling), or learned per level (``exp(s)``, ``s`` starting at ``log(1/sqrt(C h w))``).
 LogitScale = Literal["none", "sqrt_dim", "learned"]
-
-
-def concat_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Concatenate per-image boxes: returns ``(boxes [I, 4], batch_index [I] long)``."""
-    device = boxes[0].device if len(boxes) else torch.device("cpu")
-    index = [torch.full((len(b),), i, dtype=torch.long, device=device) for i, b in enumerate(boxes)]
-    if not index:
-        return torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(list(boxes)), torch.cat(index)
 
 
 def roi_instance_features(
@@ -238,8 +230,9 @@ def instance_mask(
 ) -> Tensor:
     """Eq. 7: the soft instance mask ``M [N, 1, H, W]``.
 
-    ``M`` starts at ones; every cell ``(h, w)`` with ``y1/stride <= h < y2/stride`` and
-    ``x1/stride <= w < x2/stride`` is multiplied by that instance's score, overlaps multiplying.
+    ``M`` starts at ones; every cell ``(h, w)`` with ``y1 <= h * stride < y2`` and
+    ``x1 <= w * stride < x2`` (``ops.box_cell_axes``'s ``"corner"`` rule) is multiplied by that instance's
+    score, overlaps multiplying.
     Vectorised over instances and cells; differentiable in ``scores``.
 
     Args:
@@ -264,13 +257,8 @@ def instance_mask(
     n = len(boxes)
     if rois.shape[0] == 0:
         return scores.new_ones(n, 1, height, width)
-    # h >= y1 / stride  <=>  h * stride >= y1, which is exact for integer cells.
-    rois = rois.to(scores.device, torch.promote_types(rois.dtype, torch.float32))
     batch_index = batch_index.to(scores.device)
-    hs = torch.arange(height, device=scores.device, dtype=rois.dtype) * stride
-    ws = torch.arange(width, device=scores.device, dtype=rois.dtype) * stride
-    in_y = (hs >= rois[:, 1:2]) & (hs < rois[:, 3:4])  # [I, H]
-    in_x = (ws >= rois[:, 0:1]) & (ws < rois[:, 2:3])  # [I, W]
+    in_y, in_x = box_cell_axes(rois.to(scores.device), stride, size)  # [I, H], [I, W]
     one = scores.new_ones(())
     row = torch.where(in_x, scores[:, None], one)  # [I, W]: the factor of each column inside the box rows
     factors = torch.where(in_y[:, :, None], row[:, None, :], one).flatten(1)  # [I, H*W]
