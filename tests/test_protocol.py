@@ -3,6 +3,7 @@ the optional inputs (head outputs, priors, generator), and no method special-cas
 
 from __future__ import annotations
 
+import ast
 import csv
 import re
 from pathlib import Path
@@ -225,4 +226,32 @@ def test_no_method_name_or_class_is_tested_for_outside_the_distillers():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if any(re.search(p, line) for p in patterns):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{i}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+# -- methods share code through ops.py, not each other's modules -------------------------------------
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """The dotted names of the modules the file ``path`` of ``package`` imports (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import maskd`
+    return found
+
+
+def test_no_method_module_imports_another():
+    methods = {type(create_distiller(n, 8, 8, {"0": 8.0})).__module__ for n in list_distillers()}
+    assert {"liaf_lab.distillers.liaf", "liaf_lab.distillers.maskd", "liaf_lab.distillers.crosskd"} <= methods
+    offenders = []
+    for module in sorted(methods):
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        siblings = _imported_modules(path, module.rsplit(".", 1)[0]) & (methods - {module})
+        offenders += [f"{module} imports {sibling}" for sibling in sorted(siblings)]
     assert not offenders, "\n".join(offenders)
