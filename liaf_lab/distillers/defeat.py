@@ -47,8 +47,8 @@ def gt_masks(
 
     A box divided by the stride covers the columns ``floor(x1) <= w < floor(x2)`` and rows
     ``floor(y1) <= h < floor(y2)`` (first clipped to the grid); where either range is empty, only
-    the cell ``(floor(y1), floor(x1))`` (``ops.box_cells``'s ``"defeat"`` rule). With ``box_levels="scale"`` a box marks only the level
-    ``box_level_index`` gives it, the levels ranked by stride; with ``"all"`` every level.
+    the cell ``(floor(y1), floor(x1))`` (``ops.box_cells``'s ``"defeat"`` rule). With
+    ``box_levels="scale"`` a box marks only the level ``box_level_index`` gives it, the levels ranked by stride; with ``"all"`` every level.
 
     Args:
         boxes: N tensors ``[n_i, 4]`` (x1, y1, x2, y2) in input pixels.

@@ -44,9 +44,9 @@ def fgd_masks(boxes: Sequence[Tensor], stride: float, size: tuple[int, int]) -> 
     """Public ``forward``'s ``Mask_fg``/``Mask_bg`` (paper: binary and scale masks): fore- and background masks ``[N, H, W]``.
 
     Each box is scaled to the grid by ``1 / stride`` and covers the cells ``floor(y1)..ceil(y2)`` and
-    ``floor(x1)..ceil(x2)`` inclusive (clipped to the grid; ``ops.box_cells``'s ``"fgd"`` rule), each of which takes the larger of its value
-    and ``1 / ((ceil(y2) + 1 - floor(y1)) * (ceil(x2) + 1 - floor(x1)))`` (the smaller box wins). The
-    background is 1 where the foreground is 0, divided by its count when that is positive.
+    ``floor(x1)..ceil(x2)`` inclusive (clipped to the grid; ``ops.box_cells``'s ``"fgd"`` rule), each of
+    which takes the larger of its value and ``1 / ((ceil(y2) + 1 - floor(y1)) * (ceil(x2) + 1 - floor(x1)))``
+    (the smaller box wins). The background is 1 where the foreground is 0, divided by its count when that is positive.
 
     Args:
         boxes: N tensors ``[n_i, 4]`` (x1, y1, x2, y2) in input pixels of the padded batch.

@@ -307,8 +307,8 @@ class GIDDistiller(FeatureDistiller):
 
         * ``selected instances``: the GI score of each selected instance (``select``, ``prior_scores``)
           over its GI box on the level it is pooled from (``instances``; cells ``(h, w)`` with
-          ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2``, ``ops.box_cells``'s ``"corner"`` rule), the larger
-          score where two overlap, 0 elsewhere; what ``feature`` and ``relation`` read;
+          ``y1 <= h * stride < y2`` and ``x1 <= w * stride < x2``, ``ops.box_cells``'s ``"corner"`` rule),
+          the larger score where two overlap, 0 elsewhere; what ``feature`` and ``relation`` read;
         * ``response mask``: the share of the cell's priors in the GI mask (``response_masks``), where
           ``response`` distils the class logits.
         """

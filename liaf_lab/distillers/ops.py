@@ -38,7 +38,8 @@ def fgd_cell_span(boxes: Tensor) -> tuple[Tensor, Tensor]:
     return boxes[..., :2].floor(), boxes[..., 2:].ceil()
 
 
-def box_cell_axes(boxes: Tensor, stride: float, size: tuple[int, int], rule: CellRule = "corner") -> tuple[Tensor, Tensor]:
+def box_cell_axes(boxes: Tensor, stride: float, size: tuple[int, int],
+                  rule: CellRule = "corner") -> tuple[Tensor, Tensor]:
     """Which cells of an ``(H, W)`` grid each box covers, as its rows and columns: ``boxes [..., 4]`` ->
     ``(rows [..., H], cols [..., W])`` bool; the box covers cell ``(h, w)`` where ``rows[h] & cols[w]``.
 
@@ -132,7 +133,8 @@ def binary_kd(student: Tensor, teacher: Tensor, beta: float) -> Tensor:
     ``student``, ``teacher``: ``[..., K]`` logits (the teacher's without gradient) -> ``[..., K]``.
     """
     target = teacher.sigmoid()
-    return F.binary_cross_entropy_with_logits(student, target, reduction="none") * (target - student.sigmoid()).abs().pow(beta)
+    bce = F.binary_cross_entropy_with_logits(student, target, reduction="none")
+    return bce * (target - student.sigmoid()).abs().pow(beta)
 
 
 def decode_bins(bins: Tensor, priors: Tensor) -> Tensor:
