@@ -45,13 +45,11 @@ def _pointwise(weight: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
 
 
-def _attention_rows(teacher_rows: Tensor, query_weight: Tensor, query_bias: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. 2-3 for R query cells: the scaled queries ``Q / sqrt(C_q)`` ``[N, R, C_q]`` and the rows of ``A``
-    ``[N, R, HW]``, from the teacher features of the cells ``[N, C, R]``, ``W_q`` ``[C_q, C]``, ``b_q`` and
-    ``K`` ``[N, C_q, HW]``."""
+def _scaled_queries(teacher_rows: Tensor, query_weight: Tensor, query_bias: Tensor) -> Tensor:
+    """Eq. 2 for R query cells: the scaled queries ``Q / sqrt(C_q)`` ``[N, R, C_q]``, from the teacher features
+    of the cells ``[N, C, R]``, ``W_q`` ``[C_q, C]`` and ``b_q``."""
     q = (_pointwise(query_weight, teacher_rows) + query_bias[:, None]).transpose(1, 2)  # Eq. 2: Q
-    q = q / math.sqrt(q.shape[-1])
-    return q, torch.softmax(q @ key, dim=-1)  # Eq. 3
+    return q / math.sqrt(q.shape[-1])
 
 
 class BlockedAttention(torch.autograd.Function):
@@ -63,6 +61,13 @@ class BlockedAttention(torch.autograd.Function):
     time, in both passes: backward forms each block again and adds its share of every gradient in
     place, so memory does not grow with the number of blocks (per-block autograd records, as
     ``torch.utils.checkpoint`` keeps, fragment the CPU heap by about one ``[N, HW]`` tensor per block).
+
+    Backward holds two ``[N, R, HW]`` buffers, ``A`` and the score gradient, and passes over them as
+    few times as it can. With ``G`` the gradient of ``A value`` and ``g`` that of ``A^T 1``, the gradient
+    of ``A`` is ``dA_pq = G_p . value_q + g_q``, so the softmax backward's row term
+    ``r_p = sum_q A_pq dA_pq = G_p . (A value)_p + (A g)_p`` reads the saved output and one
+    matrix-vector product instead of forming ``A * dA``, and ``dS = A (dA - r)`` is one ``baddbmm``
+    into the second buffer and one in-place product.
     """
 
     @staticmethod
@@ -72,36 +77,45 @@ class BlockedAttention(torch.autograd.Function):
         out = value.new_empty(n, cells, value.shape[2])
         column_sums = key.new_zeros(n, cells)
         for start in range(0, cells, rows):
-            _, attention = _attention_rows(teacher[:, :, start:start + rows], query_weight, query_bias, key)
+            q = _scaled_queries(teacher[:, :, start:start + rows], query_weight, query_bias)
+            attention = torch.softmax(q @ key, dim=-1)  # Eq. 3: rows of A
             out[:, start:start + rows] = attention @ value
             column_sums += attention.sum(dim=1)
-        ctx.save_for_backward(teacher, query_weight, query_bias, key, value)
+        ctx.save_for_backward(teacher, query_weight, query_bias, key, value, out)
         ctx.rows = rows
         return out, column_sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, grad_sums: Tensor) -> tuple[Tensor | None, ...]:
-        teacher, query_weight, query_bias, key, value = ctx.saved_tensors
-        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        teacher, query_weight, query_bias, key, value, out = ctx.saved_tensors
+        n, cells = grad_sums.shape
+        grad_key = torch.zeros_like(key)
+        grad_value_t = value.new_zeros(n, value.shape[2], cells)  # [N, M, HW]: A^T G, transposed
         grad_weight, grad_bias = torch.zeros_like(query_weight), torch.zeros_like(query_bias)
         grad_teacher = torch.zeros_like(teacher) if ctx.needs_input_grad[0] else None
         scale = 1.0 / math.sqrt(key.shape[1])
-        for start in range(0, teacher.shape[2], ctx.rows):
+        value_t, grad_sums_col = value.transpose(1, 2), grad_sums[:, :, None]
+        block = key.new_empty(n * min(ctx.rows, cells) * cells)  # the scores, then their gradient
+        for start in range(0, cells, ctx.rows):
             rows = teacher[:, :, start:start + ctx.rows]
-            q, attention = _attention_rows(rows, query_weight, query_bias, key)
+            q = _scaled_queries(rows, query_weight, query_bias)
+            grad_scores = block[:n * rows.shape[2] * cells].view(n, rows.shape[2], cells)
+            attention = torch.softmax(torch.bmm(q, key, out=grad_scores), dim=-1)  # A again, as in forward
             grad_rows_out = grad_out[:, start:start + ctx.rows]  # [N, R, M]
-            grad_value.baddbmm_(attention.transpose(1, 2), grad_rows_out)
-            grad_attention = torch.baddbmm(grad_sums[:, None, :], grad_rows_out, value.transpose(1, 2))
-            # softmax backward: dS = A (dA - rowsum(A dA)), in place on dA
-            grad_scores = grad_attention.sub_((attention * grad_attention).sum(dim=2, keepdim=True)).mul_(attention)
+            grad_value_t.baddbmm_(grad_rows_out.transpose(1, 2), attention)
+            # softmax backward: dS = A (dA - r), r_p = G_p . (A value)_p + (A g)_p
+            row_term = (grad_rows_out * out[:, start:start + ctx.rows]).sum(dim=2, keepdim=True)
+            row_term.baddbmm_(attention, grad_sums_col)  # [N, R, 1]
+            torch.baddbmm(grad_sums[:, None, :] - row_term, grad_rows_out, value_t, out=grad_scores).mul_(attention)
+            del attention
             grad_key.baddbmm_(q.transpose(1, 2), grad_scores)  # scores = (Q / sqrt(C_q)) K
             grad_q = (grad_scores @ key.transpose(1, 2)).mul_(scale)  # [N, R, C_q], w.r.t. the unscaled Q
             grad_weight += (grad_q.transpose(1, 2) @ rows.transpose(1, 2)).sum(dim=0)
             grad_bias += grad_q.sum(dim=(0, 1))
             if grad_teacher is not None:
                 grad_teacher[:, :, start:start + ctx.rows] = _pointwise(query_weight.T, grad_q.transpose(1, 2))
-        return grad_teacher, grad_weight, grad_bias, grad_key, grad_value, None
+        return grad_teacher, grad_weight, grad_bias, grad_key, grad_value_t.transpose(1, 2), None
 
 
 class SquaredErrorSums(torch.autograd.Function):
