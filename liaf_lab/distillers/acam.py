@@ -46,24 +46,38 @@ def _pointwise(weight: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
 
 
-def _attention_rows(teacher_rows: Tensor, query_weight: Tensor, query_bias: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. 2-3 for R query cells: the scaled queries ``Q / sqrt(C_q)`` ``[N, R, C_q]`` and the rows of ``A``
-    ``[N, R, HW]``, from the teacher features of the cells ``[N, C, R]``, ``W_q`` ``[C_q, C]``, ``b_q`` and
-    ``K`` ``[N, C_q, HW]``."""
-    q = (_pointwise(query_weight, teacher_rows) + query_bias[:, None]).transpose(1, 2)  # Eq. 2: Q
+def _attention_rows(teacher_rows: Tensor, query_weight: Tensor, query_bias: Tensor, key: Tensor,
+                    blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 2-3 for R query cells of one image, in place: the scaled queries ``Q / sqrt(C_q)`` ``[R, C_q]``,
+    the scores ``Q K / sqrt(C_q)`` and the rows of ``A`` (``[R, HW]`` each, views of ``blocks``), from the
+    teacher features of the cells ``[C, R]``, ``W_q`` ``[C_q, C]``, ``b_q`` and ``K`` ``[C_q, HW]``.
+
+    ``blocks`` is ``[2, R_max * HW]``, reused by every block of a pass: a fresh tensor per block costs
+    its page faults, about a third of the time of the scores' product.
+    """
+    rows, cells = teacher_rows.shape[1], key.shape[1]
+    scores, attention = (b[:rows * cells].view(rows, cells) for b in blocks)
+    q = torch.addmm(query_bias[:, None], query_weight, teacher_rows).T  # Eq. 2: Q
     q = q / math.sqrt(q.shape[-1])
-    return q, torch.softmax(q @ key, dim=-1)  # Eq. 3
+    torch.softmax(torch.mm(q, key, out=scores), dim=-1, out=attention)  # Eq. 3
+    return q, scores, attention
 
 
 class BlockedAttention(torch.autograd.Function):
-    """``A value`` and ``A^T 1`` for ``A = softmax(Q K / sqrt(C_q))`` (Eq. 2-3), R query cells at a time.
+    """``A value`` and ``A^T 1`` for ``A = softmax(Q K / sqrt(C_q))`` (Eq. 2-3), R query cells of one image at a time.
 
     ``forward(teacher, query_weight, query_bias, key, value, rows)`` takes ``F^T`` ``[N, C, HW]``, ``W_q``,
     ``b_q``, ``K`` ``[N, C_q, HW]`` and a value ``[N, HW, M]``, and returns ``A value`` ``[N, HW, M]`` and
-    the column sums of ``A`` ``[N, HW]``. Only one block of rows of ``A`` (``[N, R, HW]``) exists at a
-    time, in both passes: backward forms each block again and adds its share of every gradient in
-    place, so memory does not grow with the number of blocks (per-block autograd records, as
-    ``torch.utils.checkpoint`` keeps, fragment the CPU heap by about one ``[N, HW]`` tensor per block).
+    the column sums of ``A`` ``[N, HW]``. Only one block of rows of one image's ``A`` (``[R, HW]``)
+    exists at a time, in both passes: backward forms each block again and adds its share of every
+    gradient in place, so memory does not grow with the number of blocks (per-block autograd records,
+    as ``torch.utils.checkpoint`` keeps, fragment the CPU heap by about one ``[N, HW]`` tensor per block).
+
+    Each pass holds two ``[R, HW]`` buffers (``_attention_rows``), and backward passes over them as few
+    times as it can: with ``G`` the gradient of ``A value`` and ``g`` that of ``A^T 1``, the gradient of
+    ``A`` is ``dA_pq = G_p . value_q + g_q``, so the softmax backward's row term
+    ``r_p = sum_q A_pq dA_pq = G_p . (A value)_p + (A g)_p`` reads the saved output and one
+    matrix-vector product, and ``dS = A (dA - r)`` is formed in the scores' buffer.
     """
 
     @staticmethod
@@ -72,37 +86,46 @@ class BlockedAttention(torch.autograd.Function):
         n, _, cells = teacher.shape
         out = value.new_empty(n, cells, value.shape[2])
         column_sums = key.new_zeros(n, cells)
-        for start in range(0, cells, rows):
-            _, attention = _attention_rows(teacher[:, :, start:start + rows], query_weight, query_bias, key)
-            out[:, start:start + rows] = attention @ value
-            column_sums += attention.sum(dim=1)
-        ctx.save_for_backward(teacher, query_weight, query_bias, key, value)
+        blocks = key.new_empty(2, min(rows, cells) * cells)
+        for i in range(n):
+            for start in range(0, cells, rows):
+                _, _, attention = _attention_rows(teacher[i, :, start:start + rows], query_weight, query_bias,
+                                                  key[i], blocks)
+                out[i, start:start + rows] = attention @ value[i]
+                column_sums[i] += attention.sum(dim=0)
+        ctx.save_for_backward(teacher, query_weight, query_bias, key, value, out)
         ctx.rows = rows
         return out, column_sums
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, grad_sums: Tensor) -> tuple[Tensor | None, ...]:
-        teacher, query_weight, query_bias, key, value = ctx.saved_tensors
-        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        teacher, query_weight, query_bias, key, value, out = ctx.saved_tensors
+        n, cells = grad_sums.shape
+        grad_key = torch.zeros_like(key)
+        grad_value_t = value.new_zeros(n, value.shape[2], cells)  # [N, M, HW]: A^T G, transposed
         grad_weight, grad_bias = torch.zeros_like(query_weight), torch.zeros_like(query_bias)
         grad_teacher = torch.zeros_like(teacher) if ctx.needs_input_grad[0] else None
         scale = 1.0 / math.sqrt(key.shape[1])
-        for start in range(0, teacher.shape[2], ctx.rows):
-            rows = teacher[:, :, start:start + ctx.rows]
-            q, attention = _attention_rows(rows, query_weight, query_bias, key)
-            grad_rows_out = grad_out[:, start:start + ctx.rows]  # [N, R, M]
-            grad_value.baddbmm_(attention.transpose(1, 2), grad_rows_out)
-            grad_attention = torch.baddbmm(grad_sums[:, None, :], grad_rows_out, value.transpose(1, 2))
-            # softmax backward: dS = A (dA - rowsum(A dA)), in place on dA
-            grad_scores = grad_attention.sub_((attention * grad_attention).sum(dim=2, keepdim=True)).mul_(attention)
-            grad_key.baddbmm_(q.transpose(1, 2), grad_scores)  # scores = (Q / sqrt(C_q)) K
-            grad_q = (grad_scores @ key.transpose(1, 2)).mul_(scale)  # [N, R, C_q], w.r.t. the unscaled Q
-            grad_weight += (grad_q.transpose(1, 2) @ rows.transpose(1, 2)).sum(dim=0)
-            grad_bias += grad_q.sum(dim=(0, 1))
-            if grad_teacher is not None:
-                grad_teacher[:, :, start:start + ctx.rows] = _pointwise(query_weight.T, grad_q.transpose(1, 2))
-        return grad_teacher, grad_weight, grad_bias, grad_key, grad_value, None
+        blocks = key.new_empty(2, min(ctx.rows, cells) * cells)
+        for i in range(n):
+            for start in range(0, cells, ctx.rows):
+                rows = teacher[i, :, start:start + ctx.rows]  # [C, R]
+                q, scores, attention = _attention_rows(rows, query_weight, query_bias, key[i], blocks)
+                grad_rows_out = grad_out[i, start:start + ctx.rows]  # [R, M]
+                grad_value_t[i].addmm_(grad_rows_out.T, attention)
+                # softmax backward: dS = A (dA - r), r_p = G_p . (A value)_p + (A g)_p, in the scores' buffer
+                row_term = (grad_rows_out * out[i, start:start + ctx.rows]).sum(dim=1, keepdim=True)
+                row_term.addmm_(attention, grad_sums[i, :, None])  # [R, 1]
+                grad_scores = torch.sub(grad_sums[i], row_term, out=scores)
+                grad_scores.addmm_(grad_rows_out, value[i].T).mul_(attention)
+                grad_key[i].addmm_(q.T, grad_scores)  # scores = (Q / sqrt(C_q)) K
+                grad_q = (grad_scores @ key[i].T).mul_(scale)  # [R, C_q], w.r.t. the unscaled Q
+                grad_weight.addmm_(grad_q.T, rows.T)
+                grad_bias += grad_q.sum(dim=0)
+                if grad_teacher is not None:
+                    grad_teacher[i, :, start:start + ctx.rows] = query_weight.T @ grad_q.T
+        return grad_teacher, grad_weight, grad_bias, grad_key, grad_value_t.transpose(1, 2), None
 
 
 class SquaredErrorSums(torch.autograd.Function):
@@ -170,8 +193,8 @@ class CooperativeMasking(nn.Module):
         Neither ``F_fused = A V`` (Eq. 4, ``[N, C, HW]``) nor the HW x HW ``A`` is formed: the masks read
         ``F_fused`` only through ``m^s . z`` and ``v = mean_HW F_fused``, and since each row of ``A``
         sums to 1, ``m^s . z_p = sum_q A_pq (m^s W_v f_align(F^S)_q) + m^s b_v`` and
-        ``v = W_v f_align(F^S) (A^T 1) / HW + b_v``. So each block of query cells forms its rows of
-        ``A`` (images x rows x HW) and keeps only ``[N, R, M]`` and the column sums ``[N, HW]``; the
+        ``v = W_v f_align(F^S) (A^T 1) / HW + b_v``. So each block of one image's query cells forms its
+        rows of ``A`` (rows x HW) and keeps only ``[R, M]`` and the column sums ``[HW]``; the
         backward pass forms each block again (``BlockedAttention``). The attention's value is M wide,
         not C, and no block outlives its use.
         """
@@ -244,10 +267,10 @@ class ACAMDistiller(FeatureDistiller):
         channel_units, detach, dice_masks, dice_form, batch_reduction, level_reduction: see above;
             ``detach="student"`` feeds K and V a detached ``f_align(F^S)``, so the student and
             ``f_align`` learn from the masked difference only while the fusion and units still learn.
-        max_attention_elements: the most elements of one block of rows of ``A`` (images x query cells x
-            HW; the HW x HW ``A`` is never formed, see ``CooperativeMasking.fused_masks``). Blocks take as
-            many query cells as fit (2^20: 4 MiB in float32, 34 cells at P3 of an 800 x 1216 batch of
-            2); a level where even one query cell per image does not fit is a ``ValueError``.
+        max_attention_elements: the most elements of one block of rows of ``A`` (query cells x HW, of
+            one image; the HW x HW ``A`` is never formed, see ``CooperativeMasking.fused_masks``). Blocks
+            take as many query cells as fit (2^20: 4 MiB in float32, 68 cells at P3 of an 800 x 1216
+            input); a level where even one query cell does not fit is a ``ValueError``.
     """
 
     @dataclass(frozen=True)
@@ -271,16 +294,15 @@ class ACAMDistiller(FeatureDistiller):
             for lvl in self.levels
         })
 
-    def rows_per_block(self, level: str, images: int, cells: int) -> int:
-        """Query cells per block of ``A`` at ``level``: as many as keep the block (images x rows x
-        ``cells``) within ``max_attention_elements``."""
-        per_row = max(images * cells, 1)
-        rows = min(cells, self.max_attention_elements // per_row)
+    def rows_per_block(self, level: str, cells: int) -> int:
+        """Query cells per block of ``A`` at ``level``: as many as keep the block (rows x ``cells``, of one
+        image) within ``max_attention_elements``."""
+        rows = min(cells, self.max_attention_elements // max(cells, 1))
         if rows < 1:
             raise ValueError(
-                f"{self.label} level {level!r}: the attention over {cells} cells for {images} images needs "
-                f"{per_row} elements per query cell, more than max_attention_elements="
-                f"{self.max_attention_elements}; distil a coarser level or raise max_attention_elements")
+                f"{self.label} level {level!r}: the attention over {cells} cells needs {cells} elements per "
+                f"query cell, more than max_attention_elements={self.max_attention_elements}; distil a coarser "
+                f"level or raise max_attention_elements")
         return rows
 
     def masked_losses(self, channel: Tensor, spatial: Tensor, cell_sq: Tensor,
@@ -313,8 +335,7 @@ class ACAMDistiller(FeatureDistiller):
         """Eq. 2-5 of one level: ``f_align(F^S)`` ``[N, C, HW]``, the channel masks ``M^c`` ``[N, M, C]`` and
         the spatial masks ``M^s`` ``[N, M, HW]``, for ``student`` ``[N, C_s, H, W]`` and ``teacher``
         ``[N, C_t, H, W]`` (``CooperativeMasking.fused_masks``, blockwise)."""
-        n, _, height, width = teacher.shape
-        rows = self.rows_per_block(level, n, height * width)
+        rows = self.rows_per_block(level, teacher.shape[2] * teacher.shape[3])
         aligned = self.projectors[level](student).flatten(2)  # f_align(F^S): [N, C, HW]
         key_value = aligned.detach() if self.detach == "student" else aligned
         channel, spatial = self.masking[level].fused_masks(teacher.flatten(2), key_value, rows)
