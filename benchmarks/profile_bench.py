@@ -10,6 +10,7 @@ process CPU seconds spent in each phase (data loading, the teacher's features, t
 COCOeval). ``ops`` profiles five training steps of the student with ``torch.profiler`` and gives the operators' shares,
 with the step's FLOPs (``torch.utils.flop_counter``) and the rate reached. ``kernels`` times training steps and the
 teacher's forward with torch's default layout against ``channels_last``, oneDNN against torch's own convolutions,
+bfloat16 autocast (fast only on CPUs with bfloat16 instructions, e.g. ``avx512_bf16``; other numerics),
 and (``--compile``) the student's backbone compiled with ``torch.compile``, round-robin, medians of process CPU time;
 and COCOeval from pycocotools against faster-coco-eval when that is installed (same AP checked).
 Run it with ``PYTHONPATH`` set to another checkout to profile that code.
@@ -161,6 +162,12 @@ def kernels(args: argparse.Namespace) -> None:
             _one(step, optimizer, images, targets)
 
     variants["none step, torch's own convolutions (oneDNN off)"] = native
+
+    def bfloat16() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _one(step, optimizer, images, targets)
+
+    variants["none step, bfloat16 autocast"] = bfloat16
     teacher = build_detector(cfg, "teacher", nc, weights_path=TEACHER).eval()
     teacher_cl = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     x = teacher.transform(images)[0].tensors
