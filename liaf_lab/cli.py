@@ -242,6 +242,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """``evaluate``, ``train-teacher``, ``learn-stage1`` and ``distill``: one run of a config, then (but for
     ``learn-stage1``) its detector saved and evaluated on val."""
+    from .analysis.viz import plot_run_curves
     from .builders import build_datasets, build_detector, dataset_category_ids, train_config
     from .config import load_config, method_config
     from .data import collate_fn
@@ -276,17 +277,19 @@ def _train(args: argparse.Namespace) -> int:
         name = "teacher.pt"
     else:
         model = build_detector(cfg, "student", num_classes, seed=seed, **pretrained)
-        if not _train_student(args, cfg, model, train, val, out, stage1_command, resume):
-            return 0
-        name = "student.pt"
-    if is_main():
-        save_detector(out / name, model, classes)
-        first = not (out / "eval.json").exists()
-        metrics = evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=out / "eval.json")
-        if first:  # the final evaluation in the run's TensorBoard events, once
-            section = "train_teacher" if args.command == "train-teacher" else "distill"
-            log_run_summary(out, train_config(cfg, section).iterations, metrics)
-        print(json.dumps(metrics, indent=2))
+        name = "student.pt" if _train_student(args, cfg, model, train, val, out, stage1_command, resume) else None
+    if not is_main():
+        return 0
+    plot_run_curves(out)
+    if name is None:  # learn-stage1 trains no detector
+        return 0
+    save_detector(out / name, model, classes)
+    first = not (out / "eval.json").exists()
+    metrics = evaluate_coco(model, val, collate_fn, device=resolve_device(args.device), out_json=out / "eval.json")
+    if first:  # the final evaluation in the run's TensorBoard events, once
+        section = "train_teacher" if args.command == "train-teacher" else "distill"
+        log_run_summary(out, train_config(cfg, section).iterations, metrics)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -26,6 +26,8 @@ QUICK = ["train_teacher.iterations=4", "stage1.iterations=2", "distill.iteration
 
 def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weights: str | Path | None):
     """Load the teacher from ``teacher_weights`` (or the shipped tiny one) or train it."""
+    from .analysis.viz import plot_run_curves  # not at the top: analysis.notebook imports this module
+
     num_classes = len(train.class_names) + 1
     if teacher_weights is not None:
         teacher = build_detector(cfg, "teacher", num_classes, weights_path=teacher_weights,
@@ -34,6 +36,7 @@ def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weig
     teacher = build_detector(cfg, "teacher", num_classes)
     train_detector(teacher, train, train_config(cfg, "train_teacher"), out / "teacher", device, desc="teacher",
                    val_dataset=val)
+    plot_run_curves(out / "teacher")
     save_detector(out / "teacher" / "teacher.pt", teacher, train.class_names)
     return teacher, "trained in this run"
 
@@ -47,6 +50,8 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
     ``teacher_weights="auto"`` uses ``data_samples/checkpoints/teacher_tiny.pt`` with the tiny preset
     when it exists, else trains the teacher; ``None`` always trains it.
     """
+    from .analysis.viz import plot_run_curves  # not at the top: analysis.notebook imports this module
+
     start = time.perf_counter()
     out = Path(out_dir)
     cfg = load_config(config, (QUICK if quick else []) + list(overrides or []))
@@ -72,6 +77,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tup
             train_student(student, teacher, kd, train, tcfg, run / method, device,
                           stage1_cfg=train_config(cfg, "stage1", seed=seed), inherit=cfg["kd"].get("inherit", False),
                           val_dataset=val, run_config=run_config)
+            plot_run_curves(run / method)
             if kd is not None:
                 save_checkpoint(run / method / "distiller.pt", kd.state_dict())
             save_detector(run / method / "student.pt", student, train.class_names)

@@ -255,6 +255,7 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
     ready = _ready_teacher(out, teacher_weights)
     if ready is not None:
         return ready
+    from .analysis.viz import plot_run_curves
     from .builders import build_datasets, build_detector, dataset_category_ids, train_config
     from .config import load_config
     from .engine import train_detector
@@ -267,6 +268,7 @@ def _teacher(out: Path, config: str, overrides: list[str], device: str | None, t
                              category_ids=dataset_category_ids(train))
     train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
                    desc="teacher", run_config={"config": cfg})
+    plot_run_curves(out / "teacher")
     path = out / "teacher" / "teacher.pt"
     save_detector(path, teacher, train.class_names)
     return str(path)
@@ -402,6 +404,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     are shared with the seed's other runs through ``out/teacher_cache/seed<k>`` (``TeacherCache``: exact; how
     many batches were read and computed goes to the run's ``teacher_cache.json``).
     """
+    from .analysis.viz import plot_run_curves
     from .atomic import write_json
     from .builders import (
         build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,
@@ -445,6 +448,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     train_student(student, teacher, build_distiller(run.method, cfg, student, seed=run.seed), train, tcfg, folder,
                   device, stage1_cfg=train_config(cfg, "stage1", seed=run.seed), inherit=inherit,
                   run_config=run_config, desc=f"no KD seed {run.seed}", teacher_cache=cache)
+    plot_run_curves(folder)
     if cache is not None:
         write_json(folder / "teacher_cache.json", {"read": cache.hits, "computed": cache.misses})
     save_detector(folder / "student.pt", student, train.class_names)

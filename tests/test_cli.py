@@ -76,6 +76,7 @@ def test_a_custom_class_voc_dataset_trains_through_the_cli(tmp_path, capsys):
                  *[a for s in sets for a in ("--set", s)]]) == 0
     saved = torch.load(out / "teacher.pt", weights_only=True)
     assert saved["meta"]["class_names"] == ["WBC", "RBC"] and (out / "eval.json").exists()
+    assert (out / "curves.png").stat().st_size > 0
     # the same weights refused for a dataset with other classes
     other = [*sets[:2], "data.classes=['RBC', 'WBC']", *sets[3:]]
     assert main(["evaluate", "--config", "tiny", "--role", "teacher", "--weights", str(out / "teacher.pt"),

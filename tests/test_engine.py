@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
+from liaf_lab.analysis.viz import plot_run_curves
 from liaf_lab.data import CocoDetectionDataset, collate_fn, detection_transforms
 from liaf_lab.distillers import LIAFDistiller
 from liaf_lab.engine import (
@@ -118,6 +119,8 @@ def test_training_lowers_the_loss_and_evaluation_reports_coco_metrics(tiny_data,
                             val_dataset=val)
     assert [e["iteration"] for e in result.evaluations] == [15]
     assert json.loads((tmp_path / "evaluations.jsonl").read_text())["iteration"] == 15
+    assert not (tmp_path / "curves.png").exists()  # the engine draws nothing; the experiment layer does
+    assert plot_run_curves(tmp_path) == [tmp_path / "curves.png"]
     assert (tmp_path / "curves.png").stat().st_size > 0
     losses = [float(r.split(",")[2]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert len(losses) == 30
@@ -169,6 +172,7 @@ def test_quick_demo_end_to_end(tiny_data, tmp_path):
     assert "## The measured answer: the shipped study" in report and "| fgfi − none | 6 |" in report
     assert (tmp_path / "ap.png").stat().st_size > 0
     assert (tmp_path / "seed0" / "liaf" / "stage1" / "last.pt").exists()
+    assert all((tmp_path / run / "curves.png").exists() for run in ("teacher", "seed0/none", "seed0/liaf/stage1"))
     assert (tmp_path / "seed0" / "liaf" / "distiller.pt").exists()
 
 

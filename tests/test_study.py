@@ -51,7 +51,9 @@ def test_study_pairs_runs_resumes_without_retraining_and_reports(tmp_path, small
     with (out / "comparisons.csv").open() as f:
         assert {"a", "b", "split", "n", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
                 "verdict"} <= set(next(csv.DictReader(f)))
-    assert (out / "runs" / "liaf" / "kd.liaf.loss_weight=0.2" / "seed1" / "stage1" / "last.pt").exists()
+    liaf_run = out / "runs" / "liaf" / "kd.liaf.loss_weight=0.2" / "seed1"
+    assert (liaf_run / "stage1" / "last.pt").exists()
+    assert (liaf_run / "curves.png").exists() and (liaf_run / "stage1" / "curves.png").exists()
     # every method of one seed starts from the same student weights (paired comparison)
     none = json.loads((out / "runs/none/default/seed0/run.json").read_text())["spec"]["config"]["config"]
     assert none["student"] == json.loads((out / "runs/liaf/kd.liaf.loss_weight=0.1/seed0/run.json").read_text()

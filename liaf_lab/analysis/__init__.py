@@ -30,6 +30,7 @@ from .viz import (
     plot_detections,
     plot_instance_scores,
     plot_masks,
+    plot_run_curves,
     plot_training_curves,
 )
 from .widgets import MaskInspector, MaskView
@@ -39,6 +40,6 @@ __all__ = [
     "compare_cams", "count_flops", "count_parameters", "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars",
     "efficiency_table", "figure_digest", "figure_to_jpeg", "figure_to_png", "format_table", "fpn_features",
     "kd_inputs_for", "kd_step_overhead", "measure_latency", "method_weight_maps", "peak_memory", "plot_cam_shares",
-    "plot_detections", "plot_instance_scores", "plot_masks", "plot_score_gaps", "plot_training_curves",
+    "plot_detections", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps", "plot_training_curves",
     "plot_weight_maps", "resize_for_detector", "setup_notebook", "summarise_cam_shares",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -28,12 +29,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from ..atomic import save_figure
 from ..validation import check_boxes, check_tensor
 
 __all__ = [
     "check_image", "check_levels", "draw_boxes", "draw_mask", "draw_score_bars", "figure_digest", "figure_to_jpeg",
     "figure_to_png",
-    "new_figure", "plot_detections", "plot_instance_scores", "plot_masks", "plot_training_curves",
+    "new_figure", "plot_detections", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_training_curves",
 ]
 
 
@@ -442,3 +444,31 @@ def plot_training_curves(
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return fig
+
+
+def plot_run_curves(run_dir: str | Path) -> list[Path]:
+    """Draw ``curves.png`` in a run folder that ``engine.fit`` wrote, and in its ``stage1/`` sub-folder when a
+    student's stage 1 was learned there (``train_student``): the loss terms over iterations (``metrics.csv``) and
+    AP/AP50 from ``evaluations.jsonl``. Returns the figures' paths, stage 1's first.
+
+    The CLI, the demo and a study call it after training; the engine draws nothing.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.csv").is_file():
+        raise ValueError(f"{str(run_dir)!r} holds no metrics.csv: not the folder of a finished training run")
+    return [_plot_one_run(folder) for folder in (run_dir / "stage1", run_dir) if (folder / "metrics.csv").is_file()]
+
+
+def _plot_one_run(folder: Path) -> Path:
+    """``folder/curves.png`` from its ``metrics.csv`` (every column but the iteration, lr and timing) and the AP/AP50
+    of its ``evaluations.jsonl``."""
+    with (folder / "metrics.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), reader.fieldnames or []
+    evals_path = folder / "evaluations.jsonl"
+    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] if evals_path.exists() else []
+    skip = {"iteration", "lr", "sec_per_iter"}
+    loss_keys = [k for k in columns if k not in skip]
+    fig = plot_training_curves([*rows, *evals], x="iteration", loss_keys=loss_keys,
+                               metric_keys=[k for k in ("AP", "AP50") if any(k in e for e in evals)])
+    return save_figure(fig, folder / "curves.png", dpi=90)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -16,12 +15,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as ddp
-from ..atomic import DiskFullError, save_figure
+from ..atomic import DiskFullError
 from ..checkpoint import load_module_state, save_checkpoint
 from ..options import NonNegative, NonNegativeInt, Options, PositiveInt
 from ..progress import progress
 from .run_folder import check_resume, load_resume_state, prepare_run_folder, record_run, run_spec
-from .run_logs import MetricsLog, RunLogs
+from .run_logs import RunLogs
 from .schedule import lr_factor, make_scheduler
 from .seeding import SeededSamples, derive_seed, reseed
 
@@ -404,7 +403,7 @@ def fit(
             checkpoints.save(run)
     bar.close()
     if logs is not None:
-        _close_logs(logs, out, resumed_finished=start >= cfg.iterations)
+        _close_logs(logs, resumed_finished=start >= cfg.iterations)
     ddp.barrier()
     return FitResult(run.iteration, run.last, out / "metrics.csv" if logs is not None else None, ckpt_path,
                      evaluations, run.skipped)
@@ -431,24 +430,8 @@ def _evaluate(evaluate: Callable[[int], dict[str, float]], it: int, logs: RunLog
     return entry
 
 
-def _close_logs(logs: RunLogs, out: Path, resumed_finished: bool) -> None:
-    """Close TensorBoard; write ``metrics.csv`` when a finished run was run again (no checkpoint wrote it) and
-    draw the curves."""
+def _close_logs(logs: RunLogs, resumed_finished: bool) -> None:
+    """Close TensorBoard; write ``metrics.csv`` when a finished run was run again (no checkpoint wrote it)."""
     logs.close()
     if resumed_finished:
         logs.metrics.flush()
-    if logs.metrics.rows:
-        plot_curves(logs.metrics, out)
-
-
-def plot_curves(log: MetricsLog, out: Path) -> Path:
-    """``out/curves.png``: the loss terms over iterations, and AP/AP50 from ``evaluations.jsonl``."""
-    from ..analysis.viz import plot_training_curves
-
-    evals_path = out / "evaluations.jsonl"
-    evals = [json.loads(line) for line in evals_path.read_text().splitlines()] if evals_path.exists() else []
-    skip = {"iteration", "lr", "sec_per_iter"}
-    loss_keys = [k for k in log.rows[0] if k not in skip]
-    fig = plot_training_curves([*log.rows, *evals], x="iteration", loss_keys=loss_keys,
-                               metric_keys=[k for k in ("AP", "AP50") if any(k in e for e in evals)])
-    return save_figure(fig, out / "curves.png", dpi=90)
