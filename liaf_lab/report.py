@@ -84,7 +84,7 @@ SHIPPED_STUDY = "data_samples/studies/bench9"
 def shipped_study_section(study: str | Path = SHIPPED_STUDY) -> list[str]:
     """The measured answer a one-seed demo cannot give: the shipped study's comparisons with no KD and
     their Holm-adjusted verdicts, as Markdown lines (a line naming the missing folder if it is absent)."""
-    from .study import StudyError
+    from .study_folders import StudyError
     from .study_report import comparisons_table, load_study_summary
 
     try:

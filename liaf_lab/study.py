@@ -34,7 +34,8 @@ from .distillers import BASELINE
 from .executors import Executor, SlurmOptions, check_slurm, execute
 from .models.backbones import fpn_levels
 from .progress import progress
-from .verdicts import paired_interval  # noqa: F401  (re-exported: liaf_lab.study.paired_interval)
+from .study_folders import StudyError, read_differences, study_folder
+from .study_report import Family, plan_seeds, write_study_report
 
 # Config sections that do not change a student trained without KD: its runs are shared by every
 # grid variant that differs only there.
@@ -46,10 +47,6 @@ GRID_MODES = typing.get_args(GridMode)
 #: The study's shared teacher features (``liaf_lab.engine.teacher_cache``), one folder per seed, removed once
 #: the seed's runs have finished.
 TEACHER_CACHE = "teacher_cache"
-
-
-class StudyError(ValueError):
-    """A study folder holds another study, or the study's arguments are wrong."""
 
 
 @dataclass(frozen=True)
@@ -140,16 +137,6 @@ def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], t
 
     return {"config": json.loads(json.dumps(load_config(config, overrides), default=str)), "grid": grid,
             "grid_mode": grid_mode, "threads": threads}
-
-
-def read_differences(diffs: dict[str, tuple[Any, Any]], methods: Sequence[str]) -> dict[str, tuple[Any, Any]]:
-    """``diffs`` (``config.<section>.<key>`` -> values) without the ``[kd.<method>]`` tables no run of ``methods``
-    reads: a method new to the package or the study changes no saved run."""
-    from .config import method_tables
-
-    ran = {table for m in methods for table in method_tables(m)}
-    return {k: v for k, v in diffs.items()
-            if not (k.startswith("config.kd.") and k.split(".")[2] not in ran and len(k.split(".")) > 3)}
 
 
 def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
@@ -558,8 +545,6 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
             it would need more than ``teacher_cache_gb`` GiB or the free disk space (seeds at once x the
             teacher's levels of one seed's batches; at once: ``jobs + 1`` seeds locally, every seed on Slurm).
     """
-    from .study_report import plan_seeds, write_study_report
-
     start = time.perf_counter()
     out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)
     if jobs < 1 or threads < 1:
@@ -646,8 +631,6 @@ def _execute(execute_tasks: Callable, tasks: list[tuple], desc: str,
 def _check_family(methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]], grid_mode: GridMode,
                   pairwise: bool, versus: Sequence[str], target_half_width: float | None, max_seeds: int | None):
     """The study's ``Family`` of comparisons, or a ``StudyError`` naming what is wrong with its arguments."""
-    from .study_report import Family
-
     for ref in versus:
         if ref not in methods or ref == BASELINE:
             raise StudyError(f"--versus {ref}: not one of the study's KD methods {[m for m in methods if m != BASELINE]}")
@@ -694,19 +677,6 @@ class StudyRun:
     distiller: Any
     result: dict[str, Any]
     class_names: list[str]
-
-
-def study_folder(study_dir: str | Path) -> Path:
-    """A study folder that must exist: a relative path from the current folder, else from the project
-    root (as data paths resolve); ``StudyError`` when it holds no ``study.json``."""
-    from .config import PROJECT_ROOT
-
-    out = Path(study_dir).expanduser()
-    if not out.is_absolute() and not out.exists() and (PROJECT_ROOT / out).exists():
-        out = PROJECT_ROOT / out
-    if not (out / "study.json").is_file():
-        raise StudyError(f"{out} holds no study (no study.json): run `liaf-lab study --out {out}` first")
-    return out
 
 
 def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str = "default",

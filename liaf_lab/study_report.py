@@ -18,7 +18,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write, save_figure, write_json, write_text
-from .study import BASELINE, StudyError, read_differences, study_folder
+from .distillers import BASELINE
+from .study_folders import StudyError, read_differences, study_folder
 from .verdicts import Comparison, PairedData, compare_family, paired_interval, stein_sample_size
 
 

@@ -11,9 +11,8 @@ import torch
 
 import liaf_lab.engine
 from liaf_lab.config import PROJECT_ROOT
-from liaf_lab.study import (Run, StudyError, _open_study, _study_spec, grid_variants, paired_interval, parse_grid,
-                            run_study)
-from liaf_lab.verdicts import Comparison
+from liaf_lab.study import Run, StudyError, _open_study, _study_spec, grid_variants, parse_grid, run_study
+from liaf_lab.verdicts import Comparison, paired_interval
 
 TEACHER = str(PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt")
 

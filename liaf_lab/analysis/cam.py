@@ -46,6 +46,7 @@ from ..models.backbones import eval_mode
 from ..models.detectors import detector_num_classes
 from ..models.taps import detector_features
 from ..validation import check_boxes
+from ..verdicts import paired_interval
 from .viz import check_image, draw_boxes, new_figure
 
 __all__ = [
@@ -396,8 +397,7 @@ def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None
     """Per model: the mean share inside boxes over its non-empty maps, the spread across images (std of
     the per-image shares, averaged over seeds) and across seeds (std of the per-seed means), the
     number of empty maps, and with ``baseline`` the difference of per-seed means to the baseline's,
-    paired by seed, with its Student's t 95% interval (``liaf_lab.study.paired_interval``)."""
-    from ..study import paired_interval
+    paired by seed, with its Student's t 95% interval (``liaf_lab.verdicts.paired_interval``)."""
 
     def seed_means(name: str) -> dict[int, float]:
         out = {}
