@@ -12,10 +12,11 @@ from .atomic import write_json
 from .builders import build_datasets, build_detector, build_distiller, train_config
 from .config import PROJECT_ROOT, load_config
 from .data import collate_fn
-from .engine import evaluate_coco, load_checkpoint, save_checkpoint, train_detector, train_student
+from .engine import evaluate_coco, load_checkpoint, save_checkpoint, train_student
 from .engine.distributed import resolve_device
 from .models import save_detector
 from .report import write_report
+from .study import train_teacher
 
 SHIPPED_DIR = PROJECT_ROOT / "data_samples" / "checkpoints"
 SHIPPED_TEACHER = SHIPPED_DIR / "teacher_tiny.pt"
@@ -25,20 +26,13 @@ QUICK = ["train_teacher.iterations=4", "stage1.iterations=2", "distill.iteration
 
 
 def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weights: str | Path | None):
-    """Load the teacher from ``teacher_weights`` (or the shipped tiny one) or train it."""
-    from .analysis.viz import plot_run_curves  # not at the top: analysis.notebook imports this module
-
-    num_classes = len(train.class_names) + 1
+    """The teacher and where it comes from: loaded from ``teacher_weights`` (or the shipped tiny one), or trained
+    in ``out/teacher`` (``study.train_teacher``, evaluated on ``val``)."""
     if teacher_weights is not None:
-        teacher = build_detector(cfg, "teacher", num_classes, weights_path=teacher_weights,
+        teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=teacher_weights,
                                  class_names=train.class_names)
         return teacher, str(teacher_weights)
-    teacher = build_detector(cfg, "teacher", num_classes)
-    train_detector(teacher, train, train_config(cfg, "train_teacher"), out / "teacher", device, desc="teacher",
-                   val_dataset=val)
-    plot_run_curves(out / "teacher")
-    save_detector(out / "teacher" / "teacher.pt", teacher, train.class_names)
-    return teacher, "trained in this run"
+    return train_teacher(cfg, train, out / "teacher", device, val_dataset=val), "trained in this run"
 
 
 def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tuple[int, ...] = (0,),

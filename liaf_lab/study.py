@@ -238,29 +238,38 @@ def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
 
 def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
              teacher_weights: str | None) -> str:
-    """The study's teacher: ``_ready_teacher``'s, else trained once (seed 0) in ``out/teacher``."""
+    """The study's teacher: ``_ready_teacher``'s, else trained once (``train_teacher``) in ``out/teacher``."""
     ready = _ready_teacher(out, teacher_weights)
     if ready is not None:
         return ready
-    from .analysis.viz import plot_run_curves
-    from .builders import build_datasets, build_detector, dataset_category_ids, train_config
+    from .builders import build_datasets
     from .config import load_config
-    from .engine import train_detector
-    from .models import save_detector
 
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
     train, _ = build_datasets(cfg)
+    train_teacher(cfg, train, out / "teacher", device, run_config={"config": cfg})
+    return str(out / "teacher" / "teacher.pt")
+
+
+def train_teacher(cfg: dict[str, Any], train: Any, folder: Path, device: str | torch.device | None,
+                  val_dataset: Any = None, run_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The config's teacher (initialised from seed 0, with the section's pretrained weights remapped to ``train``'s
+    classes) trained on ``train`` in the run folder ``folder`` (``train_detector``, evaluated on ``val_dataset``
+    when given), its ``curves.png`` drawn and its weights saved as ``folder/teacher.pt``; the teacher of a study
+    and of the demo."""
+    from .analysis.viz import plot_run_curves
+    from .builders import build_detector, dataset_category_ids, train_config
+    from .engine import train_detector
+    from .models import save_detector
+
     teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0, class_names=train.class_names,
                              category_ids=dataset_category_ids(train))
-    train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), out / "teacher", device,
-                   desc="teacher", run_config={"config": cfg})
-    plot_run_curves(out / "teacher")
-    path = out / "teacher" / "teacher.pt"
-    save_detector(path, teacher, train.class_names)
-    return str(path)
-
-
+    train_detector(teacher, train, train_config(cfg, "train_teacher", seed=0), folder, device, desc="teacher",
+                   val_dataset=val_dataset, run_config=run_config)
+    plot_run_curves(folder)
+    save_detector(folder / "teacher.pt", teacher, train.class_names)
+    return teacher
 
 
 def _check_teacher(out: Path, config: str, overrides: list[str], path: str) -> None:

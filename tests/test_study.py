@@ -273,3 +273,15 @@ def test_a_study_folder_refuses_a_machine_with_other_cpu_kernels(tmp_path, small
     with pytest.raises(StudyError, match=f"run on a CPU with {recorded} kernels and this machine uses OTHER"):
         _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
     assert seeding.environment_info()["cpu_capability"] == "OTHER"
+
+
+def test_the_study_teacher_is_trained_once_in_its_run_folder(tmp_path):
+    from liaf_lab.demo import QUICK
+    from liaf_lab.study import _teacher
+
+    teacher = tmp_path / "teacher" / "teacher.pt"
+    assert _teacher(tmp_path, "tiny", QUICK, "cpu", 1, None) == str(teacher)
+    assert (tmp_path / "teacher" / "curves.png").stat().st_size > 0
+    written = teacher.stat().st_mtime_ns
+    assert _teacher(tmp_path, "tiny", QUICK, "cpu", 1, None) == str(teacher)  # found, not trained again
+    assert teacher.stat().st_mtime_ns == written
