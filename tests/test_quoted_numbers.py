@@ -67,3 +67,13 @@ def test_a_shipped_study_still_matches_its_preset_when_new_methods_add_tables():
     assert load_study_summary(folder, config="bench", overrides=bench400).split == "test"
     with pytest.raises(StudyError, match="config.kd.fitnet.loss_weight"):
         load_study_summary(folder, config="bench", overrides=[*bench400, "kd.fitnet.loss_weight=0.3"])
+
+
+def test_the_gfl_gap_block_in_docs_is_what_its_script_prints_from_the_shipped_rows():
+    """docs/gfl.md quotes ``tools/gfl_gap.py``'s output (paired differences of the shipped gfl_gap study) verbatim."""
+    spec = importlib.util.spec_from_file_location("gfl_gap", PROJECT_ROOT / "tools" / "gfl_gap.py")
+    gfl_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gfl_gap)
+    block = gfl_gap.report()
+    assert "GFL - FCOS at 800" in block and "gap at 1600 - gap at 800" in block
+    assert block in (PROJECT_ROOT / "docs" / "gfl.md").read_text()
