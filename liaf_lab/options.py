@@ -148,7 +148,6 @@ class Options:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Self:
-
         """The options ``values`` sets (the others at their defaults); an unknown key is a ``ValueError``."""
         known = list(option_types(cls))
         unknown = [k for k in values if k not in known]

@@ -435,13 +435,13 @@ class FeatureDistiller(nn.Module):
         """Make exactly what ``stage`` trains require grad, and return the modules its run checkpoints: stage 1
         the stage-1 modules (``stage1_modules``), stage 2 ``stage2_parameters`` (checkpointed as the whole
         distiller, ``{"distiller": self}``)."""
-        trained = ([p for m in self.stage1_modules().values() for p in m.parameters()] if stage == 1
-                   else self.stage2_parameters())
+        modules = self.stage1_modules() if stage == 1 else {"distiller": self}
+        trained = [p for m in modules.values() for p in m.parameters()] if stage == 1 else self.stage2_parameters()
         for p in self.parameters():
             p.requires_grad_(False)
         for p in trained:
             p.requires_grad_(True)
-        return self.stage1_modules() if stage == 1 else {"distiller": self}
+        return modules
 
     # -- stage 1 --------------------------------------------------------------------------------
     def stage1_modules(self) -> dict[str, nn.Module]:

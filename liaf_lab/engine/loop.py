@@ -211,11 +211,11 @@ def _epochs(sampler: DistributedSampler, samples: SeededSamples, collate_fn: Cal
 
 
 def _forward_backward(model: nn.Module, images: list[Tensor], targets: list[dict], optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler, params: list[nn.Parameter], cfg: TrainConfig, use_amp: bool,
-                      distributed: bool) -> tuple[dict[str, float], float]:
+                      scaler: torch.amp.GradScaler, params: list[nn.Parameter], cfg: TrainConfig, device: torch.device,
+                      use_amp: bool, distributed: bool) -> tuple[dict[str, float], float]:
     """One forward and backward pass, the gradients clipped to ``cfg.grad_clip`` (as ``clip_grad_norm_``, the norm
     computed once): the loss terms (averaged over ranks) and the gradients' total norm, in one device read."""
-    with torch.autocast(optimizer.param_groups[0]["params"][0].device.type, enabled=use_amp):
+    with torch.autocast(device.type, enabled=use_amp):
         losses = model(images, targets)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
@@ -381,7 +381,7 @@ def fit(
     for images, targets in batches:
         images, targets = to_device(images, targets, device)
         reseed(cfg.seed, "step", ddp.rank(), run.iteration)
-        run.last, gnorm = _forward_backward(model, images, targets, optimizer, scaler, params, cfg, use_amp,
+        run.last, gnorm = _forward_backward(model, images, targets, optimizer, scaler, params, cfg, device, use_amp,
                                             distributed)
         _guarded_step(run, gnorm, optimizer, scaler, watched, cfg, use_amp, desc, ckpt_path)
         warned = warned or _warn_dominant_term(run.last, desc, run.iteration + 1)
