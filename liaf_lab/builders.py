@@ -1,4 +1,5 @@
-"""Build datasets, detectors and distillers from a config dict (see ``liaf_lab.config``)."""
+"""Build datasets, detectors and distillers from a config (see ``liaf_lab.config``): a ``ResolvedConfig``, as the
+entry points pass it down, or a dict of the same sections. Nothing here reads a config file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import check_data, input_size, kd_options, resolve_path
+from .config import ResolvedConfig, check_data, input_size, kd_options, resolve_path
 from .data import KITTI_MERGE, CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
 from .data.voc import check_disjoint_image_sets
 from .distillers import BASELINE, FeatureDistiller, create_distiller, method_parts
@@ -30,8 +31,7 @@ def build_datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
     """
     from .data import check_same_classes
 
-    data = cfg["data"]
-    kind = check_data(data)
+    data, kind = _data(cfg)
     tf = {"train": detection_transforms(train=True), "val": detection_transforms(train=False)}
     if kind in ("coco", "shapes"):
         train, val = (_coco_split(data, s, tf[s]) for s in ("train", "val"))
@@ -52,8 +52,7 @@ def build_test_dataset(cfg: dict[str, Any], class_names: Sequence[str] | None = 
     Studies tune on ``val`` and report on ``test``. ``class_names``: the train set's classes, which a VOC
     test set takes when ``data.classes`` is not set (default: those discovered in the train set).
     """
-    data = cfg["data"]
-    kind = check_data(data)
+    data, kind = _data(cfg)
     tf = detection_transforms(train=False)
     if (kind == "coco" and "test_ann" in data) or (kind == "shapes" and data.get("num_test", 0) > 0):
         return _coco_split(data, "test", tf)
@@ -64,6 +63,13 @@ def build_test_dataset(cfg: dict[str, Any], class_names: Sequence[str] | None = 
             class_names = _voc_split(data, "train", tf).class_names
         return _voc_split(data, "test", tf, class_names)
     return None
+
+
+def _data(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``cfg["data"]`` and its kind, checked (``check_data``) unless ``cfg`` is a ``ResolvedConfig``, checked whole
+    when it was resolved."""
+    data = cfg["data"]
+    return data, (data.get("kind", "coco") if isinstance(cfg, ResolvedConfig) else check_data(data))
 
 
 def _kitti_split(data: dict[str, Any], split: str, transforms) -> KittiDataset:

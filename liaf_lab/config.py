@@ -8,6 +8,11 @@ of ``liaf_lab.options``.
 
 ``[kd]`` holds ``inherit`` and one table per method, ``[kd.<method>]`` (e.g. ``[kd.liaf]``), with that
 method's options; the registry says which methods and options exist, so a new method needs no edit here.
+
+A config is resolved once: the entry points (the CLI, ``run_study``, ``run_demo``, ``load_demo_models``) call
+``load_config`` (or ``resolve_config``, which also takes a config already resolved) and pass the
+``ResolvedConfig`` down; a grid variant or a study run derives its own with ``with_overrides``, from the file's
+values as first read, and the builders take it as it is. Nothing below the entry points reads a preset by name.
 """
 
 from __future__ import annotations
@@ -72,7 +77,40 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+class ResolvedConfig(dict):
+    """A config read and checked once: the dict of its sections (every one of ``SECTIONS`` present), which
+    also says where it came from.
+
+    Attributes:
+        source: the preset name or the file it was read from, as given to ``load_config``.
+        overrides: the ``section.key=value`` overrides applied to the file's values, in order.
+
+    It is read-only at the top level (a changed copy is ``with_overrides``'s), and pickles as itself, so a study's
+    run processes and Slurm jobs receive it whole.
+    """
+
+    def __init__(self, values: Mapping[str, Any], source: str | Path, overrides: Sequence[str],
+                 file: Mapping[str, Any]) -> None:
+        super().__init__(values)
+        self.source, self.overrides, self._file = str(source), tuple(overrides), file
+
+    def with_overrides(self, overrides: Sequence[str]) -> ResolvedConfig:
+        """This config with more ``section.key=value`` overrides, checked: the file's values as first read with
+        ``self.overrides`` and then ``overrides`` applied, as ``load_config(source, [*self.overrides,
+        *overrides])`` would give without reading the file again; ``self`` when there are none."""
+        return _resolve(self._file, self.source, [*self.overrides, *overrides]) if overrides else self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ResolvedConfig, (dict(self), self.source, self.overrides, self._file)
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"config {self.source!r} is resolved and read-only: derive another with with_overrides, or "
+                        "copy it to a dict")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] | None = None) -> ResolvedConfig:
     """Load a preset by name or a TOML file, apply ``section.key=value`` overrides and check the result.
 
     Sections ``kd``, ``train_teacher``, ``stage1`` and ``distill`` may be absent (their defaults apply)
@@ -84,26 +122,39 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     if not path.is_file():
         raise FileNotFoundError(f"config {name_or_path!r} is neither a preset {list_presets()} nor a TOML file")
     try:
-        cfg = tomllib.loads(path.read_text())
+        file = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config file {path} is not valid TOML: {err}") from err
-    cfg = apply_overrides(cfg, overrides or [])
+    return _resolve(file, name_or_path, overrides or [])
+
+
+def resolve_config(config: str | Path | ResolvedConfig, overrides: Sequence[str] = ()) -> ResolvedConfig:
+    """What an entry point calls once: a preset name or file loaded (``load_config``), or a config already
+    resolved, with ``overrides`` applied (``ResolvedConfig.with_overrides``, without reading its file again)."""
+    if isinstance(config, ResolvedConfig):
+        return config.with_overrides(overrides)
+    return load_config(config, overrides)
+
+
+def _resolve(file: dict[str, Any], source: str | Path, overrides: Sequence[str]) -> ResolvedConfig:
+    """The file's values (untouched) with ``overrides`` applied, checked, its absent sections present and empty."""
+    cfg = apply_overrides(file, list(overrides))  # a deep copy: the file's values stay as read
     try:
         check_config(cfg)
     except ValueError as err:
-        raise ValueError(f"config {name_or_path}: {err}") from None
+        raise ValueError(f"config {source}: {err}") from None
     for section in SECTIONS:
         cfg.setdefault(section, {})
-    return cfg
+    return ResolvedConfig(cfg, source, overrides, file)
 
 
-def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(cfg: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["kd.liaf.loss_weight=2", "student.depth=34"]`` -> a copy of ``cfg`` with those values set.
 
     Values are Python literals (``7``, ``[7, 7]``, ``'a b'``), ``true``/``false``, or else strings.
     Setting ``data.kind`` to another kind drops the file's ``[data]`` keys that the new kind does not take.
     """
-    cfg = copy.deepcopy(cfg)
+    cfg = copy.deepcopy(dict(cfg))  # a plain dict, also of a ResolvedConfig (read-only)
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .atomic import write_json
 from .builders import build_datasets, build_detector, build_distiller, train_config
-from .config import PROJECT_ROOT, load_config
+from .config import PROJECT_ROOT, ResolvedConfig, resolve_config
 from .data import collate_fn
 from .engine import evaluate_coco, load_checkpoint, save_checkpoint, train_student
 from .engine.distributed import resolve_device
@@ -35,25 +35,26 @@ def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weig
     return train_teacher(cfg, train, out / "teacher", device, val_dataset=val), "trained in this run"
 
 
-def run_demo(out_dir: str | Path = "runs/demo", config: str = "tiny", seeds: tuple[int, ...] = (0,),
+def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedConfig = "tiny", seeds: tuple[int, ...] = (0,),
              overrides: list[str] | None = None, device: str | None = None,
              teacher_weights: str | Path | None = "auto", quick: bool = False,
              methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Run the whole recipe on the config's data and write ``report.md``, ``summary.json`` and figures.
 
-    ``teacher_weights="auto"`` uses ``data_samples/checkpoints/teacher_tiny.pt`` with the tiny preset
-    when it exists, else trains the teacher; ``None`` always trains it.
+    ``config`` (a preset name or file, or a config already resolved) is resolved once, with the quick settings and
+    then ``overrides``. ``teacher_weights="auto"`` uses ``data_samples/checkpoints/teacher_tiny.pt`` with the tiny
+    preset when it exists, else trains the teacher; ``None`` always trains it.
     """
     from .analysis.viz import plot_run_curves  # not at the top: analysis.notebook imports this module
 
     start = time.perf_counter()
     out = Path(out_dir)
-    cfg = load_config(config, (QUICK if quick else []) + list(overrides or []))
+    cfg = resolve_config(config, (QUICK if quick else []) + list(overrides or []))
     device = resolve_device(device)
     train, val = build_datasets(cfg)
     num_classes = len(train.class_names) + 1
     if teacher_weights == "auto":
-        teacher_weights = SHIPPED_TEACHER if (config == "tiny" and SHIPPED_TEACHER.exists()) else None
+        teacher_weights = SHIPPED_TEACHER if (cfg.source == "tiny" and SHIPPED_TEACHER.exists()) else None
     teacher, teacher_source = get_teacher(cfg, train, val, out, device, teacher_weights)
     teacher_metrics = evaluate_coco(teacher, val, collate_fn, device=device, out_json=out / "teacher" / "eval.json",
                                     desc="evaluate teacher")
@@ -108,14 +109,14 @@ def export_checkpoints(run_dir: str | Path, dest: str | Path = SHIPPED_DIR, seed
     return written
 
 
-def load_demo_models(config: str = "tiny", checkpoint_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
+def load_demo_models(config: str | Path | ResolvedConfig = "tiny", checkpoint_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
     """The shipped tiny models: ``teacher``, students ``none``/``fitnet``/``liaf``, the LIAF-KD ``distiller``
     (stage-1 selectors, stage-2 projectors), the ``train``/``val`` datasets and the ``config``.
 
     Notebooks start from these so that they run in seconds on a CPU.
     """
     d = Path(checkpoint_dir)
-    cfg = load_config(config)
+    cfg = resolve_config(config)
     train, val = build_datasets(cfg)
     num_classes = len(train.class_names) + 1
     models: dict[str, Any] = {"config": cfg, "train": train, "val": val}

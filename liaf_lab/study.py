@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from .config import ResolvedConfig, resolve_config
 from .distillers import BASELINE
 from .executors import Executor, SlurmOptions, check_slurm, execute
 from .models.backbones import fpn_levels
@@ -107,9 +108,11 @@ def grid_variants(grid: dict[str, list[str]], mode: GridMode = "product") -> lis
     return [tuple(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 
-def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], grid: dict[str, list[str]],
-                     grid_mode: GridMode, overrides: list[str]) -> None:
-    from .config import load_config
+def _check_arguments(config: str | Path | ResolvedConfig, methods: Sequence[str], seeds: Sequence[int],
+                     grid: dict[str, list[str]], grid_mode: GridMode,
+                     overrides: list[str]) -> tuple[ResolvedConfig, dict[tuple[str, ...], ResolvedConfig]]:
+    """The study's config, resolved once (``resolve_config``), and each grid variant's, derived from it (every
+    value must make a valid config: keys and types checked); a ``StudyError`` for bad seeds or methods."""
     from .distillers import method_parts
 
     if not seeds:
@@ -127,16 +130,14 @@ def _check_arguments(config: str, methods: Sequence[str], seeds: Sequence[int], 
                 raise StudyError(f"--methods {method}: {err}") from None
     if len(set(methods)) != len(methods):
         raise StudyError(f"--methods repeats a method: {list(methods)}")
-    for variant in grid_variants(grid, grid_mode):  # every value must make a valid config (keys and types checked)
-        load_config(config, [*overrides, *variant])
+    cfg = resolve_config(config, overrides)
+    return cfg, {variant: cfg.with_overrides(variant) for variant in grid_variants(grid, grid_mode)}
 
 
-def _study_spec(config: str, overrides: list[str], grid: dict[str, list[str]], threads: int,
+def _study_spec(cfg: ResolvedConfig, grid: dict[str, list[str]], threads: int,
                 grid_mode: GridMode = "product") -> dict[str, Any]:
-    from .config import load_config
-
-    return {"config": json.loads(json.dumps(load_config(config, overrides), default=str)), "grid": grid,
-            "grid_mode": grid_mode, "threads": threads}
+    return {"config": json.loads(json.dumps(cfg, default=str)), "grid": grid, "grid_mode": grid_mode,
+            "threads": threads}
 
 
 def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
@@ -236,17 +237,14 @@ def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
 
 
 
-def _teacher(out: Path, config: str, overrides: list[str], device: str | None, threads: int,
-             teacher_weights: str | None) -> str:
+def _teacher(out: Path, cfg: ResolvedConfig, device: str | None, threads: int, teacher_weights: str | None) -> str:
     """The study's teacher: ``_ready_teacher``'s, else trained once (``train_teacher``) in ``out/teacher``."""
     ready = _ready_teacher(out, teacher_weights)
     if ready is not None:
         return ready
     from .builders import build_datasets
-    from .config import load_config
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, overrides)
     train, _ = build_datasets(cfg)
     train_teacher(cfg, train, out / "teacher", device, run_config={"config": cfg})
     return str(out / "teacher" / "teacher.pt")
@@ -272,16 +270,14 @@ def train_teacher(cfg: dict[str, Any], train: Any, folder: Path, device: str | t
     return teacher
 
 
-def _check_teacher(out: Path, config: str, overrides: list[str], path: str) -> None:
+def _check_teacher(out: Path, cfg: ResolvedConfig, path: str) -> None:
     """Before any run trains: the teacher must load into the config's teacher, and be the teacher (path and
     content hash) that ``out/study.json`` records, if it records one; it is recorded there otherwise."""
     from .atomic import read_json, write_json
     from .builders import build_datasets, build_detector
-    from .config import load_config
     from .engine.run_folder import describe_differences
     from .provenance import teacher_input
 
-    cfg = load_config(config, overrides)
     train, _ = build_datasets(cfg)
     build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path, class_names=train.class_names)
     record = read_json(out / "study.json", "study record")
@@ -294,8 +290,7 @@ def _check_teacher(out: Path, config: str, overrides: list[str], path: str) -> N
         record["inputs"]["teacher"] = teacher
         write_json(out / "study.json", record)
 
-def _check_teacher_cache(out: Path, config: str, overrides: list[str], path: str, seeds_at_once: int,
-                         bound_gb: float) -> None:
+def _check_teacher_cache(out: Path, cfg: ResolvedConfig, path: str, seeds_at_once: int, bound_gb: float) -> None:
     """Before any run trains: a ``StudyError`` naming the size when the teacher cache of ``seeds_at_once`` seeds
     would exceed ``bound_gb`` GiB or the free disk space (less 1 GiB) of ``out``.
 
@@ -303,11 +298,9 @@ def _check_teacher_cache(out: Path, config: str, overrides: list[str], path: str
     distillation's iterations (a stage 1 reads the first batches of the same order: no entries of its own).
     """
     from .builders import build_datasets, build_detector
-    from .config import load_config
     from .data import collate_fn
     from .engine.teacher_cache import MIN_FREE_BYTES
 
-    cfg = load_config(config, overrides)
     train, _ = build_datasets(cfg)
     teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path).eval()
     batch = cfg["distill"].get("batch_size", 8)
@@ -391,9 +384,12 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
     return None
 
 
-def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path: str | None, device: str | None,
-            threads: int, teacher_cache: bool = False) -> dict[str, Any]:
+def run_one(out: str, config: str | Path | ResolvedConfig, overrides: Sequence[str], run: Run,
+            teacher_path: str | None, device: str | None, threads: int, teacher_cache: bool = False) -> dict[str, Any]:
     """Train and evaluate one student of the study (in this process); returns its row.
+
+    Its config is ``config`` with ``overrides`` and the run's (``run.relevant``) applied (``resolve_config``): a
+    study passes its resolved config, so a run reads no config file.
 
     A finished run (its result, weights and record agree, and its record names these inputs) is not
     trained again; a damaged one is redone with a warning. With ``teacher_cache`` the teacher's FPN levels
@@ -405,7 +401,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     from .builders import (
         build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,
     )
-    from .config import load_config, method_config
+    from .config import method_config
     from .engine import evaluate_coco, train_student
     from .engine.distributed import resolve_device
     from .engine.teacher_cache import TeacherCache
@@ -417,7 +413,7 @@ def run_one(out: str, config: str, overrides: list[str], run: Run, teacher_path:
     folder = Path(out) / run.folder
     result_path = folder / "result.json"
     start, cpu_start = time.perf_counter(), time.process_time()
-    cfg = load_config(config, [*overrides, *run.relevant])
+    cfg = resolve_config(config, [*overrides, *run.relevant])
     train, val = build_datasets(cfg)
     test = build_test_dataset(cfg, train.class_names)
     inherit = cfg["kd"].get("inherit", False)
@@ -520,7 +516,7 @@ class StudyResult:
 
 
 @_locked
-def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
+def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
               seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
               teacher_weights: str | None = None, grid_mode: GridMode = "product", pairwise: bool = False,
@@ -530,6 +526,9 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     """Run (or resume) a study and write its rows, report, comparisons and figure in ``out_dir``.
 
     Args:
+        config, overrides: a preset name or TOML file (or a config already resolved) and ``section.key=value``
+            overrides, resolved once here (``resolve_config``); the grid's variants, the teacher and every run
+            derive from that, reading no config file again.
         methods: ``"none"`` (the baseline every difference is paired with) and registered distillers.
         seeds: one paired replicate each (>= 2 for an interval); with ``target_half_width``, the pilot.
         grid: ``{"section.key": [values]}``; its variants (``grid_mode``) apply to every KD method.
@@ -561,22 +560,19 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     if executor == "slurm":
         check_slurm(executor_options or SlurmOptions())
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
-    _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
+    cfg, variants = _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
     family = _check_family(methods, seeds, grid, grid_mode, pairwise, versus, target_half_width, max_seeds)
-    _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods, seeds, family.as_dict())
-    from .config import load_config
-
-    needs_teacher = any(m != BASELINE for m in methods) or any(
-        load_config(config, [*overrides, *variant])["kd"].get("inherit", False)
-        for variant in grid_variants(grid, grid_mode))
+    _open_study(out, _study_spec(cfg, grid, threads, grid_mode), methods, seeds, family.as_dict())
+    needs_teacher = any(m != BASELINE for m in methods) or any(v["kd"].get("inherit", False)
+                                                               for v in variants.values())
     execute_tasks = partial(execute, jobs=jobs, executor=executor, options=executor_options,
                             log_folder=out / "slurm")
     teacher_path = None
     if needs_teacher:  # trained where the runs train (a Slurm job), unless it exists; checked before any run
-        teacher_task = ("teacher", (out, config, overrides, device, threads, teacher_weights))
+        teacher_task = ("teacher", (out, cfg, device, threads, teacher_weights))
         teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
                                           finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
-        _check_teacher(out, config, overrides, teacher_path)
+        _check_teacher(out, cfg, teacher_path)
     if teacher_cache is None:
         from .engine.distributed import resolve_device
 
@@ -584,13 +580,13 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
     teacher_cache = bool(teacher_cache and needs_teacher and any(m != BASELINE for m in methods))
     if teacher_cache:
         every_seed = max(len(seeds), max_seeds or 0)
-        _check_teacher_cache(out, config, overrides, teacher_path, every_seed if executor == "slurm"
+        _check_teacher_cache(out, cfg, teacher_path, every_seed if executor == "slurm"
                              else min(every_seed, jobs + 1), teacher_cache_gb)
     runs = list(dict.fromkeys(Run(v, s, m) for v in grid_variants(grid, grid_mode) for s in seeds for m in methods))
     # Locally run_one checks a finished run in full; on Slurm a run whose result, weights and record agree is read
     # back without a job.
     finished = partial(finished_row, out) if executor == "slurm" else None
-    rows = _execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads, teacher_cache)
+    rows = _execute(execute_tasks, [(str(out), cfg, (), r, teacher_path, device, threads, teacher_cache)
                                     for r in runs], "study", finished)
     if family.target_half_width is not None:  # Stein's second stage: the seeds the pilot's spread asks for
         plan = plan_seeds(_table(runs, rows), methods, grid, grid_mode, family)
@@ -598,9 +594,9 @@ def run_study(out_dir: str | Path, config: str = "bench", methods: Sequence[str]
                  for (m, v), wanted in plan.items() for s in wanted if s not in family.pilot]
         runs = list(dict.fromkeys([*runs, *extra]))
         if extra:
-            _open_study(out, _study_spec(config, overrides, grid, threads, grid_mode), methods,
+            _open_study(out, _study_spec(cfg, grid, threads, grid_mode), methods,
                         sorted({r.seed for r in runs}), family.as_dict())
-        rows.update(_execute(execute_tasks, [(str(out), config, overrides, r, teacher_path, device, threads,
+        rows.update(_execute(execute_tasks, [(str(out), cfg, (), r, teacher_path, device, threads,
                                               teacher_cache) for r in extra if r.folder not in rows],
                              "study, stage 2", finished))
     table = _table(runs, rows)

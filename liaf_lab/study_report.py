@@ -18,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write, save_figure, write_json, write_text
+from .config import ResolvedConfig, resolve_config
 from .distillers import BASELINE
 from .study_folders import StudyError, read_differences, study_folder
 from .verdicts import Comparison, PairedData, compare_family, paired_interval, stein_sample_size
@@ -356,27 +357,27 @@ class StudySummary:
             raise StudyError(f"the study has no method {name!r}; it has {self.methods}")
 
 
-def load_study_summary(study_dir: str | Path, config: str | None = None,
+def load_study_summary(study_dir: str | Path, config: str | Path | ResolvedConfig | None = None,
                        overrides: Sequence[str] = ()) -> StudySummary:
     """Read a study folder's ``study.json`` and ``results.json`` and summarise them as its report does.
 
-    With ``config`` (a preset name or path, with ``overrides``), the study must have been run on that
-    config (grid keys aside). Raises ``StudyError`` naming the problem: no study there, no finished rows yet, or a
-    study of another config (the differing keys are listed).
+    With ``config`` (a preset name or path, or a config already resolved, with ``overrides``), the study must have
+    been run on that config (grid keys aside). Raises ``StudyError`` naming the problem: no study there, no finished
+    rows yet, or a study of another config (the differing keys are listed).
     """
-    from .config import load_config
     from .engine.run_folder import describe_differences, spec_differences
 
     out = study_folder(study_dir)
     spec = json.loads((out / "study.json").read_text())
     if config is not None:
-        expected = json.loads(json.dumps(load_config(config, list(overrides)), default=str))
+        resolved = resolve_config(config, list(overrides))
+        expected = json.loads(json.dumps(resolved, default=str))
         diffs = {k: v for k, v in read_differences(spec_differences({"config": spec["config"]}, {"config": expected}),
                                                    spec["methods"]).items()
                  if k.removeprefix("config.") not in spec["grid"]}
         if diffs:
-            raise StudyError(f"{out} holds a study of another config than {config!r} "
-                             f"({describe_differences(diffs)}; \"now\" is {config!r})")
+            raise StudyError(f"{out} holds a study of another config than {resolved.source!r} "
+                             f"({describe_differences(diffs)}; \"now\" is {resolved.source!r})")
     rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     if not rows:
         raise StudyError(f"{out} has no results yet (results.json missing or empty): the study has not finished "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import liaf_lab.engine
-from liaf_lab.config import PROJECT_ROOT
+from liaf_lab.config import PROJECT_ROOT, load_config
 from liaf_lab.study import Run, StudyError, _open_study, _study_spec, grid_variants, parse_grid, run_study
 from liaf_lab.verdicts import Comparison, paired_interval
 
@@ -100,31 +100,34 @@ def test_grid_syntax_is_checked():
         parse_grid(["mask_scale=literal"])
 
 
+def _spec(small: list[str], *changes: str, threads: int = 1) -> dict:
+    """The study record of the bench preset with ``small`` and ``changes``, without a grid."""
+    return _study_spec(load_config("bench", [*small, *changes]), {}, threads=threads)
+
+
 def test_a_study_folder_refuses_another_config_or_thread_count(tmp_path, small):
     out = tmp_path / "s"
-    _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
+    _open_study(out, _spec(small), ["none"], [0])
     with pytest.raises(StudyError, match=r"config.distill.iterations: 2 in the folder, 3 now"):
-        _open_study(out, _study_spec("bench", [*small, "distill.iterations=3"], {}, threads=1), ["none"], [0])
+        _open_study(out, _spec(small, "distill.iterations=3"), ["none"], [0])
     with pytest.raises(StudyError, match="was run with 1 threads per run and this call uses 2"):
-        _open_study(out, _study_spec("bench", small, {}, threads=2), ["none"], [0])
+        _open_study(out, _spec(small, threads=2), ["none"], [0])
     # more seeds and methods with the same config extend the study
-    _open_study(out, _study_spec("bench", small, {}, threads=1), ["fitnet"], [1])
+    _open_study(out, _spec(small), ["fitnet"], [1])
     saved = json.loads((out / "study.json").read_text())
     assert saved["methods"] == ["none", "fitnet"] and saved["seeds"] == [0, 1]
     # options of a method no saved run reads (a method new to the folder) change no saved run ...
-    _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5"], {}, threads=1), ["mgd"], [0])
+    _open_study(out, _spec(small, "kd.mgd.alpha=0.5"), ["mgd"], [0])
     assert json.loads((out / "study.json").read_text())["methods"] == ["none", "fitnet", "mgd"]
     # a variant's runs read its method's table: once liaf_paper ran, [kd.liaf] binds the folder
-    _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5"], {}, threads=1), ["liaf_paper"], [0])
+    _open_study(out, _spec(small, "kd.mgd.alpha=0.5"), ["liaf_paper"], [0])
     with pytest.raises(StudyError, match="config.kd.liaf.loss_weight"):
-        _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5", "kd.liaf.loss_weight=0.3"], {},
-                                     threads=1), ["none"], [0])
+        _open_study(out, _spec(small, "kd.mgd.alpha=0.5", "kd.liaf.loss_weight=0.3"), ["none"], [0])
     # ... but those of a method that ran, or the options every method shares, do
     for changed, key in (("kd.fitnet.loss_weight=0.3", "config.kd.fitnet.loss_weight"),
                          ("kd.mgd.alpha=0.25", "config.kd.mgd.alpha"), ("kd.inherit=true", "config.kd.inherit")):
         with pytest.raises(StudyError, match=key):
-            _open_study(out, _study_spec("bench", [*small, "kd.mgd.alpha=0.5", changed], {}, threads=1),
-                        ["none"], [0])
+            _open_study(out, _spec(small, "kd.mgd.alpha=0.5", changed), ["none"], [0])
 
 
 def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp_path, small, monkeypatch):
@@ -266,12 +269,12 @@ def test_a_study_folder_refuses_a_machine_with_other_cpu_kernels(tmp_path, small
     import liaf_lab.engine.seeding as seeding
 
     out = tmp_path / "s"
-    _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
+    _open_study(out, _spec(small), ["none"], [0])
     recorded = json.loads((out / "study.json").read_text())["environment"]["cpu_capability"]
     assert recorded == torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
     with pytest.raises(StudyError, match=f"run on a CPU with {recorded} kernels and this machine uses OTHER"):
-        _open_study(out, _study_spec("bench", small, {}, threads=1), ["none"], [0])
+        _open_study(out, _spec(small), ["none"], [0])
     assert seeding.environment_info()["cpu_capability"] == "OTHER"
 
 
@@ -280,8 +283,8 @@ def test_the_study_teacher_is_trained_once_in_its_run_folder(tmp_path):
     from liaf_lab.study import _teacher
 
     teacher = tmp_path / "teacher" / "teacher.pt"
-    assert _teacher(tmp_path, "tiny", QUICK, "cpu", 1, None) == str(teacher)
+    assert _teacher(tmp_path, load_config("tiny", QUICK), "cpu", 1, None) == str(teacher)
     assert (tmp_path / "teacher" / "curves.png").stat().st_size > 0
     written = teacher.stat().st_mtime_ns
-    assert _teacher(tmp_path, "tiny", QUICK, "cpu", 1, None) == str(teacher)  # found, not trained again
+    assert _teacher(tmp_path, load_config("tiny", QUICK), "cpu", 1, None) == str(teacher)  # found, not trained again
     assert teacher.stat().st_mtime_ns == written
