@@ -1,12 +1,15 @@
 """Config loading: unknown sections and keys, value types, the one input size, path resolution."""
 
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from liaf_lab.builders import build_detector, build_distiller
-from liaf_lab.config import PROJECT_ROOT, check_config, input_size, list_presets, load_config, method_config
+from liaf_lab.config import (
+    PROJECT_ROOT, ResolvedConfig, check_config, input_size, list_presets, load_config, method_config, resolve_config,
+)
 
 SHIPPED_TEACHER = "data_samples/checkpoints/teacher_tiny.pt"
 
@@ -96,6 +99,36 @@ def test_optional_sections_default_to_empty(tmp_path):
     path.write_text(text[:text.index("[train_teacher]")])
     cfg = load_config(path, ["kd.fitnet.loss_weight=2"])
     assert cfg["kd"] == {"fitnet": {"loss_weight": 2}} and cfg["distill"] == cfg["stage1"] == cfg["train_teacher"] == {}
+
+
+def test_a_resolved_config_derives_variants_without_reading_its_file_again(tmp_path):
+    path = tmp_path / "short.toml"  # without [kd] and the training sections: their order is the loader's
+    text = (PROJECT_ROOT / "liaf_lab" / "configs" / "tiny.toml").read_text()
+    path.write_text(text[:text.index("[train_teacher]")])
+    variants = (["kd.inherit=true"], ["data.kind=kitti", "data.root=/k"], ["distill.iterations=-1"])
+    expected = {}
+    for extra in variants:
+        try:
+            expected[extra[0]] = load_config(path, ["distill.iterations=3", *extra])
+        except ValueError as err:
+            expected[extra[0]] = str(err)
+    cfg = load_config(path, ["distill.iterations=3"])
+    assert isinstance(cfg, ResolvedConfig) and (cfg.source, cfg.overrides) == (str(path), ("distill.iterations=3",))
+    path.unlink()  # what follows reads no file
+    for extra in variants[:2]:
+        variant = cfg.with_overrides(extra)
+        assert variant == expected[extra[0]] and list(variant) == list(expected[extra[0]])  # same keys, same order
+        assert variant.overrides == ("distill.iterations=3", *extra) and resolve_config(cfg, extra) == variant
+    with pytest.raises(ValueError) as err:
+        cfg.with_overrides(variants[2])
+    assert str(err.value) == expected["distill.iterations=-1"]  # the loader's message
+    assert resolve_config(cfg) is cfg.with_overrides([]) is cfg
+    copy = pickle.loads(pickle.dumps(cfg))  # as a study's run processes and Slurm jobs receive it
+    assert type(copy) is ResolvedConfig and copy == cfg and copy.overrides == cfg.overrides
+    assert copy.with_overrides(variants[0]) == expected["kd.inherit=true"]
+    for change in (lambda c: c.__setitem__("kd", {}), lambda c: c.update(kd={}), lambda c: c.pop("kd")):
+        with pytest.raises(TypeError, match=rf"config '{path}' is resolved and read-only: derive another"):
+            change(cfg)
 
 
 def test_changing_data_kind_drops_the_other_kinds_keys():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,37 @@ def test_jobs_do_not_change_any_result(tmp_path, small):
         a = torch.load(tmp_path / "one" / rel, weights_only=True)["model"]
         b = torch.load(tmp_path / "two" / rel, weights_only=True)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_study_reads_its_config_once_and_passes_it_down(tmp_path, small, monkeypatch):
+    """A study (its runs in this process: jobs=1) reads its preset once: the grid's variants, the teacher's checks
+    and every run derive from that ``ResolvedConfig``; the builders never load one. Each run's ``run.json`` holds
+    what loading the preset with the run's overrides gives."""
+    import inspect
+    import tomllib
+
+    import liaf_lab.config as config
+    from liaf_lab.config import method_config
+
+    callers = []
+    for module, name in ((config, "load_config"), (tomllib, "loads")):
+        def counted(*args, _original=getattr(module, name), _name=name, **kwargs):
+            callers.append((_name, [(Path(f.filename).name, f.function) for f in inspect.stack()[1:]]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    grid = parse_grid(["kd.fitnet.loss_weight=1.0,2.0"])
+    result = run_study(tmp_path / "s", "bench", ["none", "fitnet"], [0], grid, small, device="cpu",
+                       teacher_weights=TEACHER)
+    assert len(result.rows) == 4  # 2 variants x (none, fitnet); the no-KD run serves both
+    assert [name for name, _ in callers] == ["load_config", "loads"]
+    assert [f for _, f in callers[0][1][:3]] == ["resolve_config", "_check_arguments", "run_study"]
+    assert not any(file == "builders.py" for _, stack in callers for file, _ in stack)
+    monkeypatch.undo()
+    for run in (Run(v, 0, m) for v in grid_variants(grid) for m in ("none", "fitnet")):
+        saved = json.loads((tmp_path / "s" / run.folder / "run.json").read_text())["spec"]["config"]["config"]
+        assert saved == json.loads(json.dumps(method_config(load_config("bench", [*small, *run.relevant]),
+                                                            run.method)))
 
 
 @pytest.mark.parametrize("seeds, methods, grid, message", [
