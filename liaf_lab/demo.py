@@ -35,8 +35,8 @@ def get_teacher(cfg: dict[str, Any], train, val, out: Path, device, teacher_weig
     return train_teacher(cfg, train, out / "teacher", device, val_dataset=val), "trained in this run"
 
 
-def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedConfig = "tiny", seeds: tuple[int, ...] = (0,),
-             overrides: list[str] | None = None, device: str | None = None,
+def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedConfig = "tiny",
+             seeds: tuple[int, ...] = (0,), overrides: list[str] | None = None, device: str | None = None,
              teacher_weights: str | Path | None = "auto", quick: bool = False,
              methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Run the whole recipe on the config's data and write ``report.md``, ``summary.json`` and figures.
@@ -109,7 +109,8 @@ def export_checkpoints(run_dir: str | Path, dest: str | Path = SHIPPED_DIR, seed
     return written
 
 
-def load_demo_models(config: str | Path | ResolvedConfig = "tiny", checkpoint_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
+def load_demo_models(config: str | Path | ResolvedConfig = "tiny",
+                     checkpoint_dir: str | Path = SHIPPED_DIR) -> dict[str, Any]:
     """The shipped tiny models: ``teacher``, students ``none``/``fitnet``/``liaf``, the LIAF-KD ``distiller``
     (stage-1 selectors, stage-2 projectors), the ``train``/``val`` datasets and the ``config``.
 

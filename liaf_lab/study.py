@@ -516,8 +516,9 @@ class StudyResult:
 
 
 @_locked
-def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench", methods: Sequence[str] = ("none", "fitnet", "liaf"),
-              seeds: Sequence[int] = (0, 1, 2), grid: dict[str, list[str]] | None = None,
+def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench",
+              methods: Sequence[str] = ("none", "fitnet", "liaf"), seeds: Sequence[int] = (0, 1, 2),
+              grid: dict[str, list[str]] | None = None,
               overrides: Sequence[str] = (), device: str | None = None, jobs: int = 1, threads: int = 1,
               teacher_weights: str | None = None, grid_mode: GridMode = "product", pairwise: bool = False,
               versus: Sequence[str] = (), target_half_width: float | None = None, max_seeds: int | None = None,
