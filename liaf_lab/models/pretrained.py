@@ -5,7 +5,9 @@ file) or the name of a torchvision weights enum (``"RetinaNet_ResNet50_FPN_Weigh
 local cache (``$TORCH_HOME/hub/checkpoints``, see ``torch.hub.get_dir``) and never downloaded: when the file is not
 there the error names the path to place it at and the URL it comes from.
 
-Tensors whose names and shapes fit are kept. The class-dependent layers (``CLASS_KEYS``) are re-initialised for the
+Tensors whose names and shapes fit are kept. The class-dependent layers (a family's ``pretrained_class_keys``, see
+``adapter.DetectorAdapter``; their rows laid out as ``"anchors"``: one block of K class rows per anchor, ``[A * K, ...]``,
+``"classes"``: K rows, or ``"boxes"``: 4 rows per class) are re-initialised for the
 model's class count, or remapped when the file has torchvision's 91 COCO outputs and the dataset is COCO: torchvision
 indexes its logits by COCO category id, liaf_lab's ``CocoDetectionDataset`` numbers the categories 1..K, so row
 ``category_id`` of the file becomes row ``label`` of the model (checked by class name). Any other difference is
@@ -29,18 +31,6 @@ from ..checkpoint import load_checkpoint
 
 LOG = logging.getLogger("liaf_lab")
 
-# Per architecture, the class-dependent tensors and how their rows are laid out: "anchors" = one block of K class
-# rows per anchor (RetinaNet's / FCOS's cls_logits, [A * K, ...]), "classes" = K rows, "boxes" = 4 rows per class.
-CLASS_KEYS: dict[str, dict[str, str]] = {
-    "retinanet": {"head.classification_head.cls_logits.weight": "anchors",
-                  "head.classification_head.cls_logits.bias": "anchors"},
-    "fcos": {"head.classification_head.cls_logits.weight": "anchors",
-             "head.classification_head.cls_logits.bias": "anchors"},
-    "fasterrcnn": {"roi_heads.box_predictor.cls_score.weight": "classes",
-                   "roi_heads.box_predictor.cls_score.bias": "classes",
-                   "roi_heads.box_predictor.bbox_pred.weight": "boxes",
-                   "roi_heads.box_predictor.bbox_pred.bias": "boxes"},
-}
 # File keys a backbone has no use for: the ImageNet classifier.
 IGNORED_BACKBONE_KEYS = ("fc.weight", "fc.bias")
 _ENUM_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
@@ -148,7 +138,7 @@ def _file_classes(layout: str, file_rows: int, model_rows: int, model_classes: i
 def load_pretrained(
     model: nn.Module,
     source: str | Path,
-    arch: str,
+    class_keys: Mapping[str, str],
     num_classes: int,
     category_ids: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
@@ -156,7 +146,8 @@ def load_pretrained(
     """Fill ``model`` (built by ``create_detector``) from torchvision detector weights of the same architecture.
 
     Args:
-        model: the detector; ``arch`` its ``create_detector`` arch, ``num_classes`` its class count.
+        model: the detector; ``num_classes`` its class count.
+        class_keys: its class-dependent tensors -> row layout (its family's ``pretrained_class_keys``).
         source: a file or a torchvision weights enum name (see ``resolve_weights``).
         category_ids: the dataset's category id of each label ``1..num_classes - 1`` (``dataset.label_to_cat_id``);
             with a 91-class COCO file and COCO's class names (``class_names``) the class layers are remapped.
@@ -164,13 +155,9 @@ def load_pretrained(
     Raises:
         ValueError: the file is of another architecture: names both and the first keys that differ.
     """
-    if arch not in CLASS_KEYS:
-        raise ValueError(f"torchvision has no {arch!r} detector weights; weights= takes RetinaNet, FCOS or Faster "
-                         f"R-CNN weights ({sorted(CLASS_KEYS)}); use weights_backbone for an ImageNet backbone")
     path, file_names = resolve_weights(source)
     state = read_state_dict(path)
     report = WeightsReport(str(source), "detector")
-    class_keys = CLASS_KEYS[arch]
     target = model.state_dict()
     _check_fit(model, state, target, str(source), skip=set(class_keys))
     loaded = {k: state[k] for k in target if k in state and k not in class_keys}
