@@ -260,7 +260,7 @@ def test_image_without_boxes(arch):
 
 def test_errors():
     images, targets = batch()
-    with pytest.raises(TypeError, match="RetinaNet, FCOS or FasterRCNN.*got Linear"):
+    with pytest.raises(TypeError, match="registered family .RetinaNet, FCOS, FasterRCNN, GFL.*got Linear"):
         run_detector(nn.Linear(2, 2), images)
     model = tiny("fcos").train()
     with pytest.raises(ValueError, match="targets are required in train mode"):
