@@ -91,6 +91,10 @@ class DetectorAdapter:
         ``model_class``'s constructor (``detectors.detector_options``)."""
         raise NotImplementedError
 
+    def num_classes(self, model: nn.Module) -> int:
+        """The class count of the model's classifier (background included)."""
+        raise NotImplementedError
+
     # -- running ------------------------------------------------------------------------------------------------
     def run_heads(self, model: nn.Module, image_list: ImageList, features: OrderedDict[str, Tensor],
                   targets: list[Target] | None, original_sizes: list[tuple[int, int]] | None) -> HeadRun:
@@ -151,6 +155,10 @@ class DenseAdapter(DetectorAdapter):
     """A dense detector with torchvision's ``RetinaNet`` / ``FCOS`` pieces; ``prior_scores`` is ``cls_logits``."""
 
     prior_scores = "cls_logits"
+
+    def num_classes(self, model: nn.Module) -> int:
+        """``head.classification_head.num_classes``."""
+        return int(model.head.classification_head.num_classes)
 
     def compute_loss(self, model: nn.Module, targets: list[Target], head_outputs: dict[str, Tensor],
                      anchors: list[Tensor], num_anchors_per_level: list[int]) -> dict[str, Tensor]:

@@ -244,19 +244,9 @@ def pair_levels(by_teacher_level: Mapping[str, T], levels: Mapping[str, str]) ->
     return {lvl: by_teacher_level[src] for lvl, src in levels.items()}
 
 def detector_num_classes(model: nn.Module) -> int:
-    """Class count of a detector's classifier (background included).
-
-    RetinaNet / FCOS / GFL: ``head.classification_head.num_classes``; Faster / Mask R-CNN:
-    ``roi_heads.box_predictor.cls_score.out_features``.
-    """
-    head = getattr(getattr(model, "head", None), "classification_head", None)
-    if head is not None and hasattr(head, "num_classes"):
-        return int(head.num_classes)
-    cls_score = getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
-    if isinstance(cls_score, nn.Linear):
-        return int(cls_score.out_features)
-    raise TypeError(f"{type(model).__name__} has neither head.classification_head.num_classes (RetinaNet, FCOS, GFL) "
-                    "nor roi_heads.box_predictor.cls_score (Faster R-CNN): cannot read its class count")
+    """Class count of a detector's classifier (background included), as its adapter reads it
+    (``DetectorAdapter.num_classes``)."""
+    return detector_adapter(model).num_classes(model)
 
 
 def _check_class_count(what: str, model: nn.Module, class_names: Sequence[str]) -> None:

@@ -66,6 +66,10 @@ class FasterRCNNAdapter(DetectorAdapter):
                              "roi_heads.box_predictor.bbox_pred.weight": "boxes",
                              "roi_heads.box_predictor.bbox_pred.bias": "boxes"}
 
+    def num_classes(self, model: nn.Module) -> int:
+        """``roi_heads.box_predictor.cls_score.out_features``."""
+        return int(model.roi_heads.box_predictor.cls_score.out_features)
+
     def anchor_generator(self, sizes: Sequence[float], strides: Sequence[float]) -> AnchorGenerator:
         """One size x 3 ratios (0.5, 1, 2) per level."""
         return AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))

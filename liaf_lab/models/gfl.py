@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
@@ -49,6 +48,7 @@ from torchvision.ops import (
 
 from ..validation import check_positive_boxes
 from .adapter import DenseAdapter, Target
+from .dense import anchor_centres, distance2box, integral_distances, mean_over_ranks
 
 # mmdetection's GFL settings (configs/gfl/gfl_r50_fpn_1x_coco.py).
 OCTAVE_BASE_SCALE = 8  # anchor side = 8 x stride
@@ -57,33 +57,6 @@ INSIDE_EPS = 0.01  # ATSS: a candidate's centre must lie more than 0.01 px insid
 
 
 # -- box coding ------------------------------------------------------------------------------------------
-
-def integral_distances(bbox_logits: Tensor, reg_max: int) -> Tensor:
-    """Expected distances from the bin distributions (mmdetection ``Integral``: sum_i softmax(x)_i * i).
-
-    Args:
-        bbox_logits: ``[..., 4 * (reg_max + 1)]`` bin logits, side-major (left, top, right, bottom).
-        reg_max: the largest bin value.
-
-    Returns:
-        ``[..., 4]`` distances in bins (units of the level's stride), each in ``[0, reg_max]``.
-    """
-    probs = bbox_logits.reshape(*bbox_logits.shape[:-1], 4, reg_max + 1).softmax(dim=-1)
-    bins = torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)
-    return (probs * bins).sum(dim=-1)
-
-
-def distance2box(centres: Tensor, distances: Tensor) -> Tensor:
-    """Boxes from centres ``[..., 2]`` (x, y) and side distances ``[..., 4]`` (l, t, r, b).
-
-    mmdetection ``distance2bbox`` (without clipping).
-
-    Returns ``[..., 4]`` boxes (x1, y1, x2, y2) in the units of the inputs.
-    """
-    x, y = centres.unbind(-1)
-    left, top, right, bottom = distances.unbind(-1)
-    return torch.stack([x - left, y - top, x + right, y + bottom], dim=-1)
-
 
 def box2distance(centres: Tensor, boxes: Tensor, reg_max: int) -> Tensor:
     """Side distances ``[..., 4]`` from centres ``[..., 2]`` to boxes ``[..., 4]``, clamped to ``[0, reg_max - 0.1]``.
@@ -94,11 +67,6 @@ def box2distance(centres: Tensor, boxes: Tensor, reg_max: int) -> Tensor:
     x, y = centres.unbind(-1)
     x1, y1, x2, y2 = boxes.unbind(-1)
     return torch.stack([x - x1, y - y1, x2 - x, y2 - y], dim=-1).clamp(0, reg_max - DFL_TARGET_EPS)
-
-
-def anchor_centres(anchors: Tensor) -> Tensor:
-    """``[..., 4]`` boxes -> ``[..., 2]`` centres (x, y)."""
-    return (anchors[..., :2] + anchors[..., 2:]) / 2
 
 
 def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
@@ -155,19 +123,6 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     nll_left = -log_probs.gather(-1, left[:, None]).squeeze(-1)
     nll_right = -log_probs.gather(-1, right[:, None]).squeeze(-1)
     return nll_left * (right.to(target.dtype) - target) + nll_right * (target - left.to(target.dtype))
-
-
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """mmdetection ``reduce_mean``: the mean of ``value`` over the ranks of an initialised process group.
-
-    Each rank's loss is then normalised by the batch-wide count, and DDP's gradient averaging
-    gives the gradient of the global mean. Without a process group: ``value`` itself.
-    """
-    if dist.is_available() and dist.is_initialized():
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
 
 
 # -- assignment ------------------------------------------------------------------------------------------
