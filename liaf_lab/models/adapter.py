@@ -59,6 +59,8 @@ class DetectorAdapter:
         anchor_stride_factor: the base anchor size in strides at ``min_size`` 800.
         pretrained_class_keys: the class-dependent tensors of torchvision's weights for the family and their row
             layout (``pretrained.load_pretrained``); empty if torchvision has none.
+        weights_keys: key fragments every state dict of the family holds, more than any other family's it
+            matches (``pretrained.describe_state`` names a weights file of another architecture by them).
         gives_assignment: ``assign`` gives the detector's own assignment of priors to boxes.
         splits_head: ``towers`` and ``head_from`` split the head at a tower conv.
     """
@@ -72,6 +74,7 @@ class DetectorAdapter:
     fpn_extra: ClassVar[str] = "p6p7"
     anchor_stride_factor: ClassVar[float] = 1.0
     pretrained_class_keys: ClassVar[Mapping[str, str]] = {}
+    weights_keys: ClassVar[tuple[str, ...]] = ()
     gives_assignment: ClassVar[bool] = False
     splits_head: ClassVar[bool] = False
 

@@ -68,6 +68,12 @@ def families_with(part: str) -> list[str]:
     return sorted(arch for arch, adapter in ADAPTERS.items() if getattr(adapter, part))
 
 
+def weights_families() -> dict[str, tuple[str, ...]]:
+    """Model class name -> the key fragments its state dicts hold (``DetectorAdapter.weights_keys``), which
+    ``pretrained.describe_state`` names a weights file by."""
+    return {a.model_class.__name__: a.weights_keys for a in ADAPTERS.values()}
+
+
 def detector_options(arch: str) -> list[str]:
     """The keyword arguments ``create_detector(arch, ...)`` passes on: the constructor's own (``score_thresh``,
     ``rpn_*``, ...) and those of torchvision's ``GeneralizedRCNNTransform`` (``size_divisible``, ``fixed_size``)."""
@@ -167,10 +173,10 @@ def create_detector(
                              anchor_sizes=list(sizes), frozen_bn=frozen_bn, **kwargs)
     model.liaf_weights = []
     if weights_backbone is not None:
-        model.liaf_weights.append(load_pretrained_backbone(model, weights_backbone))
+        model.liaf_weights.append(load_pretrained_backbone(model, weights_backbone, weights_families()))
     if weights is not None:
         model.liaf_weights.append(load_pretrained(model, weights, adapter.pretrained_class_keys, num_classes,
-                                                  category_ids, class_names))
+                                                  category_ids, class_names, weights_families()))
     for report in model.liaf_weights:
         LOG.info(report.summary())
     if weights_path is not None:

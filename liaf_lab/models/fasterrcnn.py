@@ -60,6 +60,7 @@ class FasterRCNNAdapter(DetectorAdapter):
     foreground_from = 1
     fpn_extra = "pool"
     anchor_stride_factor = 8.0
+    weights_keys = ("roi_heads.box_predictor",)
     # "classes": K rows; "boxes": 4 rows per class.
     pretrained_class_keys = {"roi_heads.box_predictor.cls_score.weight": "classes",
                              "roi_heads.box_predictor.cls_score.bias": "classes",

@@ -38,6 +38,8 @@ class FCOSAdapter(DenseAdapter):
     arch = "fcos"
     model_class = FCOS
     head_outputs = ("cls_logits", "bbox_regression", "bbox_ctrness")
+    weights_keys = ("head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+                    "head.regression_head.bbox_ctrness")
     pretrained_class_keys = {"head.classification_head.cls_logits.weight": "anchors",
                              "head.classification_head.cls_logits.bias": "anchors"}
 

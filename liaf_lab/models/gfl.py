@@ -611,6 +611,8 @@ class GFLAdapter(DenseAdapter):
     shared_outputs = {"box_bins": "bbox_regression"}
     head_outputs = ("cls_logits", "bbox_regression", *shared_outputs)
     anchor_stride_factor = float(OCTAVE_BASE_SCALE)
+    weights_keys = ("head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+                    "head.regression_head.scales")
     gives_assignment = True
     splits_head = True
 
