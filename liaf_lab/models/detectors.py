@@ -1,4 +1,8 @@
-"""Factory for torchvision RetinaNet / FCOS / Faster R-CNN and liaf_lab's GFL on a width-scaled ResNet-FPN.
+"""The registry of detector families (``ADAPTERS``, ``detector_adapter``) and the factory that builds any of them
+(torchvision's RetinaNet / FCOS / Faster R-CNN, liaf_lab's GFL) on a width-scaled ResNet-FPN.
+
+What a family is, how it is built and run, lives in its adapter (``adapter.py``, one module per family); this
+module only lists them.
 
 Class convention (the same for all four archs): ``num_classes`` counts the background, i.e. it is
 the number of foreground classes + 1, and target labels are ``1..num_classes-1`` with 0 meaning
