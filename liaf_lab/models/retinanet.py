@@ -21,7 +21,7 @@ class RetinaNetAdapter(DenseAdapter):
     head_outputs = ("cls_logits", "bbox_regression")
     anchor_stride_factor = 4.0
     weights_keys = ("head.classification_head.cls_logits", "head.regression_head.bbox_reg")
-    # "anchors": one block of K class rows per anchor ([A * K, ...]); see pretrained.load_pretrained.
+    # "anchors": one block of K class rows per anchor ([A * K, ...]); the layouts: models/pretrained.py.
     pretrained_class_keys = {"head.classification_head.cls_logits.weight": "anchors",
                              "head.classification_head.cls_logits.bias": "anchors"}
 
