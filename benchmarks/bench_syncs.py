@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from liaf_lab import create_distiller, list_distillers
-from liaf_lab.models import create_detector, fpn_strides
-from liaf_lab.models.taps import HEAD_SPLITS, head_from_split
+from liaf_lab.models import create_detector, detector_adapter, fpn_strides
+from liaf_lab.models.taps import head_from_split
 from liaf_lab.distillers import KDInputs
 from liaf_lab.validation import debug_enabled
 
@@ -112,7 +112,7 @@ def random_head(keys: tuple[str, ...], needs: frozenset[str], sizes: dict[str, t
     if "head_split" in needs:
         model = create_detector("gfl", classes, depth=18, width_mult=0.125, fpn_channels=channels[1]).to(device)
         model.eval().requires_grad_(False)
-        branches = HEAD_SPLITS["gfl"][0](model)
+        branches = detector_adapter(model).towers(model)
         for field, c in (("student_tower", channels[0]), ("teacher_tower", channels[1])):
             out[field] = {lvl: {b: torch.randn(batch, c, h, w, generator=g).to(device) for b in branches}
                           for lvl, (h, w) in sizes.items()}

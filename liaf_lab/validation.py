@@ -135,6 +135,17 @@ def check_boxes(name: str, boxes: object, num_images: int | None = None, values:
     return boxes
 
 
+def check_positive_boxes(targets: Sequence[Mapping[str, Tensor]]) -> None:
+    """torchvision's degenerate-box check of a detector's transformed targets (``x2 > x1`` and ``y2 > y1``, strictly),
+    as a ``ValueError`` naming the first such box; ``run_detector`` and ``GFL.forward`` run it."""
+    for i, t in enumerate(targets):
+        bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise ValueError(f"targets[{i}]['boxes'][{j}] = {t['boxes'][j].tolist()} (after resizing) has no "
+                             "positive width and height")
+
+
 def check_feature_dict(
     name: str, feats: object, levels: Sequence[str], values: bool = True
 ) -> Mapping[str, Tensor]:

@@ -28,7 +28,7 @@ from liaf_lab.engine.steps import DistillStep
 from liaf_lab.models import (
     check_num_classes,
     create_detector,
-    detector_arch,
+    detector_adapter,
     detector_features,
     fpn_levels,
     load_detector_weights,
@@ -37,7 +37,6 @@ from liaf_lab.models import (
     save_detector,
     shared_strides,
 )
-from liaf_lab.models.taps import HEAD_OUTPUTS
 
 SMALL = dict(min_size=64, max_size=64)
 RCNN_SMALL = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
@@ -165,7 +164,7 @@ def test_train_and_distill_any_torchvision_detector(shapes, name):
         options = {"liaf": {"num_selectors": 2}}.get(method, {})
         distiller = ll.create_distiller(method, student_channels=channels, teacher_channels=channels,
                                         strides=strides, **options)
-        if not set(distiller.head_keys) <= set(HEAD_OUTPUTS[detector_arch(student)]):
+        if not set(distiller.head_keys) <= set(detector_adapter(student).head_outputs):
             with pytest.raises(ValueError, match=f"distiller '{method}' reads the head outputs"):
                 ll.distill(student, teacher, distiller, shapes, STEPS, device="cpu")
             continue

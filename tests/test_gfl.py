@@ -19,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from liaf_lab.config import load_config
 from liaf_lab.models import (
     create_detector,
-    detector_arch,
+    detector_adapter,
     detector_num_classes,
     fpn_strides,
     load_detector_weights,
@@ -36,7 +36,6 @@ from liaf_lab.models.gfl import (
     mean_over_ranks,
     quality_focal_loss,
 )
-from liaf_lab.models.taps import HEAD_OUTPUTS
 from references.gfl import ref_atss, ref_dfl, ref_gfl_loss, ref_integral, ref_iou, ref_qfl
 
 NUM_CLASSES = 4  # 3 foreground classes + background
@@ -292,8 +291,8 @@ def test_normaliser_over_a_one_rank_process_group(tmp_path):
 
 def test_factory_and_arch_plumbing(tmp_path):
     model = tiny()
-    assert detector_arch(model) == model.liaf_arch == "gfl"
-    assert HEAD_OUTPUTS["gfl"] == ("cls_logits", "bbox_regression", "box_bins")  # box_bins: bbox_regression's bins
+    assert detector_adapter(model).arch == model.liaf_arch == "gfl" and detector_adapter("gfl") is detector_adapter(model)
+    assert detector_adapter(model).head_outputs == ("cls_logits", "bbox_regression", "box_bins")  # box_bins: bbox_regression's bins
     assert list(fpn_strides(model).values()) == [8.0, 16.0, 32.0, 64.0, 128.0]
     assert detector_num_classes(model) == NUM_CLASSES
     assert model.head.classification_head.conv[1].num_groups == 16  # gcd(32, 16) for 16 FPN channels

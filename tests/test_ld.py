@@ -249,7 +249,7 @@ def test_step_gives_the_student_s_atss_assignment_and_the_loss_of_the_reference(
     anchors = torch.cat([out.priors[lvl] for lvl in levels])
     counts = [out.priors[lvl].shape[0] for lvl in levels]
     for i, t in enumerate(out.targets):
-        want = atss_assign(anchors, counts, t["boxes"], student.atss_topk)
+        want = atss_assign(anchors, counts, t["boxes"], student.head.atss_topk)
         got = torch.cat([inputs.assignment[lvl][i] for lvl in levels])
         assert torch.equal(got, want)
     assert bool((torch.cat([inputs.assignment[lvl][0] for lvl in levels]) >= 0).any())

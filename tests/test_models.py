@@ -10,15 +10,19 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from liaf_lab.models import (
+    ADAPTERS,
     ScaledResNet,
     count_parameters,
     create_detector,
     default_anchor_sizes,
+    detector_adapter,
+    detector_num_classes,
     fpn_strides,
     loss_on_features,
     resnet_fpn,
     run_detector,
 )
+from liaf_lab.models.adapter import flat_outputs
 
 ARCHS = ["retinanet", "fcos", "fasterrcnn"]
 NUM_CLASSES = 4  # 3 foreground classes + background
@@ -258,9 +262,37 @@ def test_image_without_boxes(arch):
     assert_same_losses(losses, model(images, targets))
 
 
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_each_registered_family_gives_what_its_adapter_says(arch):
+    """The registry's adapters: found by model and by name, and ``run_detector`` gives exactly the adapter's head
+    outputs; the prior scores flatten back to one row per prior (``flat_outputs`` inverts ``run_heads``'s
+    per-level layout), per class unless the family classifies boxes; the class count is the model's."""
+    torch.manual_seed(0)
+    model = create_detector(arch, NUM_CLASSES, depth=18, **TINY).eval()
+    adapter = detector_adapter(model)
+    assert adapter is detector_adapter(arch) and adapter.arch == arch and model.liaf_arch == arch
+    assert isinstance(model, adapter.model_class) and detector_num_classes(model) == NUM_CLASSES
+    images, targets = batch()
+    with torch.no_grad():
+        out = run_detector(model, images, targets)
+    assert all(tuple(o) == adapter.head_outputs for o in out.head_outputs.values())
+    scores = flat_outputs({lvl: o[adapter.prior_scores] for lvl, o in out.head_outputs.items()}, out.priors)
+    assert scores.shape[:2] == (len(images), sum(p.shape[0] for p in out.priors.values()))
+    with torch.no_grad():
+        boxes = adapter.box_class_logits(model, out.features, out.image_list.image_sizes,
+                                         [t["boxes"] for t in out.targets])
+    if boxes is None:  # dense: one logit per class and prior, the label indexes it
+        assert scores.shape[-1] == NUM_CLASSES and adapter.foreground_from == 0
+    else:  # class-agnostic prior scores; the boxes' class logits (logit 0: background)
+        assert scores.shape[-1] == 1 and adapter.foreground_from == 1
+        assert [b.shape for b in boxes] == [(len(t["boxes"]), NUM_CLASSES) for t in targets]
+    with pytest.raises(ValueError, match="arch must be one of"):
+        detector_adapter("yolo")
+
+
 def test_errors():
     images, targets = batch()
-    with pytest.raises(TypeError, match="RetinaNet, FCOS or FasterRCNN.*got Linear"):
+    with pytest.raises(TypeError, match="registered family .RetinaNet, FCOS, FasterRCNN, GFL.*got Linear"):
         run_detector(nn.Linear(2, 2), images)
     model = tiny("fcos").train()
     with pytest.raises(ValueError, match="targets are required in train mode"):

@@ -13,8 +13,7 @@ from torchvision.models import detection
 
 from liaf_lab.builders import build_detector, dataset_category_ids
 from liaf_lab.config import load_config
-from liaf_lab.models import create_detector
-from liaf_lab.models.pretrained import CLASS_KEYS
+from liaf_lab.models import create_detector, detector_adapter
 
 BUILDERS = {"retinanet": detection.retinanet_resnet50_fpn, "fcos": detection.fcos_resnet50_fpn,
             "fasterrcnn": detection.fasterrcnn_resnet50_fpn}
@@ -43,7 +42,7 @@ def coco_files(tmp_path_factory) -> dict[str, tuple[str, dict[str, torch.Tensor]
 
 def _rows(arch: str, key: str, classes: list[int], file_rows: int) -> list[int]:
     """The file's rows of a class-dependent tensor that hold ``classes`` (per anchor, or 4 per class)."""
-    layout = CLASS_KEYS[arch][key]
+    layout = detector_adapter(arch).pretrained_class_keys[key]
     if layout == "boxes":
         return [4 * c + j for c in classes for j in range(4)]
     anchors = file_rows // 91
@@ -56,8 +55,8 @@ def test_coco_weights_kept_and_remapped_by_category_id(arch, coco_files):
     model = create_detector(arch, len(IDS) + 1, depth=50, weights=path, category_ids=IDS, class_names=NAMES)
     (report,) = model.liaf_weights
     mine = model.state_dict()
-    assert sorted(report.remapped) == sorted(CLASS_KEYS[arch]) and not report.reinitialised
-    assert set(report.kept) == {k for k in state if k not in CLASS_KEYS[arch]}
+    assert sorted(report.remapped) == sorted(detector_adapter(arch).pretrained_class_keys) and not report.reinitialised
+    assert set(report.kept) == {k for k in state if k not in detector_adapter(arch).pretrained_class_keys}
     for key in report.kept:
         assert torch.equal(mine[key], state[key]), key
     for key in report.remapped:  # label l of the model is category IDS[l - 1] of the file; row 0 is background
@@ -70,7 +69,7 @@ def test_other_classes_reinitialise_the_class_layers(arch, coco_files):
     path, state = coco_files[arch]
     model = create_detector(arch, 5, depth=50, weights=path)
     (report,) = model.liaf_weights
-    assert sorted(report.reinitialised) == sorted(CLASS_KEYS[arch]) and not report.remapped
+    assert sorted(report.reinitialised) == sorted(detector_adapter(arch).pretrained_class_keys) and not report.remapped
     assert all(model.state_dict()[k].shape != state[k].shape for k in report.reinitialised)
     assert torch.equal(model.state_dict()["backbone.body.layer4.2.conv3.weight"],
                        state["backbone.body.layer4.2.conv3.weight"])

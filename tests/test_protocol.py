@@ -229,6 +229,75 @@ def test_no_method_name_or_class_is_tested_for_outside_the_distillers():
     assert not offenders, "\n".join(offenders)
 
 
+# -- detector families are known to their adapters only ---------------------------------------------
+_DETECTOR_PARTS = ("head", "rpn", "roi_heads", "anchor_generator", "classification_head", "regression_head",
+                   "box_predictor")
+
+
+def _code_words(path: Path):
+    """``(line, word, kind)`` for the code of a Python file: identifiers, attribute names, imported modules and
+    names (``kind`` "name"), string constants that are not docstrings ("string"), and the attribute named by a
+    ``hasattr`` / ``getattr`` call ("sniff"). Docstrings and comments are prose and are not scanned."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            yield node.lineno, node.id, "name"
+        elif isinstance(node, ast.Attribute):
+            yield node.lineno, node.attr, "name"
+        elif isinstance(node, ast.ImportFrom):
+            yield node.lineno, node.module or "", "name"
+            yield from ((node.lineno, alias.name, "name") for alias in node.names)
+        elif isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name, "name") for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value, "string"
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+                and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)):
+            yield node.lineno, node.args[1].value, "sniff"
+
+
+def test_no_detector_name_or_class_is_named_outside_the_adapters():
+    """A detector family is known to its adapter only (issue 26): outside the adapters' modules and the registry,
+    no code names a family or tests which family a detector is; it asks ``detector_adapter(model)``.
+
+    The names are those of the registry (``ADAPTERS``): each family's ``arch`` ("retinanet", "fcos", "gfl",
+    "fasterrcnn") and its model class (``RetinaNet``, ``FCOS``, ``GFL``, ``FasterRCNN``). Flagged in the code of
+    ``liaf_lab/**.py``: a string constant equal to an ``arch``; a string constant naming a model class (an error
+    message lists the families from the registry instead); an identifier, attribute or imported module or name
+    containing an ``arch`` or a class name (``isinstance(m, GFL)``, ``from ..models.gfl import ...``,
+    ``GFLHead``); and a ``hasattr`` / ``getattr`` of a family-specific part (``head``, ``rpn``, ``roi_heads``, ...:
+    sniffing the kind of detector by its attributes). Allowed:
+
+    * the adapters' modules (each registered adapter's module: ``models/retinanet.py``, ``models/fcos.py``,
+      ``models/gfl.py``, ``models/fasterrcnn.py``), where a family lives;
+    * ``models/detectors.py``, whose ``ADAPTERS`` is the registry (one line per family);
+    * presets (``liaf_lab/configs/*.toml``) and docs, which are not Python and not scanned;
+    * docstrings and comments, which are prose (a method's docstring may cite the public RetinaNet config its
+      defaults come from; it cannot branch on it).
+    """
+    from liaf_lab.models import ADAPTERS
+
+    archs = sorted(ADAPTERS)
+    classes = sorted(a.model_class.__name__ for a in ADAPTERS.values())
+    allowed = {Path(ll.__file__).parent.parent / (type(a).__module__.replace(".", "/") + ".py") for a in ADAPTERS.values()}
+    allowed.add(PACKAGE / "models" / "detectors.py")
+    assert {p.name for p in allowed} == {"retinanet.py", "fcos.py", "gfl.py", "fasterrcnn.py", "detectors.py"}
+    in_name = re.compile("|".join([*archs, *classes]), re.IGNORECASE)
+    class_word = re.compile(rf"\b({'|'.join(classes)})\b")
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path in allowed:
+            continue
+        for line, word, kind in _code_words(path):
+            if ((kind == "name" and in_name.search(word)) or (kind == "string" and word.lower() in archs)
+                    or (kind == "string" and class_word.search(word)) or (kind == "sniff" and word in _DETECTOR_PARTS)):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{line}: {kind} {word!r}")
+    assert not offenders, "\n".join(offenders)
+
+
 # -- methods share code through ops.py, not each other's modules -------------------------------------
 def _imported_modules(path: Path, package: str) -> set[str]:
     """The dotted names of the modules the file ``path`` of ``package`` imports (also inside functions)."""

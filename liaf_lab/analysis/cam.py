@@ -5,11 +5,16 @@ runs ``model.transform`` and ``model.backbone``, packs the FPN levels ``{level: 
 into one tensor ``[N, C, sum_l H_l W_l, 1]`` that passes through an identity *tap* (the CAM's
 target layer), unpacks them and returns a differentiable score per image:
 
-* RetinaNet / FCOS (``anchor_generator`` + ``head.classification_head``): for every target box the
-  mean classification logit of its class over the anchor locations whose centres lie in the box
-  (the nearest location for tiny boxes), summed over targets.
-* Faster R-CNN (``rpn`` + ``roi_heads``): the box head's class logit for the target box used as a
-  proposal, plus the mean RPN objectness logit of the anchors centred in the box.
+* a dense detector (RetinaNet, FCOS, GFL): for every target box the mean classification logit of its
+  class over the priors (anchors) whose centres lie in the box (the nearest prior for tiny boxes),
+  summed over targets;
+* a detector that classifies boxes (Faster R-CNN): the box head's class logit for the target box used
+  as a proposal, plus the mean class-agnostic prior score (the RPN's objectness logit) of the priors
+  centred in the box.
+
+The head outputs and priors are ``taps.head_outputs``'s; which output scores the priors, from which
+logit the foreground classes start and the class logits of boxes are the detector's adapter's
+(``DetectorAdapter.prior_scores``, ``foreground_from``, ``box_class_logits``).
 
 This is a differentiable analogue of ``pytorch_grad_cam``'s ``FasterRCNNBoxScoreTarget``, which
 needs detections that survive the score threshold (an untrained student has none). Label ``-1``
@@ -42,9 +47,10 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 from torch import Tensor, nn
 
+from ..models.adapter import flat_outputs
 from ..models.backbones import eval_mode
-from ..models.detectors import detector_num_classes
-from ..models.taps import detector_features
+from ..models.detectors import detector_adapter, detector_num_classes
+from ..models.taps import detector_features, head_outputs
 from ..validation import check_boxes
 from ..verdicts import paired_interval
 from .viz import check_image, draw_boxes, new_figure
@@ -55,7 +61,6 @@ __all__ = [
 ]
 
 CamMethod = Literal["gradcam", "eigencam"]
-DetectorKind = Literal["dense", "two_stage"]
 
 
 def _check_fpn_detector(model: object) -> None:
@@ -64,22 +69,9 @@ def _check_fpn_detector(model: object) -> None:
     missing = [a for a in ("transform", "backbone") if not isinstance(getattr(model, a, None), nn.Module)]
     if missing:
         raise ValueError(
-            f"{type(model).__name__} has no {' or '.join(missing)}: expected a torchvision FPN detector "
-            "(RetinaNet, FCOS, FasterRCNN) with .transform and an FPN .backbone"
+            f"{type(model).__name__} has no {' or '.join(missing)}: expected a torchvision-style detector "
+            "with .transform and an FPN .backbone"
         )
-
-
-def _detector_kind(model: nn.Module) -> DetectorKind:
-    head = getattr(model, "head", None)
-    if hasattr(model, "anchor_generator") and hasattr(head, "classification_head"):
-        return "dense"
-    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
-        return "two_stage"
-    raise ValueError(
-        f"{type(model).__name__} has neither a dense head (anchor_generator + head.classification_head, as "
-        "RetinaNet/FCOS) nor rpn + roi_heads (as FasterRCNN): no differentiable score for Grad-CAM; "
-        "use method='eigencam'"
-    )
 
 
 @torch.no_grad()
@@ -140,13 +132,20 @@ def _pick(logits: Tensor, labels: Tensor, foreground_from: int) -> Tensor:
     return torch.where(labels[None, :] < 0, any_class[:, None], picked)
 
 
+def _pick_rows(logits: Tensor, labels: Tensor, foreground_from: int) -> Tensor:
+    """``logits [T, K]`` (one row per box) at each row's label ``labels [T]`` -> ``[T]``; label -1 takes the max
+    over foreground classes."""
+    return torch.where(labels < 0, logits[:, foreground_from:].max(dim=1).values,
+                       logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
+
+
 class _ScoredDetector(nn.Module):
     """Detector wrapper: image batch ``[N, 3, H, W]`` -> score ``[N]`` differentiable in the FPN tap."""
 
-    def __init__(self, model: nn.Module, kind: DetectorKind | None, max_cells: int, take_abs: bool) -> None:
+    def __init__(self, model: nn.Module, score: bool, max_cells: int, take_abs: bool) -> None:
         super().__init__()
         self.model = model
-        self.kind = kind
+        self.score = score
         self.max_cells = max_cells
         self.take_abs = take_abs
         self.tap = _Tap()
@@ -166,41 +165,26 @@ class _ScoredDetector(nn.Module):
         packed = self.tap(torch.cat([f.flatten(2) for f in feats.values()], dim=2)[..., None])
         parts = packed[..., 0].split([s[2] * s[3] for s in shapes], dim=2)
         feats = OrderedDict((n, p.reshape(s)) for n, p, s in zip(names, parts, shapes, strict=True))
-        if self.kind is None:
+        if not self.score:
             return packed.new_zeros(x.shape[0])
-        if self.kind == "dense":
-            return self._dense_score(feats, images, targets)
-        return self._two_stage_score(feats, images, targets)
+        return self._score(feats, images, targets)
 
-    def _dense_score(
-        self, feats: OrderedDict[str, Tensor], images: Any, targets: list[dict[str, Tensor]]
-    ) -> Tensor:
-        levels = list(feats.values())
-        logits = self.model.head.classification_head(levels)  # [N, A, K]
-        anchors = self.model.anchor_generator(images, levels)
-        return torch.stack([
-            (_inside_weights(a, t["boxes"]) * _pick(lg, t["labels"], 0).t()).sum()
-            for lg, a, t in zip(logits, anchors, targets, strict=True)
-        ])
-
-    def _two_stage_score(
-        self, feats: OrderedDict[str, Tensor], images: Any, targets: list[dict[str, Tensor]]
-    ) -> Tensor:
-        heads = self.model.roi_heads
-        boxes = [t["boxes"] for t in targets]
-        pooled = heads.box_head(heads.box_roi_pool(feats, boxes, images.image_sizes))
-        class_logits, _ = heads.box_predictor(pooled)  # [T_total, K], class 0 = background
-        per_image = class_logits.split([len(b) for b in boxes])
-        levels = list(feats.values())
-        objectness, _ = self.model.rpn.head(levels)  # per level [N, A, H, W]
-        objectness = torch.cat([o.permute(0, 2, 3, 1).flatten(1) for o in objectness], dim=1)  # [N, A_total]
-        anchors = self.model.rpn.anchor_generator(images, levels)
+    def _score(self, feats: OrderedDict[str, Tensor], images: Any, targets: list[dict[str, Tensor]]) -> Tensor:
+        """Per image the score of the module docstring: the mean prior score of each target's class (per-class prior
+        scores), or its box's class logit plus the mean class-agnostic prior score, summed over targets -> ``[N]``."""
+        adapter = detector_adapter(self.model)
+        outputs, priors = head_outputs(self.model, images, feats)
+        prior_scores = flat_outputs({lvl: out[adapter.prior_scores] for lvl, out in outputs.items()}, priors)  # [N, P, D]
+        anchors = torch.cat(list(priors.values()))  # [P, 4]
+        box_logits = adapter.box_class_logits(self.model, feats, images.image_sizes, [t["boxes"] for t in targets])
         scores = []
-        for cls, obj, a, t in zip(per_image, objectness, anchors, targets, strict=True):
-            labels = t["labels"]
-            cls_score = torch.where(labels < 0, cls[:, 1:].max(dim=1).values,
-                                    cls.gather(1, labels.clamp(min=0)[:, None])[:, 0])
-            scores.append(cls_score.sum() + (_inside_weights(a, t["boxes"]) * obj[None, :]).sum())
+        for i, t in enumerate(targets):
+            weights = _inside_weights(anchors, t["boxes"])  # [T, P]
+            if box_logits is None:  # D = K classes
+                scores.append((weights * _pick(prior_scores[i], t["labels"], adapter.foreground_from).t()).sum())
+            else:  # D = 1, class-agnostic
+                box_score = _pick_rows(box_logits[i], t["labels"], adapter.foreground_from).sum()
+                scores.append(box_score + (weights * prior_scores[i, :, 0][None, :]).sum())
         return torch.stack(scores)
 
     def reshape(self, packed: Tensor) -> Tensor:
@@ -230,8 +214,8 @@ class DetectorCAM:
     on exit, and the package's hooks (on the wrapper's tap, never on ``model``) are released.
 
     Args:
-        model: RetinaNet, FCOS or FasterRCNN (any module with ``.transform`` and an FPN ``.backbone``
-            for EigenCAM).
+        model: a detector of a registered family (``models.detectors.ADAPTERS``); for EigenCAM any module with
+            ``.transform`` and an FPN ``.backbone``.
         method: ``"gradcam"`` (gradient of the box score, see the module docstring) or
             ``"eigencam"`` (gradient-free first principal component of ``|F|``).
         max_targets: without ``target_boxes``, Grad-CAM explains the model's top detections (at
@@ -248,11 +232,15 @@ class DetectorCAM:
             raise ValueError(f"method must be 'gradcam' or 'eigencam', got {method!r}")
         if max_targets < 1 or max_cells < 1:
             raise ValueError(f"max_targets and max_cells must be positive, got {max_targets}, {max_cells}")
-        kind = _detector_kind(model) if method == "gradcam" else None
+        if method == "gradcam":
+            try:
+                detector_adapter(model)  # a registered family: the score of the module docstring exists
+            except TypeError as err:
+                raise ValueError(f"{err}: no differentiable score for Grad-CAM; use method='eigencam'") from None
         self.model = model
         self.method = method
         self.max_targets = max_targets
-        self.wrapper = _ScoredDetector(model, kind, max_cells, take_abs=method == "eigencam")
+        self.wrapper = _ScoredDetector(model, method == "gradcam", max_cells, take_abs=method == "eigencam")
         self._cam: GradCAM | EigenCAM | None = None
         self._restore: list[tuple[nn.Parameter, bool]] = []
         self._mode: AbstractContextManager | None = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from ..models.gfl import mean_over_ranks
+from ..models.dense import mean_over_ranks
 from ..options import Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
 from .ops import binary_kd, decode_bins

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
-from ..models.gfl import mean_over_ranks
+from ..models.dense import mean_over_ranks
 from ..options import NonNegativeInt, Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
 from .ops import bin_kl, binary_kd, channel_standardise, decode_bins

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.gfl import anchor_centres, distance2box, integral_distances
+from ..models.dense import anchor_centres, distance2box, integral_distances
 
 # Which cells a box covers (``box_cell_axes``): three rules, one per public code.
 CellRule = Literal["corner", "fgd", "defeat"]

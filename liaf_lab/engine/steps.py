@@ -16,10 +16,9 @@ from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, KDInputs
 from ..models.backbones import fpn_levels
-from ..models.detectors import fpn_strides, match_levels, pair_levels, shared_strides
+from ..models.detectors import detector_adapter, families_with, fpn_strides, match_levels, pair_levels, shared_strides
 from ..models.taps import (
-    ASSIGNERS, HEAD_OUTPUTS, HEAD_SPLITS, detector_arch, head_from_split, head_outputs, head_split_depth,
-    loss_on_features, prior_assignment, run_detector, tower_features,
+    head_from_split, head_outputs, head_split_depth, loss_on_features, prior_assignment, run_detector, tower_features,
 )
 from .teacher_cache import TeacherCache
 
@@ -33,22 +32,25 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def check_detectors_serve(distiller: FeatureDistiller, student: nn.Module, teacher: nn.Module) -> None:
     """A one-line ``ValueError`` naming the method, the detector and what it lacks, unless the detectors give
-    what the distiller ``needs``: its ``head_keys`` on both sides, and the student's assignment of priors."""
+    what the distiller ``needs`` (as their adapters say): its ``head_keys`` on both sides, the student's
+    assignment of priors, a head split on both sides."""
     if "head_outputs" in distiller.needs:
         for role, model in (("student", student), ("teacher", teacher)):
-            gives = HEAD_OUTPUTS[detector_arch(model)]
+            gives = detector_adapter(model).head_outputs
             missing = [k for k in distiller.head_keys if k not in gives]
             if missing:
                 raise ValueError(f"distiller {distiller.method_name!r} reads the head outputs {missing}, which the "
                                  f"{role} ({type(model).__name__}) does not give (it gives {list(gives)})")
-    if "assignment" in distiller.needs and detector_arch(student) not in ASSIGNERS:
+    if "assignment" in distiller.needs and not detector_adapter(student).gives_assignment:
         raise ValueError(f"distiller {distiller.method_name!r} reads the student's assignment of priors to boxes, which "
-                         f"the student ({type(student).__name__}) does not give (given by: {sorted(ASSIGNERS)})")
+                         f"the student ({type(student).__name__}) does not give "
+                         f"(given by: {families_with('gives_assignment')})")
     if "head_split" in distiller.needs:
         for role, model in (("student", student), ("teacher", teacher)):
-            if detector_arch(model) not in HEAD_SPLITS:
+            if not detector_adapter(model).splits_head:
                 raise ValueError(f"distiller {distiller.method_name!r} splits the heads after a tower conv, which the "
-                                 f"{role} ({type(model).__name__}) does not allow (given by: {sorted(HEAD_SPLITS)})")
+                                 f"{role} ({type(model).__name__}) does not allow "
+                                 f"(given by: {families_with('splits_head')})")
             depth = head_split_depth(model)
             if not 0 <= distiller.split_index <= depth:
                 raise ValueError(f"distiller {distiller.method_name!r} splits the heads after conv "

@@ -1,4 +1,8 @@
-"""Factory for torchvision RetinaNet / FCOS / Faster R-CNN and liaf_lab's GFL on a width-scaled ResNet-FPN.
+"""The registry of detector families (``ADAPTERS``, ``detector_adapter``) and the factory that builds any of them
+(torchvision's RetinaNet / FCOS / Faster R-CNN, liaf_lab's GFL) on a width-scaled ResNet-FPN.
+
+What a family is, how it is built and run, lives in its adapter (``adapter.py``, one module per family); this
+module only lists them.
 
 Class convention (the same for all four archs): ``num_classes`` counts the background, i.e. it is
 the number of foreground classes + 1, and target labels are ``1..num_classes-1`` with 0 meaning
@@ -15,65 +19,75 @@ that small inputs get small anchors; pass ``anchor_sizes`` to choose them.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 from torch import Tensor, nn
 from torch.utils.data import Subset
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.models.detection._utils import BoxLinearCoder
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
 
 from ..checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from .adapter import DetectorAdapter
 from .backbones import backbone_strides, resnet_fpn
-from .gfl import GFL, OCTAVE_BASE_SCALE, GFLAnchorGenerator
+from .fasterrcnn import FasterRCNNAdapter
+from .fcos import FCOSAdapter
+from .gfl import GFLAdapter
 from .pretrained import LOG, load_pretrained, load_pretrained_backbone
+from .retinanet import RetinaNetAdapter
 
 T = TypeVar("T")
 
-Arch = Literal["retinanet", "fcos", "fasterrcnn", "gfl"]
-DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN,
-                                                "gfl": GFL}
-# Base anchor size in units of the level's stride at min_size=800 (torchvision's defaults; GFL: mmdetection's).
-_ANCHOR_STRIDE_FACTOR = {"retinanet": 4.0, "fasterrcnn": 8.0, "gfl": float(OCTAVE_BASE_SCALE)}
-_REFERENCE_MIN_SIZE = 800
+# The detector families, by ``create_detector``'s arch name: the one registry. A family is its adapter's module
+# (``models/adapter.py`` says what an adapter gives) and its line here.
+ADAPTERS: dict[str, DetectorAdapter] = {
+    adapter.arch: adapter
+    for adapter in (RetinaNetAdapter(), FCOSAdapter(), FasterRCNNAdapter(), GFLAdapter())
+}
+Arch = Literal[tuple(ADAPTERS)]
 # What create_detector passes to the torchvision constructors itself (not a keyword a caller may give).
 _SET_BY_FACTORY = {"self", "backbone", "num_classes", "min_size", "max_size", "anchor_generator", "head",
                    "rpn_anchor_generator", "box_roi_pool", "kwargs"}
 
 
+def detector_adapter(model: nn.Module | str) -> DetectorAdapter:
+    """The adapter of a detector (by its class: also a torchvision-built one, or a subclass such as Mask R-CNN) or
+    of an ``arch`` name; ``TypeError`` / ``ValueError`` naming the families otherwise."""
+    if isinstance(model, str):
+        if model not in ADAPTERS:
+            raise ValueError(f"arch must be one of {sorted(ADAPTERS)}, got {model!r}")
+        return ADAPTERS[model]
+    for adapter in ADAPTERS.values():
+        if isinstance(model, adapter.model_class):
+            return adapter
+    served = ", ".join(a.model_class.__name__ for a in ADAPTERS.values())
+    raise TypeError(f"expected a detector of a registered family ({served}, or a subclass), "
+                    f"got {type(model).__name__}")
+
+
+def families_with(part: str) -> list[str]:
+    """The registered families (``arch`` names, sorted) whose adapter has the optional ``part``
+    (``"gives_assignment"`` or ``"splits_head"``), for messages."""
+    return sorted(arch for arch, adapter in ADAPTERS.items() if getattr(adapter, part))
+
+
+def weights_families() -> dict[str, tuple[str, ...]]:
+    """Model class name -> the key fragments its state dicts hold (``DetectorAdapter.weights_keys``), which
+    ``pretrained.describe_state`` names a weights file by."""
+    return {a.model_class.__name__: a.weights_keys for a in ADAPTERS.values()}
+
+
 def detector_options(arch: str) -> list[str]:
     """The keyword arguments ``create_detector(arch, ...)`` passes on: the constructor's own (``score_thresh``,
     ``rpn_*``, ...) and those of torchvision's ``GeneralizedRCNNTransform`` (``size_divisible``, ``fixed_size``)."""
-    own = inspect.signature(DETECTOR_CLASSES[arch].__init__).parameters
+    own = inspect.signature(detector_adapter(arch).model_class.__init__).parameters
     transform = inspect.signature(GeneralizedRCNNTransform.__init__).parameters
     return sorted({*own, *transform} - _SET_BY_FACTORY)
 
 
-class FCOSHeadGN(FCOSHead):
-    """torchvision's ``FCOSHead`` with ``GroupNorm(num_groups)`` so any channel count works.
-
-    torchvision hard-codes ``GroupNorm(32)``, which needs ``in_channels % 32 == 0``; with
-    ``num_groups=32`` this module is identical to torchvision's (same parameters and keys).
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, num_groups: int, num_convs: int = 4) -> None:
-        nn.Module.__init__(self)  # FCOSHead.__init__ would build GroupNorm(32) heads
-        norm_layer = partial(nn.GroupNorm, num_groups)
-        self.box_coder = BoxLinearCoder(normalize_by_size=True)
-        self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm_layer)
-        self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm_layer)
-
-
 def default_anchor_sizes(arch: Arch, strides: Sequence[float], min_size: int) -> tuple[int, ...]:
-    """One base anchor size (pixels of the resized input) per FPN level.
+    """One base anchor size (pixels of the resized input) per FPN level (the family's ``default_anchor_sizes``).
 
     RetinaNet: ``4 * stride``, Faster R-CNN and GFL: ``8 * stride``, all times ``min_size / 800`` and never
     below the stride, which gives torchvision's defaults (32..512) at ``min_size=800`` and 8..128
@@ -81,19 +95,7 @@ def default_anchor_sizes(arch: Arch, strides: Sequence[float], min_size: int) ->
     ATSS assignment). FCOS: the stride itself (FCOS's anchor is the location's cell;
     its scale ranges and box coder are defined relative to it).
     """
-    if arch == "fcos":
-        return tuple(round(s) for s in strides)
-    factor = _ANCHOR_STRIDE_FACTOR[arch] * min_size / _REFERENCE_MIN_SIZE
-    return tuple(max(round(s), round(factor * s)) for s in strides)
-
-
-def _anchor_generator(arch: Arch, sizes: Sequence[float]) -> AnchorGenerator:
-    """RetinaNet: 3 octave scales x 3 ratios per level; Faster R-CNN: 3 ratios; FCOS: 1 anchor."""
-    if arch == "retinanet":
-        per_level = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
-        return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(sizes))
-    ratios = (1.0,) if arch == "fcos" else (0.5, 1.0, 2.0)
-    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
+    return detector_adapter(arch).default_anchor_sizes(strides, min_size)
 
 
 def create_detector(
@@ -144,8 +146,7 @@ def create_detector(
         (the arguments that rebuild it, anchor sizes included) and ``model.liaf_weights`` (a ``WeightsReport`` per
         pretrained source loaded: kept, remapped, re-initialised keys; also logged to the ``liaf_lab`` logger).
     """
-    if arch not in DETECTOR_CLASSES:
-        raise ValueError(f"arch must be one of {sorted(DETECTOR_CLASSES)}, got {arch!r}")
+    adapter = detector_adapter(arch)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (foreground classes + 1 for background), "
                          f"got {num_classes!r}")
@@ -153,40 +154,33 @@ def create_detector(
     if unknown:
         named = [p for p in inspect.signature(create_detector).parameters if p not in ("arch", "kwargs")]
         raise TypeError(f"create_detector({arch!r}) got unknown keyword arguments {unknown}; it takes {named} and "
-                        f"the {DETECTOR_CLASSES[arch].__name__} options {detector_options(arch)}")
+                        f"the {adapter.model_class.__name__} options {detector_options(arch)}")
     if weights is not None and weights_backbone is not None:
         raise ValueError("give weights or weights_backbone, not both: a detector's weights hold its backbone too")
-    backbone = resnet_fpn(depth, width_mult, fpn_channels, "pool" if arch == "fasterrcnn" else "p6p7",
-                          frozen_bn=frozen_bn)
+    if weights is not None and not adapter.pretrained_class_keys:
+        given = sorted(a.arch for a in ADAPTERS.values() if a.pretrained_class_keys)
+        raise ValueError(f"torchvision has no {arch!r} detector weights; weights= takes the weights of {given}; "
+                         "use weights_backbone for an ImageNet backbone")
+    backbone = resnet_fpn(depth, width_mult, fpn_channels, adapter.fpn_extra, frozen_bn=frozen_bn)
     strides = backbone_strides(backbone)
     if anchor_sizes is None:
         anchor_sizes = default_anchor_sizes(arch, list(strides.values()), min_size)
     sizes = tuple(anchor_sizes)
     if len(sizes) != len(strides) or not all(s > 0 for s in sizes):
         raise ValueError(f"anchor_sizes needs one positive size per FPN level {list(strides)}, got {sizes}")
-    anchors = GFLAnchorGenerator(sizes, list(strides.values())) if arch == "gfl" else _anchor_generator(arch, sizes)
-    if arch == "retinanet":
-        model: nn.Module = RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size,
-                                     anchor_generator=anchors, **kwargs)
-    elif arch == "fcos":
-        head = FCOSHeadGN(fpn_channels, num_classes, math.gcd(32, fpn_channels))
-        model = FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors,
-                     head=head, **kwargs)
-    elif arch == "gfl":
-        model = GFL(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, **kwargs)
-    else:
-        roi_pool = MultiScaleRoIAlign([lvl for lvl in strides if lvl != "pool"], output_size=7, sampling_ratio=2)
-        model = FasterRCNN(backbone, num_classes, min_size=min_size, max_size=max_size,
-                           rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **kwargs)
+    anchors = adapter.anchor_generator(sizes, list(strides.values()))
+    model = adapter.build(backbone, num_classes, anchors, list(strides), min_size=min_size, max_size=max_size,
+                          **kwargs)
     model.liaf_arch = arch
     model.liaf_config = dict(arch=arch, num_classes=num_classes, depth=depth, width_mult=width_mult,
                              fpn_channels=fpn_channels, min_size=min_size, max_size=max_size,
                              anchor_sizes=list(sizes), frozen_bn=frozen_bn, **kwargs)
     model.liaf_weights = []
     if weights_backbone is not None:
-        model.liaf_weights.append(load_pretrained_backbone(model, weights_backbone))
+        model.liaf_weights.append(load_pretrained_backbone(model, weights_backbone, weights_families()))
     if weights is not None:
-        model.liaf_weights.append(load_pretrained(model, weights, arch, num_classes, category_ids, class_names))
+        model.liaf_weights.append(load_pretrained(model, weights, adapter.pretrained_class_keys, num_classes,
+                                                  category_ids, class_names, weights_families()))
     for report in model.liaf_weights:
         LOG.info(report.summary())
     if weights_path is not None:
@@ -260,19 +254,9 @@ def pair_levels(by_teacher_level: Mapping[str, T], levels: Mapping[str, str]) ->
     return {lvl: by_teacher_level[src] for lvl, src in levels.items()}
 
 def detector_num_classes(model: nn.Module) -> int:
-    """Class count of a detector's classifier (background included).
-
-    RetinaNet / FCOS / GFL: ``head.classification_head.num_classes``; Faster / Mask R-CNN:
-    ``roi_heads.box_predictor.cls_score.out_features``.
-    """
-    head = getattr(getattr(model, "head", None), "classification_head", None)
-    if head is not None and hasattr(head, "num_classes"):
-        return int(head.num_classes)
-    cls_score = getattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "cls_score", None)
-    if isinstance(cls_score, nn.Linear):
-        return int(cls_score.out_features)
-    raise TypeError(f"{type(model).__name__} has neither head.classification_head.num_classes (RetinaNet, FCOS, GFL) "
-                    "nor roi_heads.box_predictor.cls_score (Faster R-CNN): cannot read its class count")
+    """Class count of a detector's classifier (background included), as its adapter reads it
+    (``DetectorAdapter.num_classes``)."""
+    return detector_adapter(model).num_classes(model)
 
 
 def _check_class_count(what: str, model: nn.Module, class_names: Sequence[str]) -> None:

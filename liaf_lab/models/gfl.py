@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
@@ -46,7 +46,9 @@ from torchvision.ops import (
     generalized_box_iou_loss,
 )
 
-Target = dict[str, Tensor]
+from ..validation import check_positive_boxes
+from .adapter import DenseAdapter, Target
+from .dense import anchor_centres, distance2box, integral_distances, mean_over_ranks
 
 # mmdetection's GFL settings (configs/gfl/gfl_r50_fpn_1x_coco.py).
 OCTAVE_BASE_SCALE = 8  # anchor side = 8 x stride
@@ -55,33 +57,6 @@ INSIDE_EPS = 0.01  # ATSS: a candidate's centre must lie more than 0.01 px insid
 
 
 # -- box coding ------------------------------------------------------------------------------------------
-
-def integral_distances(bbox_logits: Tensor, reg_max: int) -> Tensor:
-    """Expected distances from the bin distributions (mmdetection ``Integral``: sum_i softmax(x)_i * i).
-
-    Args:
-        bbox_logits: ``[..., 4 * (reg_max + 1)]`` bin logits, side-major (left, top, right, bottom).
-        reg_max: the largest bin value.
-
-    Returns:
-        ``[..., 4]`` distances in bins (units of the level's stride), each in ``[0, reg_max]``.
-    """
-    probs = bbox_logits.reshape(*bbox_logits.shape[:-1], 4, reg_max + 1).softmax(dim=-1)
-    bins = torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)
-    return (probs * bins).sum(dim=-1)
-
-
-def distance2box(centres: Tensor, distances: Tensor) -> Tensor:
-    """Boxes from centres ``[..., 2]`` (x, y) and side distances ``[..., 4]`` (l, t, r, b).
-
-    mmdetection ``distance2bbox`` (without clipping).
-
-    Returns ``[..., 4]`` boxes (x1, y1, x2, y2) in the units of the inputs.
-    """
-    x, y = centres.unbind(-1)
-    left, top, right, bottom = distances.unbind(-1)
-    return torch.stack([x - left, y - top, x + right, y + bottom], dim=-1)
-
 
 def box2distance(centres: Tensor, boxes: Tensor, reg_max: int) -> Tensor:
     """Side distances ``[..., 4]`` from centres ``[..., 2]`` to boxes ``[..., 4]``, clamped to ``[0, reg_max - 0.1]``.
@@ -92,11 +67,6 @@ def box2distance(centres: Tensor, boxes: Tensor, reg_max: int) -> Tensor:
     x, y = centres.unbind(-1)
     x1, y1, x2, y2 = boxes.unbind(-1)
     return torch.stack([x - x1, y - y1, x2 - x, y2 - y], dim=-1).clamp(0, reg_max - DFL_TARGET_EPS)
-
-
-def anchor_centres(anchors: Tensor) -> Tensor:
-    """``[..., 4]`` boxes -> ``[..., 2]`` centres (x, y)."""
-    return (anchors[..., :2] + anchors[..., 2:]) / 2
 
 
 def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
@@ -153,19 +123,6 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     nll_left = -log_probs.gather(-1, left[:, None]).squeeze(-1)
     nll_right = -log_probs.gather(-1, right[:, None]).squeeze(-1)
     return nll_left * (right.to(target.dtype) - target) + nll_right * (target - left.to(target.dtype))
-
-
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """mmdetection ``reduce_mean``: the mean of ``value`` over the ranks of an initialised process group.
-
-    Each rank's loss is then normalised by the batch-wide count, and DDP's gradient averaging
-    gives the gradient of the global mean. Without a process group: ``value`` itself.
-    """
-    if dist.is_available() and dist.is_initialized():
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
 
 
 # -- assignment ------------------------------------------------------------------------------------------
@@ -316,9 +273,15 @@ class GFLRegressionHead(nn.Module):
 
 
 class GFLHead(nn.Module):
-    """GFL's head: classification and regression branches on every FPN level.
+    """GFL's head: classification and regression branches on every FPN level, and its losses.
 
     ``forward(levels)`` -> ``{"cls_logits": [N, sum HW, K], "bbox_regression": [N, sum HW, 4 * (reg_max + 1)]}``.
+    As torchvision's ``RetinaNetHead`` / ``FCOSHead``, the head owns its loss: ``compute_loss`` on the locations
+    that ``assign`` (ATSS) made positive, as the sum of ``classification_loss`` (QFL), ``box_loss`` (GIoU) and
+    ``distribution_loss`` (DFL), the terms of the GFL paper's training loss (Li et al., NeurIPS 2020, Sec. 3,
+    "Training Dense Detectors with GFL"): ``L = 1/N_pos sum_z L_Q + 1/N_pos sum_z 1{c*_z > 0} (l0 L_B + l1 L_D)``,
+    where mmdetection (and this head) normalise ``L_B`` and ``L_D`` by the sum of their weights (the detached best
+    class score of each positive) instead of ``N_pos``.
 
     Args:
         in_channels: FPN channels.
@@ -327,19 +290,119 @@ class GFLHead(nn.Module):
         reg_max: the largest bin (16); at least 1.
         num_groups: GroupNorm groups (32 in GFL; default ``gcd(32, in_channels)`` so any width works).
         num_convs: convs per branch (4).
+        atss_topk: ATSS candidates per level and box (9).
+        qfl_beta: QFL's exponent beta (2).
+        giou_weight, dfl_weight: the weights ``l0`` (2.0) of ``L_B`` and ``l1`` (0.25) of ``L_D``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_levels: int = 5, reg_max: int = 16,
-                 num_groups: int | None = None, num_convs: int = 4) -> None:
+                 num_groups: int | None = None, num_convs: int = 4, atss_topk: int = 9, qfl_beta: float = 2.0,
+                 giou_weight: float = 2.0, dfl_weight: float = 0.25) -> None:
         super().__init__()
         _check_reg_max(reg_max)
+        if atss_topk < 1:
+            raise ValueError(f"atss_topk must be >= 1, got {atss_topk!r}")
         groups = math.gcd(32, in_channels) if num_groups is None else num_groups
         self.reg_max = reg_max
+        self.atss_topk = atss_topk
+        self.qfl_beta = qfl_beta
+        self.giou_weight = giou_weight
+        self.dfl_weight = dfl_weight
         self.classification_head = GFLClassificationHead(in_channels, num_classes, num_convs, groups)
         self.regression_head = GFLRegressionHead(in_channels, num_levels, reg_max, num_convs, groups)
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
         return {"cls_logits": self.classification_head(x), "bbox_regression": self.regression_head(x)}
+
+    def assign(self, anchors: list[Tensor], num_anchors_per_level: Sequence[int], targets: list[Target]) -> Tensor:
+        """ATSS (Zhang et al., CVPR 2020, Algorithm 1; ``atss_assign``) of each image's anchors ``[A, 4]`` to its
+        boxes, ``atss_topk`` candidates per level and box -> ``[N, A]`` box index, or -1 (negative). In float32
+        (float64 for float64 anchors)."""
+        return torch.stack([atss_assign(_at_least_float32(a), num_anchors_per_level,
+                                        t["boxes"].to(_at_least_float32(a).dtype), self.atss_topk)
+                            for a, t in zip(anchors, targets, strict=True)])
+
+    def compute_loss(
+        self,
+        targets: list[Target],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: Tensor,
+        anchor_strides: Tensor,
+    ) -> dict[str, Tensor]:
+        """GFL's losses (mmdetection ``GFLHead.loss``) on the assigned locations.
+
+        Boxes are decoded in units of the level's stride (``distance2box`` of the anchor centre and
+        ``integral_distances``). Every location is computed and the negatives are masked out (weight 0), so
+        that no count is read back from the device. Computed in float32 (float64 for float64 inputs), also
+        under autocast.
+
+        Args:
+            targets: per image ``{"boxes": [G_i, 4], "labels": [G_i]}`` in resized-input pixels.
+            head_outputs: ``forward``'s outputs, ``[N, A, K]`` and ``[N, A, 4 * (reg_max + 1)]``.
+            anchors: per image ``[A, 4]``.
+            matched_idxs: ``[N, A]`` the assigned box of each location, or -1 (``assign``).
+            anchor_strides: ``[A]`` the stride of each anchor's level.
+
+        Returns:
+            ``{"classification": classification_loss, "bbox_regression": box_loss, "bbox_dfl": distribution_loss}``.
+        """
+        cls_logits = _at_least_float32(head_outputs["cls_logits"])  # [N, A, K]
+        dtype = cls_logits.dtype
+        bbox_logits = head_outputs["bbox_regression"].to(dtype)  # [N, A, 4(R+1)]
+        anchors_t = torch.stack(anchors).to(dtype)  # [N, A, 4]
+        pos = (matched_idxs >= 0).to(dtype)
+        gt_boxes = torch.stack([t["boxes"].to(dtype)[m.clamp(min=0)] if len(t["boxes"]) else
+                                anchors_t.new_zeros(len(m), 4) for t, m in zip(targets, matched_idxs, strict=True)])
+        gt_labels = torch.stack([t["labels"][m.clamp(min=0)] if len(t["labels"]) else torch.zeros_like(m)
+                                 for t, m in zip(targets, matched_idxs, strict=True)])  # [N, A]
+        strides = anchor_strides.to(dtype)[:, None]  # [A, 1]
+        centres = anchor_centres(anchors_t) / strides  # [N, A, 2], in strides
+        pred_boxes = distance2box(centres, integral_distances(bbox_logits, self.reg_max))  # [N, A, 4], in strides
+        target_boxes = gt_boxes / strides
+
+        loss_cls = self.classification_loss(cls_logits, pred_boxes, target_boxes, gt_labels, pos)
+        weight = cls_logits.detach().sigmoid().amax(dim=-1) * pos  # [N, A]
+        weight_sum = mean_over_ranks(weight.sum()).clamp(min=1)
+        return {
+            "classification": loss_cls,
+            "bbox_regression": self.box_loss(pred_boxes, target_boxes, weight, weight_sum),
+            "bbox_dfl": self.distribution_loss(bbox_logits, centres, target_boxes, weight, weight_sum),
+        }
+
+    def classification_loss(self, cls_logits: Tensor, pred_boxes: Tensor, target_boxes: Tensor, gt_labels: Tensor,
+                            pos: Tensor) -> Tensor:
+        """``1/N_pos sum_z L_Q``: the GFL paper's Quality Focal Loss (Sec. 3, "Quality Focal Loss";
+        ``quality_focal_loss``) summed over locations and classes, over
+        ``N_pos = max(1, mean over ranks of sum_i max(1, positives of image i))``.
+
+        The soft target ``y`` of a positive location is the IoU of its detached decoded box with its box, at
+        its label's logit; 0 everywhere else.
+
+        Args:
+            cls_logits: ``[N, A, K]``; ``pred_boxes``, ``target_boxes``: ``[N, A, 4]`` in strides;
+            gt_labels: ``[N, A]`` the assigned box's label; pos: ``[N, A]`` 1 at a positive, else 0.
+        """
+        iou = aligned_iou(pred_boxes.detach().flatten(0, 1), target_boxes.flatten(0, 1)).view_as(pos) * pos
+        quality = F.one_hot(gt_labels, cls_logits.shape[-1]).to(iou.dtype) * iou[..., None]  # [N, A, K]
+        num_pos = mean_over_ranks(pos.sum(dim=1).clamp(min=1).sum()).clamp(min=1)
+        return quality_focal_loss(cls_logits, quality, self.qfl_beta).sum() / num_pos
+
+    def box_loss(self, pred_boxes: Tensor, target_boxes: Tensor, weight: Tensor, weight_sum: Tensor) -> Tensor:
+        """``l0 L_B``: ``giou_weight`` x the GIoU loss (Rezatofighi et al., CVPR 2019, ``1 - GIoU``) of each positive,
+        weighted by ``weight`` (``[N, A]``: its detached best class score, 0 at negatives), over ``weight_sum``."""
+        giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")  # [N, A]
+        return self.giou_weight * (weight * giou).sum() / weight_sum
+
+    def distribution_loss(self, bbox_logits: Tensor, centres: Tensor, target_boxes: Tensor, weight: Tensor,
+                          weight_sum: Tensor) -> Tensor:
+        """``l1 L_D``: ``dfl_weight`` x the GFL paper's Distribution Focal Loss (Sec. 3, "Distribution Focal Loss";
+        ``distribution_focal_loss``) averaged over the four sides of each positive, weighted by ``weight`` as
+        ``box_loss``, over ``weight_sum``. The targets are the distances from the anchor centre to the box's sides
+        in strides, clamped to ``[0, reg_max - 0.1]`` (``box2distance``)."""
+        dfl_target = box2distance(centres, target_boxes, self.reg_max).flatten()
+        dfl = distribution_focal_loss(bbox_logits.reshape(-1, self.reg_max + 1), dfl_target).view(*weight.shape, 4)
+        return self.dfl_weight * (weight * dfl.mean(dim=-1)).sum() / weight_sum
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -366,10 +429,11 @@ class GFL(nn.Module):
         num_classes: foreground classes + 1 (labels ``1..num_classes-1``; see the module docstring).
         min_size, max_size, image_mean, image_std: ``GeneralizedRCNNTransform``'s resize and normalisation.
         anchor_generator: a ``GFLAnchorGenerator``; default sides 8 x stride on strides 8, 16, 32, 64, 128.
-        head: default ``GFLHead(backbone.out_channels, num_classes, levels, reg_max)`` (same ``reg_max``).
+        head: default ``GFLHead(backbone.out_channels, num_classes, levels, reg_max, ...)`` with the loss settings
+            below; a given head must have the same ``reg_max`` and loss settings.
         reg_max: the largest distance bin (16): a side reaches at most ``reg_max`` strides from the centre.
         atss_topk: ATSS candidates per level and box (9).
-        qfl_beta, giou_weight, dfl_weight: loss settings (2.0, 2.0, 0.25).
+        qfl_beta, giou_weight, dfl_weight: loss settings (2.0, 2.0, 0.25), held by the head (``GFLHead``).
         score_thresh, nms_thresh, detections_per_img, topk_candidates: test settings (0.05, 0.6, 100,
             1000 per level before NMS), as mmdetection's GFL ``test_cfg``.
         **kwargs: passed to ``GeneralizedRCNNTransform`` (e.g. ``size_divisible``).
@@ -402,8 +466,6 @@ class GFL(nn.Module):
             raise ValueError("backbone must have an out_channels attribute (the FPN channels)")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (foreground classes + 1), got {num_classes!r}")
-        if atss_topk < 1:
-            raise ValueError(f"atss_topk must be >= 1, got {atss_topk!r}")
         if anchor_generator is None:
             strides = (8, 16, 32, 64, 128)
             anchor_generator = GFLAnchorGenerator([OCTAVE_BASE_SCALE * s for s in strides], strides)
@@ -413,17 +475,16 @@ class GFL(nn.Module):
         self.backbone = backbone
         self.anchor_generator = anchor_generator
         num_levels = len(anchor_generator.strides)
-        self.head = head if head is not None else GFLHead(backbone.out_channels, num_classes, num_levels, reg_max)
-        if getattr(self.head, "reg_max", reg_max) != reg_max:
-            raise ValueError(f"the head has reg_max={self.head.reg_max}, the detector reg_max={reg_max}")
+        settings = dict(reg_max=reg_max, atss_topk=atss_topk, qfl_beta=qfl_beta, giou_weight=giou_weight,
+                        dfl_weight=dfl_weight)
+        self.head = head if head is not None else GFLHead(backbone.out_channels, num_classes, num_levels, **settings)
+        for name, value in settings.items():
+            if getattr(self.head, name, value) != value:
+                raise ValueError(f"the head has {name}={getattr(self.head, name)}, the detector {name}={value}")
         self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                                   image_std or [0.229, 0.224, 0.225], **kwargs)
         self.num_classes = num_classes
         self.reg_max = reg_max
-        self.atss_topk = atss_topk
-        self.qfl_beta = qfl_beta
-        self.giou_weight = giou_weight
-        self.dfl_weight = dfl_weight
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
@@ -453,20 +514,8 @@ class GFL(nn.Module):
         anchors: list[Tensor],
         num_anchors_per_level: list[int],
     ) -> dict[str, Tensor]:
-        """GFL's losses (mmdetection ``GFLHead.loss``) on ATSS-assigned locations.
-
-        * ``classification``: QFL summed over locations and classes, over
-          ``max(1, mean over ranks of sum_i max(1, positives of image i))``;
-        * ``bbox_regression``: ``giou_weight`` x sum over positives of ``w * GIoU loss``, and
-        * ``bbox_dfl``: ``dfl_weight`` x sum over positives of ``w * mean over the 4 sides of DFL``,
-          both over ``max(1, mean over ranks of sum w)``, where ``w`` is the detached best sigmoid
-          class score of the positive location.
-
-        Boxes are decoded in units of the level's stride (``distance2box`` of the anchor centre and
-        ``integral_distances``); the QFL target of a positive is the IoU of its detached decoded box
-        with its box, at its label's logit. Every location is computed and the negatives are masked
-        out (weight 0), so that no count is read back from the device. Computed in float32 (float64
-        for float64 inputs), also under autocast.
+        """The head's losses on its ATSS assignment, as torchvision's ``FCOS.compute_loss`` (``GFLHead.assign``, then
+        ``GFLHead.compute_loss``): ``{"classification": QFL, "bbox_regression": GIoU, "bbox_dfl": DFL}``.
 
         Args:
             targets: per image ``{"boxes": [G_i, 4], "labels": [G_i]}`` in resized-input pixels.
@@ -478,38 +527,11 @@ class GFL(nn.Module):
             ValueError: a label outside ``0..num_classes-1``.
         """
         self._check_labels(targets)
-        cls_logits = _at_least_float32(head_outputs["cls_logits"])  # [N, A, K]
-        dtype = cls_logits.dtype
-        bbox_logits = head_outputs["bbox_regression"].to(dtype)  # [N, A, 4(R+1)]
-        anchors_t = torch.stack(anchors).to(dtype)  # [N, A, 4]
-        matched = torch.stack([atss_assign(a, num_anchors_per_level, t["boxes"].to(dtype), self.atss_topk)
-                               for a, t in zip(anchors_t, targets, strict=True)])  # [N, A], -1: negative
-        pos = (matched >= 0).to(dtype)
-        gt_boxes = torch.stack([t["boxes"].to(dtype)[m.clamp(min=0)] if len(t["boxes"]) else
-                                anchors_t.new_zeros(len(m), 4) for t, m in zip(targets, matched, strict=True)])  # [N, A, 4]
-        gt_labels = torch.stack([t["labels"][m.clamp(min=0)] if len(t["labels"]) else torch.zeros_like(m)
-                                 for t, m in zip(targets, matched, strict=True)])  # [N, A]
-
-        strides = self._anchor_strides(num_anchors_per_level, cls_logits.device).to(dtype)[:, None]  # [A, 1]
-        centres = anchor_centres(anchors_t) / strides  # [N, A, 2], in strides
-        pred_boxes = distance2box(centres, integral_distances(bbox_logits, self.reg_max))  # [N, A, 4], in strides
-        target_boxes = gt_boxes / strides
-
-        iou = aligned_iou(pred_boxes.detach().flatten(0, 1), target_boxes.flatten(0, 1)).view_as(pos) * pos
-        quality = F.one_hot(gt_labels, cls_logits.shape[-1]).to(iou.dtype) * iou[..., None]  # [N, A, K]
-        num_pos = mean_over_ranks(pos.sum(dim=1).clamp(min=1).sum()).clamp(min=1)
-        loss_cls = quality_focal_loss(cls_logits, quality, self.qfl_beta).sum() / num_pos
-
-        weight = cls_logits.detach().sigmoid().amax(dim=-1) * pos  # [N, A]
-        weight_sum = mean_over_ranks(weight.sum()).clamp(min=1)
-        giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")  # [N, A]
-        dfl_target = box2distance(centres, target_boxes, self.reg_max).flatten()
-        dfl = distribution_focal_loss(bbox_logits.reshape(-1, self.reg_max + 1), dfl_target).view(*pos.shape, 4)
-        return {
-            "classification": loss_cls,
-            "bbox_regression": self.giou_weight * (weight * giou).sum() / weight_sum,
-            "bbox_dfl": self.dfl_weight * (weight * dfl.mean(dim=-1)).sum() / weight_sum,
-        }
+        dtype = torch.promote_types(head_outputs["cls_logits"].dtype, torch.float32)  # the losses' precision
+        anchors = [a.to(dtype) for a in anchors]
+        matched = self.head.assign(anchors, num_anchors_per_level, targets)  # [N, A], -1: negative
+        strides = self._anchor_strides(num_anchors_per_level, head_outputs["cls_logits"].device)
+        return self.head.compute_loss(targets, head_outputs, anchors, matched, strides)
 
     def postprocess_detections(
         self,
@@ -562,11 +584,7 @@ class GFL(nn.Module):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         if targets is not None:
-            for i, t in enumerate(targets):
-                degenerate = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
-                if bool(degenerate.any()):
-                    raise ValueError(f"targets[{i}] has a box without positive width and height: "
-                                     f"{t['boxes'][degenerate][0].tolist()} (after resizing)")
+            check_positive_boxes(targets)
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
@@ -580,3 +598,46 @@ class GFL(nn.Module):
         split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
         detections = self.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+# -- the adapter -----------------------------------------------------------------------------------------
+
+class GFLAdapter(DenseAdapter):
+    """GFL: one square anchor per location (8 x stride at 800 px: mmdetection's), its ATSS assignment and its head
+    split at a tower conv; its box-bin logits are also the shared ``box_bins``. torchvision has no GFL weights."""
+
+    arch = "gfl"
+    model_class = GFL
+    shared_outputs = {"box_bins": "bbox_regression"}
+    head_outputs = ("cls_logits", "bbox_regression", *shared_outputs)
+    anchor_stride_factor = float(OCTAVE_BASE_SCALE)
+    weights_keys = ("head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+                    "head.regression_head.scales")
+    gives_assignment = True
+    splits_head = True
+
+    def anchor_generator(self, sizes: Sequence[float], strides: Sequence[float]) -> AnchorGenerator:
+        return GFLAnchorGenerator(sizes, strides)
+
+    def build(self, backbone: nn.Module, num_classes: int, anchor_generator: AnchorGenerator,
+              levels: Sequence[str], min_size: int, max_size: int, **kwargs: Any) -> nn.Module:
+        return GFL(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchor_generator,
+                   **kwargs)
+
+    def assign(self, model: nn.Module, priors: Tensor, counts: list[int], targets: list[Target]) -> Tensor:
+        """ATSS on all levels' anchors, as ``GFL.compute_loss`` assigns them (``GFLHead.assign``)."""
+        return model.head.assign([priors] * len(targets), counts, targets)
+
+    def towers(self, model: nn.Module) -> dict[str, nn.Sequential]:
+        """GFL's two towers, each ``num_convs`` x (conv, GroupNorm, ReLU), by branch."""
+        return {"cls": model.head.classification_head.conv, "reg": model.head.regression_head.conv}
+
+    def head_from(self, model: nn.Module, level_index: int, held: Mapping[str, Tensor],
+                  split: int) -> dict[str, Tensor]:
+        """The towers' remaining layers (the split conv's ReLU first), then the output convs, the regression times
+        its level scale -> ``{"cls_logits", "box_bins"}``."""
+        head, start = model.head, max(3 * split - 1, 0)
+        cls = head.classification_head.conv[start:](held["cls"])
+        reg = head.regression_head.conv[start:](held["reg"])
+        return {"cls_logits": head.classification_head.cls_logits(cls),
+                "box_bins": head.regression_head.bbox_reg(reg) * head.regression_head.scales[level_index]}

@@ -5,7 +5,9 @@ file) or the name of a torchvision weights enum (``"RetinaNet_ResNet50_FPN_Weigh
 local cache (``$TORCH_HOME/hub/checkpoints``, see ``torch.hub.get_dir``) and never downloaded: when the file is not
 there the error names the path to place it at and the URL it comes from.
 
-Tensors whose names and shapes fit are kept. The class-dependent layers (``CLASS_KEYS``) are re-initialised for the
+Tensors whose names and shapes fit are kept. The class-dependent layers (a family's ``pretrained_class_keys``, see
+``adapter.DetectorAdapter``; their rows laid out as ``"anchors"``: one block of K class rows per anchor, ``[A * K, ...]``,
+``"classes"``: K rows, or ``"boxes"``: 4 rows per class) are re-initialised for the
 model's class count, or remapped when the file has torchvision's 91 COCO outputs and the dataset is COCO: torchvision
 indexes its logits by COCO category id, liaf_lab's ``CocoDetectionDataset`` numbers the categories 1..K, so row
 ``category_id`` of the file becomes row ``label`` of the model (checked by class name). Any other difference is
@@ -20,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import urlparse
 
 import torch
@@ -29,18 +32,6 @@ from ..checkpoint import load_checkpoint
 
 LOG = logging.getLogger("liaf_lab")
 
-# Per architecture, the class-dependent tensors and how their rows are laid out: "anchors" = one block of K class
-# rows per anchor (RetinaNet's / FCOS's cls_logits, [A * K, ...]), "classes" = K rows, "boxes" = 4 rows per class.
-CLASS_KEYS: dict[str, dict[str, str]] = {
-    "retinanet": {"head.classification_head.cls_logits.weight": "anchors",
-                  "head.classification_head.cls_logits.bias": "anchors"},
-    "fcos": {"head.classification_head.cls_logits.weight": "anchors",
-             "head.classification_head.cls_logits.bias": "anchors"},
-    "fasterrcnn": {"roi_heads.box_predictor.cls_score.weight": "classes",
-                   "roi_heads.box_predictor.cls_score.bias": "classes",
-                   "roi_heads.box_predictor.bbox_pred.weight": "boxes",
-                   "roi_heads.box_predictor.bbox_pred.bias": "boxes"},
-}
 # File keys a backbone has no use for: the ImageNet classifier.
 IGNORED_BACKBONE_KEYS = ("fc.weight", "fc.bias")
 _ENUM_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
@@ -109,15 +100,17 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def describe_state(state: Mapping[str, Tensor], prefix: str = "") -> str:
+def describe_state(state: Mapping[str, Tensor], prefix: str = "",
+                   families: Mapping[str, Sequence[str]] = MappingProxyType({})) -> str:
     """A guess at what a state dict is, from its keys: ``"a RetinaNet-style detector on a ResNet-50 ..."``.
 
     ``prefix`` is where the ResNet's keys start (``"backbone.body."`` in a detector, ``""`` in a backbone file).
+    ``families``: a detector family's name -> the key fragments its state dicts hold (its adapter's
+    ``weights_keys``); the family all of whose fragments the keys hold, the most of them, names the file.
     """
-    head = ("a Faster R-CNN-style detector" if any(k.startswith("roi_heads.") for k in state) else
-            "an FCOS-style detector" if any("bbox_ctrness" in k for k in state) else
-            "a RetinaNet-style detector" if any(k.startswith("head.classification_head") for k in state) else
-            "a backbone" if not prefix else "a state dict")
+    matches = [(len(parts), name) for name, parts in families.items()
+               if all(any(part in k for k in state) for part in parts)]
+    head = (f"a {max(matches)[1]}-style detector" if matches else "a backbone" if not prefix else "a state dict")
     inner = [k[len(prefix):].split(".") for k in state if k.startswith(prefix)]
     blocks = tuple(len({parts[1] for parts in inner if parts[0] == f"layer{i}" and len(parts) > 2})
                    for i in range(1, 5))
@@ -148,15 +141,18 @@ def _file_classes(layout: str, file_rows: int, model_rows: int, model_classes: i
 def load_pretrained(
     model: nn.Module,
     source: str | Path,
-    arch: str,
+    class_keys: Mapping[str, str],
     num_classes: int,
     category_ids: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
+    families: Mapping[str, Sequence[str]] = MappingProxyType({}),
 ) -> WeightsReport:
     """Fill ``model`` (built by ``create_detector``) from torchvision detector weights of the same architecture.
 
     Args:
-        model: the detector; ``arch`` its ``create_detector`` arch, ``num_classes`` its class count.
+        model: the detector; ``num_classes`` its class count.
+        class_keys: its class-dependent tensors -> row layout (its family's ``pretrained_class_keys``).
+        families: what names a file of another architecture in the error (see ``describe_state``).
         source: a file or a torchvision weights enum name (see ``resolve_weights``).
         category_ids: the dataset's category id of each label ``1..num_classes - 1`` (``dataset.label_to_cat_id``);
             with a 91-class COCO file and COCO's class names (``class_names``) the class layers are remapped.
@@ -164,15 +160,11 @@ def load_pretrained(
     Raises:
         ValueError: the file is of another architecture: names both and the first keys that differ.
     """
-    if arch not in CLASS_KEYS:
-        raise ValueError(f"torchvision has no {arch!r} detector weights; weights= takes RetinaNet, FCOS or Faster "
-                         f"R-CNN weights ({sorted(CLASS_KEYS)}); use weights_backbone for an ImageNet backbone")
     path, file_names = resolve_weights(source)
     state = read_state_dict(path)
     report = WeightsReport(str(source), "detector")
-    class_keys = CLASS_KEYS[arch]
     target = model.state_dict()
-    _check_fit(model, state, target, str(source), skip=set(class_keys))
+    _check_fit(model, state, target, str(source), skip=set(class_keys), families=families)
     loaded = {k: state[k] for k in target if k in state and k not in class_keys}
     report.kept = sorted(loaded)
     remap = _remap_rows(state, target, class_keys, num_classes, category_ids, class_names, file_names)
@@ -216,7 +208,8 @@ def _remap_rows(state: Mapping[str, Tensor], target: Mapping[str, Tensor], class
 
 
 def _check_fit(model: nn.Module, state: Mapping[str, Tensor], target: Mapping[str, Tensor], source: str,
-               skip: set[str] = frozenset(), ignored: Sequence[str] = (), what: str | None = None) -> None:
+               skip: set[str] = frozenset(), ignored: Sequence[str] = (), what: str | None = None,
+               families: Mapping[str, Sequence[str]] = MappingProxyType({})) -> None:
     """``ValueError`` naming both models and the first keys that differ, unless ``state`` has ``target``'s keys and
     shapes (``skip``: keys whose shapes may differ; ``num_batches_tracked``, absent from FrozenBatchNorm files, and
     ``ignored`` file keys are not compared)."""
@@ -232,12 +225,15 @@ def _check_fit(model: nn.Module, state: Mapping[str, Tensor], target: Mapping[st
         mine = what or (f"a {type(model).__name__} on a ResNet-{config.get('depth')} (width_mult "
                         f"{config.get('width_mult')}, fpn_channels {config.get('fpn_channels')})")
         raise ValueError(f"weights {source} are for another architecture: the file holds "
-                         f"{describe_state(state, '' if what else 'backbone.body.')}, the model is {mine}; "
+                         f"{describe_state(state, '' if what else 'backbone.body.', families)}, the model is {mine}; "
                          + "; ".join(parts))
 
 
-def load_pretrained_backbone(model: nn.Module, source: str | Path) -> WeightsReport:
+def load_pretrained_backbone(model: nn.Module, source: str | Path,
+                             families: Mapping[str, Sequence[str]] = MappingProxyType({})) -> WeightsReport:
     """Fill ``model.backbone.body`` (a ``ScaledResNet``) from torchvision ImageNet ResNet weights (``fc`` ignored).
+
+    ``families``: what names a detector file given by mistake (see ``describe_state``).
 
     Raises:
         ValueError: the file is not a ResNet of this depth and width (names both and the first keys that differ).
@@ -247,7 +243,7 @@ def load_pretrained_backbone(model: nn.Module, source: str | Path) -> WeightsRep
     state = read_state_dict(path)
     target = body.state_dict()
     config = getattr(model, "liaf_config", {})
-    _check_fit(body, state, target, str(source), ignored=IGNORED_BACKBONE_KEYS,
+    _check_fit(body, state, target, str(source), ignored=IGNORED_BACKBONE_KEYS, families=families,
                what=f"the ResNet-{config.get('depth')} backbone (width_mult {config.get('width_mult')}) of a "
                     f"{type(model).__name__}")
     loaded = {k: state[k] for k in target if k in state}

@@ -1,9 +1,10 @@
 """One forward pass of a torchvision detector that also hands out its FPN features and head logits.
 
-``run_detector`` re-assembles the forward of torchvision's ``RetinaNet``, ``FCOS`` and
-``FasterRCNN`` (and of liaf_lab's ``GFL``, built like them) from their public pieces
-(``transform``, ``backbone``, ``head`` / ``rpn`` + ``roi_heads``, ``compute_loss``,
-``postprocess_detections``, ``transform.postprocess``) so that the backbone runs once and the caller
+``run_detector`` re-assembles the forward of any registered detector family (torchvision's ``RetinaNet``,
+``FCOS`` and ``FasterRCNN``, liaf_lab's ``GFL``) from its public pieces: ``transform`` and ``backbone`` here,
+the heads by the family's adapter (``DetectorAdapter.run_heads``, ``models/adapter.py``: ``head`` / ``rpn`` +
+``roi_heads``, ``compute_loss``, ``postprocess_detections``, ``transform.postprocess``), so that the backbone runs
+once and the caller
 gets the task loss, the FPN features, the targets in resized-input pixels and the per-level
 classification logits together. With the same RNG state it gives the same losses (train mode) and
 detections (eval mode) as ``model(images, targets)``.
@@ -32,19 +33,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from ..validation import check_positive_boxes
+from .adapter import HeadRun, Target
 from .backbones import fpn_levels
-from .detectors import fpn_strides
-from .gfl import GFL, atss_assign
+from .detectors import detector_adapter, families_with, fpn_strides
 
-Target = dict[str, Tensor]
 FeaturesFn = Callable[[OrderedDict[str, Tensor], list[Target] | None], Mapping[str, Tensor]]
-SUPPORTED = ("torchvision RetinaNet, FCOS or FasterRCNN (or MaskRCNN / KeypointRCNN, run as their box part), "
-             "or liaf_lab's GFL")
 
 
 @dataclass
@@ -62,7 +58,8 @@ class DetectorOutput:
         head_outputs: level -> output name -> ``[N, A*D, H_l, W_l]`` (channel ``a*D + d``): RetinaNet
             ``cls_logits`` (D = K classes, A anchors) and ``bbox_regression`` (D = 4); FCOS the same with
             A = 1 plus ``bbox_ctrness``; GFL ``cls_logits`` and ``bbox_regression`` (A = 1, D = 4 x (reg_max + 1)
-            distance-bin logits, also under the detector-independent name ``box_bins``, ``SHARED_OUTPUTS``);
+            distance-bin logits, also under the detector-independent name ``box_bins``: the adapter's
+            ``shared_outputs``); the adapter's ``head_outputs`` lists them;
             Faster R-CNN the RPN's ``objectness`` and ``bbox_deltas``.
             Computed on the features the heads saw (after ``features_fn``).
         priors: level -> ``[H_l * W_l * A, 4]`` anchors in resized-input pixels, in the order of the
@@ -83,31 +80,6 @@ class DetectorOutput:
     def head_logits(self) -> dict[str, Tensor]:
         """level -> classification logits ``[N, A*K, H_l, W_l]`` (Faster R-CNN: RPN objectness ``[N, A, H_l, W_l]``)."""
         return {lvl: next(iter(out.values())) for lvl, out in self.head_outputs.items()}
-
-
-# Head outputs under a name that means the same on every detector giving it, for methods that need
-# the meaning, not the detector's name (architecture -> shared name -> the detector's own output):
-# ``box_bins``: ``[N, A * 4 * (R + 1), H_l, W_l]`` distance-bin logits (channel ``a*D + d``, ``D`` side-major:
-# left, top, right, bottom, ``R + 1`` bins each), given by detectors whose boxes are distributions.
-SHARED_OUTPUTS = {"gfl": {"box_bins": "bbox_regression"}}
-# The per-level head outputs each architecture gives (``DetectorOutput.head_outputs``).
-HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"),
-                "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness"),
-                "fasterrcnn": ("objectness", "bbox_deltas"),
-                "gfl": ("cls_logits", "bbox_regression", *SHARED_OUTPUTS["gfl"])}
-
-
-def detector_arch(model: nn.Module) -> str:
-    """``"retinanet"``, ``"fcos"``, ``"gfl"`` or ``"fasterrcnn"`` (also Mask / Keypoint R-CNN); else ``TypeError``."""
-    if isinstance(model, GFL):
-        return "gfl"
-    if isinstance(model, RetinaNet):
-        return "retinanet"
-    if isinstance(model, FCOS):
-        return "fcos"
-    if isinstance(model, FasterRCNN):
-        return "fasterrcnn"
-    raise TypeError(f"expected a {SUPPORTED}, got {type(model).__name__}")
 
 
 def detector_features(
@@ -150,16 +122,6 @@ def _check_targets(targets: object, num_images: int) -> list[Target]:
     return list(targets)
 
 
-def _check_positive_boxes(targets: list[Target]) -> None:
-    """torchvision's degenerate-box check on the transformed targets, as a ValueError."""
-    for i, t in enumerate(targets):
-        bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
-        if bool(bad.any()):
-            j = int(bad.nonzero()[0])
-            raise ValueError(f"targets[{i}]['boxes'][{j}] = {t['boxes'][j].tolist()} (after resizing) has no "
-                             "positive width and height")
-
-
 def _ordered_features(
     features: Mapping[str, Tensor], levels: Sequence[str], num_images: int
 ) -> OrderedDict[str, Tensor]:
@@ -175,130 +137,15 @@ def _ordered_features(
     return OrderedDict((lvl, features[lvl]) for lvl in levels)
 
 
-def _per_level_outputs(flat: Tensor, features: Mapping[str, Tensor], num_anchors: int) -> dict[str, Tensor]:
-    """A flattened dense-head output ``[N, sum_l H_l W_l A, D]`` -> level -> ``[N, A*D, H_l, W_l]``.
-
-    Undoes the head's ``(N, A*D, H, W) -> (N, H*W*A, D)`` permute; channel ``a*D + d``.
-    """
-    cells = [f.shape[-2] * f.shape[-1] * num_anchors for f in features.values()]
-    out = {}
-    for (lvl, f), part in zip(features.items(), flat.split(cells, dim=1), strict=True):
-        n, _, h, w = f.shape
-        d = part.shape[-1]
-        out[lvl] = part.reshape(n, h, w, num_anchors, d).permute(0, 3, 4, 1, 2).reshape(n, num_anchors * d, h, w)
-    return out
-
-
-def _dense_heads(
-    model: RetinaNet | FCOS | GFL,
-    image_list: ImageList,
-    features: OrderedDict[str, Tensor],
-    targets: list[Target] | None,
-    original_sizes: list[tuple[int, int]] | None,
-) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """RetinaNet / FCOS / GFL: head, anchors, loss (if targets), detections (if original sizes), per-level outputs."""
-    feats = list(features.values())
-    head_outputs = model.head(feats)  # cls_logits [N, sum(H*W*A), K], bbox_regression [N, sum(H*W*A), 4], ...
-    anchors = model.anchor_generator(image_list, feats)
-    cells = [f.shape[-2] * f.shape[-1] for f in feats]
-    num_anchors = head_outputs["cls_logits"].shape[1] // sum(cells)
-    per_level = [c * num_anchors for c in cells]
-
-    losses: dict[str, Tensor] = {}
-    if targets is not None:
-        if isinstance(model, (FCOS, GFL)):
-            losses = model.compute_loss(targets, head_outputs, anchors, per_level)
-        else:
-            losses = model.compute_loss(targets, head_outputs, anchors)
-
-    detections = None
-    if original_sizes is not None:
-        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
-        split_anchors = [list(a.split(per_level)) for a in anchors]
-        detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
-        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
-
-    split = {k: _per_level_outputs(v, features, num_anchors) for k, v in head_outputs.items()}
-    shared = SHARED_OUTPUTS.get(detector_arch(model), {})
-    outputs = {lvl: {**{k: split[k][lvl] for k in head_outputs}, **{k: split[v][lvl] for k, v in shared.items()}}
-               for lvl in features}
-    return losses, detections, outputs, dict(zip(features, anchors[0].split(per_level), strict=True))
-
-
-def _box_branch(model: FasterRCNN, features: OrderedDict[str, Tensor], proposals: list[Tensor],
-                image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-    """RoI head on ``proposals`` (per image ``[P_i, 4]``): class logits ``[P, K]``, box deltas ``[P, 4K]``."""
-    roi = model.roi_heads
-    return roi.box_predictor(roi.box_head(roi.box_roi_pool(features, proposals, image_sizes)))
-
-
-def _box_training_samples(
-    roi: RoIHeads, proposals: list[Tensor], targets: list[Target]
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """``RoIHeads.select_training_samples`` for the box branch: sampled proposals, their labels and box targets.
-
-    The same steps and random sampling as torchvision's, without its check that Mask / Keypoint
-    R-CNN targets carry masks / keypoints, which the box branch never reads.
-    """
-    dtype, device = proposals[0].dtype, proposals[0].device
-    gt_boxes = [t["boxes"].to(dtype) for t in targets]
-    proposals = roi.add_gt_proposals(proposals, gt_boxes)
-    matched_idxs, labels = roi.assign_targets_to_proposals(proposals, gt_boxes, [t["labels"] for t in targets])
-    sampled = roi.subsample(labels)
-    no_box = torch.zeros((1, 4), dtype=dtype, device=device)  # torchvision's stand-in for an image without boxes
-    matched_boxes = [(g if g.numel() else no_box)[m[i]] for g, m, i in zip(gt_boxes, matched_idxs, sampled, strict=True)]
-    proposals = [p[i] for p, i in zip(proposals, sampled, strict=True)]
-    return proposals, [lab[i] for lab, i in zip(labels, sampled, strict=True)], roi.box_coder.encode(matched_boxes, proposals)
-
-
-def _rcnn_heads(
-    model: FasterRCNN,
-    image_list: ImageList,
-    features: OrderedDict[str, Tensor],
-    targets: list[Target] | None,
-    original_sizes: list[tuple[int, int]] | None,
-) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """Faster R-CNN: RPN then RoI heads, as ``RegionProposalNetwork.forward`` and ``RoIHeads.forward``."""
-    rpn, roi, sizes = model.rpn, model.roi_heads, image_list.image_sizes
-    feats = list(features.values())
-    objectness, deltas = rpn.head(feats)  # per level [N, A, H, W] and [N, 4A, H, W]
-    anchors = rpn.anchor_generator(image_list, feats)
-    anchors_per_level = [o[0].numel() for o in objectness]
-    flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
-    proposals = rpn.box_coder.decode(flat_deltas.detach(), anchors).view(len(anchors), -1, 4)
-    proposals, _ = rpn.filter_proposals(proposals, flat_objectness, sizes, anchors_per_level)
-
-    losses: dict[str, Tensor] = {}
-    if targets is not None:
-        labels, matched_boxes = rpn.assign_targets_to_anchors(anchors, targets)
-        regression_targets = rpn.box_coder.encode(matched_boxes, anchors)
-        loss_objectness, loss_rpn_box_reg = rpn.compute_loss(flat_objectness, flat_deltas, labels, regression_targets)
-        sampled, sampled_labels, box_targets = _box_training_samples(roi, proposals, targets)
-        class_logits, box_regression = _box_branch(model, features, sampled, sizes)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, sampled_labels, box_targets)
-        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
-                  "loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
-
-    detections = None
-    if original_sizes is not None:
-        class_logits, box_regression = _box_branch(model, features, proposals, sizes)
-        boxes, scores, labels = roi.postprocess_detections(class_logits, box_regression, proposals, sizes)
-        detections = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels, strict=True)]
-        detections = model.transform.postprocess(detections, sizes, original_sizes)
-    outputs = {lvl: {"objectness": o, "bbox_deltas": d} for lvl, o, d in zip(features, objectness, deltas, strict=True)}
-    return losses, detections, outputs, dict(zip(features, anchors[0].split(anchors_per_level), strict=True))
-
-
 def _heads(
     model: nn.Module,
     image_list: ImageList,
     features: OrderedDict[str, Tensor],
     targets: list[Target] | None,
     original_sizes: list[tuple[int, int]] | None,
-) -> tuple[dict[str, Tensor], list[Target] | None, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    if detector_arch(model) == "fasterrcnn":
-        return _rcnn_heads(model, image_list, features, targets, original_sizes)
-    return _dense_heads(model, image_list, features, targets, original_sizes)
+) -> HeadRun:
+    """The model's heads on ``features``, run by its family's adapter (``DetectorAdapter.run_heads``)."""
+    return detector_adapter(model).run_heads(model, image_list, features, targets, original_sizes)
 
 
 def run_detector(
@@ -328,7 +175,7 @@ def run_detector(
         TypeError: ``model`` is not a supported detector, or ``images`` is not a list of tensors.
         ValueError: targets missing in train mode, malformed targets or features.
     """
-    detector_arch(model)
+    detector_adapter(model)
     if isinstance(images, Tensor) or not isinstance(images, Sequence) or not images \
             or not all(isinstance(img, Tensor) and img.dim() == 3 for img in images):
         raise TypeError("images must be a non-empty list of [3, H, W] tensors (one per image)")
@@ -340,7 +187,7 @@ def run_detector(
     original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
     image_list, targets, features = detector_features(model, list(images), targets)
     if targets is not None:
-        _check_positive_boxes(targets)
+        check_positive_boxes(targets)
     head_features = features
     if features_fn is not None:
         head_features = _ordered_features(features_fn(features, targets), list(features), len(images))
@@ -372,7 +219,7 @@ def loss_on_features(
     Returns:
         torchvision's loss dict (e.g. ``classification``, ``bbox_regression`` for RetinaNet).
     """
-    detector_arch(model)
+    detector_adapter(model)
     num_images = len(image_list.image_sizes)
     if targets is None:
         raise ValueError("loss_on_features needs the transformed targets (DetectorOutput.targets)")
@@ -389,21 +236,10 @@ def head_outputs(
     Distillers that read head outputs get the teacher's this way, on the student's batched input.
     Returns ``(DetectorOutput.head_outputs, DetectorOutput.priors)``.
     """
-    detector_arch(model)
+    detector_adapter(model)
     ordered = _ordered_features(features, list(fpn_strides(model)), len(image_list.image_sizes))
     _, _, outputs, priors = _heads(model, image_list, ordered, None, None)
     return outputs, priors
-
-
-def _atss_assignment(model: GFL, anchors: Tensor, counts: list[int], targets: list[Target]) -> Tensor:
-    """GFL: ATSS on all levels' anchors ``[A, 4]``, as ``GFL.compute_loss`` assigns them -> ``[N, A]``."""
-    anchors = anchors.to(torch.promote_types(anchors.dtype, torch.float32))
-    return torch.stack([atss_assign(anchors, counts, t["boxes"].to(anchors.dtype), model.atss_topk) for t in targets])
-
-
-# The detectors whose assignment of priors to boxes (the positives of their task loss) ``prior_assignment``
-# computes; a method that ``needs`` ``"assignment"`` runs on these students only.
-ASSIGNERS: dict[str, Callable[[nn.Module, Tensor, list[int], list[Target]], Tensor]] = {"gfl": _atss_assignment}
 
 
 @torch.no_grad()
@@ -411,7 +247,7 @@ def prior_assignment(model: nn.Module, priors: Mapping[str, Tensor], targets: li
     """The detector's own assignment of its priors to the ground-truth boxes (no gradient).
 
     Args:
-        model: a detector in ``ASSIGNERS`` (GFL: ATSS, ``atss_assign``).
+        model: a detector whose adapter ``gives_assignment`` (GFL: ATSS, ``atss_assign``).
         priors: ``DetectorOutput.priors``, every level in the model's order (ATSS compares levels).
         targets: ``DetectorOutput.targets`` (boxes in resized-input pixels).
 
@@ -419,44 +255,24 @@ def prior_assignment(model: nn.Module, priors: Mapping[str, Tensor], targets: li
         level -> ``[N, P_l]`` int64 in the priors' order: the index of the prior's box in its image's
         targets, or -1 (negative). The positives are the cells the detector's box losses train.
     """
-    arch = detector_arch(model)
-    if arch not in ASSIGNERS:
-        raise ValueError(f"{type(model).__name__} does not give its assignment of priors (given by: {sorted(ASSIGNERS)})")
+    adapter = detector_adapter(model)
+    if not adapter.gives_assignment:
+        raise ValueError(f"{type(model).__name__} does not give its assignment of priors "
+                         f"(given by: {families_with('gives_assignment')})")
     counts = [p.shape[0] for p in priors.values()]
-    matched = ASSIGNERS[arch](model, torch.cat(list(priors.values())), counts, targets)
+    matched = adapter.assign(model, torch.cat(list(priors.values())), counts, targets)
     return dict(zip(priors, matched.split(counts, dim=1), strict=True))
 
 
 # -- the head split at a tower conv (CrossKD: the student's tower features through the teacher's head) ------
-
-def _gfl_towers(model: GFL) -> dict[str, nn.Sequential]:
-    """GFL's two towers, each ``num_convs`` x (conv, GroupNorm, ReLU), by branch."""
-    return {"cls": model.head.classification_head.conv, "reg": model.head.regression_head.conv}
-
-
-def _gfl_head_from(model: GFL, level_index: int, held: Mapping[str, Tensor], split: int) -> dict[str, Tensor]:
-    """GFL's head on one level from the split on: the towers' remaining layers (the split conv's ReLU first),
-    then the output convs, the regression times its level scale -> ``{"cls_logits", "box_bins"}``."""
-    head, start = model.head, max(3 * split - 1, 0)
-    cls = head.classification_head.conv[start:](held["cls"])
-    reg = head.regression_head.conv[start:](held["reg"])
-    return {"cls_logits": head.classification_head.cls_logits(cls),
-            "box_bins": head.regression_head.bbox_reg(reg) * head.regression_head.scales[level_index]}
-
-
-# architecture -> (the towers by branch, the head from the split on); a split ``k`` holds the output of the
-# k-th conv and its norm, before its activation (k = 0: the FPN features).
-HEAD_SPLITS: dict[str, tuple[Callable[[nn.Module], dict[str, nn.Sequential]],
-                             Callable[[nn.Module, int, Mapping[str, Tensor], int], dict[str, Tensor]]]] = {
-    "gfl": (_gfl_towers, _gfl_head_from)}
-
+# A split ``k`` holds the output of the k-th conv and its norm, before its activation (k = 0: the FPN features).
 
 def head_split_depth(model: nn.Module) -> int:
-    """The convs per tower of a detector in ``HEAD_SPLITS`` (the largest split); ``ValueError`` for others."""
-    arch = detector_arch(model)
-    if arch not in HEAD_SPLITS:
-        raise ValueError(f"{type(model).__name__}'s head cannot be split (given by: {sorted(HEAD_SPLITS)})")
-    return min(len(tower) // 3 for tower in HEAD_SPLITS[arch][0](model).values())
+    """The convs per tower of a detector whose adapter ``splits_head`` (the largest split); ``ValueError`` for others."""
+    adapter = detector_adapter(model)
+    if not adapter.splits_head:
+        raise ValueError(f"{type(model).__name__}'s head cannot be split (given by: {families_with('splits_head')})")
+    return min(len(tower) // 3 for tower in adapter.towers(model).values())
 
 
 def tower_features(model: nn.Module, features: Mapping[str, Tensor], split: int) -> dict[str, dict[str, Tensor]]:
@@ -464,7 +280,7 @@ def tower_features(model: nn.Module, features: Mapping[str, Tensor], split: int)
     its norm, before the activation; the features themselves for ``split`` 0), with the gradient of the
     model's parameters."""
     head_split_depth(model)
-    towers = HEAD_SPLITS[detector_arch(model)][0](model)
+    towers = detector_adapter(model).towers(model)
     return {lvl: {b: tower[:max(3 * split - 1, 0)](f) for b, tower in towers.items()} for lvl, f in features.items()}
 
 
@@ -475,5 +291,6 @@ def head_from_split(model: nn.Module, held: Mapping[str, Mapping[str, Tensor]], 
     key of ``held`` to the model's level of the same stride (default: the same name)."""
     head_split_depth(model)
     order = list(fpn_strides(model))
-    head_from = HEAD_SPLITS[detector_arch(model)][1]
-    return {lvl: head_from(model, order.index((levels or {}).get(lvl, lvl)), h, split) for lvl, h in held.items()}
+    adapter = detector_adapter(model)
+    return {lvl: adapter.head_from(model, order.index((levels or {}).get(lvl, lvl)), h, split)
+            for lvl, h in held.items()}
