@@ -180,6 +180,30 @@ def test_redraws_on_every_control(toy: dict) -> None:
     assert (d.mask_scale, d.mask_side, [s.normalize for s in d.selectors.values()]) == before
 
 
+def test_driving_the_controls_never_changes_the_distiller(toy: dict) -> None:
+    d = toy["distiller"]
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    before = (d.options, d.mask_scale, d.mask_side, d.normalize, [s.normalize for s in d.selectors.values()], d.training)
+    insp = inspector(toy)
+    assert list(insp.option_toggles) == ["mask_scale", "mask_side", "normalize"]
+    for toggle in insp.option_toggles.values():
+        for value in (*toggle.options, toggle.options[0]):
+            toggle.value = value
+            insp.selector_dropdown.value = 1
+            insp.level_dropdown.value = "1"
+            assert insp.message is None, insp.message
+    assert (d.options, d.mask_scale, d.mask_side, d.normalize, [s.normalize for s in d.selectors.values()],
+            d.training) == before
+    assert d.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in d.state_dict().items())
+    # a view under other options is the view of a distiller built with them
+    other = d.with_options(mask_scale="count", mask_side="shared")
+    view = insp.view(mask_scale="count", mask_side="shared", normalize="image", selector=2)
+    own = MaskInspector(toy["images"], toy["targets"], toy["teacher"], toy["student"], other, class_names=NAMES,
+                        level="1").view(selector=2)
+    assert own.settings == view.settings and own.rows == view.rows
+    assert figure_digest(own.figure) == figure_digest(view.figure)
+
+
 def test_class_names_side_by_side_masks_and_hover(toy: dict) -> None:
     view = inspector(toy).current
     bars, m_t, m_s = view.figure.axes[:3]
