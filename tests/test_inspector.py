@@ -342,3 +342,17 @@ def test_with_detectors_matches_a_training_step() -> None:
     assert view.message is None and view.rows and view.figure is not None
     with pytest.raises(ValueError, match="has no 'labels'"):
         MaskInspector([IMAGE], [BOXES], teacher, student, d)
+
+
+def test_the_inspector_is_a_view_over_the_protocol() -> None:
+    """widgets.py imports no private helper of another module and nothing of a method's own module."""
+    import ast
+    from pathlib import Path
+
+    import liaf_lab.analysis.widgets as widgets_module
+
+    tree = ast.parse(Path(widgets_module.__file__).read_text())
+    imports = [(node.module or "", alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for alias in node.names]
+    assert [name for _, name in imports if name.startswith("_")] == []
+    assert [module for module, _ in imports if module.startswith("distillers.")] == []
