@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -217,23 +218,14 @@ def ref_liaf_loss(
     selector_weights: Mapping[str, Tensor],
     projectors: Mapping[str, Callable[[Tensor], Tensor]],
     loss_weight: float = 1.0,
-    mask_scale: str = "literal",
-    mask_side: str = "separate",
-    per_image: bool = True,
-    detach_scores: bool = True,
-    freeze_selectors: bool = True,
     diversity_weight: float | None = None,
-    roi_size: tuple[int, int] = (7, 7),
-    sampling_ratio: int = 2,
-    logit_factors: Mapping[str, float | Tensor] | None = None,
+    **options: Any,
 ) -> Tensor:
     """Eq. 9 literally, per level: ``(1/CHW) ||M^T * F^T - f_phi(M^S * F^S)||^2`` (the sides of
-    ``ref_liaf_sides``), averaged over the batch, summed over levels, times ``loss_weight``.
-    With ``diversity_weight`` set, ``diversity_weight * mean_levels(Eq. 4)`` is added.
+    ``ref_liaf_sides``, with its ``options``), averaged over the batch, summed over levels, times
+    ``loss_weight``. With ``diversity_weight`` set, ``diversity_weight * mean_levels(Eq. 4)`` is added.
     """
-    sides = ref_liaf_sides(student_feats, teacher_feats, boxes, strides, selector_weights, projectors, mask_scale,
-                           mask_side, per_image, detach_scores, freeze_selectors, roi_size, sampling_ratio,
-                           logit_factors)
+    sides = ref_liaf_sides(student_feats, teacher_feats, boxes, strides, selector_weights, projectors, **options)
     total = None
     for teacher_hat, student_hat in sides.values():
         level_loss = ref_level_mse(teacher_hat, student_hat)
