@@ -135,6 +135,7 @@ def test_every_method_gives_loss_weights() -> None:
     _, inputs = fitnet_inputs(2)
     labels = [torch.ones(len(b), dtype=torch.int64) for b in inputs.boxes]
     inputs = KDInputs(inputs.student_feats, inputs.teacher_feats, inputs.boxes, labels, image_size=(32, 40))
+    with_cells = []
     for method in list_distillers():
         d = create_distiller(method, 6, 8, STRIDES)
         if d.needs - {"generator"}:
@@ -149,10 +150,15 @@ def test_every_method_gives_loss_weights() -> None:
         for name, levels in weights.maps.items():
             for lvl in d.levels:
                 assert levels[lvl].shape == (2, *SIZES[lvl]), (method, name, lvl)
-        if weights.cells is not None:
+        if weights.cells is not None:  # the cells sum to the loss
+            with_cells.append(method)
+            torch.manual_seed(0)
             terms = d.loss_terms(inputs)
             total = sum(c.sum() for c in weights.cells.values())
-            torch.testing.assert_close(d.loss_weight * total, terms[d.method_name], rtol=1e-5, atol=1e-7)
+            factor = d.alpha if method == "mgd" else d.loss_weight
+            torch.testing.assert_close(factor * total, terms[d.method_name], rtol=1e-5, atol=1e-7)
+            assert all(0.0 <= v <= 1.0 for v in background_share(d, inputs).values()), method
+    assert with_cells == ["fitnet", "liaf", "liaf_paper", "maskd", "mgd", "pkd"]
 
 
 def test_with_options_is_a_copy() -> None:
