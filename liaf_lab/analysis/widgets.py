@@ -9,7 +9,7 @@ import html
 import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ipywidgets as widgets
@@ -105,10 +105,9 @@ def _on_cpu(weights: LossWeights) -> LossWeights:
     def cpu(levels: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {lvl: v.detach().float().cpu() for lvl, v in levels.items()}
 
-    return LossWeights({m: cpu(v) for m, v in weights.maps.items()},
-                       cpu(weights.cells) if weights.cells is not None else None,
-                       {c: cpu(v) for c, v in weights.instances.items()}, dict(weights.bars), dict(weights.columns),
-                       dict(weights.color_range), weights.score_note)
+    return replace(weights, maps={m: cpu(v) for m, v in weights.maps.items()},
+                   cells=cpu(weights.cells) if weights.cells is not None else None,
+                   instances={c: cpu(v) for c, v in weights.instances.items()})
 
 
 def _view_options(distiller: FeatureDistiller) -> dict[str, tuple[Any, ...]]:

@@ -194,7 +194,7 @@ class FeatureDistiller(nn.Module):
     head_keys: ClassVar[tuple[str, ...]] = ()  # with "head_outputs": the outputs read, e.g. ("cls_logits",)
     split_index: int = 0  # with "head_split": the tower conv after which the heads are split (0: before the towers)
     two_stage: ClassVar[bool] = False
-    # the options that change what ``loss_weights`` gives without changing the weights (the inspector's controls)
+    # options a view may vary (``loss_weights(inputs, **options)``, the inspector's toggles): Literal or bool fields
     view_options: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
