@@ -186,6 +186,8 @@ def test_driving_the_controls_never_changes_the_distiller(toy: dict) -> None:
     before = (d.options, d.mask_scale, d.mask_side, d.normalize, [s.normalize for s in d.selectors.values()], d.training)
     insp = inspector(toy)
     assert list(insp.option_toggles) == ["mask_scale", "mask_side", "normalize"]
+    assert list(insp.selector_dropdown.options) == [("mean A", "mean"), ("selector E_1", 0), ("selector E_2", 1),
+                                                    ("selector E_3", 2)]
     for toggle in insp.option_toggles.values():
         for value in (*toggle.options, toggle.options[0]):
             toggle.value = value

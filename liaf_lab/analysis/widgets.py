@@ -361,8 +361,7 @@ class MaskInspector:
         keep = self.selector_dropdown.value if self.selector_dropdown.value in bars else next(iter(bars))
         self._hold = True
         try:
-            self.selector_dropdown.options = [(title.split("\\n")[0].removeprefix("selector "), key)
-                                              for key, (title, _, _) in bars.items()]
+            self.selector_dropdown.options = [(label, key) for key, (label, _, _) in bars.items()]
             self.selector_dropdown.value = keep
         finally:
             self._hold = False
@@ -593,12 +592,12 @@ class MaskInspector:
         used = set()
         if weights.bars:
             ax = axes[places[0]]
-            title, col_t, col_s = weights.bars[s["selector"]]
+            label, col_t, col_s = weights.bars[s["selector"]]
             draw_score_bars(ax, {f"teacher {col_t}": weights.instances[col_t][s["level"]][span],
                                  f"student {col_s}": weights.instances[col_s][s["level"]][span]}, names, ymax=1.0)
             ax.tick_params(axis="x", labelrotation=45, labelsize=8)
             ax.legend(fontsize=8)
-            ax.set_title(f"instance scores, {title}", fontsize=9)
+            ax.set_title(f"instance scores, {label}", fontsize=9)
             used.add(id(ax))
         spots: list[_Spot] = []
         for (base, members), (r, c) in zip(groups, places[bool(weights.bars):], strict=True):

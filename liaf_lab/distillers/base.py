@@ -145,8 +145,9 @@ class LossWeights:
             split into cells.
         instances: column -> level -> ``[I]``: a value per instance (the batch's boxes in order), e.g.
             LIAF-KD's scores and mask weights; empty for a method that scores no instances.
-        bars: choice -> ``(title, teacher column, student column)``: the instance scores a view may draw
-            as bars, the first the default (e.g. LIAF-KD's ``"mean"`` and one per selector ``k``).
+        bars: choice -> ``(label, teacher column, student column)``: the instance scores a view may draw
+            as bars, the first the default (e.g. LIAF-KD's ``"mean"``, ``"mean A"`` and one per selector ``k``,
+            ``"selector E_{k+1}"``).
         columns: instance column -> what it means (for table headers).
         color_range: map name without its side (``"M"`` for ``"M (teacher)"``) -> the range its values
             lie in by construction, where the method knows one.

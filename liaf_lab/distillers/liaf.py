@@ -257,9 +257,9 @@ class LIAFDistiller(FeatureDistiller):
             instances.setdefault("M^T", {})[lvl], instances.setdefault("M^S", {})[lvl] = w_t, w_s
             cells[lvl] = feature_cells(*self.level_terms(lvl, s[lvl], t[lvl], boxes))
         bars = {"mean": ("mean A", "A^T", "A^S")}
-        bars |= {k: (f"selector E_{k + 1}\n(the masks use the mean A)", f"A^T E_{k + 1}", f"A^S E_{k + 1}")
+        bars |= {k: (f"selector E_{k + 1}", f"A^T E_{k + 1}", f"A^S E_{k + 1}")
                  for k in range(self.num_selectors)}
-        columns = {f"A^{side} E_{k + 1}": f"{who} score of selector E_{k + 1} (Eq. 3)"
+        columns = {f"A^{side} E_{k + 1}": f"{who} score of selector E_{k + 1} (Eq. 3; the masks use the mean over them)"
                    for side, who in (("T", "teacher"), ("S", "student")) for k in range(self.num_selectors)}
         columns |= {"A^T": "teacher score, mean over the selectors (Eq. 6)",
                     "A^S": "student score, mean over the selectors (Eq. 6)",
