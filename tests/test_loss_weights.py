@@ -172,6 +172,9 @@ def test_with_options_is_a_copy() -> None:
     assert (d.mask_scale, d.selectors["p3"].normalize) == ("literal", "image")
     assert all(torch.equal(v, d.state_dict()[k]) for k, v in other.state_dict().items())
     assert not d.per_image(normalize="batch") and d.per_image() and other.per_image(normalize="image")
+    double = d.double().with_options(mask_side="shared")  # the weights keep their dtype, bit for bit
+    assert all(v.dtype == d.state_dict()[k].dtype and torch.equal(v, d.state_dict()[k])
+               for k, v in double.state_dict().items())
     with pytest.raises(ValueError, match="mask_scale='sqrt' must be one of"):
         d.loss_weights(inputs, mask_scale="sqrt")
     with pytest.raises(ValueError, match="unknown distiller 'liaf' option 'mask'"):

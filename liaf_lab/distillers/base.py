@@ -470,14 +470,14 @@ class FeatureDistiller(nn.Module):
     def with_options(self, **changes: Any) -> FeatureDistiller:
         """A new distiller of this class with ``changes`` to its options (checked as the constructor checks
         them; the others as this one's attributes hold them), a copy of this one's weights and buffers, on its
-        device and in its mode; this one is unchanged (nor is torch's random state)."""
+        device, in its dtype and mode; this one is unchanged (nor is torch's random state)."""
         values = {**{name: getattr(self, name) for name in self.options.to_dict()}, **changes}
         with torch.random.fork_rng(devices=[]):
             other = type(self)(self.student_channels, self.teacher_channels, self.strides, **values)
+        param = next(self.parameters(), None)
+        if param is not None:  # before loading, so no weight passes through another dtype
+            other.to(param.device, param.dtype)
         other.load_state_dict(self.state_dict())
-        tensor = next(iter([*self.parameters(), *self.buffers()]), None)
-        if tensor is not None:
-            other.to(tensor.device)
         return other.train(self.training)
 
     def forward(
