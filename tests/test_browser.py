@@ -170,7 +170,7 @@ def test_mask_inspector_redraws_in_jupyterlab(lab):
             assert image.evaluate("img => img.naturalWidth > 0 && img.complete"), "the widget's figure did not load"
             # LIAF-KD: teacher and student masks side by side, one table row and two hover regions per box
             alt = image.get_attribute("alt")
-            assert "teacher mask M^T" in alt and "student mask M^S" in alt, f"not both mask panels: {alt!r}"
+            assert "M (teacher)" in alt and "M (student)" in alt, f"not both mask panels: {alt!r}"
             rows = page.locator(TABLE_ROWS).count()
             assert rows > 0 and page.locator(HOVER_BOXES).count() == 2 * rows
             assert page.locator(f"{TABLE_ROWS}[title]").count() == rows, "table rows without hover values"

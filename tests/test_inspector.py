@@ -117,28 +117,28 @@ def test_table_matches_the_distiller(toy: dict, opts: tuple[str, str, str]) -> N
             assert batch_total == pytest.approx(loss, rel=1e-5)
 
 
-def test_colour_scale_is_fixed_per_option(toy: dict) -> None:
+def test_colour_scale_is_fixed_per_option_and_level(toy: dict) -> None:
     d = toy["distiller"]
     insp = inspector(toy)
     with torch.no_grad():
         t_all, s_all = toy["teacher"](toy["images"]), toy["student"](toy["images"])
     for mask_scale in ("literal", "count"):
-        ranges = set()
-        for index in range(3):
-            for level in STRIDES:
+        for level in STRIDES:
+            ranges = set()
+            for index in range(3):
                 view = insp.view(image=index, level=level, mask_scale=mask_scale)
                 ranges.add(view.color_range["M"])
                 for ax in view.figure.axes[1:3]:  # the drawn masks use the fixed range
                     assert (ax.images[-1].norm.vmin, ax.images[-1].norm.vmax) == view.color_range["M"]
-        assert len(ranges) == 1, f"{mask_scale}: the colour range changes between views: {ranges}"
-        (lo, hi), = ranges
-        if mask_scale == "literal":
-            assert (lo, hi) == (0.0, 1.0)
-        else:  # the largest count mask over all images and levels
-            with torch.no_grad(), options(d, "count", "separate", "image"):
-                top = max(float(m.max()) for j in range(3) for lvl in STRIDES
-                          for m in d.level_masks(lvl, s_all[lvl][j:j + 1], t_all[lvl][j:j + 1], [BOX_SETS[j]]))
-            assert lo == 0.0 and hi == pytest.approx(max(top, 1.0)) and hi > 1.0
+            assert len(ranges) == 1, f"{mask_scale}: the colour range changes between images: {ranges}"
+            (lo, hi), = ranges
+            if mask_scale == "literal":  # the method's own range: scores are at most 1, the background is 1
+                assert (lo, hi) == (0.0, 1.0)
+            else:  # the largest count mask over all images at the level
+                with torch.no_grad(), options(d, "count", "separate", "image"):
+                    top = max(float(m.max()) for j in range(3)
+                              for m in d.level_masks(level, s_all[level][j:j + 1], t_all[level][j:j + 1], [BOX_SETS[j]]))
+                assert lo == 0.0 and hi == pytest.approx(top) and hi > 1.0
 
 
 def test_views_leave_the_live_widget_alone(toy: dict) -> None:
@@ -157,7 +157,7 @@ def test_views_leave_the_live_widget_alone(toy: dict) -> None:
         insp.view(side="student")
     with pytest.raises(ValueError, match="image must be an index in 0..2"):
         insp.view(image=3)
-    with pytest.raises(ValueError, match="selector must be 'mean' or an index in 0..2"):
+    with pytest.raises(ValueError, match=r"selector must be one of \['mean', 0, 1, 2\] for LIAF-KD, got 3"):
         insp.view(selector=3)
     with pytest.raises(ValueError, match="mask_scale='sqrt' must be one of"):
         insp.view(mask_scale="sqrt")
@@ -180,16 +180,43 @@ def test_redraws_on_every_control(toy: dict) -> None:
     assert (d.mask_scale, d.mask_side, [s.normalize for s in d.selectors.values()]) == before
 
 
+def test_driving_the_controls_never_changes_the_distiller(toy: dict) -> None:
+    d = toy["distiller"]
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    before = (d.options, d.mask_scale, d.mask_side, d.normalize, [s.normalize for s in d.selectors.values()], d.training)
+    insp = inspector(toy)
+    assert list(insp.option_toggles) == ["mask_scale", "mask_side", "normalize"]
+    assert list(insp.selector_dropdown.options) == [("mean A", "mean"), ("selector E_1", 0), ("selector E_2", 1),
+                                                    ("selector E_3", 2)]
+    for toggle in insp.option_toggles.values():
+        for value in (*toggle.options, toggle.options[0]):
+            toggle.value = value
+            insp.selector_dropdown.value = 1
+            insp.level_dropdown.value = "1"
+            assert insp.message is None, insp.message
+    assert (d.options, d.mask_scale, d.mask_side, d.normalize, [s.normalize for s in d.selectors.values()],
+            d.training) == before
+    assert d.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in d.state_dict().items())
+    # a view under other options is the view of a distiller built with them
+    other = d.with_options(mask_scale="count", mask_side="shared")
+    view = insp.view(mask_scale="count", mask_side="shared", normalize="image", selector=2)
+    own = MaskInspector(toy["images"], toy["targets"], toy["teacher"], toy["student"], other, class_names=NAMES,
+                        level="1").view(selector=2)
+    assert own.settings == view.settings and own.rows == view.rows
+    assert figure_digest(own.figure) == figure_digest(view.figure)
+
+
 def test_class_names_side_by_side_masks_and_hover(toy: dict) -> None:
     view = inspector(toy).current
     bars, m_t, m_s = view.figure.axes[:3]
     assert [t.get_text() for t in bars.get_xticklabels()] == ["0 disc", "1 square", "2 ring"]
-    assert m_t.get_title().startswith("teacher mask M^T") and m_s.get_title().startswith("student mask M^S")
+    assert bars.get_title() == "instance scores, mean A"
+    assert (m_t.get_title(), m_s.get_title()) == ("M (teacher)", "M (student)")
     assert m_t.images and m_s.images
     html = view.html
     assert html.count("<tr title=") == 3 and "class='liaf-instances'" in html and "data:image/jpeg;base64," in html
     assert html.count("class='liaf-box'") == 6  # a hover region per box on both mask panels
-    assert "title='0 disc\ncells: 8\nA^T E_1: " in html and "level loss (Eq. 9" in html
+    assert "title='0 disc\ncells: 8\nA^T E_1: " in html and "level loss (the sum of every cell's term, over this image)" in html
 
 
 def test_vanishing_scores_are_explained() -> None:
@@ -317,3 +344,17 @@ def test_with_detectors_matches_a_training_step() -> None:
     assert view.message is None and view.rows and view.figure is not None
     with pytest.raises(ValueError, match="has no 'labels'"):
         MaskInspector([IMAGE], [BOXES], teacher, student, d)
+
+
+def test_the_inspector_is_a_view_over_the_protocol() -> None:
+    """widgets.py imports no private helper of another module and nothing of a method's own module."""
+    import ast
+    from pathlib import Path
+
+    import liaf_lab.analysis.widgets as widgets_module
+
+    tree = ast.parse(Path(widgets_module.__file__).read_text())
+    imports = [(node.module or "", alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for alias in node.names]
+    assert [name for _, name in imports if name.startswith("_")] == []
+    assert [module for module, _ in imports if module.startswith("distillers.")] == []

@@ -18,7 +18,7 @@ from .efficiency import (
     peak_memory,
 )
 from .history import ScoreHistory, plot_score_gaps
-from .maps import kd_inputs_for, method_weight_maps, plot_weight_maps
+from .maps import background_share, box_regions, kd_inputs_for, method_weight_maps, paired_maps, plot_weight_maps
 from .notebook import NotebookSession, setup_notebook
 from .viz import (
     draw_boxes,
@@ -36,10 +36,11 @@ from .viz import (
 from .widgets import MaskInspector, MaskView
 
 __all__ = [
-    "DetectorCAM", "MaskInspector", "MaskView", "NotebookSession", "ScoreHistory", "cam_box_share", "cam_shares",
+    "DetectorCAM", "MaskInspector", "MaskView", "NotebookSession", "ScoreHistory", "background_share", "box_regions",
+    "cam_box_share", "cam_shares",
     "compare_cams", "count_flops", "count_parameters", "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars",
     "efficiency_table", "figure_digest", "figure_to_jpeg", "figure_to_png", "format_table", "fpn_features",
-    "kd_inputs_for", "kd_step_overhead", "measure_latency", "method_weight_maps", "peak_memory", "plot_cam_shares",
+    "kd_inputs_for", "kd_step_overhead", "measure_latency", "method_weight_maps", "paired_maps", "peak_memory", "plot_cam_shares",
     "plot_detections", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps", "plot_training_curves",
     "plot_weight_maps", "resize_for_detector", "setup_notebook", "summarise_cam_shares",
 ]

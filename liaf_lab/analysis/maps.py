@@ -1,9 +1,12 @@
 """What each method weights or masks, on real images: the distiller protocol's ``weight_maps`` computed
-from a student and a teacher detector, as in a training step, and drawn over the images."""
+from a student and a teacher detector, as in a training step, and drawn over the images; the share of a
+method's loss that falls outside every box (``background_share``, from ``loss_weights``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +14,12 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, KDInputs
+from ..distillers.ops import box_cells
 from ..engine.steps import DistillStep
 from ..models.backbones import eval_mode
 from .viz import check_image, check_levels, draw_boxes, draw_mask, new_figure
 
-__all__ = ["kd_inputs_for", "method_weight_maps", "plot_weight_maps"]
+__all__ = ["background_share", "box_regions", "kd_inputs_for", "method_weight_maps", "paired_maps", "plot_weight_maps"]
 SIDES = (" (teacher)", " (student)")
 
 
@@ -69,6 +73,46 @@ def _paired_order(names: Sequence[str]) -> list[str]:
         group = [name] if base is None else [base + side for side in SIDES if base + side in names]
         order += [n for n in group if n not in order]
     return order
+
+
+def paired_maps(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Map names grouped for one colour scale each: ``(base, members)`` in order of first appearance, a pair
+    ``"<x> (teacher)"``, ``"<x> (student)"`` as one group with base ``"<x>"``, any other map alone."""
+    return [(members[0].removesuffix(SIDES[0]), members) for members in _groups(_paired_order(names))]
+
+
+def box_regions(boxes: Tensor, size: tuple[int, int], stride: float) -> Tensor:
+    """``[n, H, W]`` bool: the cells of an ``(H, W)`` grid each of the ``boxes [n, 4]`` covers, by the
+    ``"corner"`` rule (``ops.box_cells``: the cell's top-left corner in the box, as LIAF-KD's Eq. 7 masks it)."""
+    return box_cells(boxes.reshape(-1, 4), stride, size, "corner")
+
+
+@torch.no_grad()
+def background_share(distiller: FeatureDistiller, inputs: KDInputs, **options: Any) -> dict[str, float]:
+    """The share of a method's feature loss that falls on cells outside every ground-truth box.
+
+    From ``distiller.loss_weights(inputs, **options)``'s per-cell loss (for LIAF-KD each cell's term of
+    Eq. 9, for FitNet of Eq. 1 with ``M = 1``): per level ``sum of the cells in no box / sum of all cells``
+    over the batch, and ``"total"``, the same over all levels together (the levels' losses summed, as the
+    loss sums them). A cell is in a box by ``box_regions`` (the ``"corner"`` rule). ``options`` change the
+    method's options for this measurement only (e.g. ``mask_scale="count"``). Each share lies in ``[0, 1]``;
+    NaN where the loss is 0. For a training step's inputs on real images use ``kd_inputs_for``.
+
+    Raises ``ValueError`` for a method whose loss does not split into cells (its ``loss_weights`` give no
+    ``cells``).
+    """
+    weights = distiller.loss_weights(inputs, **options)
+    if weights.cells is None:
+        raise ValueError(f"{distiller.label}'s loss does not split into cells (its loss_weights give no per-cell "
+                         "loss): it has no background share")
+    parts = {}
+    for lvl, cells in weights.cells.items():
+        size = tuple(cells.shape[-2:])
+        inside = torch.stack([box_regions(b.to(cells.device), size, distiller.strides[lvl]).any(0)
+                              for b in inputs.boxes])
+        parts[lvl] = (float(cells[~inside].sum()), float(cells.sum()))
+    parts["total"] = (sum(bg for bg, _ in parts.values()), sum(whole for _, whole in parts.values()))
+    return {name: bg / whole if whole > 0 else math.nan for name, (bg, whole) in parts.items()}
 
 
 def plot_weight_maps(

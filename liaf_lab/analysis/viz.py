@@ -110,7 +110,8 @@ def _as_vector(name: str, values: object, length: int) -> Tensor:
     return values
 
 
-def _class_name(label: int, class_names: Sequence[str] | None) -> str:
+def class_name(label: int, class_names: Sequence[str] | None) -> str:
+    """``class_names[label]``, or the label itself where there is no such name."""
     if class_names is not None and 0 <= label < len(class_names):
         return str(class_names[label])
     return str(label)
@@ -167,7 +168,7 @@ def draw_boxes(
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth))
         text = []
         if label_list is not None:
-            text.append(_class_name(label_list[i], class_names))
+            text.append(class_name(label_list[i], class_names))
         if score_vec is not None:
             text.append(f"{float(score_vec[i]):.2f}")
         if text:

@@ -1,5 +1,6 @@
 """``MaskInspector``: an ipywidgets viewer of what a distillation method weights, image by image and level by
-level: LIAF-KD's instance scores, masks and per-instance loss (Eq. 3-9), or any method's ``weight_maps``."""
+level. A view over the distiller protocol's ``loss_weights`` (maps, per-instance values, per-cell loss): it lays
+out controls, figures and tables from what the method gives, and never changes the distiller."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import base64
 import html
 import math
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ipywidgets as widgets
@@ -20,16 +20,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from ..distillers import FeatureDistiller, InstanceScorer, KDInputs
-from ..distillers.liaf import MaskScale, MaskSide
-from ..distillers.instance import Normalize, instance_mask
+from ..distillers import FeatureDistiller, KDInputs, LossWeights
 from ..models.backbones import eval_mode
-from ..options import check_value
+from ..options import check_value, option_types
 from ..validation import check_boxes, check_feature_dict
-from .cam import _device, resize_for_detector
-from .maps import SIDES, _groups, _paired_order, kd_inputs_for
+from .cam import resize_for_detector
+from .maps import box_regions, kd_inputs_for, paired_maps
 from .viz import (
-    _class_name, check_image, check_levels, draw_boxes, draw_mask, draw_score_bars, figure_to_jpeg, new_figure,
+    check_image, check_levels, class_name, draw_boxes, draw_mask, draw_score_bars, figure_to_jpeg, new_figure,
 )
 
 __all__ = ["FeatureSource", "MaskInspector", "MaskView", "VANISHING_SCORE"]
@@ -38,9 +36,7 @@ FeatureSource = nn.Module | Callable[[Tensor], Mapping[str, Tensor]] | Sequence[
 """A torchvision detector, a callable ``[1, 3, H, W] -> {level: [1, C, h, w]}``, or one dict per image."""
 
 VANISHING_SCORE = 0.05
-"""When every score shown is below this, the view explains why (a softmax over many instances)."""
-
-SETTINGS = ("method", "image", "level", "selector", "mask_scale", "mask_side", "normalize")
+"""When every score shown is below this, the view says why (the method's ``LossWeights.score_note``)."""
 
 # (axes, box x1 y1 x2 y2 in data coordinates, tooltip): a hover region over the figure
 _Spot = tuple[Axes, list[float], str]
@@ -48,12 +44,9 @@ _Spot = tuple[Axes, list[float], str]
 _COLUMNS = {
     "instance": "index of the box in the image",
     "class": "the box's class (class_names[label])",
-    "cells": "cells of the box region R_i at this level (the cells Eq. 7 multiplies by the instance's weight)",
-    "A^T": "teacher score, mean over the selectors (Eq. 6)",
-    "A^S": "student score, mean over the selectors (Eq. 6)",
-    "M^T": "the instance's weight in the teacher mask (mask scale applied)",
-    "M^S": "the instance's weight in the student mask (mask scale applied)",
-    "contribution": "sum over the cells of R_i of the per-cell term of Eq. 9; all cells sum to the level's loss",
+    "cells": "cells of the box at this level (box_regions: the cells whose top-left corner lies in the box)",
+    "contribution": "sum over the box's cells of the per-cell term of the method's loss; all cells sum to the "
+                    "level's loss",
     "share": "contribution / the level's loss",
 }
 
@@ -63,15 +56,20 @@ class MaskView:
     """One setting of the inspector and what it shows.
 
     Attributes:
-        settings: ``method``, ``image``, ``level``, ``selector``, ``mask_scale``, ``mask_side``, ``normalize``.
+        settings: ``method``, ``image``, ``level``, ``selector`` and the methods' view options (e.g.
+            ``mask_scale``, ``mask_side``, ``normalize``).
         figure: the figure, or None when ``message`` says why there is none.
         rows: the per-instance table, one dict per box of the image (``MaskInspector`` lists the keys).
-        notes: remarks shown above the figure (vanishing scores, controls that do not apply, ...).
+        notes: remarks shown above the figure (vanishing scores, boxes without cells, ...).
         message: the problem shown instead of a figure, or None.
-        color_range: map (``"M"`` for LIAF-KD's masks) -> the fixed ``(vmin, vmax)`` of its colour scale.
-        level_loss: LIAF-KD: the distiller's ``level_loss`` of the batch (the image, or all images with
-            ``normalize="batch"``), without ``loss_weight``.
-        background: LIAF-KD: the sum of the per-cell terms over this image's cells in no box.
+        color_range: map group (``"M"`` for LIAF-KD's masks ``"M (teacher)"``, ``"M (student)"``) -> the fixed
+            ``(vmin, vmax)`` of its colour scale.
+        level_loss: where the method's loss splits into cells (``LossWeights.cells``): the sum of the
+            per-cell terms at the level over the batch (the image, or all images for a method whose weights
+            couple them), without the loss weight; for LIAF-KD its ``level_loss`` (Eq. 9).
+        background: with ``level_loss``: the sum of the per-cell terms over this image's cells in no box.
+        loss_scope: with ``level_loss``: the images it sums over (``"this image"`` or the batch).
+        descriptions: the method's instance columns -> what they mean (``LossWeights.columns``).
         html: what the widget shows (notes, the figure with hover regions over the boxes, the table).
     """
 
@@ -83,25 +81,12 @@ class MaskView:
     color_range: dict[str, tuple[float, float]] = field(default_factory=dict)
     level_loss: float | None = None
     background: float | None = None
+    descriptions: dict[str, str] = field(default_factory=dict, repr=False)
+    loss_scope: str = ""
     html: str = field(default="", repr=False)
 
     def _repr_html_(self) -> str:
         return self.html
-
-
-@contextmanager
-def _options(distiller: InstanceScorer, mask_scale: str, mask_side: str, normalize: str) -> Iterator[None]:
-    """Set the distiller's mask options for the block and restore them afterwards, also on error."""
-    saved = (distiller.mask_scale, distiller.mask_side, {lvl: s.normalize for lvl, s in distiller.selectors.items()})
-    try:
-        distiller.mask_scale, distiller.mask_side = mask_scale, mask_side
-        for sel in distiller.selectors.values():
-            sel.normalize = normalize
-        yield
-    finally:
-        distiller.mask_scale, distiller.mask_side = saved[0], saved[1]
-        for lvl, sel in distiller.selectors.items():
-            sel.normalize = saved[2][lvl]
 
 
 def _is_detector(source: object) -> bool:
@@ -115,9 +100,21 @@ def _pad_stack(feats: Sequence[Tensor]) -> Tensor:
     return torch.cat([F.pad(f, (0, width - f.shape[-1], 0, height - f.shape[-2])) for f in feats])
 
 
-def _regions(boxes: Tensor, size: tuple[int, int], stride: float) -> Tensor:
-    """``[n, H, W]`` bool: each box's region ``R_i``, the cells ``instance_mask`` (Eq. 7) multiplies by its score."""
-    return instance_mask(list(boxes[:, None]), boxes.new_zeros(len(boxes)), size, stride)[:, 0] == 0
+def _on_cpu(weights: LossWeights) -> LossWeights:
+    """``weights`` with every tensor as float32 on the CPU."""
+    def cpu(levels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {lvl: v.detach().float().cpu() for lvl, v in levels.items()}
+
+    return replace(weights, maps={m: cpu(v) for m, v in weights.maps.items()},
+                   cells=cpu(weights.cells) if weights.cells is not None else None,
+                   instances={c: cpu(v) for c, v in weights.instances.items()})
+
+
+def _view_options(distiller: FeatureDistiller) -> dict[str, tuple[Any, ...]]:
+    """The distiller's view options -> their choices (``Literal`` or ``bool`` fields of its ``Options``)."""
+    types = option_types(distiller.Options)
+    return {name: (False, True) if types[name] is bool else typing.get_args(types[name])
+            for name in distiller.view_options}
 
 
 def _fmt(value: Any, digits: str = ".3g") -> str:
@@ -152,36 +149,36 @@ def _method_pairs(student: FeatureSource, distiller: FeatureDistiller,
 
 
 class MaskInspector:
-    """Browse what a distillation method weights: pick a method, image and FPN level (and for LIAF-KD a
-    selector and the mask options); see the teacher's and student's masks side by side and a table per instance.
+    """Browse what a distillation method weights: pick a method, image and FPN level (and the options the
+    method lets a view vary); see its weight maps over the image, its instance scores and a table per instance.
 
-    For LIAF-KD (any ``InstanceScorer``) the figure shows the teacher's and student's instance scores
-    (bars, for the mean ``A`` or one selector ``E_k``) and the masks ``M^T`` and ``M^S`` (Eq. 7, as
-    ``InstanceScorer.level_masks`` builds them from the mean scores, with the ``mask_scale``,
-    ``mask_side`` and ``normalize`` options set from the controls) over the image. The table
-    (``instance_table``) has per box: ``instance``, ``label``, ``class``, ``cells`` (the cells of its
-    region ``R_i`` at the level), ``A^T E_k`` and ``A^S E_k`` per selector, the means ``A^T`` and
-    ``A^S``, its mask weights ``M^T`` and ``M^S`` (``InstanceScorer.scaled``: the value of the mask in
-    ``R_i`` where no other box overlaps) and ``contribution``: the sum over the cells of ``R_i`` of the
-    per-cell term of Eq. 9, ``sum_c (M^T F^T - f_phi(M^S F^S))^2 / (N C H W)`` (``N`` the images of the
-    batch); the terms of all cells sum to the distiller's ``level_loss`` (``MaskView.level_loss``; times
-    ``loss_weight`` it is the level's part of the ``liaf`` term). Cells in several boxes count for
-    each; ``MaskView.background`` sums the cells in no box.
+    A view over the distiller protocol's ``loss_weights`` (``LossWeights``), computed from the inputs a training
+    step gives the method (``analysis.kd_inputs_for`` with detectors): the figure shows the method's instance
+    scores as bars where it gives them (``LossWeights.bars``; the ``selector`` control picks which, e.g.
+    LIAF-KD's mean ``A`` of Eq. 6 or one selector ``E_k`` of Eq. 3) and its weight maps at the level (a
+    ``"(teacher)"``/``"(student)"`` pair side by side, e.g. LIAF-KD's masks ``M^T`` and ``M^S`` of Eq. 7).
+    The table (``instance_table``) has per box: ``instance``, ``label``, ``class``, ``cells`` (the cells it
+    covers at the level, ``box_regions``), then the method's per-instance values (``LossWeights.instances``,
+    e.g. LIAF-KD's ``A^T E_k``, ``A^S E_k``, ``A^T``, ``A^S``, ``M^T``, ``M^S``) or, for a method that scores
+    no instances, each map's mean over the box's cells; and, where the method's loss splits into cells
+    (``LossWeights.cells``), ``contribution``: the sum over the box's cells of the per-cell term (for LIAF-KD
+    of Eq. 9, ``sum_c (M^T F^T - f_phi(M^S F^S))^2 / (N C H W)``, ``N`` the images of the batch); the terms of
+    all cells sum to ``MaskView.level_loss``. Cells in several boxes count for each; ``MaskView.background``
+    sums the cells in no box. A method that weights every cell alike (FitNet), an image without boxes, or
+    inputs the method cannot use give a message instead of the figure.
 
-    For any other method the figure shows its ``weight_maps`` at the level (a ``"(teacher)"``/
-    ``"(student)"`` pair side by side), computed from the training step's inputs
-    (``analysis.kd_inputs_for`` with detectors), and the table the mean of each map over each box's
-    region. A method whose ``weight_maps`` is empty (FitNet), an image without boxes, or inputs the
-    method cannot use give a message instead of the figure.
+    The method's view options (``FeatureDistiller.view_options``, e.g. LIAF-KD's ``mask_scale``,
+    ``mask_side`` and ``normalize``) each get a toggle; a view computes the method as a copy of the distiller
+    with those options would (``loss_weights(inputs, **options)``), so the distiller itself never changes.
+    A method whose weights couple the images of a batch under the options (``per_image``, e.g. LIAF-KD's
+    ``normalize="batch"``) is computed on all the inspector's images as one batch.
 
-    Colour scales are fixed and shown by a colour bar: LIAF-KD's ``literal`` masks span ``[0, 1]``
-    (scores are at most 1, the background is 1) and ``count`` masks ``[0, max]`` over all the
-    inspector's images (with boxes) and levels, once per option setting, so one colour is one
-    weight in every view of an option. Other methods' maps span ``[min(0, min), max]`` of each map
-    (a teacher/student pair together) over all images at the level: the same in every image, but
-    per level, since many depend on the level's grid (e.g. FGD's ``1 / box cells``). When every
-    score shown is below ``VANISHING_SCORE`` (a softmax over many instances) a note says so.
-    Hovering a box in the figure or a table row shows its values.
+    Colour scales are fixed and shown by a colour bar: a map group the method gives a range for
+    (``LossWeights.color_range``, e.g. LIAF-KD's literal masks ``[0, 1]``) spans it; any other spans
+    ``[min(0, min), max]`` over all images (with boxes) at the level under the options, so one colour is one
+    weight in every image (per level, since many maps depend on the level's grid, e.g. FGD's
+    ``1 / box cells``). When every score shown is below ``VANISHING_SCORE`` a note says why
+    (``LossWeights.score_note``). Hovering a box in the figure or a table row shows its values.
 
     Args:
         images: N images ``[3, H, W]`` (or a ``[N, 3, H, W]`` batch).
@@ -190,19 +187,18 @@ class MaskInspector:
             ``kd_inputs_for``; images and boxes are shown resized like the detectors' transform), or
             feature sources (``FeatureSource``): a callable mapping ``[1, 3, H, W]`` to
             ``{level: [1, C, h, w]}`` or N dicts ``{level: [1, C, h, w]}``, with boxes in the features' frame.
-        distiller: the student's distiller (``FeatureDistiller``), shown as ``distiller.label``. A LIAF-KD
-            distiller's options are set for each view and restored afterwards.
+        distiller: the student's distiller (``FeatureDistiller``), shown as ``distiller.label``.
         class_names: label -> name for the bars, boxes and table.
         level: the initial level (default the distiller's first).
         methods: further methods, name -> ``(student, distiller)``, against the same teacher and on the
             same levels (students of the same kind as ``student``: detectors or feature sources).
         seed: seeds the random draws of methods that make them (``kd_inputs_for``).
 
-    Attributes: ``method_dropdown``, ``image_slider``, ``level_dropdown``, ``selector_dropdown``,
-    ``mask_scale_toggle``, ``mask_side_toggle``, ``normalize_toggle`` (controls; the last four only
-    for instance scorers), ``output``, ``widget`` (the VBox), ``current`` (the shown ``MaskView``),
-    ``figure`` and ``message`` (its figure and problem). ``view(**settings)`` renders another setting
-    without touching the controls; ``normalize="batch"`` takes the softmax over all the images together.
+    Attributes: ``method_dropdown``, ``image_slider``, ``level_dropdown``, ``selector_dropdown`` and one
+    ``<option>_toggle`` per view option of the methods (e.g. ``mask_scale_toggle``; ``option_toggles`` by
+    name; shown for the methods that have them, in ``score_controls``), ``output``, ``widget`` (the VBox),
+    ``current`` (the shown ``MaskView``), ``figure`` and ``message`` (its figure and problem).
+    ``view(**settings)`` renders another setting without touching the controls.
     """
 
     def __init__(
@@ -237,55 +233,61 @@ class MaskInspector:
         self.boxes: list[Tensor] = []
         self.labels: list[Tensor | None] = []
         self._samples: list[tuple[Tensor, dict[str, Tensor]]] = []  # what kd_inputs_for reads (detectors)
-        for i, (image, target) in enumerate(zip(images, targets, strict=True)):
-            tgt = dict(target) if isinstance(target, Mapping) else {"boxes": target}
-            if "boxes" not in tgt:
-                raise ValueError(f"targets[{i}] has no 'boxes'; it has {list(tgt)}")
-            if self._detectors and "labels" not in tgt:
-                raise ValueError(f"targets[{i}] has no 'labels': with detectors the inspector builds a training "
-                                 "step's inputs (kd_inputs_for), which need the boxes' classes")
-            boxes = torch.as_tensor(tgt["boxes"], dtype=torch.float32).reshape(-1, 4)
-            (tgt["boxes"],) = check_boxes(f"targets[{i}]['boxes']", [boxes])
-            img = check_image(image, f"images[{i}]")
-            if self._detectors:
-                self._samples.append((img, tgt))
-                img, tgt = resize_for_detector(teacher, img, tgt)
-            self.images.append(img)
-            self.boxes.append(tgt["boxes"].cpu().float())
-            self.labels.append(torch.as_tensor(tgt["labels"]).cpu().long() if "labels" in tgt else None)
         self.teacher, self.class_names, self.seed = teacher, class_names, seed
+        for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+            self._add_image(i, image, target)
         self.levels = list(distiller.levels)
         self._inputs_cache: dict[tuple[str, int], KDInputs] = {}
         self._features_cache: dict[tuple[str, int], dict[str, Tensor]] = {}
-        self._maps_cache: dict[tuple[str, int], dict[str, dict[str, Tensor]]] = {}
+        self._weights_cache: dict[tuple, LossWeights] = {}
         self._range_cache: dict[tuple, tuple[float, float]] = {}
         self._hold = False
+        self._build_controls(distiller, level)
+        self.current: MaskView = MaskView({})
+        self.redraw()
 
-        scorers = [d for _, d in self.methods.values() if isinstance(d, InstanceScorer)]
-        first = scorers[0] if scorers else None
+    def _add_image(self, i: int, image: Tensor, target: Mapping[str, Tensor] | Tensor) -> None:
+        tgt = dict(target) if isinstance(target, Mapping) else {"boxes": target}
+        if "boxes" not in tgt:
+            raise ValueError(f"targets[{i}] has no 'boxes'; it has {list(tgt)}")
+        if self._detectors and "labels" not in tgt:
+            raise ValueError(f"targets[{i}] has no 'labels': with detectors the inspector builds a training "
+                             "step's inputs (kd_inputs_for), which need the boxes' classes")
+        boxes = torch.as_tensor(tgt["boxes"], dtype=torch.float32).reshape(-1, 4)
+        (tgt["boxes"],) = check_boxes(f"targets[{i}]['boxes']", [boxes])
+        img = check_image(image, f"images[{i}]")
+        if self._detectors:
+            self._samples.append((img, tgt))
+            img, tgt = resize_for_detector(self.teacher, img, tgt)
+        self.images.append(img)
+        self.boxes.append(tgt["boxes"].cpu().float())
+        self.labels.append(torch.as_tensor(tgt["labels"]).cpu().long() if "labels" in tgt else None)
+
+    def _build_controls(self, distiller: FeatureDistiller, level: str | None) -> None:
+        """The method, image and level controls, the selector, and a toggle per view option of any method
+        (its value at first the first such method's option)."""
         self.method_dropdown = widgets.Dropdown(options=list(self.methods), value=distiller.label, description="method")
         self.image_slider = widgets.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image")
         start = check_levels(level, self.levels, "the distiller")[0] if level is not None else self.levels[0]
         self.level_dropdown = widgets.Dropdown(options=self.levels, value=start, description="level")
         self.selector_dropdown = widgets.Dropdown(options=[("mean", "mean")], value="mean", description="selector")
-        self.mask_scale_toggle = widgets.ToggleButtons(
-            options=typing.get_args(MaskScale), value=first.mask_scale if first else "literal", description="mask scale")
-        self.mask_side_toggle = widgets.ToggleButtons(
-            options=typing.get_args(MaskSide), value=first.mask_side if first else "separate", description="mask side")
-        self.normalize_toggle = widgets.ToggleButtons(
-            options=typing.get_args(Normalize), value=first.selectors[first.levels[0]].normalize if first else "image",
-            description="softmax")
-        self.score_controls = widgets.VBox([
-            self.selector_dropdown, widgets.HBox([self.mask_scale_toggle, self.mask_side_toggle]), self.normalize_toggle])
+        self.option_toggles: dict[str, widgets.ToggleButtons] = {}
+        self._choices: dict[str, tuple[Any, ...]] = {}
+        for _, d in self.methods.values():
+            for name, choices in _view_options(d).items():
+                if name not in self.option_toggles:
+                    self._choices[name] = choices
+                    self.option_toggles[name] = widgets.ToggleButtons(
+                        options=choices, value=getattr(d, name), description=name.replace("_", " "))
+                    setattr(self, f"{name}_toggle", self.option_toggles[name])
+        self.score_controls = widgets.VBox([self.selector_dropdown, widgets.HBox(list(self.option_toggles.values()))])
         self.output = widgets.Output()
         self.widget = widgets.VBox([
             widgets.HBox([self.method_dropdown, self.image_slider, self.level_dropdown]), self.score_controls, self.output])
         self._configure()
         for control in (self.method_dropdown, self.image_slider, self.level_dropdown, self.selector_dropdown,
-                        self.mask_scale_toggle, self.mask_side_toggle, self.normalize_toggle):
+                        *self.option_toggles.values()):
             control.observe(self._on_change, names="value")
-        self.current: MaskView = MaskView({})
-        self.redraw()
 
     def _ipython_display_(self) -> None:
         display(self.widget)
@@ -293,12 +295,11 @@ class MaskInspector:
     # -- public ---------------------------------------------------------------------------------
     @property
     def settings(self) -> dict[str, Any]:
-        """The controls' setting: ``method``, ``image``, ``level``, ``selector`` (``"mean"`` or ``k`` for
-        ``E_{k+1}``), ``mask_scale``, ``mask_side``, ``normalize``."""
+        """The controls' setting: ``method``, ``image``, ``level``, ``selector`` (a key of the method's
+        ``LossWeights.bars``, e.g. ``"mean"`` or ``k`` for LIAF-KD's ``E_{k+1}``) and each view option."""
         return {"method": self.method_dropdown.value, "image": self.image_slider.value,
                 "level": self.level_dropdown.value, "selector": self.selector_dropdown.value,
-                "mask_scale": self.mask_scale_toggle.value, "mask_side": self.mask_side_toggle.value,
-                "normalize": self.normalize_toggle.value}
+                **{name: toggle.value for name, toggle in self.option_toggles.items()}}
 
     @property
     def figure(self) -> Figure | None:
@@ -319,8 +320,7 @@ class MaskInspector:
             if len(self.boxes[s["image"]]) == 0:
                 raise ValueError(f"image {s['image']} has no boxes: the masks are built from the boxes, so there is "
                                  "nothing to show here (choose another image)")
-            distiller = self.methods[s["method"]][1]
-            view, spots = self._score_view(s) if isinstance(distiller, InstanceScorer) else self._maps_view(s)
+            view, spots = self._view(s)
         except (ValueError, TypeError, RuntimeError) as err:
             message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
             view, spots = MaskView(s, message=message), []
@@ -347,39 +347,50 @@ class MaskInspector:
         self.redraw()
 
     def _configure(self) -> None:
-        """Fit the score controls to the chosen method: its selectors, or hidden when it scores no instances."""
-        distiller = self.methods[self.method_dropdown.value][1]
-        scorer = isinstance(distiller, InstanceScorer)
-        self.score_controls.layout.display = None if scorer else "none"
-        if not scorer:
+        """Fit the controls to the chosen method: its bars in the selector, its view options' toggles; the
+        score controls hidden when it has neither."""
+        name = self.method_dropdown.value
+        bars = self._bars(name)
+        own = _view_options(self.methods[name][1])
+        for option, toggle in self.option_toggles.items():
+            toggle.layout.display = None if option in own else "none"
+        self.selector_dropdown.layout.display = None if bars else "none"
+        self.score_controls.layout.display = None if bars or own else "none"
+        if not bars:
             return
-        num = distiller.selectors[self.levels[0]].num_selectors
-        options = [("mean", "mean")] + [(f"E_{k + 1}", k) for k in range(num)]
-        keep = self.selector_dropdown.value if self.selector_dropdown.value in ("mean", *range(num)) else "mean"
+        keep = self.selector_dropdown.value if self.selector_dropdown.value in bars else next(iter(bars))
         self._hold = True
         try:
-            self.selector_dropdown.options = options
+            self.selector_dropdown.options = [(label, key) for key, (label, _, _) in bars.items()]
             self.selector_dropdown.value = keep
         finally:
             self._hold = False
 
+    def _bars(self, name: str) -> dict[Any, tuple[str, str, str]]:
+        """Method ``name``'s ``LossWeights.bars`` (from its first image with boxes; empty where it has none)."""
+        first = next(iter(self._images_with_boxes()), None)
+        if first is None:
+            return {}
+        try:
+            return self._weights(name, (first,), ()).bars
+        except (ValueError, TypeError, RuntimeError):  # the view reports the problem
+            return {}
+
     def _check_settings(self, s: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(s) - set(SETTINGS))
+        known = ["method", "image", "level", "selector", *self.option_toggles]
+        unknown = sorted(set(s) - set(known))
         if unknown:
-            raise ValueError(f"unknown settings {unknown}; the settings are {list(SETTINGS)}")
+            raise ValueError(f"unknown settings {unknown}; the settings are {known}")
         if s["method"] not in self.methods:
             raise ValueError(f"unknown method {s['method']!r}; the inspector has {list(self.methods)}")
         if isinstance(s["image"], bool) or not isinstance(s["image"], int) or not 0 <= s["image"] < len(self.images):
             raise ValueError(f"image must be an index in 0..{len(self.images) - 1}, got {s['image']!r}")
         check_levels([s["level"]], self.levels, "the inspector")
-        for name, choices in (("mask_scale", MaskScale), ("mask_side", MaskSide), ("normalize", Normalize)):
-            check_value(name, s[name], choices)
-        distiller = self.methods[s["method"]][1]
-        if isinstance(distiller, InstanceScorer):
-            num = distiller.selectors[self.levels[0]].num_selectors
-            if s["selector"] != "mean" and s["selector"] not in range(num):
-                raise ValueError(f"selector must be 'mean' or an index in 0..{num - 1} (E_1..E_{num}), "
-                                 f"got {s['selector']!r}")
+        for name, choices in self._choices.items():
+            check_value(name, s[name], typing.Literal[choices])
+        bars = self._bars(s["method"])
+        if bars and s["selector"] not in bars:
+            raise ValueError(f"selector must be one of {list(bars)} for {s['method']}, got {s['selector']!r}")
         return s
 
     # -- data -----------------------------------------------------------------------------------
@@ -410,7 +421,8 @@ class MaskInspector:
                 image, target = self._samples[index]
                 inputs = kd_inputs_for(student, self.teacher, distiller, [image], [target], self.seed)
             else:
-                device = _device(distiller)
+                param = next(distiller.parameters(), None)
+                device = param.device if param is not None else torch.device("cpu")
                 s_feats, t_feats = (self._source_features(key, source, index)
                                     for key, source in ((f"{name} student", student), ("teacher", self.teacher)))
                 labels = self.labels[index]
@@ -421,207 +433,180 @@ class MaskInspector:
             self._inputs_cache[name, index] = inputs
         return self._inputs_cache[name, index]
 
+    def _batch_inputs(self, name: str, batch: tuple[int, ...]) -> KDInputs:
+        """The inputs of the images ``batch`` as one batch: each image's own, or its features zero-padded to
+        one grid (features, boxes and labels only)."""
+        if len(batch) == 1:
+            return self._inputs(name, batch[0])
+        parts = [self._inputs(name, j) for j in batch]
+        labels = [p.labels[0] for p in parts] if all(p.labels is not None for p in parts) else None
+        return KDInputs({lvl: _pad_stack([p.student_feats[lvl] for p in parts]) for lvl in self.levels},
+                        {lvl: _pad_stack([p.teacher_feats[lvl] for p in parts]) for lvl in self.levels},
+                        [p.boxes[0] for p in parts], labels)
+
     def _images_with_boxes(self) -> list[int]:
         return [j for j, b in enumerate(self.boxes) if len(b)]
 
-    # -- LIAF-KD --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _score_level(self, name: str, level: str, batch: list[int], options: tuple[str, str, str]) -> dict[str, Tensor]:
-        """LIAF-KD at ``level`` on the images ``batch`` as one batch (features zero-padded to one grid),
-        with the mask options set: scores ``a_t``, ``a_s [K, I]``, mask weights ``w_t``, ``w_s [I]``, masks
-        ``m_t``, ``m_s [B, H, W]`` and the per-cell terms of Eq. 9 ``cells [B, H, W]`` (summing to ``level_loss``)."""
+    def _options(self, name: str, s: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """The view options of method ``name`` that the setting ``s`` changes from the distiller's own."""
         d = self.methods[name][1]
-        inputs = [self._inputs(name, j) for j in batch]
-        device = _device(d)
-        student = _pad_stack([inp.student_feats[level] for inp in inputs]).to(device)
-        teacher = _pad_stack([inp.teacher_feats[level] for inp in inputs]).to(device)
-        boxes = [inp.boxes[0].to(device) for inp in inputs]
-        with _options(d, *options), eval_mode(d):
-            projected = d.projectors[level](student)  # f_phi(F^S)
-            a_t = d.instance_scores(level, teacher, boxes, per_selector=True)
-            a_s = d.instance_scores(level, d.student_roi_input(level, student, projected), boxes, per_selector=True)
-            m_t, m_s = d.level_masks(level, student, teacher, boxes, projected)
-            if d.mask_side == "shared":
-                w_t = w_s = d.scaled((a_t.mean(0) + a_s.mean(0)) / 2, boxes)
-            else:
-                w_t, w_s = d.scaled(a_t.mean(0), boxes), d.scaled(a_s.mean(0), boxes)
-            student_hat = d.projectors[level](m_s * student)  # f_phi(M^S F^S), Eq. 9 as written
-            cells = F.mse_loss(student_hat, m_t * teacher, reduction="none").sum(1) / teacher.numel()
-        out = {"a_t": a_t, "a_s": a_s, "w_t": w_t, "w_s": w_s, "m_t": m_t[:, 0], "m_s": m_s[:, 0], "cells": cells}
-        return {k: v.float().cpu() for k, v in out.items()}
+        return tuple((k, s[k]) for k in d.view_options if s[k] != getattr(d, k))
 
-    def _batch(self, index: int, normalize: str) -> list[int]:
-        return list(range(len(self.images))) if normalize == "batch" else [index]
+    def _batch(self, name: str, index: int, options: tuple[tuple[str, Any], ...]) -> tuple[int, ...]:
+        """Image ``index`` alone, or all images for a method whose weights couple them under ``options``."""
+        return (index,) if self.methods[name][1].per_image(**dict(options)) else tuple(range(len(self.images)))
 
-    def _mask_range(self, name: str, options: tuple[str, str, str]) -> tuple[float, float]:
-        """``[0, 1]`` for literal masks; for count masks ``[0, max]`` over all images (with boxes) and levels."""
-        if options[0] == "literal":
-            return 0.0, 1.0
-        key = ("M", name, *options)
+    def _weights(self, name: str, batch: tuple[int, ...], options: tuple[tuple[str, Any], ...]) -> LossWeights:
+        """Method ``name``'s ``loss_weights`` on the images ``batch`` under ``options`` (on the CPU, cached)."""
+        key = (name, batch, options)
+        if key not in self._weights_cache:
+            distiller = self.methods[name][1]
+            with eval_mode(distiller):
+                weights = distiller.loss_weights(self._batch_inputs(name, batch), **dict(options))
+            self._weights_cache[key] = _on_cpu(weights)
+        return self._weights_cache[key]
+
+    def _image_weights(self, name: str, index: int, options: tuple[tuple[str, Any], ...]
+                       ) -> tuple[LossWeights, int, slice]:
+        """``(weights, pos, span)``: the weights of image ``index``'s batch, its place in it and its instances'
+        span in the batch's instances."""
+        batch = self._batch(name, index, options)
+        pos = batch.index(index)
+        start = sum(len(self.boxes[j]) for j in batch[:pos])
+        return self._weights(name, batch, options), pos, slice(start, start + len(self.boxes[index]))
+
+    def _grid(self, name: str, index: int, level: str) -> tuple[int, int]:
+        """Image ``index``'s ``(H, W)`` at ``level`` (its own grid; a batch pads it)."""
+        return tuple(self._inputs(name, index).teacher_feats[level].shape[-2:])
+
+    def _map_range(self, name: str, members: Sequence[str], level: str,
+                   options: tuple[tuple[str, Any], ...]) -> tuple[float, float]:
+        """``[min(0, min), max]`` of the maps ``members`` at ``level`` over all images (with boxes)."""
+        key = ("maps", name, level, options, *members)
         if key not in self._range_cache:
-            groups = [self._batch(0, "batch")] if options[2] == "batch" else [[j] for j in self._images_with_boxes()]
-            top = max(float(torch.maximum(out["m_t"].max(), out["m_s"].max()))
-                      for lvl in self.levels for g in groups for out in [self._score_level(name, lvl, g, options)])
-            self._range_cache[key] = (0.0, max(top, 1.0))
+            values = []
+            for j in self._images_with_boxes():
+                weights, pos, _ = self._image_weights(name, j, options)
+                h, w = self._grid(name, j, level)
+                values += [weights.maps[m][level][pos, :h, :w] for m in members]
+            lo = min(0.0, min(float(v.min()) for v in values))
+            self._range_cache[key] = (lo, max(max(float(v.max()) for v in values), lo + 1e-6))
         return self._range_cache[key]
 
     def _instance_names(self, index: int) -> list[str]:
         labels = self.labels[index]
         if labels is None:
             return [str(i) for i in range(len(self.boxes[index]))]
-        return [f"{i} {_class_name(int(lab), self.class_names)}" for i, lab in enumerate(labels.tolist())]
+        return [f"{i} {class_name(int(lab), self.class_names)}" for i, lab in enumerate(labels.tolist())]
 
     def _row_head(self, index: int, i: int, cells: int) -> dict[str, Any]:
         labels = self.labels[index]
         label = int(labels[i]) if labels is not None else None
         return {"instance": i, "label": label,
-                "class": _class_name(label, self.class_names) if label is not None else None, "cells": cells}
+                "class": class_name(label, self.class_names) if label is not None else None, "cells": cells}
 
-    def _score_view(self, s: dict[str, Any]) -> tuple[MaskView, list[_Spot]]:
-        name, index, level, selector = s["method"], s["image"], s["level"], s["selector"]
-        d = self.methods[name][1]
-        options = (s["mask_scale"], s["mask_side"], s["normalize"])
-        batch = self._batch(index, s["normalize"])
-        out = self._score_level(name, level, batch, options)
-        pos = batch.index(index)
-        start = sum(len(self.boxes[j]) for j in batch[:pos])
-        span = slice(start, start + len(self.boxes[index]))
-        h, w = self._inputs(name, index).teacher_feats[level].shape[-2:]
-        regions = _regions(self.boxes[index], (h, w), d.strides[level])
-        cells = out["cells"][pos, :h, :w]
-        a_t, a_s = out["a_t"][:, span], out["a_s"][:, span]
-        rows = []
-        for i in range(a_t.shape[1]):
-            row = self._row_head(index, i, int(regions[i].sum()))
-            for side, a in (("T", a_t), ("S", a_s)):
-                row |= {f"A^{side} E_{k + 1}": float(a[k, i]) for k in range(a.shape[0])}
-                row[f"A^{side}"] = float(a[:, i].mean())
-            row |= {"M^T": float(out["w_t"][span][i]), "M^S": float(out["w_s"][span][i]),
-                    "contribution": float(cells[regions[i]].sum())}
-            rows.append(row)
-        shown_t, shown_s = (a.mean(0) if selector == "mean" else a[selector] for a in (a_t, a_s))
-        notes = []
-        top = float(torch.maximum(shown_t.max(), shown_s.max()))
-        if top < VANISHING_SCORE:
-            group = out["a_t"].shape[1]
-            where = f"the batch of all {len(batch)} images" if s["normalize"] == "batch" else "this image"
-            notes.append(f"Every score here is below {VANISHING_SCORE:g} (largest {top:.3f}): the softmax runs over "
-                         f"{where}, {group} instances, so each gets about 1/{group} = {1 / group:.3f}. With mask scale "
-                         f"'literal' instance cells get weights near 0; 'count' multiplies by {group} so an average "
-                         "instance keeps weight 1. The table lists the values.")
-        missed = [r["instance"] for r in rows if r["cells"] == 0]
-        if missed:
-            notes.append(f"Instances {missed} cover no cell at level {level} (stride {d.strides[level]:g}): boxes "
-                         "between cell corners leave the mask unchanged there.")
-        lo, hi = self._mask_range(name, options)
-        if s["mask_scale"] == "count":
-            notes.append(f"Colour scale [0, {hi:.3g}]: the largest count-mask weight over all images and levels "
-                         "with these options.")
-        view = MaskView(s, rows=rows, notes=notes, color_range={"M": (lo, hi)}, level_loss=float(out["cells"].sum()),
-                        background=float(cells[~regions.any(0)].sum()))
-        view.figure, spots = self._draw_scores(view, shown_t, shown_s, out["m_t"][pos, :h, :w], out["m_s"][pos, :h, :w],
-                                               d.strides[level])
-        return view, spots
-
-    def _draw_scores(self, view: MaskView, shown_t: Tensor, shown_s: Tensor, m_t: Tensor, m_s: Tensor,
-                     stride: float) -> tuple[Figure, list[_Spot]]:
-        s = view.settings
-        index, image, boxes = s["image"], self.images[s["image"]], self.boxes[s["image"]]
-        names = self._instance_names(index)
-        what = "mean A" if s["selector"] == "mean" else f"selector E_{s['selector'] + 1}"
-        fig, axes = new_figure(3, panel=(4.0, 4.0 * image.shape[1] / image.shape[2] + 0.6))
-        ax_bar, ax_t, ax_s = axes[0]
-        draw_score_bars(ax_bar, {"teacher A^T": shown_t, "student A^S": shown_s}, names, ymax=1.0)
-        ax_bar.tick_params(axis="x", labelrotation=45, labelsize=8)
-        ax_bar.legend(fontsize=8)
-        ax_bar.set_title(f"instance scores, {what}" + ("\n(the masks use the mean A)" if s["selector"] != "mean" else ""))
-        lo, hi = view.color_range["M"]
-        shared = s["mask_side"] == "shared"
-        spots: list[_Spot] = []
-        for ax, mask, key, title in ((ax_t, m_t, "M^T", "teacher mask M^T"), (ax_s, m_s, "M^S", "student mask M^S")):
-            weights = [row[key] for row in view.rows]
-            draw_boxes(ax, image, boxes, list(range(len(names))), weights, names, color_by_score=False, colorbar=False)
-            mappable = draw_mask(ax, mask.numpy(), tuple(image.shape[-2:]), stride, vmin=lo, vmax=hi)
-            ax.set_title(f"{title}\n({'shared, from (A^T+A^S)/2' if shared else 'from A^' + key[-1]}, {s['mask_scale']})")
-            spots += [(ax, box, _tooltip(row)) for box, row in zip(boxes.tolist(), view.rows, strict=True)]
-        fig.colorbar(mappable, ax=[ax_t, ax_s], fraction=0.046, pad=0.02,
-                     label=f"mask weight ({s['mask_scale']}, fixed [0, {hi:.3g}])")
-        fig.suptitle(f"{s['method']} · image {index} · level {s['level']} (stride {stride:g})")
-        return fig, spots
-
-    # -- any method's weight maps ---------------------------------------------------------------
-    def _weight_maps(self, name: str, index: int) -> dict[str, dict[str, Tensor]]:
-        """``distiller.weight_maps`` of method ``name`` on image ``index`` (map -> level -> ``[1, H, W]``, CPU)."""
-        if (name, index) not in self._maps_cache:
-            distiller = self.methods[name][1]
-            with eval_mode(distiller):
-                maps = distiller.weight_maps(self._inputs(name, index))
-            self._maps_cache[name, index] = {m: {lvl: v.detach().float().cpu() for lvl, v in levels.items()}
-                                             for m, levels in maps.items()}
-        return self._maps_cache[name, index]
-
-    def _map_range(self, name: str, members: Sequence[str], level: str) -> tuple[float, float]:
-        """``[min(0, min), max]`` of the maps ``members`` at ``level`` over all images (with boxes)."""
-        key = ("maps", name, level, *members)
-        if key not in self._range_cache:
-            values = [self._weight_maps(name, j)[m][level] for j in self._images_with_boxes() for m in members]
-            lo = min(0.0, min(float(v.min()) for v in values))
-            self._range_cache[key] = (lo, max(max(float(v.max()) for v in values), lo + 1e-6))
-        return self._range_cache[key]
-
-    def _maps_view(self, s: dict[str, Any]) -> tuple[MaskView, list[_Spot]]:
+    # -- the view ---------------------------------------------------------------------------------
+    def _view(self, s: dict[str, Any]) -> tuple[MaskView, list[_Spot]]:
         name, index, level = s["method"], s["image"], s["level"]
-        d = self.methods[name][1]
-        maps = self._weight_maps(name, index)
+        stride = self.methods[name][1].strides[level]
+        options = self._options(name, s)
+        weights, pos, span = self._image_weights(name, index, options)
+        h, w = self._grid(name, index, level)
+        maps = {m: levels[level][pos, :h, :w] for m, levels in weights.maps.items() if level in levels}
         if not maps:
-            raise ValueError(f"{name} weights every cell alike (its weight_maps is empty, as FitNet's): there is no "
-                             "mask to show")
-        arrays = {m: levels[level][0] for m, levels in maps.items() if level in levels}
-        if not arrays:
-            raise ValueError(f"{name} has no map at level {level!r} (its maps: {list(maps)})")
-        boxes = self.boxes[index]
-        regions = {m: _regions(boxes, tuple(a.shape), d.strides[level]) for m, a in arrays.items()}
-        rows = []
-        for i in range(len(boxes)):
-            row = self._row_head(index, i, int(next(iter(regions.values()))[i].sum()))
-            row |= {m: float(a[regions[m][i]].mean()) if regions[m][i].any() else float("nan")
-                    for m, a in arrays.items()}
-            rows.append(row)
-        groups = [(members[0].removesuffix(SIDES[0]), members) for members in _groups(_paired_order(list(arrays)))]
-        view = MaskView(s, rows=rows,
-                        color_range={base: self._map_range(name, members, level) for base, members in groups})
-        view.notes.append(f"{name} scores no instances: the selector and the LIAF-KD mask options do not apply. "
-                          f"Shown: its weight_maps at level {level}, each map's colour scale fixed over all images "
-                          "at this level. Table: each map's mean over the box's cells.")
-        absent = [m for m in maps if m not in arrays]
+            raise ValueError(f"{name} has no map at level {level!r} (its maps: {list(weights.maps)})")
+        regions = box_regions(self.boxes[index], (h, w), stride)
+        cells = weights.cells[level][pos, :h, :w] if weights.cells is not None else None
+        if list(maps) == ["uniform"]:
+            share = "" if cells is None or not float(cells.sum()) else (
+                f" (of its loss in this image at level {level}, {float(cells[~regions.any(0)].sum() / cells.sum()):.0%} "
+                "falls in no box)")
+            raise ValueError(f"{name} weights every cell alike (its loss_weights is one uniform map, as FitNet's): "
+                             f"there is no mask to show{share}")
+        rows = [self._row(index, i, regions[i], {c: v[level][span] for c, v in weights.instances.items()
+                                                 if level in v}, maps, cells)
+                for i in range(len(self.boxes[index]))]
+        groups = paired_maps(list(maps))
+        view = MaskView(s, rows=rows, descriptions=dict(weights.columns),
+                        color_range={base: weights.color_range.get(base) or self._map_range(name, members, level, options)
+                                     for base, members in groups})
+        if cells is not None:
+            view.level_loss = float(weights.cells[level].sum())
+            view.background = float(cells[~regions.any(0)].sum())
+            batch = len(weights.cells[level])
+            view.loss_scope = "this image" if batch == 1 else f"the batch of all {batch} images"
+        view.notes = self._notes(s, weights, span, rows, stride)
+        absent = [m for m in weights.maps if m not in maps]
         if absent:
             view.notes.append(f"{name} has no {absent} at level {level}.")
-        view.figure, spots = self._draw_maps(view, groups, arrays, d.strides[level])
+        view.figure, spots = self._draw(view, groups, maps, weights, span, stride)
         return view, spots
 
-    def _draw_maps(self, view: MaskView, groups: list[tuple[str, list[str]]], arrays: dict[str, Tensor],
-                   stride: float) -> tuple[Figure, list[_Spot]]:
-        """Up to four panels a row, a teacher/student pair side by side in one row with one colour bar."""
+    def _row(self, index: int, i: int, region: Tensor, instances: Mapping[str, Tensor], maps: Mapping[str, Tensor],
+             cells: Tensor | None) -> dict[str, Any]:
+        """Box ``i``'s row: its head, the method's values for it (or each map's mean over its cells) and its
+        part of the per-cell loss."""
+        row = self._row_head(index, i, int(region.sum()))
+        if instances:
+            row |= {c: float(v[i]) for c, v in instances.items()}
+        else:
+            row |= {m: float(a[region].mean()) if region.any() else float("nan") for m, a in maps.items()}
+        if cells is not None:
+            row["contribution"] = float(cells[region].sum())
+        return row
+
+    def _notes(self, s: Mapping[str, Any], weights: LossWeights, span: slice, rows: list[dict[str, Any]],
+               stride: float) -> list[str]:
+        notes = []
+        if weights.bars:
+            _, col_t, col_s = weights.bars[s["selector"]]
+            top = max(float(weights.instances[c][s["level"]][span].max()) for c in (col_t, col_s))
+            if top < VANISHING_SCORE and weights.score_note:
+                notes.append(f"Every score here is below {VANISHING_SCORE:g} (largest {top:.3f}): {weights.score_note} "
+                             "The table lists the values.")
+        else:
+            notes.append(f"{s['method']} scores no instances. Shown: what it weights at level {s['level']}, each map's "
+                         "colour scale fixed over all images at this level. Table: each map's mean over the box's cells.")
+        missed = [r["instance"] for r in rows if r["cells"] == 0]
+        if missed:
+            notes.append(f"Instances {missed} cover no cell at level {s['level']} (stride {stride:g}): boxes between "
+                         "cell corners have no cells of their own there.")
+        return notes
+
+    def _draw(self, view: MaskView, groups: list[tuple[str, list[str]]], maps: dict[str, Tensor],
+              weights: LossWeights, span: slice, stride: float) -> tuple[Figure, list[_Spot]]:
+        """The instance scores (if the method gives bars), then the maps: up to four panels a row, a
+        teacher/student pair side by side in one row with one colour bar."""
         s = view.settings
         image, boxes = self.images[s["image"]], self.boxes[s["image"]]
         names = self._instance_names(s["image"])
-        ncols = min(4, len(arrays))
-        places, line, col = [], 0, 0  # (row, first column) of each group
-        for _, members in groups:
+        panels = [["bars"]] * bool(weights.bars) + [members for _, members in groups]
+        ncols = min(4, sum(len(p) for p in panels))
+        places, line, col = [], 0, 0  # (row, first column) of each panel group
+        for members in panels:
             if col + len(members) > ncols:
                 line, col = line + 1, 0
             places.append((line, col))
             col += len(members)
-        fig, axes = new_figure(ncols, line + 1, panel=(3.3, 3.3 * image.shape[1] / image.shape[2] + 0.5))
-        spots: list[_Spot] = []
+        fig, axes = new_figure(ncols, line + 1, panel=(3.6, 3.6 * image.shape[1] / image.shape[2] + 0.6))
         used = set()
-        for (base, members), (r, c) in zip(groups, places, strict=True):
+        if weights.bars:
+            ax = axes[places[0]]
+            label, col_t, col_s = weights.bars[s["selector"]]
+            draw_score_bars(ax, {f"teacher {col_t}": weights.instances[col_t][s["level"]][span],
+                                 f"student {col_s}": weights.instances[col_s][s["level"]][span]}, names, ymax=1.0)
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+            ax.legend(fontsize=8)
+            ax.set_title(f"instance scores, {label}", fontsize=9)
+            used.add(id(ax))
+        spots: list[_Spot] = []
+        for (base, members), (r, c) in zip(groups, places[bool(weights.bars):], strict=True):
             lo, hi = view.color_range[base]
             group_axes = [axes[r, c + k] for k in range(len(members))]
             for ax, member in zip(group_axes, members, strict=True):
                 draw_boxes(ax, image, boxes, list(range(len(names))), class_names=names, color_by_score=False,
                            colorbar=False)
-                mappable = draw_mask(ax, arrays[member].numpy(), tuple(image.shape[-2:]), stride, vmin=lo, vmax=hi)
+                mappable = draw_mask(ax, maps[member].numpy(), tuple(image.shape[-2:]), stride, vmin=lo, vmax=hi)
                 ax.set_title(member, fontsize=9)
                 spots += [(ax, box, _tooltip(row)) for box, row in zip(boxes.tolist(), view.rows, strict=True)]
                 used.add(id(ax))
@@ -662,34 +647,32 @@ def _render(view: MaskView, spots: Sequence[_Spot]) -> str:
     return "".join(parts)
 
 
-def _column_title(column: str) -> str:
-    side, _, selector = column.partition(" E_")
-    if selector and side in ("A^T", "A^S"):
-        return f"{'teacher' if side == 'A^T' else 'student'} score of selector E_{selector} (Eq. 3)"
-    return _COLUMNS.get(column, f"{column}: its mean over the box's cells")
+def _column_title(column: str, view: MaskView) -> str:
+    return view.descriptions.get(column) or _COLUMNS.get(column, f"{column}: its mean over the box's cells")
 
 
-def _column_format(column: str) -> str:
-    """Scores and weights with three decimals, the share in percent, anything else with three digits."""
-    return ".3f" if column[:2] in ("A^", "M^") else ".1%" if column == "share" else ".3g"
+def _column_format(column: str, view: MaskView) -> str:
+    """The method's instance values with three decimals, the share in percent, anything else with three digits."""
+    return ".3f" if column in view.descriptions else ".1%" if column == "share" else ".3g"
 
 
 def _table(view: MaskView) -> str:
-    """The per-instance table; each row's ``title`` lists its values (with LIAF-KD: a share column and the totals)."""
+    """The per-instance table; each row's ``title`` lists its values (where the loss splits into cells: a share
+    column and the totals)."""
     rows = [dict(row) for row in view.rows]
     if view.level_loss is not None:
         for row in rows:
             row["share"] = row["contribution"] / view.level_loss if view.level_loss else float("nan")
     columns = [c for c in rows[0] if c != "label"] if rows else []
-    head = "".join(f"<th title='{html.escape(_column_title(c))}'>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th title='{html.escape(_column_title(c, view))}'>{html.escape(c)}</th>" for c in columns)
     body = "".join(f"<tr title='{html.escape(_tooltip(row))}'>"
-                   + "".join(f"<td>{html.escape(_fmt(row[c], _column_format(c)))}</td>" for c in columns) + "</tr>"
+                   + "".join(f"<td>{html.escape(_fmt(row[c], _column_format(c, view)))}</td>" for c in columns) + "</tr>"
                    for row in rows)
     foot = ""
     if view.level_loss is not None:
-        batch = "this image" if view.settings["normalize"] == "image" else "the batch of all images"
         foot = (f"<tfoot><tr><td colspan='{len(columns)}'>background (cells in no box): {view.background:.4g}; "
-                f"level loss (Eq. 9, the distiller's level_loss of {batch}): {view.level_loss:.4g}</td></tr></tfoot>")
+                f"level loss (the sum of every cell's term, over {view.loss_scope}): {view.level_loss:.4g}"
+                "</td></tr></tfoot>")
     return ("<div style='overflow-x:auto;max-width:100%'>"
             "<table class='liaf-instances' style='font-size:11px;border-collapse:collapse'>"
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody>{foot}</table></div>")

@@ -1,7 +1,7 @@
 """Distillers for FPN detectors on one protocol (``base.py``): ``terms = distiller.loss_terms(KDInputs(...))``,
 or ``loss = distiller(student_feats, teacher_feats, boxes)`` for methods that need only features and boxes."""
 
-from .base import FeatureDistiller, KDInputs, Stage1Output, feature_mse
+from .base import FeatureDistiller, KDInputs, LossWeights, Stage1Output, feature_cells, feature_mse
 from .fgd import FGDDistiller
 from .fitnet import FitNetDistiller
 from .liaf import InstanceScorer, LIAFDistiller
@@ -26,8 +26,8 @@ from .registry import (
 
 __all__ = [
     "ACAMDistiller", "BASELINE", "BCKDDistiller", "CWDDistiller", "CombinedDistiller", "CrossKDDistiller", "DeFeatDistiller", "FGDDistiller", "FGFIDistiller", "FeatureDistiller",
-    "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LDDistiller", "LIAFDistiller", "MGDDistiller",
+    "FitNetDistiller", "GIDDistiller", "IMADistiller", "InstanceScorer", "KDInputs", "LDDistiller", "LossWeights", "LIAFDistiller", "MGDDistiller",
     "MasKDDistiller", "PKDDistiller", "SAMKDDistiller",
-    "Stage1Output", "create_distiller", "feature_mse", "list_distillers", "method_label", "method_option_types",
+    "Stage1Output", "create_distiller", "feature_cells", "feature_mse", "list_distillers", "method_label", "method_option_types",
     "method_options", "method_parts", "register_distiller", "register_variant", "variant_of",
 ]

@@ -14,7 +14,7 @@ trains (``stage1_modules``) and gives the teacher features to run the frozen tea
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -122,6 +122,47 @@ def feature_mse(teacher: Tensor, student: Tensor) -> Tensor:
     return F.mse_loss(student, teacher, reduction="mean")
 
 
+def feature_cells(teacher: Tensor, student: Tensor) -> Tensor:
+    """Eq. 9 cell by cell: ``sum_c (F^T - f_phi(F^S))^2 / (N C H W)`` -> ``[N, H, W]``; the cells sum to
+    ``feature_mse(teacher, student)``.
+
+    Both arguments are ``[N, C, H, W]`` and already masked and projected.
+    """
+    return (student - teacher).pow(2).sum(1) / teacher.numel()
+
+
+@dataclass
+class LossWeights:
+    """What a method weights in its feature loss on one batch, per level and per instance
+    (``FeatureDistiller.loss_weights``); what the inspector and ``background_share`` read.
+
+    Attributes:
+        maps: map name -> level -> ``[N, H_l, W_l]``: the weights the loss puts on each cell (``weight_maps``,
+            pairs named ``"<x> (teacher)"`` / ``"<x> (student)"``); a method that weights every cell alike
+            gives one map of ones, ``"uniform"``.
+        cells: level -> ``[N, H_l, W_l]``: each cell's term of the method's feature loss (before the loss
+            weight), summing over cells and images to the level's loss; ``None`` where the loss does not
+            split into cells.
+        instances: column -> level -> ``[I]``: a value per instance (the batch's boxes in order), e.g.
+            LIAF-KD's scores and mask weights; empty for a method that scores no instances.
+        bars: choice -> ``(label, teacher column, student column)``: the instance scores a view may draw
+            as bars, the first the default (e.g. LIAF-KD's ``"mean"``, ``"mean A"`` and one per selector ``k``,
+            ``"selector E_{k+1}"``).
+        columns: instance column -> what it means (for table headers).
+        color_range: map name without its side (``"M"`` for ``"M (teacher)"``) -> the range its values
+            lie in by construction, where the method knows one.
+        score_note: why the scores may all be small (e.g. a softmax over many instances), or ``""``.
+    """
+
+    maps: dict[str, dict[str, Tensor]]
+    cells: dict[str, Tensor] | None = None
+    instances: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    bars: dict[Any, tuple[str, str, str]] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    color_range: dict[str, tuple[float, float]] = field(default_factory=dict)
+    score_note: str = ""
+
+
 def prior_boxes(priors: Tensor, stride: float, point_prior_scale: float) -> Tensor:
     """The box each prior ``[P, 4]`` stands for -> ``[P, 4]``: the prior itself, or for a point prior
     (both sides ``<= stride``: an anchor-free detector's location, e.g. FCOS's one-cell anchor or a
@@ -154,6 +195,8 @@ class FeatureDistiller(nn.Module):
     head_keys: ClassVar[tuple[str, ...]] = ()  # with "head_outputs": the outputs read, e.g. ("cls_logits",)
     split_index: int = 0  # with "head_split": the tower conv after which the heads are split (0: before the towers)
     two_stage: ClassVar[bool] = False
+    # options a view may vary (``loss_weights(inputs, **options)``, the inspector's toggles): Literal or bool fields
+    view_options: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True)
     class Options(typed.Options):
@@ -402,6 +445,40 @@ class FeatureDistiller(nn.Module):
     def compute_weight_maps(self, inputs: KDInputs) -> dict[str, dict[str, Tensor]]:
         """``weight_maps`` on checked inputs; none by default."""
         return {}
+
+    @torch.no_grad()
+    def loss_weights(self, inputs: KDInputs, **options: Any) -> LossWeights:
+        """What the method weights, per level and per instance (``LossWeights``), after checking ``inputs``
+        once; with ``options`` (e.g. ``mask_scale="count"``), as a copy of this distiller with those options
+        would (``with_options``): this one is left unchanged."""
+        self.check_inputs(inputs)
+        return (self.with_options(**options) if options else self).compute_loss_weights(inputs)
+
+    def compute_loss_weights(self, inputs: KDInputs) -> LossWeights:
+        """``loss_weights`` on checked inputs: by default the ``weight_maps``, or one map of ones
+        (``"uniform"``) for a method that weights every cell alike, and no per-cell loss."""
+        maps = self.compute_weight_maps(inputs)
+        if not maps:
+            maps = {"uniform": {lvl: torch.ones_like(inputs.teacher_feats[lvl][:, 0]) for lvl in self.levels}}
+        return LossWeights(maps)
+
+    def per_image(self, **options: Any) -> bool:
+        """Whether one image's ``loss_weights`` depend on that image alone under these options (default:
+        yes); a method whose weights couple the images of a batch says no."""
+        return True
+
+    def with_options(self, **changes: Any) -> FeatureDistiller:
+        """A new distiller of this class with ``changes`` to its options (checked as the constructor checks
+        them; the others as this one's attributes hold them), a copy of this one's weights and buffers, on its
+        device, in its dtype and mode; this one is unchanged (nor is torch's random state)."""
+        values = {**{name: getattr(self, name) for name in self.options.to_dict()}, **changes}
+        with torch.random.fork_rng(devices=[]):
+            other = type(self)(self.student_channels, self.teacher_channels, self.strides, **values)
+        param = next(self.parameters(), None)
+        if param is not None:  # before loading, so no weight passes through another dtype
+            other.to(param.device, param.dtype)
+        other.load_state_dict(self.state_dict())
+        return other.train(self.training)
 
     def forward(
         self,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..options import Weight
-from .base import FeatureDistiller, KDInputs, feature_mse
+from .base import FeatureDistiller, KDInputs, LossWeights, feature_cells, feature_mse
 from .registry import register_distiller
 
 
@@ -33,3 +33,10 @@ class FitNetDistiller(FeatureDistiller):
         s, t = inputs.student_feats, inputs.teacher_feats
         total = sum(feature_mse(t[lvl], self.projectors[lvl](s[lvl])) for lvl in self.levels)
         return {self.method_name: self.loss_weight * total}
+
+    def compute_loss_weights(self, inputs: KDInputs) -> LossWeights:
+        """Every cell weighted 1 (``"uniform"``), and each cell's term of Eq. 1 with ``M = 1`` (``feature_cells``)."""
+        weights = super().compute_loss_weights(inputs)
+        s, t = inputs.student_feats, inputs.teacher_feats
+        weights.cells = {lvl: feature_cells(t[lvl], self.projectors[lvl](s[lvl])) for lvl in self.levels}
+        return weights

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..options import PositiveInt, Weight
-from .base import FeatureDistiller, KDInputs, Stage1Output, feature_mse
+from .base import FeatureDistiller, KDInputs, LossWeights, Stage1Output, feature_cells, feature_mse
 from .instance import (
     InstanceSelectors,
     LogitScale,
@@ -39,8 +39,8 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
 
 @runtime_checkable
 class InstanceScorer(Protocol):
-    """What the instance-score tools (``ScoreHistory``, ``MaskInspector``) need: a distiller that scores
-    instances with selectors per level (LIAF-KD and any variant of it)."""
+    """What the instance-score tools (``ScoreHistory``) need: a distiller that scores instances with selectors
+    per level (LIAF-KD and any variant of it)."""
 
     levels: list[str]
     strides: dict[str, float]
@@ -89,6 +89,7 @@ class LIAFDistiller(FeatureDistiller):
     """
 
     two_stage = True
+    view_options = ("mask_scale", "mask_side", "normalize")
 
     @dataclass(frozen=True)
     class Options(FeatureDistiller.Options):
@@ -166,6 +167,35 @@ class LIAFDistiller(FeatureDistiller):
             return student
         return self.projectors[level](student) if projected is None else projected
 
+    def instance_weights(
+        self,
+        level: str,
+        student: Tensor,
+        teacher: Tensor,
+        boxes: Sequence[Tensor],
+        projected: Tensor | None = None,
+        *,
+        validate: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eq. 6 and the instances' factors of Eq. 7 on one level, following the mask options:
+        ``(A^T, A^S, W^T, W^S)``, each ``[I]``: the mean scores of teacher and student, and the weights the
+        masks ``M^T`` and ``M^S`` multiply each instance's cells by (``mask_scale`` applied; with
+        ``mask_side="shared"`` one weight from ``(A^T + A^S) / 2``, the same tensor twice)."""
+        # The two gradient options are independent: ``freeze_selectors`` stops the gradient into E,
+        # ``detach_scores`` the gradient into the features (student and projector) through the scores.
+        selectors = self.selectors[level]
+        weight = selectors.weight.detach() if self.freeze_selectors else selectors.weight
+        factor = selectors.logit_factor(detach=self.freeze_selectors)
+        student_in = self.student_roi_input(level, student, projected)
+        if self.detach_scores:
+            teacher, student_in = teacher.detach(), student_in.detach()
+        a_t = self.instance_scores(level, teacher, boxes, weight=weight, factor=factor, validate=validate)
+        a_s = self.instance_scores(level, student_in, boxes, weight=weight, factor=factor, validate=validate)
+        if self.mask_side == "shared":
+            shared = self.scaled((a_t + a_s) / 2, boxes)
+            return a_t, a_s, shared, shared
+        return a_t, a_s, self.scaled(a_t, boxes), self.scaled(a_s, boxes)
+
     def level_masks(
         self,
         level: str,
@@ -176,23 +206,12 @@ class LIAFDistiller(FeatureDistiller):
         *,
         validate: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """``(M^T, M^S)`` for one level, each ``[N, 1, H, W]``, following the mask options."""
-        # The two gradient options are independent: ``freeze_selectors`` stops the gradient into E,
-        # ``detach_scores`` the gradient into the features (student and projector) through the scores.
-        selectors = self.selectors[level]
-        weight = selectors.weight.detach() if self.freeze_selectors else selectors.weight
-        factor = selectors.logit_factor(detach=self.freeze_selectors)
-        size = tuple(teacher.shape[-2:])
-        student_in = self.student_roi_input(level, student, projected)
-        if self.detach_scores:
-            teacher, student_in = teacher.detach(), student_in.detach()
-        a_t = self.instance_scores(level, teacher, boxes, weight=weight, factor=factor, validate=validate)
-        a_s = self.instance_scores(level, student_in, boxes, weight=weight, factor=factor, validate=validate)
-        if self.mask_side == "shared":
-            m = self.level_mask(level, (a_t + a_s) / 2, boxes, size, validate=False)
-            return m, m
-        return (self.level_mask(level, a_t, boxes, size, validate=False),
-                self.level_mask(level, a_s, boxes, size, validate=False))
+        """``(M^T, M^S)`` for one level (Eq. 7 on ``instance_weights``), each ``[N, 1, H, W]``, following the
+        mask options."""
+        _, _, w_t, w_s = self.instance_weights(level, student, teacher, boxes, projected, validate=validate)
+        size, stride = tuple(teacher.shape[-2:]), self.strides[level]
+        m_t = instance_mask(boxes, w_t, size, stride, validate=False)
+        return (m_t, m_t) if w_s is w_t else (m_t, instance_mask(boxes, w_s, size, stride, validate=False))
 
     @torch.no_grad()
     def masks(
@@ -217,9 +236,56 @@ class LIAFDistiller(FeatureDistiller):
         return {"M (teacher)": {lvl: m_t[:, 0] for lvl, (m_t, _) in pairs.items()},
                 "M (student)": {lvl: m_s[:, 0] for lvl, (_, m_s) in pairs.items()}}
 
+    def per_image(self, **options: Any) -> bool:
+        """No with ``normalize="batch"``: Eq. 3's softmax then runs over the instances of the whole batch."""
+        return options.get("normalize", self.normalize) != "batch"
+
+    def compute_loss_weights(self, inputs: KDInputs) -> LossWeights:
+        """The masks of Eq. 7 (``compute_weight_maps``), each cell's term of Eq. 9 (``level_terms``,
+        ``feature_cells``), and per instance its scores per selector (Eq. 3) and their means (Eq. 6) on
+        both sides and its mask weights (``instance_weights``)."""
+        s, t, boxes = inputs.student_feats, inputs.teacher_feats, list(inputs.boxes)
+        instances: dict[str, dict[str, Tensor]] = {}
+        cells = {}
+        for lvl in self.levels:
+            a_t, a_s, w_t, w_s = self.instance_weights(lvl, s[lvl], t[lvl], boxes, validate=False)
+            for side, feats, mean in (("T", t[lvl], a_t), ("S", self.student_roi_input(lvl, s[lvl], None), a_s)):
+                per = self.instance_scores(lvl, feats, boxes, per_selector=True, validate=False)
+                for k in range(per.shape[0]):
+                    instances.setdefault(f"A^{side} E_{k + 1}", {})[lvl] = per[k]
+                instances.setdefault(f"A^{side}", {})[lvl] = mean
+            instances.setdefault("M^T", {})[lvl], instances.setdefault("M^S", {})[lvl] = w_t, w_s
+            cells[lvl] = feature_cells(*self.level_terms(lvl, s[lvl], t[lvl], boxes))
+        bars = {"mean": ("mean A", "A^T", "A^S")}
+        bars |= {k: (f"selector E_{k + 1}", f"A^T E_{k + 1}", f"A^S E_{k + 1}")
+                 for k in range(self.num_selectors)}
+        columns = {f"A^{side} E_{k + 1}": f"{who} score of selector E_{k + 1} (Eq. 3; the masks use the mean over them)"
+                   for side, who in (("T", "teacher"), ("S", "student")) for k in range(self.num_selectors)}
+        columns |= {"A^T": "teacher score, mean over the selectors (Eq. 6)",
+                    "A^S": "student score, mean over the selectors (Eq. 6)",
+                    "M^T": f"the instance's weight in the teacher mask (Eq. 7, mask scale {self.mask_scale})",
+                    "M^S": f"the instance's weight in the student mask (Eq. 7, mask scale {self.mask_scale})"}
+        # literal masks: scores are at most 1 and the background is 1
+        ranges = {"M": (0.0, 1.0)} if self.mask_scale == "literal" else {}
+        return LossWeights(self.compute_weight_maps(inputs), cells, instances, bars, columns, ranges,
+                           self._score_note(boxes))
+
+    def _score_note(self, boxes: Sequence[Tensor]) -> str:
+        """Why Eq. 3's scores are small: the softmax spreads 1 over the instances of its group."""
+        sizes = [len(b) for b in boxes]
+        if self.normalize == "batch" or len(sizes) == 1:
+            group = sum(sizes)
+            where = "this image" if len(sizes) == 1 else f"the batch of all {len(sizes)} images"
+            return (f"the softmax runs over {where}, {group} instances, so each gets about 1/{group} = "
+                    f"{1 / max(group, 1):.3f}. With mask scale 'literal' instance cells get weights near 0; 'count' "
+                    f"multiplies by {group} so an average instance keeps weight 1.")
+        return (f"the softmax runs over each image's instances ({sizes}), so each gets about 1/n. With mask scale "
+                "'literal' instance cells get weights near 0; 'count' multiplies by n so an average instance keeps "
+                "weight 1.")
+
     # -- losses ---------------------------------------------------------------------------------
-    def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
-        """Eq. 8-9 on one level.
+    def level_terms(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Eq. 8 on one level: ``(M^T F^T, f_phi(M^S F^S))``, the two sides Eq. 9 compares, each ``[N, C_t, H, W]``.
 
         For the 1x1 conv ``f_phi(F) = W F + b`` and a mask broadcast over channels,
         ``f_phi(M^S F^S) = M^S (W F^S) + b``: the conv runs once, without its bias, on the unmasked
@@ -237,7 +303,11 @@ class LIAFDistiller(FeatureDistiller):
         else:  # identity (projector=False) or a replaced projector: Eq. 9 as written
             m_t, m_s = self.level_masks(level, student, teacher, boxes, validate=False)
             student_hat = proj(m_s * student)
-        return feature_mse(m_t * teacher, student_hat)
+        return m_t * teacher, student_hat
+
+    def level_loss(self, level: str, student: Tensor, teacher: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+        """Eq. 9 on one level: ``feature_mse`` of ``level_terms``."""
+        return feature_mse(*self.level_terms(level, student, teacher, boxes))
 
     def diversity_loss(self) -> Tensor:
         """Eq. 4, averaged over levels."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..options import NonNegativeInt, Range, Weight
-from .base import FeatureDistiller, KDInputs, Stage1Output
+from .base import FeatureDistiller, KDInputs, LossWeights, Stage1Output
 from .ops import dice_coeff
 from .registry import register_distiller
 
@@ -206,6 +206,16 @@ class MasKDDistiller(FeatureDistiller):
                 maps.setdefault(f"token {t + 1}", {})[lvl] = mask[:, t]
             maps.setdefault("cell weight", {})[lvl] = cell_weight(mask, weights)
         return maps
+
+    def compute_loss_weights(self, inputs: KDInputs) -> LossWeights:
+        """The maps of ``compute_weight_maps`` and each cell's term of ``level_loss``: by ``cell_weight``'s
+        identity, ``cell weight`` times the cell's channel-mean squared difference of the aligned student and
+        the teacher, divided by the images ``N`` (the mean over images), each level ``[N, H, W]``."""
+        weights = super().compute_loss_weights(inputs)
+        s, t = inputs.student_feats, inputs.teacher_feats
+        weights.cells = {lvl: weights.maps["cell weight"][lvl] * (self.projectors[lvl](s[lvl]) - t[lvl]).square().mean(1)
+                         / t[lvl].shape[0] for lvl in self.levels}
+        return weights
 
     # -- stage 1 --------------------------------------------------------------------------------
     def compute_stage1(self, teacher_feats: dict[str, Tensor], boxes: list[Tensor],

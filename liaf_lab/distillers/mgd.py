@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..options import Fraction, Weight
-from .base import FeatureDistiller, KDInputs
+from .base import FeatureDistiller, KDInputs, LossWeights
 from .ops import random_keep_mask
 from .registry import register_distiller
 
@@ -59,13 +59,18 @@ class MGDDistiller(FeatureDistiller):
         aligned = self.align[level](student)
         return aligned, random_keep_mask(aligned, self.lambda_mask, generator)
 
+    def generated(self, level: str, student: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Eq. 3 on Eq. 2's masked student, one level: ``G(f_align(F^S) * M)`` ``[N, C_t, H, W]`` and the keep
+        mask ``M`` ``[N, 1, H, W]`` (drawn from ``generator``)."""
+        aligned, mask = self.masked_input(level, student, generator)
+        return self.generation[level](aligned * mask), mask
+
     def level_loss(self, level: str, student: Tensor, teacher: Tensor, generator: torch.Generator | None) -> Tensor:
         """Eq. 4 on one level (the public code's ``get_dis_loss``), without ``alpha``: a scalar.
 
         ``student`` is ``[N, C_s, H, W]``, ``teacher`` ``[N, C_t, H, W]``.
         """
-        aligned, mask = self.masked_input(level, student, generator)
-        generated = self.generation[level](aligned * mask)
+        generated, _ = self.generated(level, student, generator)
         return (generated - teacher).square().sum() / teacher.shape[0]
 
     def compute_terms(self, inputs: KDInputs) -> dict[str, Tensor]:
@@ -82,3 +87,13 @@ class MGDDistiller(FeatureDistiller):
         """
         return {"keep mask": {lvl: self.masked_input(lvl, inputs.student_feats[lvl], inputs.generator)[1][:, 0]
                               for lvl in self.levels}}
+
+    def compute_loss_weights(self, inputs: KDInputs) -> LossWeights:
+        """``keep mask`` (as ``compute_weight_maps``) and each cell's term of Eq. 4, ``sum_c (G - F^T)^2 / N``
+        (``generated``), each level ``[N, H, W]``, from one draw of the masks in the loss's order."""
+        maps, cells = {}, {}
+        for lvl in self.levels:
+            generated, mask = self.generated(lvl, inputs.student_feats[lvl], inputs.generator)
+            maps[lvl] = mask[:, 0]
+            cells[lvl] = (generated - inputs.teacher_feats[lvl]).square().sum(1) / generated.shape[0]
+        return LossWeights({"keep mask": maps}, cells)

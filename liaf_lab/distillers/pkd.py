@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..options import Weight
-from .base import FeatureDistiller, KDInputs
+from .base import FeatureDistiller, KDInputs, LossWeights, feature_cells
 from .ops import channel_standardise
 from .registry import register_distiller
 
@@ -54,3 +54,12 @@ class PKDDistiller(FeatureDistiller):
         s, t = inputs.student_feats, inputs.teacher_feats
         total = sum(pkd_level_loss(self.projectors[lvl](s[lvl]), t[lvl]) for lvl in self.levels)
         return {self.method_name: self.loss_weight * total}
+
+    def compute_loss_weights(self, inputs: KDInputs) -> LossWeights:
+        """Every cell weighted 1 (``"uniform"``), and each cell's term of ``pkd_level_loss``: half of
+        ``feature_cells`` of the channel-standardised maps."""
+        weights = super().compute_loss_weights(inputs)
+        s, t = inputs.student_feats, inputs.teacher_feats
+        weights.cells = {lvl: feature_cells(channel_standardise(t[lvl]), channel_standardise(self.projectors[lvl](s[lvl])))
+                         / 2 for lvl in self.levels}
+        return weights

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -160,34 +161,30 @@ def ref_level_mse(teacher_hat: Tensor, student_hat: Tensor) -> Tensor:
     return total / N
 
 
-def ref_liaf_loss(
+def ref_liaf_sides(
     student_feats: Mapping[str, Tensor],
     teacher_feats: Mapping[str, Tensor],
     boxes: Sequence[Tensor],
     strides: Mapping[str, float],
     selector_weights: Mapping[str, Tensor],
     projectors: Mapping[str, Callable[[Tensor], Tensor]],
-    loss_weight: float = 1.0,
     mask_scale: str = "literal",
     mask_side: str = "separate",
     per_image: bool = True,
     detach_scores: bool = True,
     freeze_selectors: bool = True,
-    diversity_weight: float | None = None,
     roi_size: tuple[int, int] = (7, 7),
     sampling_ratio: int = 2,
     logit_factors: Mapping[str, float | Tensor] | None = None,
-) -> Tensor:
-    """Eq. 9 literally, per level: ``(1/CHW) ||M^T * F^T - f_phi(M^S * F^S)||^2``, averaged over the
-    batch, summed over levels, times ``loss_weight``.
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Eq. 8 literally, per level: the two sides ``(M^T * F^T, f_phi(M^S * F^S))`` that Eq. 9 compares.
 
     ``f_phi`` is applied to the masked student feature itself. The student scores read the projected
     student feature when the channels differ and the raw one when they agree. ``detach_scores`` cuts
     the gradient from the scores into the features, ``freeze_selectors`` the gradient into ``E``.
-    With ``diversity_weight`` set, ``diversity_weight * mean_levels(Eq. 4)`` is added.
     ``logit_factors``: per level the factor on Eq. 3's logits (frozen with the selectors); default 1.
     """
-    total = None
+    sides = {}
     for level, stride in strides.items():
         s, t = student_feats[level], teacher_feats[level].detach()
         project = projectors[level]
@@ -209,7 +206,29 @@ def ref_liaf_loss(
         size = tuple(t.shape[-2:])
         m_t = ref_instance_mask(boxes, a_t, size, stride)
         m_s = ref_instance_mask(boxes, a_s, size, stride)
-        level_loss = ref_level_mse(m_t * t, project(m_s * s))
+        sides[level] = (m_t * t, project(m_s * s))
+    return sides
+
+
+def ref_liaf_loss(
+    student_feats: Mapping[str, Tensor],
+    teacher_feats: Mapping[str, Tensor],
+    boxes: Sequence[Tensor],
+    strides: Mapping[str, float],
+    selector_weights: Mapping[str, Tensor],
+    projectors: Mapping[str, Callable[[Tensor], Tensor]],
+    loss_weight: float = 1.0,
+    diversity_weight: float | None = None,
+    **options: Any,
+) -> Tensor:
+    """Eq. 9 literally, per level: ``(1/CHW) ||M^T * F^T - f_phi(M^S * F^S)||^2`` (the sides of
+    ``ref_liaf_sides``, with its ``options``), averaged over the batch, summed over levels, times
+    ``loss_weight``. With ``diversity_weight`` set, ``diversity_weight * mean_levels(Eq. 4)`` is added.
+    """
+    sides = ref_liaf_sides(student_feats, teacher_feats, boxes, strides, selector_weights, projectors, **options)
+    total = None
+    for teacher_hat, student_hat in sides.values():
+        level_loss = ref_level_mse(teacher_hat, student_hat)
         total = level_loss if total is None else total + level_loss
     loss = loss_weight * total
     if diversity_weight is not None:
