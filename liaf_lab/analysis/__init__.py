@@ -14,8 +14,12 @@ from .efficiency import (
     efficiency_table,
     format_table,
     kd_step_overhead,
+    latency_noise,
+    machine_description,
     measure_latency,
     peak_memory,
+    plot_efficiency,
+    size_table,
 )
 from .history import ScoreHistory, plot_score_gaps
 from .maps import kd_inputs_for, method_weight_maps, plot_weight_maps
@@ -39,7 +43,7 @@ __all__ = [
     "DetectorCAM", "MaskInspector", "MaskView", "NotebookSession", "ScoreHistory", "cam_box_share", "cam_shares",
     "compare_cams", "count_flops", "count_parameters", "detector_cam", "draw_boxes", "draw_mask", "draw_score_bars",
     "efficiency_table", "figure_digest", "figure_to_jpeg", "figure_to_png", "format_table", "fpn_features",
-    "kd_inputs_for", "kd_step_overhead", "measure_latency", "method_weight_maps", "peak_memory", "plot_cam_shares",
-    "plot_detections", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps", "plot_training_curves",
-    "plot_weight_maps", "resize_for_detector", "setup_notebook", "summarise_cam_shares",
+    "kd_inputs_for", "kd_step_overhead", "latency_noise", "machine_description", "measure_latency", "method_weight_maps", "peak_memory", "plot_cam_shares",
+    "plot_detections", "plot_efficiency", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps", "plot_training_curves",
+    "plot_weight_maps", "resize_for_detector", "setup_notebook", "size_table", "summarise_cam_shares",
 ]
