@@ -5,8 +5,8 @@ naming the problem for bad input (no boxes, unknown level, a model that is no FP
 """
 
 from .cam import (
-    DetectorCAM, cam_box_share, cam_shares, compare_cams, detector_cam, fpn_features, resize_for_detector,
-    plot_cam_shares, summarise_cam_shares,
+    DetectorCAM, cam_box_share, cam_shares, compare_cams, detector_cam, fpn_features, plot_cam_shares, read_cam_shares,
+    resize_for_detector, summarise_cam_shares, write_cam_shares,
 )
 from .efficiency import (
     count_flops,
@@ -45,5 +45,5 @@ __all__ = [
     "efficiency_table", "figure_digest", "figure_to_jpeg", "figure_to_png", "format_table", "fpn_features",
     "kd_inputs_for", "kd_step_overhead", "latency_noise", "machine_description", "measure_latency", "method_weight_maps", "peak_memory", "plot_cam_shares",
     "plot_detections", "plot_efficiency", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps", "plot_training_curves",
-    "plot_weight_maps", "resize_for_detector", "setup_notebook", "size_table", "summarise_cam_shares",
+    "plot_weight_maps", "read_cam_shares", "resize_for_detector", "setup_notebook", "size_table", "summarise_cam_shares", "write_cam_shares",
 ]
