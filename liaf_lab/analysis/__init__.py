@@ -22,7 +22,7 @@ from .efficiency import (
     size_table,
 )
 from .history import ScoreHistory, plot_score_gaps
-from .maps import kd_inputs_for, method_weight_maps, plot_weight_maps
+from .maps import kd_inputs_for, method_weight_maps, plot_weight_maps, weight_map_summary
 from .notebook import NotebookSession, setup_notebook
 from .selectors import instance_groups, mean_cosine, plot_group_values, plot_selector_cosines, selector_cosines
 from .viz import (
@@ -48,5 +48,5 @@ __all__ = [
     "measure_latency", "method_weight_maps", "peak_memory", "plot_cam_shares", "plot_detections", "plot_efficiency",
     "plot_group_values", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps",
     "plot_selector_cosines", "plot_training_curves", "plot_weight_maps", "read_cam_shares", "resize_for_detector",
-    "selector_cosines", "setup_notebook", "size_table", "summarise_cam_shares", "write_cam_shares",
+    "selector_cosines", "setup_notebook", "size_table", "summarise_cam_shares", "weight_map_summary", "write_cam_shares",
 ]
