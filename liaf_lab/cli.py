@@ -299,7 +299,7 @@ def _train_student(args: argparse.Namespace, cfg: dict, model: nn.Module, train:
     student was trained (``learn-stage1`` trains none)."""
     from .builders import build_detector, build_distiller, train_config
     from .checkpoint import load_module_state
-    from .config import resolve_path
+    from .paths import resolve_path
     from .distillers import BASELINE
     from .engine import learn_stage1, load_checkpoint, save_checkpoint, train_student
     from .engine.distributed import is_main

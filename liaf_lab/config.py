@@ -30,9 +30,9 @@ from .distillers import BASELINE, list_distillers, method_option_types, method_p
 from .engine import TrainConfig, distill
 from .models import create_detector
 from .options import NonNegative, PositiveInt, check_value
+from .paths import PROJECT_ROOT, resolve_path  # noqa: F401  (config.resolve_path, config.PROJECT_ROOT: public)
 
 PRESET_DIR = Path(__file__).parent / "configs"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # [input]: torchvision's resize, the same for teacher and student (their features must align).
 INPUT_KEYS = ("min_size", "max_size")
@@ -308,14 +308,3 @@ def _check_train(section: str, values: Mapping[str, Any]) -> None:
         TrainConfig.from_dict(dict(values))
     except ValueError as err:
         raise ValueError(f"[{section}] {err}") from None
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A relative path from the current folder if it exists there, else from the project root."""
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    candidate = PROJECT_ROOT / path
-    if candidate.exists():
-        return candidate
-    raise FileNotFoundError(f"{path} not found (looked in {Path.cwd()} and {PROJECT_ROOT})")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .analysis.viz import plot_run_curves
 from .atomic import write_json
 from .builders import build_datasets, build_detector, build_distiller, train_config
 from .config import PROJECT_ROOT, ResolvedConfig, resolve_config
@@ -45,8 +46,6 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedCon
     then ``overrides``. ``teacher_weights="auto"`` uses ``data_samples/checkpoints/teacher_tiny.pt`` with the tiny
     preset when it exists, else trains the teacher; ``None`` always trains it.
     """
-    from .analysis.viz import plot_run_curves  # not at the top: analysis.notebook imports this module
-
     start = time.perf_counter()
     out = Path(out_dir)
     cfg = resolve_config(config, (QUICK if quick else []) + list(overrides or []))
@@ -82,7 +81,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedCon
     results["seconds"] = time.perf_counter() - start
     results["summary"] = {m: _mean_std([r["AP"] for r in rows]) for m, rows in results["students"].items()}
     write_json(out / "summary.json", results)
-    write_report(out, results, cfg)
+    write_report(out, results, cfg, str(config), changed=quick or bool(overrides))
     return results
 
 

@@ -1,7 +1,7 @@
 """The package's progress bars: tqdm's notebook widget where one can show, or plain text.
 
 A notebook committed with widget bars shows them stuck at their first frame in viewers without
-widget state (GitHub, nbviewer), so ``liaf_lab.analysis.setup_notebook`` switches to text bars,
+widget state (GitHub, nbviewer), so ``liaf_lab.notebook.setup_notebook`` switches to text bars,
 whose last line is the final state.
 """
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from .analysis.viz import plot_run_curves
 from .config import ResolvedConfig, resolve_config
 from .distillers import BASELINE
 from .executors import Executor, SlurmOptions, check_slurm, execute
@@ -229,7 +230,7 @@ def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
     """The study's teacher if it needs no training: ``teacher_weights`` (as an absolute path, which every run
     records, so a resumed study may name it relatively from another folder), or ``out/teacher/teacher.pt``."""
     if teacher_weights is not None:
-        from .config import resolve_path
+        from .paths import resolve_path
 
         return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
@@ -256,7 +257,6 @@ def train_teacher(cfg: dict[str, Any], train: Any, folder: Path, device: str | t
     classes) trained on ``train`` in the run folder ``folder`` (``train_detector``, evaluated on ``val_dataset``
     when given), its ``curves.png`` drawn and its weights saved as ``folder/teacher.pt``; the teacher of a study
     and of the demo."""
-    from .analysis.viz import plot_run_curves
     from .builders import build_detector, dataset_category_ids, train_config
     from .engine import train_detector
     from .models import save_detector
@@ -396,7 +396,6 @@ def run_one(out: str, config: str | Path | ResolvedConfig, overrides: Sequence[s
     are shared with the seed's other runs through ``out/teacher_cache/seed<k>`` (``TeacherCache``: exact; how
     many batches were read and computed goes to the run's ``teacher_cache.json``).
     """
-    from .analysis.viz import plot_run_curves
     from .atomic import write_json
     from .builders import (
         build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,

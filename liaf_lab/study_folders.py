@@ -16,7 +16,7 @@ class StudyError(ValueError):
 def study_folder(study_dir: str | Path) -> Path:
     """A study folder that must exist: a relative path from the current folder, else from the project
     root (as data paths resolve); ``StudyError`` when it holds no ``study.json``."""
-    from .config import PROJECT_ROOT
+    from .paths import PROJECT_ROOT
 
     out = Path(study_dir).expanduser()
     if not out.is_absolute() and not out.exists() and (PROJECT_ROOT / out).exists():

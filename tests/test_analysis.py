@@ -32,12 +32,16 @@ from liaf_lab.analysis import (  # noqa: E402
     efficiency_table,
     format_table,
     kd_step_overhead,
+    latency_noise,
+    machine_description,
     measure_latency,
     peak_memory,
     plot_detections,
+    plot_efficiency,
     plot_instance_scores,
     plot_masks,
     plot_training_curves,
+    size_table,
 )
 from liaf_lab.analysis.efficiency import _iqr  # noqa: E402
 from liaf_lab.analysis.viz import new_figure  # noqa: E402
@@ -275,6 +279,36 @@ def test_latency_memory_and_tables(detectors: dict) -> None:
         efficiency_table({}, 64)
     with pytest.raises(ValueError, match="rows is empty"):
         format_table([])
+
+
+def test_size_table_latency_noise_and_efficiency_plot(detectors: dict) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    models = {"retinanet": detectors["retinanet"], "conv": net}
+    sizes = size_table(models, (64, 64))
+    full = efficiency_table(models, (64, 64), warmup=0, repeats=1)
+    assert [{k: r[k] for k in ("name", "params_M", "GFLOPs")} for r in full] == sizes  # the same columns, one code
+    assert sizes[1]["GFLOPs"] == 2 * 3 * 8 * 9 * 64 * 64 / 1e9
+    with pytest.raises(ValueError, match="empty"):
+        size_table({}, 64)
+    rows = [{"name": "a", "latency_ms": 10.0, "latency_iqr_ms": 1.0}, {"name": "b", "latency_ms": 10.5, "latency_iqr_ms": 2.0}]
+    noise = latency_noise(rows)
+    assert noise["span_ms"] == 0.5 and noise["iqr_ms"] == 1.0 and noise["within_noise"] and "within" in noise["text"]
+    rows[1]["latency_ms"] = 12.0
+    assert not latency_noise(rows)["within_noise"] and "load changed" in latency_noise(rows)["text"]
+    with pytest.raises(ValueError, match="at least 2"):
+        latency_noise(rows[:1])
+    assert "torch thread" in machine_description() and torch.__version__ in machine_description()
+    steps = [{"name": "conv", "median_ms": 4.0, "iqr_ms": 1.0, "ratio": 1.0},
+             {"name": "kd", "median_ms": 8.0, "iqr_ms": 2.0, "ratio": 2.0}]
+    fig = plot_efficiency(full, steps, batch_size=4)
+    axes = fig.axes
+    assert len(axes) == 5 and axes[-1].get_title() == "training step (ms, batch 4)"
+    conv_colour = axes[0].patches[1].get_facecolor()  # "conv" is the second model: one colour in every panel
+    assert axes[-1].patches[0].get_facecolor() == conv_colour != axes[-1].patches[1].get_facecolor()
+    assert [t.get_text() for t in axes[-1].texts] == ["1.00x", "2.00x"]
+    assert len(axes[2].lines) > 0  # the latency panel draws its interquartile ranges
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_efficiency([])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from liaf_lab.analysis import cam_box_share, plot_cam_shares, summarise_cam_shares
+from liaf_lab.analysis import cam_box_share, plot_cam_shares, read_cam_shares, summarise_cam_shares, write_cam_shares
 from liaf_lab.verdicts import paired_interval
 
 
@@ -55,3 +55,46 @@ def test_summary_averages_non_empty_maps_per_seed_and_pairs_seeds_with_the_basel
     assert kd["- base [95% CI]"] == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
     assert "- base [95% CI]" not in base and base["box area share"] == 0.25
     assert plot_cam_shares(rows).axes[0].get_ylabel() == "share of CAM inside GT boxes"
+
+
+def _rows(shares: dict[str, list[list[float]]]) -> list[dict]:
+    return [{"model": model, "seed": seed, "image": image, "share": v, "area": 0.25, "empty": math.isnan(v)}
+            for model, per_seed in shares.items() for seed, values in enumerate(per_seed) for image, v in enumerate(values)]
+
+
+def test_empty_maps_counted_as_zero_can_reorder_models_and_one_seed_models_meet_the_baseline_mean():
+    # "kd" has higher shares where it draws a map but two empty maps; counted as 0 it falls below "base"
+    rows = _rows({"base": [[0.4, 0.4], [0.5, 0.5]], "kd": [[0.6, math.nan], [math.nan, 0.6]],
+                  "teacher": [[0.7, 0.9]]})
+    excluded = {e["model"]: e for e in summarise_cam_shares(rows, baseline="base")}
+    zero = {e["model"]: e for e in summarise_cam_shares(rows, baseline="base", empty="zero")}
+    assert excluded["kd"]["share inside boxes"] == pytest.approx(0.6)
+    assert excluded["kd"]["share inside boxes"] > excluded["base"]["share inside boxes"]
+    assert zero["kd"]["share inside boxes"] == pytest.approx(0.3)
+    assert zero["kd"]["share inside boxes"] < zero["base"]["share inside boxes"]
+    assert zero["kd"]["empty maps"] == excluded["kd"]["empty maps"] == 2
+    assert zero["kd"]["std over images"] == pytest.approx(np.std([0.6, 0.0], ddof=1))
+    # the teacher (one seed) against the mean of base's two seeds (0.45), not against base's seed 0 alone
+    assert excluded["teacher"]["- base [95% CI]"].startswith(f"{0.8 - 0.45:+.3f} (one seed, against the mean")
+    with pytest.raises(ValueError, match="'exclude' or 'zero'"):
+        summarise_cam_shares(rows, empty="drop")
+
+
+def test_the_cam_share_plot_has_a_legend_and_a_title_naming_the_empty_maps():
+    rows = _rows({"base": [[0.4, math.nan]], "kd": [[0.6, 0.5]]})
+    ax = plot_cam_shares(rows).axes[0]
+    assert "1 empty maps left out" in ax.get_title()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["one map (image, seed)", "one seed's mean", "mean over seeds", "box area share (a uniform map)"]
+
+
+def test_cam_shares_round_trip_through_a_file_and_a_missing_file_says_how_to_make_it(tmp_path):
+    rows = _rows({"base": [[0.4, math.nan]]})
+    path = write_cam_shares(tmp_path / "cam.json", rows, {"study": "x"})
+    back, source = read_cam_shares(path)
+    assert source == {"study": "x"} and back[0] == rows[0] and back[1]["empty"] and math.isnan(back[1]["share"])
+    with pytest.raises(FileNotFoundError, match="tools/cam_shares.py"):
+        read_cam_shares(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"rows": [{"model": "a"}]}')
+    with pytest.raises(ValueError, match="not a CAM-share file"):
+        read_cam_shares(tmp_path / "bad.json")

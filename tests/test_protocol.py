@@ -89,6 +89,32 @@ def test_a_combination_sums_its_parts_and_unites_their_stages():
     assert both.stage1_ready and int(both.parts["liaf"].stage1_steps) == 3
 
 
+@pytest.mark.parametrize("method", ["liaf", "maskd", "liaf+fitnet"])
+def test_a_learned_stage1_moves_to_a_fresh_distiller_and_a_mismatch_is_refused(method):
+    strides = {"0": 8.0, "1": 16.0}
+    torch.manual_seed(0)
+    learned = create_distiller(method, 8, 16, strides)
+    torch.manual_seed(1)
+    fresh = create_distiller(method, 8, 16, strides)
+    with pytest.raises(ValueError, match="no learned stage 1"):
+        fresh.load_stage1_from(learned)
+    learned.mark_stage1(7)
+    stage2_before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.load_stage1_from(learned)
+    assert fresh.stage1_ready
+    for name, module in fresh.stage1_modules().items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, learned.stage1_modules()[name].state_dict()[key])
+    stage1_storage = {v.data_ptr() for m in fresh.stage1_modules().values() for v in m.state_dict().values()}
+    for key, value in fresh.state_dict().items():  # stage 2's own weights stay the fresh ones
+        if value.data_ptr() not in stage1_storage and "stage1_steps" not in key:
+            assert torch.equal(value, stage2_before[key]), key
+    with pytest.raises(ValueError, match="cannot give its stage 1"):
+        create_distiller("fitnet", 8, 16, strides).load_stage1_from(learned)
+    with pytest.raises(ValueError, match="differs in shape"):
+        create_distiller(method, 8, 32, strides).load_stage1_from(learned)
+
+
 # -- config -------------------------------------------------------------------------------------------
 def test_each_method_reads_its_own_config_section():
     cfg = load_config("bench", ["kd.mgd.lambda_mask=0.5", "kd.liaf.roi_size=[5, 5]"])

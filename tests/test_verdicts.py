@@ -217,12 +217,15 @@ def test_the_cli_names_a_bad_family_argument_in_one_line(tmp_path, capsys):
     assert code == 2 and err == "error: --target-halfwidth must be a finite number of AP points > 0, got -0.5"
 
 
-def test_the_demo_report_section_shows_the_shipped_family_or_says_it_is_missing(tmp_path):
-    from liaf_lab.report import shipped_study_section
+def test_the_demo_report_section_shows_its_preset_s_shipped_family_or_says_it_is_missing(tmp_path):
+    from liaf_lab.report import SHIPPED_STUDIES, shipped_study_section
 
-    lines = shipped_study_section()
-    assert lines[0] == "## The measured answer: the shipped study"
-    assert any("has 12 comparisons" in line for line in lines) and any(line.startswith("- fgfi is above none")
-                                                                       for line in lines)
-    missing = shipped_study_section(tmp_path / "gone")
+    for preset, study in SHIPPED_STUDIES.items():  # every preset's shipped study is there and matches its preset
+        load_study_summary(study, config=preset)
+        lines = shipped_study_section(preset)
+        assert lines[0] == "## The measured answer: the shipped study" and f"`{study}`" in lines[2]
+        assert any(line.startswith("- liaf is ") for line in lines)
+    assert "changed the 'bench' preset" in shipped_study_section("bench", changed=True)[2]
+    missing = shipped_study_section("tiny", study=tmp_path / "gone")
     assert "The shipped study is not available here" in missing[2] and "holds no study" in missing[2]
+    assert "No study of the 'paper' preset ships" in shipped_study_section("paper")[2]

@@ -29,7 +29,7 @@ from helpers import SIZES, STRIDES, gen, make_boxes, make_feats
 from references.liaf import ref_instance_mask, ref_level_scores
 from torch import Tensor
 
-from liaf_lab.analysis import plot_weight_maps
+from liaf_lab.analysis import plot_weight_maps, weight_map_summary
 from liaf_lab.distillers import KDInputs, create_distiller
 from liaf_lab.distillers.liaf import LIAFDistiller
 
@@ -326,6 +326,31 @@ def test_plot_weight_maps_draws_images_boxes_and_one_scale_per_map():
             assert (norm.vmin, norm.vmax) == pytest.approx((lo, hi)), name
         assert (panels[j].images[-1].get_array() == maps[name]["p4"][0].float().numpy()).all()
     assert len(fig.axes) - len(panels) == 3  # colour bars: fg, bg, and one for the attention pair
+
+
+def test_plot_weight_maps_can_share_one_fixed_scale_and_labels_its_colour_bars():
+    images, inputs, maps, strides = plot_case()
+    ranged = plot_weight_maps(images, inputs, maps, strides, level="p4")
+    assert {ax.get_xlabel() for ax in ranged.axes if not ax.images} == {"weight (range over the images)"}
+    fixed = plot_weight_maps(images, inputs, maps, strides, level="p4", limits=(0.0, 1.0))
+    panels = [ax for ax in fixed.axes if ax.images]
+    assert {(ax.images[-1].norm.vmin, ax.images[-1].norm.vmax) for ax in panels} == {(0.0, 1.0)}
+    assert {ax.get_xlabel() for ax in fixed.axes if not ax.images} == {"weight (shared scale)"}
+    with pytest.raises(ValueError, match="low < high"):
+        plot_weight_maps(images, inputs, maps, strides, level="p4", limits=(1.0, 1.0))
+
+
+def test_weight_map_summary_gives_each_map_s_range_and_share_of_positive_cells():
+    _, _, maps, _ = plot_case()
+    rows = weight_map_summary(maps, "p4")
+    assert [r["map"] for r in rows] == list(maps)
+    for row in rows:
+        cells = maps[row["map"]]["p4"].float()
+        assert (row["min"], row["max"]) == pytest.approx((float(cells.min()), float(cells.max())))
+        assert row["mean"] == pytest.approx(float(cells.sum() / cells.numel()))
+        assert row["cells > 0"] == pytest.approx(sum(float(v) > 0 for v in cells.flatten()) / cells.numel())
+    with pytest.raises(ValueError, match="no map has level"):
+        weight_map_summary(maps, "p9")
 
 
 def test_plot_weight_maps_puts_each_pair_side_by_side_and_keeps_a_given_order():

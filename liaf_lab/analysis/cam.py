@@ -34,6 +34,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 CamMethod = Literal["gradcam", "eigencam"]
+EmptyMaps = Literal["exclude", "zero"]
 
 
 def _check_fpn_detector(model: object) -> None:
@@ -381,16 +383,33 @@ def cam_shares(models: Mapping[str, Sequence[nn.Module]], samples: Sequence[tupl
     return rows
 
 
-def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
-    """Per model: the mean share inside boxes over its non-empty maps, the spread across images (std of
-    the per-image shares, averaged over seeds) and across seeds (std of the per-seed means), the
-    number of empty maps, and with ``baseline`` the difference of per-seed means to the baseline's,
-    paired by seed, with its Student's t 95% interval (``liaf_lab.verdicts.paired_interval``)."""
+def _counted(row: Mapping[str, Any], empty: EmptyMaps) -> float | None:
+    """A row's share as a summary counts it: an empty map is left out (``None``) or counted as 0."""
+    if row["empty"]:
+        return 0.0 if empty == "zero" else None
+    return float(row["share"])
+
+
+def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None = None,
+                         empty: EmptyMaps = "exclude") -> list[dict[str, Any]]:
+    """Per model: the mean share inside boxes (per seed over its maps, then over seeds), the spread across
+    images (std of the per-image shares, averaged over seeds) and across seeds (std of the per-seed means),
+    the number of empty maps, and with ``baseline`` the difference of per-seed means to the baseline's,
+    paired by seed, with its Student's t 95% interval (``liaf_lab.verdicts.paired_interval``).
+
+    ``empty``: ``"exclude"`` leaves all-zero maps out of the means (they have no mass to place), ``"zero"``
+    counts them as a share of 0 (the map puts nothing inside the boxes). Models differ in how many maps are
+    empty, so the two can order them differently: show both. A model with one seed (e.g. the teacher) is set
+    against the mean of the baseline's seeds, without an interval.
+    """
+    if empty not in ("exclude", "zero"):
+        raise ValueError(f"empty must be 'exclude' or 'zero', got {empty!r}")
 
     def seed_means(name: str) -> dict[int, float]:
         out = {}
         for seed in sorted({r["seed"] for r in rows if r["model"] == name}):
-            values = [r["share"] for r in rows if r["model"] == name and r["seed"] == seed and not r["empty"]]
+            values = [v for r in rows if r["model"] == name and r["seed"] == seed
+                      if (v := _counted(r, empty)) is not None]
             if values:
                 out[seed] = float(np.mean(values))
         return out
@@ -400,8 +419,8 @@ def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         per_seed = seed_means(name)
-        image_std = [float(np.std([r["share"] for r in mine if r["seed"] == s and not r["empty"]], ddof=1))
-                     for s in per_seed if sum(r["seed"] == s and not r["empty"] for r in mine) > 1]
+        per_image = {s: [v for r in mine if r["seed"] == s if (v := _counted(r, empty)) is not None] for s in per_seed}
+        image_std = [float(np.std(values, ddof=1)) for values in per_image.values() if len(values) > 1]
         entry: dict[str, Any] = {
             "model": name, "seeds": len(per_seed), "maps": len(mine), "empty maps": sum(r["empty"] for r in mine),
             "share inside boxes": float(np.mean(list(per_seed.values()))) if per_seed else math.nan,
@@ -409,39 +428,84 @@ def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None
             "std over seeds": float(np.std(list(per_seed.values()), ddof=1)) if len(per_seed) > 1 else math.nan,
             "box area share": float(np.mean([r["area"] for r in mine])),
         }
-        if baseline is not None and name != baseline:
-            paired = [per_seed[s] - base[s] for s in per_seed if s in base]
-            if paired:
-                mean, low, high = paired_interval(paired)
-                entry[f"- {baseline} [95% CI]"] = (f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(paired) > 1
-                                                   else f"{mean:+.3f} (one seed: no interval)")
+        if baseline is not None and name != baseline and per_seed:
+            entry[f"- {baseline} [95% CI]"] = _difference(per_seed, base, baseline)
         summary.append(entry)
     return summary
 
 
-def plot_cam_shares(rows: Sequence[Mapping[str, Any]]) -> Figure:
+def _difference(per_seed: Mapping[int, float], base: Mapping[int, float], baseline: str) -> str:
+    """The paired difference of per-seed means with its interval, or a one-seed model against the baseline's mean."""
+    if len(per_seed) == 1 and len(base) > 1:
+        diff = next(iter(per_seed.values())) - float(np.mean(list(base.values())))
+        return f"{diff:+.3f} (one seed, against the mean of {baseline}'s {len(base)} seeds: no interval)"
+    paired = [per_seed[s] - base[s] for s in per_seed if s in base]
+    if not paired:
+        return "no seed in common"
+    mean, low, high = paired_interval(paired)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if len(paired) > 1 else f"{mean:+.3f} (one seed: no interval)"
+
+
+def plot_cam_shares(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
     """The shares of ``cam_shares`` rows: per model, every non-empty map (grey, per image and seed), each
     seed's mean (coloured) and the mean of those (black bar); the dashed line is the mean box area share
-    (a uniform map's value)."""
+    (a uniform map's value). The legend says which is which; the title (default: a description of the
+    rows) says how many maps were empty and left out."""
     if not rows:
         raise ValueError("no rows: compute them with cam_shares")
     names = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = new_figure(1, panel=(1.2 + 1.1 * len(names), 3.4))
+    fig, axes = new_figure(1, panel=(2.6 + 1.1 * len(names), 3.6))
     ax = axes[0, 0]
     rng = np.random.default_rng(0)  # horizontal jitter only
     for i, name in enumerate(names):
         mine = [r for r in rows if r["model"] == name and not r["empty"]]
-        ax.scatter(i - 0.2 + 0.15 * rng.random(len(mine)), [r["share"] for r in mine], s=6, color="0.6")
+        ax.scatter(i - 0.2 + 0.15 * rng.random(len(mine)), [r["share"] for r in mine], s=6, color="0.6",
+                   label="one map (image, seed)" if i == 0 else None)
         seeds = sorted({r["seed"] for r in mine})
         means = [float(np.mean([r["share"] for r in mine if r["seed"] == s])) for s in seeds]
-        ax.scatter([i + 0.15] * len(means), means, s=18, color=f"C{i}")
+        ax.scatter([i + 0.15] * len(means), means, s=18, color=f"C{i}", label="one seed's mean" if i == 0 else None)
         if means:
-            ax.hlines(float(np.mean(means)), i + 0.05, i + 0.3, color="black", lw=2)
-    ax.axhline(float(np.mean([r["area"] for r in rows])), color="grey", ls="--", lw=1)
+            ax.hlines(float(np.mean(means)), i + 0.05, i + 0.3, color="black", lw=2,
+                      label="mean over seeds" if i == 0 else None)
+    ax.axhline(float(np.mean([r["area"] for r in rows])), color="grey", ls="--", lw=1,
+               label="box area share (a uniform map)")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("share of CAM inside GT boxes")
     ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    empty = sum(bool(r["empty"]) for r in rows)
+    ax.set_title(title or f"Grad-CAM share inside the boxes ({len(rows) - empty} non-empty maps; "
+                          f"{empty} empty maps left out)", fontsize=9)
     return fig
+
+
+CAM_SHARES_KEYS = ("model", "seed", "image", "share", "area", "empty")
+
+
+def write_cam_shares(path: str | Path, rows: Sequence[Mapping[str, Any]], source: Mapping[str, Any]) -> Path:
+    """Write ``cam_shares`` rows and their ``source`` (the study, images, command that made them) as JSON,
+    atomically (NaN shares of empty maps are written as null)."""
+    from ..atomic import write_json
+
+    clean = [{k: (None if k == "share" and r["empty"] else r[k]) for k in CAM_SHARES_KEYS} for r in rows]
+    return write_json(Path(path), {"source": dict(source), "rows": clean})
+
+
+def read_cam_shares(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(rows, source)`` of a file written by ``write_cam_shares``. A missing or malformed file is a
+    ``FileNotFoundError`` / ``ValueError`` that says how to make it (``tools/cam_shares.py``)."""
+    from ..atomic import read_json
+
+    regenerate = "make it with `python tools/cam_shares.py STUDY_DIR --out FILE` (docs/analysis.md)"
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no CAM-share file at {file}: {regenerate}")
+    data = read_json(file, "CAM shares")
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not all(
+            isinstance(r, dict) and set(CAM_SHARES_KEYS) <= set(r) for r in data["rows"]):
+        raise ValueError(f"{file} is not a CAM-share file (rows with {', '.join(CAM_SHARES_KEYS)}): {regenerate}")
+    rows = [{**r, "share": math.nan if r["share"] is None else float(r["share"])} for r in data["rows"]]
+    return rows, dict(data.get("source", {}))
 
 
 def compare_cams(

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import count_parameters
 
 __all__ = [
-    "count_flops", "count_parameters", "efficiency_table", "format_table", "kd_step_overhead",
-    "measure_latency", "peak_memory",
+    "count_flops", "count_parameters", "efficiency_table", "format_table", "kd_step_overhead", "latency_noise",
+    "machine_description", "measure_latency", "peak_memory", "plot_efficiency", "size_table",
 ]
 
 Inputs = Tensor | list | tuple
@@ -194,6 +195,30 @@ def _detector_inputs(model: nn.Module, image_size: tuple[int, int], batch_size: 
     return torch.rand(batch_size, 3, *image_size, generator=gen).to(device)
 
 
+def _size_row(name: str, model: nn.Module, inputs: Inputs) -> dict[str, Any]:
+    return {"name": name, "params_M": count_parameters(model) / 1e6, "GFLOPs": count_flops(model, inputs) / 1e9}
+
+
+def size_table(models: Mapping[str, nn.Module], image_size: int | tuple[int, int]) -> list[dict[str, Any]]:
+    """One row per model: ``name, params_M, GFLOPs`` (one image of ``image_size``), without timing anything.
+
+    The architecture columns of Table 3, cheap enough for paper-size detectors on a CPU (one forward pass
+    each, under the FLOP counter). Inputs as in ``efficiency_table``.
+    """
+    size = _image_size(models, image_size)
+    return [_size_row(name, model, _detector_inputs(model, size, 1, _model_device(model)))
+            for name, model in models.items()]
+
+
+def _image_size(models: Mapping[str, nn.Module], image_size: int | tuple[int, int]) -> tuple[int, int]:
+    if not models:
+        raise ValueError("models is empty: pass a dict of name -> model")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be an int or (H, W) with positive entries, got {image_size!r}")
+    return size
+
+
 def efficiency_table(
     models: Mapping[str, nn.Module],
     image_size: int | tuple[int, int],
@@ -212,11 +237,7 @@ def efficiency_table(
     Models are moved to ``device``. See ``peak_memory`` for what memory means on each device (NaN
     on a CPU without Linux ``/proc``).
     """
-    if not models:
-        raise ValueError("models is empty: pass a dict of name -> model")
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (H, W) with positive entries, got {image_size!r}")
+    size = _image_size(models, image_size)
     dev = torch.device(device)
     rows = []
     for name, model in models.items():
@@ -233,9 +254,7 @@ def efficiency_table(
         except RuntimeError:  # no /proc to read the CPU high-water mark from
             memory = math.nan
         rows.append({
-            "name": name,
-            "params_M": count_parameters(model) / 1e6,
-            "GFLOPs": count_flops(model, inputs) / 1e9,
+            **_size_row(name, model, inputs),
             "latency_ms": latency["median_ms"],
             "latency_iqr_ms": latency["iqr_ms"],
             "FPS": latency["fps"],
@@ -253,7 +272,8 @@ def kd_step_overhead(
 
     The callables run round-robin (one of each per round) so drift of a shared machine hits all
     alike. CUDA is synchronised around each call when it has been initialised. Returns rows
-    ``name, median_ms, mean_ms, ratio`` (``ratio = median / median of the first entry``).
+    ``name, median_ms, iqr_ms, mean_ms, ratio`` (``ratio = median / median of the first entry``; ``iqr_ms`` the
+    interquartile range of the step's timings).
     """
     if not step_fns:
         raise ValueError("step_fns is empty: pass a dict of name -> callable running one step")
@@ -273,7 +293,7 @@ def kd_step_overhead(
                 times[name].append((time.perf_counter() - start) * 1000)
     base = statistics.median(next(iter(times.values())))
     return [
-        {"name": name, "median_ms": statistics.median(t), "mean_ms": statistics.fmean(t),
+        {"name": name, "median_ms": statistics.median(t), "iqr_ms": _iqr(t), "mean_ms": statistics.fmean(t),
          "ratio": statistics.median(t) / base}
         for name, t in times.items()
     ]
@@ -308,7 +328,7 @@ def gpu_suite_latency(summary_path: str | Path) -> dict[str, dict[str, Any]]:
     name, with the device they ran on under ``"device"``; empty when the file is missing or its
     latency section did not run (e.g. no CUDA device), so a table can say "not run". A relative path
     is looked up from the current folder, then from the project root."""
-    from ..config import PROJECT_ROOT
+    from ..paths import PROJECT_ROOT
 
     path = Path(summary_path)
     if not path.is_absolute() and not path.exists():
@@ -319,3 +339,73 @@ def gpu_suite_latency(summary_path: str | Path) -> dict[str, dict[str, Any]]:
     section = summary.get("sections", {}).get("latency", {})
     device = summary.get("info", {}).get("device", "?")
     return {row["name"]: {**row, "device": device} for row in section.get("rows", [])}
+
+
+def latency_noise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Whether the median latencies of models with the same architecture differ by more than timing noise.
+
+    ``rows``: ``efficiency_table`` rows of models that do the same work (e.g. students that differ only in
+    their weights). Returns ``span_ms`` (largest minus smallest median latency), ``iqr_ms`` (the smallest
+    interquartile range among them), ``within_noise`` (``span_ms <= iqr_ms``) and ``text``, one sentence saying so.
+    """
+    if len(rows) < 2:
+        raise ValueError(f"latency_noise needs at least 2 rows to compare, got {len(rows)}")
+    medians = [float(r["latency_ms"]) for r in rows]
+    span, iqr = max(medians) - min(medians), min(float(r["latency_iqr_ms"]) for r in rows)
+    within = span <= iqr
+    text = (f"the {len(rows)} median latencies span {span:.2f} ms; the smallest interquartile range of their timings "
+            f"is {iqr:.2f} ms: " + ("within the timing noise." if within else
+                                   "more than the timing noise of one model, so the machine's load changed during "
+                                   "the measurement (same architecture, same work)."))
+    return {"span_ms": span, "iqr_ms": iqr, "within_noise": within, "text": text}
+
+
+def machine_description() -> str:
+    """One line naming where timings were taken: the CPU model (Linux ``/proc/cpuinfo``), torch's intra-op threads,
+    the CUDA device when one is available, and the torch version."""
+    cpu = "unknown CPU"
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    gpu = f"; CUDA device: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"CPU: {cpu}, {torch.get_num_threads()} torch thread(s){gpu}; torch {torch.__version__}"
+
+
+def plot_efficiency(rows: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]] | None = None,
+                    batch_size: int | None = None) -> Figure:
+    """Bar charts of ``efficiency_table`` rows (parameters, GFLOPs, latency with its interquartile range as error
+    bars, inference memory) and, with ``steps`` (``kd_step_overhead`` rows), the training step time with its
+    interquartile range and each step's ratio to the first.
+
+    Colours follow names: a model named alike in ``rows`` and ``steps`` has one colour in every panel.
+    """
+    from .viz import new_figure
+
+    if not rows:
+        raise ValueError("rows is empty: nothing to plot")
+    names = list(dict.fromkeys([r["name"] for r in rows] + [r["name"] for r in steps or []]))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    panels = [("params_M", None, "parameters (M)"), ("GFLOPs", None, "GFLOPs / image"),
+              ("latency_ms", "latency_iqr_ms", "latency (ms, batch 1)"), ("peak_mem_MiB", None, "inference memory (MiB)")]
+    fig, axes = new_figure(len(panels) + (1 if steps else 0), panel=(2.8, 3.0))
+    for ax, (key, spread, title) in zip(axes[0], panels, strict=False):
+        _bars(ax, rows, key, spread, colour)
+        ax.set_title(title, fontsize=10)
+    if steps:
+        ax = axes[0, -1]
+        _bars(ax, steps, "median_ms", "iqr_ms", colour)
+        for i, r in enumerate(steps):
+            ax.text(i, r["median_ms"] + r["iqr_ms"] / 2, f"{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, 1.2 * max(r["median_ms"] + r["iqr_ms"] / 2 for r in steps))
+        ax.set_title("training step (ms" + (f", batch {batch_size})" if batch_size else ")"), fontsize=10)
+    fig.suptitle("error bars: interquartile range of the timings; ratios: step time / first step's", fontsize=9)
+    return fig
+
+
+def _bars(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, spread: str | None, colour: Mapping[str, str]) -> None:
+    """One bar per row (its colour from ``colour``), an error bar of +/- half the ``spread`` column when given."""
+    ax.bar(range(len(rows)), [r[key] for r in rows], color=[colour[r["name"]] for r in rows],
+           yerr=[r[spread] / 2 for r in rows] if spread else None, capsize=3 if spread else 0)
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=35, ha="right", fontsize=8)

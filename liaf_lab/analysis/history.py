@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..atomic import write_text
 from ..distillers import InstanceScorer, KDInputs
+from ..verdicts import paired_interval
 from .viz import check_levels, new_figure
 
 __all__ = ["ScoreHistory", "plot_score_gaps"]
@@ -202,7 +203,9 @@ class ScoreHistory:
 
 def plot_score_gaps(histories: Sequence[ScoreHistory], level: str | None = None) -> Figure:
     """The mean ``|A^S - A^T|`` over instances against iterations for several runs (e.g. one per seed):
-    one thin line per run, their mean in black with a band of +- one standard deviation over runs."""
+    one thin line per run, their mean in black with its Student's t 95% interval over runs as a band
+    (``liaf_lab.verdicts.paired_interval``, the interval the notebooks report). The y axis starts at 0; the
+    legend sits beside the axes, off the data."""
     if not histories:
         raise ValueError("histories is empty: pass one ScoreHistory per run")
     series = [h.gaps(level) for h in histories]
@@ -210,18 +213,19 @@ def plot_score_gaps(histories: Sequence[ScoreHistory], level: str | None = None)
     if not iterations:
         raise ValueError("the histories share no recorded iteration: track them with the same `every`")
     values = np.array([[s[it] for it in iterations] for s in series])
-    fig, axes = new_figure(1, panel=(5.0, 3.5))
+    fig, axes = new_figure(1, panel=(6.2, 3.5))
     ax = axes[0, 0]
     for i, row in enumerate(values):
         ax.plot(iterations, row, color=f"C{i}", lw=1, alpha=0.6, label=f"run {i}")
     mean = values.mean(0)
-    ax.plot(iterations, mean, color="black", lw=2, label="mean")
+    ax.plot(iterations, mean, color="black", lw=2, label="mean over runs")
     if len(values) > 1:
-        std = values.std(0, ddof=1)
-        ax.fill_between(iterations, mean - std, mean + std, color="grey", alpha=0.25, label="+- 1 std over runs")
+        low, high = np.array([paired_interval(list(column))[1:] for column in values.T]).T
+        ax.fill_between(iterations, low, high, color="grey", alpha=0.25, label="95% t interval of the mean")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean |A^S - A^T| over instances")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"level {level if level is not None else histories[0].levels[0]}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig

@@ -19,7 +19,10 @@ from ..engine.steps import DistillStep
 from ..models.backbones import eval_mode
 from .viz import check_image, check_levels, draw_boxes, draw_mask, new_figure
 
-__all__ = ["background_share", "box_regions", "kd_inputs_for", "method_weight_maps", "paired_maps", "plot_weight_maps"]
+__all__ = [
+    "background_share", "box_regions", "kd_inputs_for", "method_weight_maps", "paired_maps", "plot_weight_maps",
+    "weight_map_summary",
+]
 SIDES = (" (teacher)", " (student)")
 
 
@@ -115,6 +118,17 @@ def background_share(distiller: FeatureDistiller, inputs: KDInputs, **options: A
     return {name: bg / whole if whole > 0 else math.nan for name, (bg, whole) in parts.items()}
 
 
+def _scale(grids: Sequence[Tensor], limits: tuple[float, float] | None) -> tuple[float, float]:
+    """``limits`` (checked), else ``(min, max)`` over ``grids``; a constant map's range starts at its value (its
+    colour: the scale's bottom)."""
+    if limits is not None:
+        if not limits[0] < limits[1]:
+            raise ValueError(f"limits must be (low, high) with low < high, got {limits}")
+        return limits
+    vmin, vmax = min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)
+    return vmin, vmax if vmax > vmin else vmin + 1.0
+
+
 def plot_weight_maps(
     images: Sequence[Tensor],
     inputs: KDInputs,
@@ -126,14 +140,16 @@ def plot_weight_maps(
     title: str | None = None,
     cmap: str = "magma",
     alpha: float = 0.6,
+    limits: tuple[float, float] | None = None,
 ) -> Figure:
     """A grid of weight maps at one FPN level: one row per image, one column per map.
 
     Each panel is the image resized as the detector saw it, its ground-truth boxes with class names,
     and the map's cells overlaid (each cell over ``stride x stride`` pixels from the top left). Every
     map has one colour scale for all images, ``[min, max]`` over the images, with a colour bar below
-    its column; the two maps of a pair (``"<x> (teacher)"``, ``"<x> (student)"``) stand side by side and
-    share one scale and bar.
+    its column that says so; the two maps of a pair (``"<x> (teacher)"``, ``"<x> (student)"``) stand side by
+    side and share one scale and bar. ``limits`` ``(low, high)`` puts every map on that one scale instead (e.g.
+    ``(0, 1)`` for masks, so a mask that never exceeds 0.02 looks dark, not as bright as a full-range one).
 
     Args:
         images: the N images ``[3, H, W]`` the inputs were computed from.
@@ -184,9 +200,7 @@ def plot_weight_maps(
     fig, axes = new_figure(len(columns), len(pictures), panel=(2.6, 2.6 * height / width + 0.3))
     j = 0
     for group in _groups(columns):
-        vmin = min(float(grids[name].min()) for name in group)
-        vmax = max(float(grids[name].max()) for name in group)
-        vmax = vmax if vmax > vmin else vmin + 1.0  # a constant map: its colour is the scale's bottom
+        vmin, vmax = _scale([grids[name] for name in group], limits)
         for name in group:
             for i, img in enumerate(pictures):
                 ax = axes[i, j]
@@ -200,8 +214,20 @@ def plot_weight_maps(
                     ax.text(-0.03, 0.5, f"image {i}", rotation=90, transform=ax.transAxes, ha="right", va="center",
                             fontsize=8)
             j += 1
-        fig.colorbar(mappable, ax=list(axes[:, j - len(group):j].flat), location="bottom", fraction=0.04, pad=0.01)
+        fig.colorbar(mappable, ax=list(axes[:, j - len(group):j].flat), location="bottom", fraction=0.04, pad=0.01,
+                     label="weight (shared scale)" if limits else "weight (range over the images)")
     grid_h, grid_w = grids[columns[0]].shape[1:]
     fig.suptitle(f"{title + ': ' if title else ''}level {level} ({grid_h}x{grid_w}, stride {strides[level]:g})",
                  fontsize=10)
     return fig
+
+
+def weight_map_summary(maps: Mapping[str, Mapping[str, Tensor]], level: str) -> list[dict[str, object]]:
+    """One row per map that has ``level``: ``map, min, mean, max, cells > 0`` (the share of cells above 0) of its
+    ``[N, H, W]`` cells over the images, for ``format_table``."""
+    rows = [{"map": name, "min": float(m[level].min()), "mean": float(m[level].float().mean()),
+             "max": float(m[level].max()), "cells > 0": float((m[level] > 0).float().mean())}
+            for name, m in maps.items() if level in m]
+    if not rows:
+        raise ValueError(f"no map has level {level!r}: the maps have {sorted({lvl for m in maps.values() for lvl in m})}")
+    return rows

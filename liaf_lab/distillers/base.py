@@ -535,6 +535,28 @@ class FeatureDistiller(nn.Module):
         if self.two_stage:
             self.stage1_steps.fill_(iterations)
 
+    def load_stage1_from(self, other: FeatureDistiller) -> None:
+        """Take ``other``'s learned stage 1: its stage-1 modules' weights and its recorded iteration count (e.g. to
+        run stage 2 from one stage 1 with several seeds). Both must be built alike (same method, levels, shapes);
+        anything else, or an ``other`` whose stage 1 never ran, is a ``ValueError``."""
+        mine, theirs = self.stage1_modules(), other.stage1_modules()
+        if type(self) is not type(other) or mine.keys() != theirs.keys():
+            raise ValueError(f"load_stage1_from: a {type(other).__name__} with stage-1 modules {sorted(theirs)} "
+                             f"cannot give its stage 1 to a {type(self).__name__} with {sorted(mine)}")
+        if not other.two_stage or not other.stage1_ready:
+            raise ValueError(f"load_stage1_from: the {type(other).__name__} has no learned stage 1 to give")
+        for name, module in mine.items():
+            try:
+                module.load_state_dict(theirs[name].state_dict())
+            except RuntimeError as err:
+                raise ValueError(f"load_stage1_from: stage-1 module {name!r} differs in shape: "
+                                 f"{str(err).splitlines()[-1].strip()}") from err
+        self._copy_stage1_count(other)
+
+    def _copy_stage1_count(self, other: FeatureDistiller) -> None:
+        if self.two_stage:
+            self.mark_stage1(int(other.stage1_steps))
+
     def stage1(
         self,
         teacher_feats: Features,

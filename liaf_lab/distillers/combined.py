@@ -42,6 +42,10 @@ class CombinedDistiller(FeatureDistiller):
         for part in self.parts.values():
             part.mark_stage1(iterations)
 
+    def _copy_stage1_count(self, other: FeatureDistiller) -> None:
+        for name, part in self.parts.items():
+            part._copy_stage1_count(other.parts[name])
+
     @staticmethod
     def _name(part: str, term: str) -> str:
         return part if term == part else f"{part}_{term}"

@@ -1,4 +1,4 @@
-"""The notebooks' shared set-up: one call gives the shipped tiny models, the class names, a scratch
+"""The notebooks' shared set-up (above the analysis layer: it loads the demo's shipped models): one call gives the shipped tiny models, the class names, a scratch
 folder and the display settings, so no notebook copies set-up code."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import matplotlib
 import torch
 from torch import nn
 
-from ..config import PROJECT_ROOT
-from ..demo import SHIPPED_DIR, load_demo_models
-from ..progress import use_text_progress
+from .demo import SHIPPED_DIR, load_demo_models
+from .paths import PROJECT_ROOT
+from .progress import use_text_progress
 
 __all__ = ["NotebookSession", "setup_notebook"]
 
