@@ -350,3 +350,19 @@ def test_no_method_module_imports_another():
         siblings = _imported_modules(path, module.rsplit(".", 1)[0]) & (methods - {module})
         offenders += [f"{module} imports {sibling}" for sibling in sorted(siblings)]
     assert not offenders, "\n".join(offenders)
+
+
+# -- layers: the analysis layer imports no experiment module ------------------------------------------
+EXPERIMENTS = {"builders", "cli", "config", "demo", "executors", "notebook", "processes", "report", "study",
+               "study_folders", "study_report", "toy"}
+
+
+def test_the_analysis_layer_imports_no_experiment_module():
+    """analysis/ sits below the experiments (config, studies, reports, the demo, the notebooks' set-up): it may
+    import the layers beneath it (data, models, distillers, engine, the utilities), never one of these."""
+    offenders = []
+    for path in sorted((PACKAGE / "analysis").glob("*.py")):
+        imported = _imported_modules(path, "liaf_lab.analysis")
+        offenders += [f"analysis/{path.name} imports liaf_lab.{name}" for name in sorted(EXPERIMENTS)
+                      if any(m == f"liaf_lab.{name}" or m.startswith(f"liaf_lab.{name}.") for m in imported)]
+    assert not offenders, "\n".join(offenders)
