@@ -81,7 +81,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedCon
     results["seconds"] = time.perf_counter() - start
     results["summary"] = {m: _mean_std([r["AP"] for r in rows]) for m, rows in results["students"].items()}
     write_json(out / "summary.json", results)
-    write_report(out, results, cfg, str(config), changed=quick or bool(overrides))
+    write_report(out, results, cfg, str(cfg.source), changed=bool(cfg.overrides))
     return results
 
 
