@@ -169,7 +169,8 @@ def test_quick_demo_end_to_end(tiny_data, tmp_path):
     assert set(results["students"]) == {"none", "fitnet", "liaf"}
     report = (tmp_path / "report.md").read_text()
     assert "Student + LIAF-KD" in report and "| Teacher |" in report
-    assert "## The measured answer: the shipped study" in report and "| fgfi − none | 6 |" in report
+    assert "## The measured answer: the shipped study" in report and "`data_samples/studies/tiny6`" in report
+    assert "| liaf − none | 6 |" in report and "changed the 'tiny' preset (quick mode" in report
     assert (tmp_path / "ap.png").stat().st_size > 0
     assert (tmp_path / "seed0" / "liaf" / "stage1" / "last.pt").exists()
     assert all((tmp_path / run / "curves.png").exists() for run in ("teacher", "seed0/none", "seed0/liaf/stage1"))
