@@ -98,7 +98,13 @@ def execute_notebook(nb, checkpoints: Path, quick: bool, cwd: Path):
     client = _Client(nb, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False,
                      resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)
+    if not widget_views(nb):  # widgets made and dropped during the run (e.g. a progress bar): no state to keep
+        nb.metadata.pop("widgets", None)
     return nb
+
+
+def widget_views(nb) -> list:
+    return [o for o in outputs(nb) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
 
 
 def outputs(nb, output_type: str | None = None) -> list:
@@ -152,6 +158,8 @@ def test_committed_notebook_has_full_run_outputs(path: Path):
     assert "quick mode: False" in stream, f"{path.name} holds the outputs of a quick run, not a full one"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and "LIAF_CHECKPOINTS" in tagged[0].source and "LIAF_QUICK" in tagged[0].source
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    assert widget_views(nb) or not state, f"{path.name} carries the state of {len(state)} widgets it no longer shows"
 
 
 def main(argv: list[str] | None = None) -> int:
