@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the whole family)")
     p.add_argument("--versus", nargs="+", default=[], metavar="METHOD",
                    help="also compare every other method with these (e.g. --versus liaf)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report of the study in --out from its finished runs and run nothing (what a stopped "
+                        "or running study says so far; seeds count only when all their runs have finished)")
     p.add_argument("--target-halfwidth", type=float, metavar="D",
                    help="fixed-width intervals (Stein's two-stage rule): --seeds is the pilot, then each comparison "
                         "gets the seeds a 95%% half-width of D AP needs, at most --max-seeds")
@@ -210,8 +213,11 @@ def _toy(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from .executors import JobsPending, SlurmOptions
-    from .study import parse_grid, run_study
+    from .study import parse_grid, report_finished, run_study
 
+    if args.report_only:
+        print(report_finished(args.out).report.read_text())
+        return 0
     options = SlurmOptions(partition=args.partition, time_min=args.time, gpus=args.gpus, cpus=args.cpus,
                            array_parallelism=args.array_parallelism, mem_gb=args.mem_gb, wait=not args.no_wait)
     try:

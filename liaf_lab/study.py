@@ -606,6 +606,39 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
     return StudyResult(table, report, seconds, summary)
 
 
+def report_finished(out_dir: str | Path) -> StudyResult:
+    """Write the report of a study folder's finished runs and run nothing: what a stopped (or still running) study
+    says so far, in its ``report.md``, ``results.json`` and comparisons (``liaf-lab study --out DIR --report-only``).
+
+    The runs are those of the folder's recorded methods, seeds and grid (``study.json``); a seed counts only when
+    every run of it has finished, so every comparison stays paired. Raises ``StudyError`` when the folder holds no
+    study or no seed has finished whole.
+    """
+    from .atomic import read_json
+
+    start = time.perf_counter()
+    out = study_folder(out_dir)
+    spec = read_json(out / "study.json", "study record")
+    grid, grid_mode = spec.get("grid", {}), spec.get("grid_mode", "product")
+    family = Family.from_dict(spec.get("family"))
+    variants = grid_variants(grid, grid_mode)
+    rows: dict[str, dict[str, Any]] = {}
+    seeds = []
+    for seed in spec["seeds"]:
+        runs = list(dict.fromkeys(Run(v, seed, m) for v in variants for m in spec["methods"]))
+        found = {r.folder: finished_row(out, r.folder) for r in runs}
+        if all(row is not None for row in found.values()):
+            rows.update(found)
+            seeds.append(seed)
+    if not seeds:
+        raise StudyError(f"{out} has no seed whose runs have all finished: nothing to report yet")
+    runs = list(dict.fromkeys(Run(v, s, m) for v in variants for s in seeds for m in spec["methods"]))
+    table = _table(runs, rows)
+    seconds = time.perf_counter() - start
+    report, summary = write_study_report(out, table, spec["methods"], seeds, grid, seconds, grid_mode, family)
+    return StudyResult(table, report, seconds, summary)
+
+
 def _table(runs: list[Run], rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (variant, seed, method); a no-KD run serves every variant that differs only in KD settings."""
     return [{**rows[r.folder], "variant": ",".join(r.variant) or "default",

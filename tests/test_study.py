@@ -320,3 +320,32 @@ def test_the_study_teacher_is_trained_once_in_its_run_folder(tmp_path):
     written = teacher.stat().st_mtime_ns
     assert _teacher(tmp_path, load_config("tiny", QUICK), "cpu", 1, None) == str(teacher)  # found, not trained again
     assert teacher.stat().st_mtime_ns == written
+
+
+def test_report_only_reports_the_seeds_whose_runs_all_finished_and_trains_nothing(tmp_path, small, monkeypatch,
+                                                                                  capsys):
+    from liaf_lab.cli import main as cli_main
+    from liaf_lab.study import report_finished
+
+    out = tmp_path / "study"
+    full = run_study(out, "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu", teacher_weights=TEACHER)
+    (out / "runs" / "fitnet" / "default" / "seed1" / "result.json").unlink()  # seed 1 is not finished whole
+    for name in ("results.json", "report.md"):
+        (out / name).unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr(liaf_lab.engine, "train_detector", no_training)
+    monkeypatch.setattr(liaf_lab.engine, "distill", no_training)
+    result = report_finished(out)
+    assert [(r["method"], r["seed"]) for r in result.rows] == [("none", 0), ("fitnet", 0)]
+    assert [r["test_AP"] for r in result.rows] == [r["test_AP"] for r in full.rows if r["seed"] == 0]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result.rows))
+    assert "seeds [0]" in (out / "report.md").read_text()
+    assert cli_main(["study", "--out", str(out), "--report-only"]) == 0
+    assert "# Study report" in capsys.readouterr().out
+    for row in (out / "runs").rglob("result.json"):
+        row.unlink()
+    with pytest.raises(StudyError, match="no seed whose runs have all finished"):
+        report_finished(out)
