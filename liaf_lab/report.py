@@ -84,7 +84,7 @@ SHIPPED_STUDIES = {"tiny": "data_samples/studies/tiny6", "bench": "data_samples/
 
 def shipped_study_section(config: str = "tiny", study: str | Path | None = None, changed: bool = False) -> list[str]:
     """The measured answer a one-seed demo cannot give: the shipped study of preset ``config`` (``SHIPPED_STUDIES``,
-    or ``study``) with its comparisons and Holm-adjusted verdicts, as Markdown lines (a line naming what is missing
+    or ``study``) with every pair of its methods compared and Holm-adjusted over that family, as Markdown lines (a line naming what is missing
     when no study of that preset ships or its folder is absent). ``changed``: the demo changed the preset (quick
     mode, overrides), which the section then says."""
     from .study_folders import StudyError
@@ -102,8 +102,8 @@ def shipped_study_section(config: str = "tiny", study: str | Path | None = None,
             if changed else "")
     return ["## The measured answer: the shipped study", "",
             f"`{study}` ({len(summary.seeds)} paired seeds per method, every method on the same students and "
-            f"batches; its recipe and caveats: docs/results.md). AP on the {summary.split} split:{note}", "",
-            *comparisons_table(summary.comparisons), ""]
+            f"batches; its recipe and caveats: docs/results.md). AP on the {summary.split} split, every pair of "
+            f"methods in one family:{note}", "", *comparisons_table(summary.compare(pairwise=True)), ""]
 
 
 def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any], config: str = "tiny",
