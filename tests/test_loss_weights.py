@@ -12,7 +12,7 @@ from references.common import ref_background_share
 from references.liaf import ref_level_mse, ref_liaf_sides
 
 from liaf_lab import FitNetDistiller, LIAFDistiller, create_distiller, list_distillers
-from liaf_lab.analysis import background_share, box_regions
+from liaf_lab.analysis import background_area, background_share, box_regions
 from liaf_lab.distillers import FGDDistiller, KDInputs, LossWeights
 
 OPTION_SETS = [{}, {"mask_scale": "count"}, {"mask_scale": "count", "mask_side": "shared", "normalize": "batch"},
@@ -179,3 +179,19 @@ def test_with_options_is_a_copy() -> None:
         d.loss_weights(inputs, mask_scale="sqrt")
     with pytest.raises(ValueError, match="unknown distiller 'liaf' option 'mask'"):
         d.with_options(mask="count")
+
+
+def test_background_area_is_the_share_of_all_cells_in_no_box_by_a_literal_loop() -> None:
+    teacher = make_feats(8, 2, 3, dtype=torch.float32)
+    boxes = [b.float() for b in make_boxes([3, 1], 4)]
+    outside = total = 0
+    for lvl, feats in teacher.items():
+        stride = STRIDES[lvl]
+        for image_boxes in boxes:
+            for h in range(feats.shape[-2]):
+                for w in range(feats.shape[-1]):  # the corner rule: the cell's top-left corner lies in a box
+                    covered = any(x1 <= w * stride < x2 and y1 <= h * stride < y2
+                                  for x1, y1, x2, y2 in image_boxes.tolist())
+                    outside += not covered
+                    total += 1
+    assert background_area(KDInputs(teacher, teacher, boxes), STRIDES) == pytest.approx(outside / total)

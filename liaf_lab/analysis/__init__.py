@@ -23,7 +23,8 @@ from .efficiency import (
 )
 from .history import ScoreHistory, plot_score_gaps
 from .maps import (
-    background_share, box_regions, kd_inputs_for, method_weight_maps, paired_maps, plot_weight_maps, weight_map_summary,
+    background_area, background_share, box_regions, in_boxes, kd_inputs_for, method_weight_maps, paired_maps,
+    plot_weight_maps, weight_map_summary,
 )
 from .selectors import instance_groups, mean_cosine, plot_group_values, plot_selector_cosines, selector_cosines
 from .viz import (
@@ -42,13 +43,13 @@ from .viz import (
 from .widgets import MaskInspector, MaskView
 
 __all__ = [
-    "DetectorCAM", "MaskInspector", "MaskView", "ScoreHistory", "background_share", "box_regions", "cam_box_share",
-    "cam_shares", "compare_cams", "count_flops", "count_parameters", "detector_cam", "draw_boxes", "draw_mask",
-    "draw_score_bars", "efficiency_table", "figure_digest", "figure_to_jpeg", "figure_to_png", "format_table",
-    "fpn_features", "instance_groups", "kd_inputs_for", "kd_step_overhead", "latency_noise", "machine_description",
-    "mean_cosine", "measure_latency", "method_weight_maps", "paired_maps", "peak_memory", "plot_cam_shares",
-    "plot_detections", "plot_efficiency", "plot_group_values", "plot_instance_scores", "plot_masks",
-    "plot_run_curves", "plot_score_gaps", "plot_selector_cosines", "plot_training_curves", "plot_weight_maps",
-    "read_cam_shares", "resize_for_detector", "selector_cosines", "size_table", "summarise_cam_shares",
-    "weight_map_summary", "write_cam_shares",
+    "DetectorCAM", "MaskInspector", "MaskView", "ScoreHistory", "background_area", "background_share",
+    "box_regions", "cam_box_share", "cam_shares", "compare_cams", "count_flops", "count_parameters", "detector_cam",
+    "draw_boxes", "draw_mask", "draw_score_bars", "efficiency_table", "figure_digest", "figure_to_jpeg",
+    "figure_to_png", "format_table", "fpn_features", "in_boxes", "instance_groups", "kd_inputs_for",
+    "kd_step_overhead", "latency_noise", "machine_description", "mean_cosine", "measure_latency",
+    "method_weight_maps", "paired_maps", "peak_memory", "plot_cam_shares", "plot_detections", "plot_efficiency",
+    "plot_group_values", "plot_instance_scores", "plot_masks", "plot_run_curves", "plot_score_gaps",
+    "plot_selector_cosines", "plot_training_curves", "plot_weight_maps", "read_cam_shares", "resize_for_detector",
+    "selector_cosines", "size_table", "summarise_cam_shares", "weight_map_summary", "write_cam_shares",
 ]

@@ -20,7 +20,7 @@ from ..models.backbones import eval_mode
 from .viz import check_image, check_levels, draw_boxes, draw_mask, new_figure
 
 __all__ = [
-    "background_share", "box_regions", "kd_inputs_for", "method_weight_maps", "paired_maps", "plot_weight_maps",
+    "background_area", "background_share", "box_regions", "in_boxes", "kd_inputs_for", "method_weight_maps", "paired_maps", "plot_weight_maps",
     "weight_map_summary",
 ]
 SIDES = (" (teacher)", " (student)")
@@ -90,6 +90,20 @@ def box_regions(boxes: Tensor, size: tuple[int, int], stride: float) -> Tensor:
     return box_cells(boxes.reshape(-1, 4), stride, size, "corner")
 
 
+def in_boxes(boxes: Sequence[Tensor], size: tuple[int, int], stride: float) -> Tensor:
+    """``[N, H, W]`` bool: the cells of each image's ``(H, W)`` grid that some of its ``boxes[i] [n_i, 4]`` covers
+    (``box_regions``)."""
+    return torch.stack([box_regions(b, size, stride).any(0) for b in boxes])
+
+
+def background_area(inputs: KDInputs, strides: Mapping[str, float]) -> float:
+    """The share of all cells (every level of the teacher's features, every image) in no box: the background share
+    of a loss that weighted every cell alike with the same error everywhere (``background_share``'s reference)."""
+    outside = [~in_boxes([b.cpu() for b in inputs.boxes], tuple(f.shape[-2:]), strides[lvl])
+               for lvl, f in inputs.teacher_feats.items()]
+    return sum(float(o.sum()) for o in outside) / sum(o.numel() for o in outside)
+
+
 @torch.no_grad()
 def background_share(distiller: FeatureDistiller, inputs: KDInputs, **options: Any) -> dict[str, float]:
     """The share of a method's feature loss that falls on cells outside every ground-truth box.
@@ -111,8 +125,7 @@ def background_share(distiller: FeatureDistiller, inputs: KDInputs, **options: A
     parts = {}
     for lvl, cells in weights.cells.items():
         size = tuple(cells.shape[-2:])
-        inside = torch.stack([box_regions(b.to(cells.device), size, distiller.strides[lvl]).any(0)
-                              for b in inputs.boxes])
+        inside = in_boxes([b.to(cells.device) for b in inputs.boxes], size, distiller.strides[lvl])
         parts[lvl] = (float(cells[~inside].sum()), float(cells.sum()))
     parts["total"] = (sum(bg for bg, _ in parts.values()), sum(whole for _, whole in parts.values()))
     return {name: bg / whole if whole > 0 else math.nan for name, (bg, whole) in parts.items()}
