@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="write the report of the study in --out from its finished runs and run nothing (what a stopped "
                         "or running study says so far; seeds count only when all their runs have finished)")
+    p.add_argument("--resume-from", metavar="DIR",
+                   help="a shipped artefact of this same study (its study.json and results.json, e.g. "
+                        "data_samples/studies/bench_all): its finished runs are adopted, not trained again")
     p.add_argument("--target-halfwidth", type=float, metavar="D",
                    help="fixed-width intervals (Stein's two-stage rule): --seeds is the pilot, then each comparison "
                         "gets the seeds a 95%% half-width of D AP needs, at most --max-seeds")
@@ -227,7 +230,7 @@ def _study(args: argparse.Namespace) -> int:
                            versus=args.versus, target_half_width=args.target_halfwidth,
                            max_seeds=args.max_seeds, executor=args.executor, executor_options=options,
                            teacher_cache={"auto": None, "on": True, "off": False}[args.teacher_cache],
-                           teacher_cache_gb=args.teacher_cache_gb)
+                           teacher_cache_gb=args.teacher_cache_gb, resume_from=args.resume_from)
     except JobsPending as pending:
         print(pending)
         return 0

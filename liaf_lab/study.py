@@ -50,6 +50,9 @@ GRID_MODES = typing.get_args(GridMode)
 #: the seed's runs have finished.
 TEACHER_CACHE = "teacher_cache"
 
+#: The key of a run record (``record.json``) that names the study artefact a run was adopted from (``adopt_finished``).
+ADOPTED = "adopted_from"
+
 
 @dataclass(frozen=True)
 class Run:
@@ -174,56 +177,71 @@ def _runs_teacher(out: Path) -> dict[str, str | None] | None:
 
 
 def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: Sequence[int],
-                family: dict[str, Any] | None = None) -> None:
+                family: dict[str, Any] | None = None, artefact: Path | None = None) -> None:
     """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow) with the
     same inputs (data, package version; ``_check_teacher`` checks the teacher).
 
     ``family`` (``study_report.Family.as_dict()``) is recorded; a fixed-width study's target and pilot are
     part of its design and may not change (its budget ``max_seeds`` and the comparisons made may).
+    ``artefact``: a shipped study folder this one continues (``adopt_finished``); it is checked as the folder's own
+    record is, and a new folder starts from its methods and seeds.
     """
     from .atomic import read_json, write_json
-    from .engine.run_folder import describe_differences, spec_differences
     from .engine.seeding import environment_info
 
     path = out / "study.json"
     inputs = _study_inputs(spec["config"])
+    records = [(artefact, read_json(artefact / "study.json", "study record"))] if artefact is not None else []
     if path.exists():
-        saved = read_json(path, "study record")
-        if saved["threads"] != spec["threads"]:
-            raise StudyError(f"study folder {out} was run with {saved['threads']} threads per run and this call "
-                             f"uses {spec['threads']}: results would not be comparable bit for bit. Pass "
-                             f"--threads {saved['threads']} or use another --out")
-        saved_cpu, cpu = saved.get("environment", {}).get("cpu_capability"), environment_info()["cpu_capability"]
-        if saved_cpu is not None and saved_cpu != cpu:
-            raise StudyError(f"study folder {out} was run on a CPU with {saved_cpu} kernels and this machine uses {cpu}: "
-                             "the same seed trains other students with other kernels, so its runs would not be "
-                             "comparable bit for bit. Run it on a machine like the first, or use another --out")
-        diffs = read_differences(spec_differences({"config": saved["config"]}, {"config": spec["config"]}),
-                                 saved["methods"])
-        for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
-            if saved.get(key, "product") != spec[key]:
-                diffs[key] = (saved.get(key, "product"), spec[key])
+        records.append((out, read_json(path, "study record")))
+    for where, saved in records:
+        _check_same_study(where, saved, spec, inputs, family or {})
+        methods = list(dict.fromkeys([*saved["methods"], *methods]))
+        seeds = sorted(set(saved["seeds"]) | set(seeds))
+    if path.exists():  # the teacher of an artefact is checked by its content (``adopt_finished``), not recorded
+        saved = records[-1][1]
         if "inputs" in saved:
-            saved_inputs = {k: v for k, v in saved["inputs"].items() if k != "teacher"}
-            diffs.update(_input_differences(saved_inputs, inputs))
             inputs["teacher"] = saved["inputs"].get("teacher")
         else:
             inputs["teacher"] = _runs_teacher(out)
             warnings.warn(f"{path} predates input records: the present data and package version, and the teacher "
                           "its runs name, are recorded as the study's", stacklevel=3)
-        old, new = saved.get("family") or {}, family or {}
-        if old.get("target_half_width") is not None:
-            for key in ("target_half_width", "pilot"):
-                if old.get(key) != new.get(key):
-                    diffs[f"family.{key}"] = (old.get(key), new.get(key))
-        if diffs:
-            listed = describe_differences(diffs)
-            raise StudyError(f"study folder {out} holds a study of another configuration or other inputs ({listed}); "
-                             "use another --out")
-        methods = list(dict.fromkeys([*saved["methods"], *methods]))
-        seeds = sorted(set(saved["seeds"]) | set(seeds))
     write_json(path, {**spec, "methods": list(methods), "seeds": list(seeds), "inputs": inputs,
                       "family": family or {}, "environment": environment_info()})
+
+
+def _check_same_study(where: Path, saved: dict[str, Any], spec: dict[str, Any], inputs: dict[str, Any],
+                      family: dict[str, Any]) -> None:
+    """A ``StudyError`` unless the study recorded in ``where/study.json`` (``saved``) is the study ``spec`` describes:
+    the same threads, CPU kernels, config, grid, inputs (but the teacher) and fixed-width design."""
+    from .engine.run_folder import describe_differences, spec_differences
+    from .engine.seeding import environment_info
+
+    if saved["threads"] != spec["threads"]:
+        raise StudyError(f"study folder {where} was run with {saved['threads']} threads per run and this call "
+                         f"uses {spec['threads']}: results would not be comparable bit for bit. Pass "
+                         f"--threads {saved['threads']} or use another --out")
+    saved_cpu, cpu = saved.get("environment", {}).get("cpu_capability"), environment_info()["cpu_capability"]
+    if saved_cpu is not None and saved_cpu != cpu:
+        raise StudyError(f"study folder {where} was run on a CPU with {saved_cpu} kernels and this machine uses {cpu}: "
+                         "the same seed trains other students with other kernels, so its runs would not be "
+                         "comparable bit for bit. Run it on a machine like the first, or use another --out")
+    diffs = read_differences(spec_differences({"config": saved["config"]}, {"config": spec["config"]}),
+                             saved["methods"])
+    for key in ("grid", "grid_mode"):  # studies saved before grid modes existed are products
+        if saved.get(key, "product") != spec[key]:
+            diffs[key] = (saved.get(key, "product"), spec[key])
+    if "inputs" in saved:
+        saved_inputs = {k: v for k, v in saved["inputs"].items() if k != "teacher"}
+        diffs.update(_input_differences(saved_inputs, {k: v for k, v in inputs.items() if k != "teacher"}))
+    old = saved.get("family") or {}
+    if old.get("target_half_width") is not None:
+        for key in ("target_half_width", "pilot"):
+            if old.get(key) != family.get(key):
+                diffs[f"family.{key}"] = (old.get(key), family.get(key))
+    if diffs:
+        raise StudyError(f"study folder {where} holds a study of another configuration or other inputs "
+                         f"({describe_differences(diffs)}); use another --out")
 
 
 def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
@@ -364,20 +382,24 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
     else:
         if record is None:
             problem = f"{record_path} is missing"
-        elif record.get("run_config") != run_config:
+        elif ADOPTED not in record and record.get("run_config") != run_config:
             listed = describe_differences(spec_differences({"config": record.get("run_config", {})},
                                                            {"config": run_config}))
             raise StudyError(f"run {folder} finished with another configuration or other inputs ({listed}); use "
                              "another --out")
+        elif ADOPTED in record:  # checked as a whole study when it was adopted (``adopt_finished``)
+            if file_sha256(result) == record.get("result_sha256"):
+                return row
+            problem = f"{result} is not the result its record names"
         elif "student_sha256" not in record:  # a run finished before records, adopted: its record is written now
             _write_run_record(folder, run_config)
-            return row
+            return {**row, "student_sha256": file_sha256(student)}
         elif not student.is_file() or file_sha256(student) != record.get("student_sha256"):
             problem = f"{student} is missing or is not the student its record names"
         elif file_sha256(result) != record.get("result_sha256"):
             problem = f"{result} is not the result its record names"
         else:
-            return row
+            return {**row, "student_sha256": record["student_sha256"]}
     warnings.warn(f"run {folder} is damaged ({problem}); it is redone", stacklevel=3)
     for path in (result, record_path):
         path.unlink(missing_ok=True)
@@ -450,6 +472,7 @@ def run_one(out: str, config: str | Path | ResolvedConfig, overrides: Sequence[s
         row.update({f"test_{k}": v for k, v in evaluate_coco(student, test, device=dev, desc="evaluate test").items()})
     row["seconds"] = time.perf_counter() - start
     row["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: the run's cost on a loaded machine
+    row["student_sha256"] = file_sha256(folder / "student.pt")  # a rerun of the same seed and machine kind gives it
     hparams = {"method": run.method, "seed": run.seed, "variant": row["variant"],
                **dict(o.partition("=")[::2] for o in run.variant)}  # one HParams entry per run, with its grid values
     log_run_summary(folder, tcfg.iterations, {k: v for k, v in row.items() if k.startswith(("val_", "test_"))},
@@ -496,14 +519,50 @@ def finished_row(out: str | Path, folder: str) -> dict[str, Any] | None:
     folder_path = Path(out) / folder
     result, record, student = (folder_path / n for n in ("result.json", "record.json", "student.pt"))
     try:
-        if not (result.is_file() and record.is_file() and student.is_file()):
+        if not (result.is_file() and record.is_file()):
             return None
         saved = read_json(record, "run record")
-        if (file_sha256(result), file_sha256(student)) != (saved.get("result_sha256"), saved.get("student_sha256")):
+        if ADOPTED in saved:
+            return read_json(result, "run result") if file_sha256(result) == saved.get("result_sha256") else None
+        if not student.is_file() or (file_sha256(result), file_sha256(student)) != (saved.get("result_sha256"),
+                                                                                     saved.get("student_sha256")):
             return None
-        return read_json(result, "run result")
+        return {**read_json(result, "run result"), "student_sha256": saved["student_sha256"]}
     except RecordError:
         return None
+
+
+def adopt_finished(out: Path, artefact: Path, teacher_path: str | None) -> int:
+    """Adopt the finished runs of ``artefact``, a study shipped as its ``study.json`` and ``results.json`` (what
+    ``--report-only`` writes), into the study folder ``out``: each run ``out`` has not finished becomes a run folder
+    holding the artefact's row (``result.json``) and a record naming the artefact (``ADOPTED``), without weights.
+    The study then goes on where the artefact stopped, on another machine of the same kind or after its run folders
+    were lost. Returns the number of runs adopted.
+
+    ``_open_study`` has checked that the artefact is this study (config, grid, data, version, threads, CPU kernels,
+    design); here its teacher must be the same file by content. A run is deterministic for a seed, machine kind
+    and thread count, so an adopted row is the row the run gives again; its ``student_sha256`` (rows from
+    2026-12-07 on) lets a rerun in another folder prove it. ``load_study_run`` refuses an adopted run (no weights).
+    """
+    from .atomic import read_json, write_json
+    from .provenance import file_sha256
+
+    shipped = read_json(artefact / "study.json", "study record")
+    teacher = (shipped.get("inputs") or {}).get("teacher")
+    if teacher is not None and teacher_path is not None and teacher.get("sha256") != file_sha256(teacher_path):
+        raise StudyError(f"{artefact} was distilled from another teacher (sha256 {teacher.get('sha256')}) than "
+                         f"{teacher_path}: its runs cannot be adopted; pass the teacher it names ({teacher.get('path')})")
+    adopted = 0
+    for row in read_json(artefact / "results.json", "study results"):
+        folder = out / row["folder"]
+        if (folder / "result.json").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "result.json", {k: v for k, v in row.items() if k != "settings"})
+        write_json(folder / "record.json", {ADOPTED: str(artefact), "result_sha256": file_sha256(folder / "result.json"),
+                                            "student_sha256": row.get("student_sha256")})
+        adopted += 1
+    return adopted
 
 
 @dataclass
@@ -522,7 +581,8 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
               teacher_weights: str | None = None, grid_mode: GridMode = "product", pairwise: bool = False,
               versus: Sequence[str] = (), target_half_width: float | None = None, max_seeds: int | None = None,
               executor: Executor = "local", executor_options: SlurmOptions | None = None,
-              teacher_cache: bool | None = None, teacher_cache_gb: float = 20.0) -> StudyResult:
+              teacher_cache: bool | None = None, teacher_cache_gb: float = 20.0,
+              resume_from: str | Path | None = None) -> StudyResult:
     """Run (or resume) a study and write its rows, report, comparisons and figure in ``out_dir``.
 
     Args:
@@ -552,6 +612,8 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
             once its runs have finished. ``None``: on when the runs train on the CPU. Refused before any run when
             it would need more than ``teacher_cache_gb`` GiB or the free disk space (seeds at once x the
             teacher's levels of one seed's batches; at once: ``jobs + 1`` seeds locally, every seed on Slurm).
+        resume_from: a shipped artefact of this same study (``study.json`` and ``results.json``, e.g.
+            ``data_samples/studies/bench_all``) whose finished runs are adopted, not trained (``adopt_finished``).
     """
     start = time.perf_counter()
     out, grid, overrides = Path(out_dir), dict(grid or {}), list(overrides)
@@ -562,7 +624,11 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
     methods = list(dict.fromkeys([BASELINE, *methods])) if BASELINE not in methods else list(methods)
     cfg, variants = _check_arguments(config, methods, seeds, grid, grid_mode, overrides)
     family = _check_family(methods, seeds, grid, grid_mode, pairwise, versus, target_half_width, max_seeds)
-    _open_study(out, _study_spec(cfg, grid, threads, grid_mode), methods, seeds, family.as_dict())
+    artefact = study_folder(resume_from) if resume_from is not None else None
+    if artefact is not None and not (artefact / "results.json").is_file():
+        raise StudyError(f"--resume-from {artefact} holds no results.json: it is not a shipped study (write one with "
+                         "`liaf-lab study --out DIR --report-only`)")
+    _open_study(out, _study_spec(cfg, grid, threads, grid_mode), methods, seeds, family.as_dict(), artefact)
     needs_teacher = any(m != BASELINE for m in methods) or any(v["kd"].get("inherit", False)
                                                                for v in variants.values())
     execute_tasks = partial(execute, jobs=jobs, executor=executor, options=executor_options,
@@ -573,6 +639,8 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
         teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
                                           finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
         _check_teacher(out, cfg, teacher_path)
+    if artefact is not None:
+        adopt_finished(out, artefact, teacher_path)
     if teacher_cache is None:
         from .engine.distributed import resolve_device
 
@@ -733,6 +801,11 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     if not (folder / "result.json").is_file():
         done = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").glob("*/*/seed*/result.json"))
         raise StudyError(f"{out} has no finished run {method}/{variant}/seed{seed}; it has {done or 'none'}")
+    record = folder / "record.json"
+    if record.is_file() and ADOPTED in read_json(record, "run record"):
+        raise StudyError(f"run {method}/{variant}/seed{seed} of {out} was adopted from "
+                         f"{read_json(record, 'run record')[ADOPTED]}: it has its row, not its weights; train it in "
+                         "a study folder of its own to load it")
     spec = read_json(folder / "run.json", "run record")["spec"]["config"]
     cfg, saved = spec["config"], load_checkpoint(folder / "student.pt")
     if not isinstance(saved.get("meta"), dict) or "class_names" not in saved["meta"]:

@@ -349,3 +349,40 @@ def test_report_only_reports_the_seeds_whose_runs_all_finished_and_trains_nothin
         row.unlink()
     with pytest.raises(StudyError, match="no seed whose runs have all finished"):
         report_finished(out)
+
+
+def test_a_study_resumes_from_its_shipped_artefact_and_trains_only_what_it_lacks(tmp_path, small, monkeypatch):
+    import shutil
+
+    from liaf_lab.study import load_study_run, report_finished
+
+    full = run_study(tmp_path / "first", "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu",
+                     teacher_weights=TEACHER)
+    assert all(len(r["student_sha256"]) == 64 for r in full.rows)
+    shipped = tmp_path / "shipped"  # what is committed of a stopped study: its record and its seed-0 rows
+    shipped.mkdir()
+    shutil.copy(tmp_path / "first" / "study.json", shipped)
+    (shipped / "results.json").write_text(json.dumps([r for r in full.rows if r["seed"] == 0]))
+    trained = []
+    real = liaf_lab.engine.train_student
+    monkeypatch.setattr(liaf_lab.engine, "train_student",
+                        lambda student, teacher, distiller, train, cfg, folder, *a, **k:
+                        trained.append(Path(folder).relative_to(tmp_path / "again").as_posix())
+                        or real(student, teacher, distiller, train, cfg, folder, *a, **k))
+    again = run_study(tmp_path / "again", "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu",
+                      teacher_weights=TEACHER, resume_from=shipped)
+    assert sorted(trained) == ["runs/fitnet/default/seed1", "runs/none/default/seed1"]
+    key = [(r["method"], r["seed"], r["test_AP"], r["student_sha256"]) for r in full.rows]
+    assert [(r["method"], r["seed"], r["test_AP"], r["student_sha256"]) for r in again.rows] == key
+    assert [(r["method"], r["seed"]) for r in report_finished(tmp_path / "again").rows] == [
+        (r["method"], r["seed"]) for r in full.rows]
+    with pytest.raises(StudyError, match=r"adopted from .*shipped: it has its row, not its weights"):
+        load_study_run(tmp_path / "again", "fitnet", 0)
+    assert load_study_run(tmp_path / "again", "fitnet", 1).result["test_AP"] == full.rows[3]["test_AP"]
+    with pytest.raises(StudyError, match=r"shipped holds a study of another configuration .*distill.iterations"):
+        run_study(tmp_path / "other", "bench", ["none", "fitnet"], [0, 1], None, [*small, "distill.iterations=3"],
+                  device="cpu", teacher_weights=TEACHER, resume_from=shipped)
+    (shipped / "results.json").unlink()
+    with pytest.raises(StudyError, match="holds no results.json: it is not a shipped study"):
+        run_study(tmp_path / "other", "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu",
+                  teacher_weights=TEACHER, resume_from=shipped)
