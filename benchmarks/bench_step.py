@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from liaf_lab.analysis.efficiency import kd_step_overhead
-from liaf_lab.builders import build_datasets, build_detector, build_distiller
-from liaf_lab.config import load_config
+from liaf_lab.experiments.builders import build_datasets, build_detector, build_distiller
+from liaf_lab.experiments.config import load_config
 from liaf_lab.data import collate_fn
 from liaf_lab.distillers import list_distillers
 from liaf_lab.engine.distributed import resolve_device

@@ -29,7 +29,7 @@ from liaf_lab import create_distiller, list_distillers
 from liaf_lab.models import create_detector, detector_adapter, fpn_strides
 from liaf_lab.models.taps import head_from_split
 from liaf_lab.distillers import KDInputs
-from liaf_lab.validation import debug_enabled
+from liaf_lab.utils.validation import debug_enabled
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 IMAGE, BATCH, BOXES_PER_IMAGE, STUDENT_C, TEACHER_C = 256, 8, 3, 8, 16

@@ -47,7 +47,7 @@ from bench_step import build_steps, step_times, synthetic_batch, train_step  # n
 from bench_syncs import sync_table  # noqa: E402
 
 from liaf_lab.analysis.efficiency import efficiency_table, format_table, peak_memory  # noqa: E402
-from liaf_lab.config import load_config  # noqa: E402
+from liaf_lab.experiments.config import load_config  # noqa: E402
 
 SECTIONS = ("pytest", "syncs", "amp", "step", "latency")
 AMP_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16}

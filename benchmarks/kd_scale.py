@@ -19,8 +19,8 @@ import argparse
 import torch
 from bench_step import dataset_batch, served_methods
 
-from liaf_lab.builders import build_detector, build_distiller
-from liaf_lab.config import load_config
+from liaf_lab.experiments.builders import build_detector, build_distiller
+from liaf_lab.experiments.config import load_config
 from liaf_lab.engine.distributed import resolve_device
 from liaf_lab.engine.steps import DistillStep
 

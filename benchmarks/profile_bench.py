@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from liaf_lab.builders import build_datasets, build_detector, build_distiller
-from liaf_lab.config import load_config
+from liaf_lab.experiments.builders import build_datasets, build_detector, build_distiller
+from liaf_lab.experiments.config import load_config
 from liaf_lab.data import collate_fn
 from liaf_lab.engine.steps import DetectorStep, DistillStep
 from liaf_lab.models.backbones import fpn_levels
@@ -62,7 +62,7 @@ def phases(args: argparse.Namespace) -> None:
     import liaf_lab.engine.loop as loop
     import liaf_lab.engine.steps as steps
     from liaf_lab.engine.seeding import SeededSamples
-    from liaf_lab.study import Run, run_one
+    from liaf_lab.experiments.study import Run, run_one
 
     spent: dict[str, float] = defaultdict(float)
     _timed(SeededSamples, "__getitem__", "data (load, augment)", spent)

@@ -1,8 +1,8 @@
 """liaf_lab: learn, run and analyse knowledge distillation of object detectors, centred on LIAF-KD."""
 
-__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it (setuptools dynamic)
+from .utils.version import __version__  # the one place it is written
 
-from ._ops_check import TorchvisionOpsError, check_torchvision_ops
+from .utils._ops_check import TorchvisionOpsError, check_torchvision_ops
 
 check_torchvision_ops()
 
@@ -20,9 +20,9 @@ from .distillers import (  # noqa: E402
 from .engine import TrainConfig, distill, evaluate_coco, learn_stage1, stage1_stats, train_detector  # noqa: E402
 from .distillers.instance import InstanceSelectors, diversity_loss, instance_mask, roi_instance_features, score_entropy  # noqa: E402
 from .models import create_detector, fpn_strides, save_detector  # noqa: E402
-from .study import StudyRun, load_study_run, run_study  # noqa: E402
-from .study_report import StudySummary, load_study_summary  # noqa: E402
-from .validation import set_debug  # noqa: E402
+from .experiments.study import StudyRun, load_study_run, run_study  # noqa: E402
+from .experiments.report import StudySummary, load_study_summary  # noqa: E402
+from .utils.validation import set_debug  # noqa: E402
 
 __all__ = [
     "TrainConfig", "create_detector", "distill", "evaluate_coco", "fpn_strides", "learn_stage1", "stage1_stats", "train_detector",

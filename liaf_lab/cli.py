@@ -77,7 +77,7 @@ def _out(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import METHODS as DEMO_METHODS
+    from .experiments.demo import METHODS as DEMO_METHODS
     from .distillers import list_distillers
 
     parser = argparse.ArgumentParser(prog="liaf-lab", description=DESCRIPTION.format(methods=", ".join(list_distillers())),
@@ -208,15 +208,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _toy(args: argparse.Namespace) -> int:
-    from .toy import run_toy
+    from .experiments.toy import run_toy
 
     print(json.dumps(run_toy(out_dir=args.out), indent=2))
     return 0
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .executors import JobsPending, SlurmOptions
-    from .study import parse_grid, report_finished, run_study
+    from .experiments.executors import JobsPending, SlurmOptions
+    from .experiments.study import parse_grid, report_finished, run_study
 
     if args.report_only:
         print(report_finished(args.out).report.read_text())
@@ -239,7 +239,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     results = run_demo(args.out, args.config, tuple(args.seeds), args.overrides, args.device,
                        teacher_weights=None if args.train_teacher else "auto", quick=args.quick,
@@ -251,9 +251,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """``evaluate``, ``train-teacher``, ``learn-stage1`` and ``distill``: one run of a config, then (but for
     ``learn-stage1``) its detector saved and evaluated on val."""
-    from .analysis.viz import plot_run_curves
-    from .builders import build_datasets, build_detector, dataset_category_ids, train_config
-    from .config import load_config, method_config
+    from .utils.figures import plot_run_curves
+    from .experiments.builders import build_datasets, build_detector, dataset_category_ids, train_config
+    from .experiments.config import load_config, method_config
     from .data import collate_fn
     from .engine import evaluate_coco, train_detector
     from .engine.distributed import is_main, resolve_device
@@ -306,9 +306,9 @@ def _train_student(args: argparse.Namespace, cfg: dict, model: nn.Module, train:
                    stage1_command: bool, resume: dict[str, Any]) -> bool:
     """``learn-stage1`` or ``distill`` of ``model`` (stage 1 learned, or loaded with ``--stage1``); whether a
     student was trained (``learn-stage1`` trains none)."""
-    from .builders import build_detector, build_distiller, train_config
-    from .checkpoint import load_module_state
-    from .paths import resolve_path
+    from .experiments.builders import build_detector, build_distiller, train_config
+    from .utils.checkpoint import load_module_state
+    from .utils.paths import resolve_path
     from .distillers import BASELINE
     from .engine import learn_stage1, load_checkpoint, save_checkpoint, train_student
     from .engine.distributed import is_main

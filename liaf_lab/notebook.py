@@ -13,9 +13,9 @@ import matplotlib
 import torch
 from torch import nn
 
-from .demo import SHIPPED_DIR, load_demo_models
-from .paths import PROJECT_ROOT
-from .progress import use_text_progress
+from .experiments.demo import SHIPPED_DIR, load_demo_models
+from .utils.paths import PROJECT_ROOT
+from .utils.progress import use_text_progress
 
 __all__ = ["NotebookSession", "setup_notebook"]
 

@@ -76,7 +76,7 @@ def kill_in_save(save: int, replace: int) -> None:
             torch.save = save_then_kill
         return real_save(path, state, keep_previous)
 
-    os.replace = counting_replace  # every atomic write (liaf_lab.atomic) renames with os.replace
+    os.replace = counting_replace  # every atomic write (liaf_lab.utils.atomic) renames with os.replace
     loop.save_checkpoint = counting_save
 
 

@@ -45,7 +45,7 @@ from liaf_lab.analysis import (  # noqa: E402
 )
 from liaf_lab.analysis.efficiency import _iqr  # noqa: E402
 from liaf_lab.analysis.viz import new_figure  # noqa: E402
-from liaf_lab.toy import STRIDES, TinyPyramid, make_batch  # noqa: E402
+from liaf_lab.experiments.toy import STRIDES, TinyPyramid, make_batch  # noqa: E402
 
 DENSE_STRIDES = {"0": 8.0, "1": 16.0, "2": 32.0, "p6": 64.0, "p7": 128.0}
 

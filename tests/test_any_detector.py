@@ -22,7 +22,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import liaf_lab as ll
-from liaf_lab.checkpoint import load_checkpoint
+from liaf_lab.utils.checkpoint import load_checkpoint
 from liaf_lab.data import CocoDetectionDataset, detection_transforms, generate_scenes
 from liaf_lab.engine.steps import DistillStep
 from liaf_lab.models import (

@@ -236,7 +236,7 @@ def test_large_finite_values_are_accepted(distiller):
         distiller(s, t, good_boxes())  # must not raise (the loss itself may overflow)
     half = torch.full((1, 3, 8, 8), 6e4, dtype=torch.float16)
     roi_instance_features(half.float(), good_boxes(1), 8.0)
-    from liaf_lab.validation import check_tensor
+    from liaf_lab.utils.validation import check_tensor
 
     assert check_tensor("x", half) is half
 

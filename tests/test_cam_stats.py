@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from liaf_lab.analysis import cam_box_share, plot_cam_shares, read_cam_shares, summarise_cam_shares, write_cam_shares
-from liaf_lab.verdicts import paired_interval
+from liaf_lab.experiments.verdicts import paired_interval
 
 
 def test_box_share_matches_a_literal_sum_over_the_union_of_boxes():

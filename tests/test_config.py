@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from liaf_lab.builders import build_detector, build_distiller
-from liaf_lab.config import (
+from liaf_lab.experiments.builders import build_detector, build_distiller
+from liaf_lab.experiments.config import (
     PROJECT_ROOT, ResolvedConfig, check_config, input_size, list_presets, load_config, method_config, resolve_config,
 )
 

@@ -17,8 +17,8 @@ from torchvision import tv_tensors
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from liaf_lab.builders import build_datasets, build_test_dataset
-from liaf_lab.config import load_config, resolve_path
+from liaf_lab.experiments.builders import build_datasets, build_test_dataset
+from liaf_lab.experiments.config import load_config, resolve_path
 from liaf_lab.data import (
     SHAPE_CLASSES, VOC_CLASSES, CocoDetectionDataset, DatasetWarning, KittiDataset, VOCDataset,
     check_same_classes, collate_fn, detection_transforms, generate_scenes,

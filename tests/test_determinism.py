@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from liaf_lab.config import PROJECT_ROOT
+from liaf_lab.experiments.config import PROJECT_ROOT
 
 TEACHER = PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt"
 

@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from liaf_lab import FeatureDistiller, FitNetDistiller, LIAFDistiller, create_distiller, list_distillers, register_distiller
 from liaf_lab.distillers import registry
-from liaf_lab.options import Weight
+from liaf_lab.utils.options import Weight
 
 TEACHER_C = 3
 

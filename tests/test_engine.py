@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from liaf_lab.analysis.viz import plot_run_curves
+from liaf_lab.utils.figures import plot_run_curves
 from liaf_lab.data import CocoDetectionDataset, collate_fn, detection_transforms
 from liaf_lab.distillers import LIAFDistiller
 from liaf_lab.engine import (
@@ -58,7 +58,7 @@ def test_truncated_missing_and_pickled_checkpoints_give_clear_errors(tmp_path):
 
 
 def test_load_module_state_names_the_file_and_what_it_should_hold(tmp_path):
-    from liaf_lab.checkpoint import load_module_state
+    from liaf_lab.utils.checkpoint import load_module_state
 
     module = torch.nn.Linear(3, 2)
     with pytest.raises(CheckpointError, match=r"sel.pt does not hold the selectors: missing \['bias'\]"):
@@ -157,7 +157,7 @@ def test_detections_of_the_background_class_are_left_out(tiny_data):
 
 
 def test_quick_demo_end_to_end(tiny_data, tmp_path):
-    from liaf_lab.demo import run_demo
+    from liaf_lab.experiments.demo import run_demo
 
     overrides = [f"data.train_images='{tiny_data / 'train'}'",
                  f"data.train_ann='{tiny_data / 'annotations' / 'instances_train.json'}'",
@@ -171,10 +171,27 @@ def test_quick_demo_end_to_end(tiny_data, tmp_path):
     assert "Student + LIAF-KD" in report and "| Teacher |" in report
     assert "## The measured answer: the shipped study" in report and "`data_samples/studies/tiny6`" in report
     assert "| liaf − none | 6 |" in report and "changed the 'tiny' preset (quick mode" in report
-    assert (tmp_path / "ap.png").stat().st_size > 0
-    assert (tmp_path / "seed0" / "liaf" / "stage1" / "last.pt").exists()
-    assert all((tmp_path / run / "curves.png").exists() for run in ("teacher", "seed0/none", "seed0/liaf/stage1"))
-    assert (tmp_path / "seed0" / "liaf" / "distiller.pt").exists()
+    assert (tmp_path / "ap.png").stat().st_size > 0 and (tmp_path / "losses_seed0.png").stat().st_size > 0
+    # the demo is a small study: its runs, rows and report are those of a study folder, which resumes as one
+    study = tmp_path / "study"
+    assert (study / "runs" / "liaf" / "default" / "seed0" / "stage1" / "last.pt").exists()
+    assert all((study / run / "curves.png").exists()
+               for run in ("teacher", "runs/none/default/seed0", "runs/liaf/default/seed0/stage1"))
+    rows = json.loads((study / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [("none", 0), ("fitnet", 0), ("liaf", 0)]
+    assert [r["AP"] for r in results["students"]["liaf"]] == [rows[2]["val_AP"]]
+    assert "# Study report" in (study / "report.md").read_text()
+    again = run_demo(tmp_path, "tiny", seeds=(0,), overrides=overrides, device="cpu", teacher_weights=None,
+                     quick=True)
+    assert again["students"] == results["students"]  # resumed: the finished runs are read back, not retrained
+    from liaf_lab.experiments.config import resolve_config
+    from liaf_lab.experiments.demo import export_checkpoints, load_demo_models
+
+    written = export_checkpoints(tmp_path, tmp_path / "shipped")  # what data_samples/checkpoints holds
+    assert sorted(p.name for p in written) == ["liaf_distiller.pt", "student_fitnet.pt", "student_liaf.pt",
+                                               "student_none.pt", "teacher_tiny.pt"]
+    models = load_demo_models(resolve_config("tiny", overrides), tmp_path / "shipped")
+    assert models["distiller"].stage1_steps.item() == 2 and not models["liaf"].training
 
 
 def test_inheritance_copies_matching_neck_and_head_only(tiny_data):
@@ -240,8 +257,8 @@ def test_evaluation_does_not_draw_from_the_training_rng(tiny_data):
 
 def test_paper_preset_builds_and_takes_a_distillation_step():
     """The paper preset (RetinaNet R101 teacher, R50 student, 256-ch FPN), shrunk only in input size."""
-    from liaf_lab.builders import build_detector, build_distiller
-    from liaf_lab.config import load_config
+    from liaf_lab.experiments.builders import build_detector, build_distiller
+    from liaf_lab.experiments.config import load_config
     from liaf_lab.engine.steps import DistillStep
 
     small = ["input.min_size=128", "input.max_size=128"]

@@ -14,10 +14,10 @@ import submitit
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import liaf_lab.study
+import liaf_lab.experiments.study
 from liaf_lab.cli import main
-from liaf_lab.executors import ExecutorError, SlurmOptions, _Resumable, execute
-from liaf_lab.study import Run, run_one, run_study
+from liaf_lab.experiments.executors import ExecutorError, SlurmOptions, _Resumable, execute
+from liaf_lab.experiments.study import Run, run_one, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_study import TEACHER  # noqa: E402
@@ -116,9 +116,9 @@ def test_cluster_flags_reach_the_study(tmp_path, monkeypatch, capsys):
 
     def fake_run_study(*args, **kwargs):
         seen["executor"], seen["options"] = kwargs["executor"], kwargs["executor_options"]
-        raise liaf_lab.executors.JobsPending("2 runs are submitted")
+        raise liaf_lab.experiments.executors.JobsPending("2 runs are submitted")
 
-    monkeypatch.setattr(liaf_lab.study, "run_study", fake_run_study)
+    monkeypatch.setattr(liaf_lab.experiments.study, "run_study", fake_run_study)
     argv = ["study", "--executor", "slurm", "--partition", "gpu", "--time", "120", "--gpus", "2", "--cpus", "8",
             "--mem-gb", "32", "--array-parallelism", "4", "--no-wait", "--out", str(tmp_path)]
     assert main(argv) == 0 and "2 runs are submitted" in capsys.readouterr().out

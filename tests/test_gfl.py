@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from liaf_lab.config import load_config
+from liaf_lab.experiments.config import load_config
 from liaf_lab.models import (
     create_detector,
     detector_adapter,

@@ -18,7 +18,7 @@ from torch import Tensor, nn  # noqa: E402
 from liaf_lab import LIAFDistiller  # noqa: E402
 from liaf_lab.analysis import MaskInspector, figure_digest, kd_inputs_for  # noqa: E402
 from liaf_lab.distillers import DeFeatDistiller, FGDDistiller, FitNetDistiller, KDInputs  # noqa: E402
-from liaf_lab.toy import STRIDES, TinyPyramid  # noqa: E402
+from liaf_lab.experiments.toy import STRIDES, TinyPyramid  # noqa: E402
 
 from test_analysis import BOXES, DENSE_STRIDES, IMAGE, LABELS, tiny_detector  # noqa: E402
 

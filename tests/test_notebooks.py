@@ -46,7 +46,7 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.getbasetemp()
     dest = base / "liaf_demo_checkpoints"
     if not has_checkpoints(dest):
-        from liaf_lab.demo import export_checkpoints, run_demo
+        from liaf_lab.experiments.demo import export_checkpoints, run_demo
 
         run_demo(base / "liaf_demo_run", quick=True, teacher_weights=None, device="cpu")
         export_checkpoints(base / "liaf_demo_run", dest)

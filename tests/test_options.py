@@ -1,4 +1,4 @@
-"""The one option validator (``liaf_lab/options.py``), and every registered method checked by it alike."""
+"""The one option validator (``liaf_lab/utils/options.py``), and every registered method checked by it alike."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Literal
 
 import pytest
 
-from liaf_lab.config import apply_overrides, check_config, kd_options, load_config
+from liaf_lab.experiments.config import apply_overrides, check_config, kd_options, load_config
 from liaf_lab.distillers import create_distiller, list_distillers, method_option_types, variant_of
-from liaf_lab.options import (
+from liaf_lab.utils.options import (
     Fraction, NonNegativeInt, Options, Positive, PositiveInt, Range, Weight, check_value, describe, option_types,
 )
 

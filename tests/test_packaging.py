@@ -119,18 +119,18 @@ def test_import_and_public_api():
 
 
 def test_the_version_is_written_once(pyproject):
-    """pyproject.toml reads the version from ``liaf_lab.__version__`` (setuptools, without importing the
-    package); no other file of the package writes one."""
+    """pyproject.toml reads the version from ``liaf_lab/utils/version.py`` (setuptools, without importing the
+    package), which ``liaf_lab.__version__`` re-exports; no other file of the package writes one."""
     from setuptools.config.expand import read_attr
 
     import liaf_lab
 
     assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
-    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "liaf_lab.__version__"}
-    assert read_attr("liaf_lab.__version__", root_dir=ROOT) == liaf_lab.__version__
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "liaf_lab.utils.version.__version__"}
+    assert read_attr("liaf_lab.utils.version.__version__", root_dir=ROOT) == liaf_lab.__version__
     writers = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "liaf_lab").rglob("*.py"))
                if re.search(r"^__version__\s*=", p.read_text(), re.M)]
-    assert writers == ["liaf_lab/__init__.py"]
+    assert writers == ["liaf_lab/utils/version.py"]
 
 
 def test_check_torchvision_ops_passes_with_a_working_pair():

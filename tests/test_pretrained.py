@@ -11,8 +11,8 @@ import torch
 import torchvision
 from torchvision.models import detection
 
-from liaf_lab.builders import build_detector, dataset_category_ids
-from liaf_lab.config import load_config
+from liaf_lab.experiments.builders import build_detector, dataset_category_ids
+from liaf_lab.experiments.config import load_config
 from liaf_lab.models import create_detector, detector_adapter
 
 BUILDERS = {"retinanet": detection.retinanet_resnet50_fpn, "fcos": detection.fcos_resnet50_fpn,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import liaf_lab as ll
-from liaf_lab.config import load_config
+from liaf_lab.experiments.config import load_config
 from liaf_lab.data import CocoDetectionDataset, detection_transforms
 from liaf_lab.distillers import (
     BASELINE, FeatureDistiller, KDInputs, create_distiller, list_distillers, method_label, register_distiller,
@@ -118,7 +118,7 @@ def test_a_learned_stage1_moves_to_a_fresh_distiller_and_a_mismatch_is_refused(m
 # -- config -------------------------------------------------------------------------------------------
 def test_each_method_reads_its_own_config_section():
     cfg = load_config("bench", ["kd.mgd.lambda_mask=0.5", "kd.liaf.roi_size=[5, 5]"])
-    from liaf_lab.builders import build_detector, build_distiller
+    from liaf_lab.experiments.builders import build_detector, build_distiller
 
     student = build_detector(cfg, "student", 4)
     mgd = build_distiller("mgd", cfg, student)
@@ -352,17 +352,31 @@ def test_no_method_module_imports_another():
     assert not offenders, "\n".join(offenders)
 
 
-# -- layers: the analysis layer imports no experiment module ------------------------------------------
-EXPERIMENTS = {"builders", "cli", "config", "demo", "executors", "notebook", "processes", "report", "study",
-               "study_folders", "study_report", "toy"}
+# -- layers: each folder imports only the folders beneath it -----------------------------------------------
+#: docs/architecture.md's layers, bottom to top; a module may import its own layer and those below.
+LAYERS = [{"utils"}, {"data", "models"}, {"distillers"}, {"engine"}, {"experiments"}, {"analysis"},
+          {"cli", "notebook"}]
 
 
-def test_the_analysis_layer_imports_no_experiment_module():
-    """analysis/ sits below the experiments (config, studies, reports, the demo, the notebooks' set-up): it may
-    import the layers beneath it (data, models, distillers, engine, the utilities), never one of these."""
+def _layer(module: str) -> int | None:
+    """The layer of ``liaf_lab.<part>...``; ``None`` for the package root (its ``__version__``)."""
+    parts = module.split(".")
+    if parts[0] != "liaf_lab" or len(parts) == 1 or parts[1] == "__version__":
+        return None
+    return next(i for i, names in enumerate(LAYERS) if parts[1] in names)
+
+
+def test_every_module_sits_in_a_layer_and_imports_no_layer_above_it():
     offenders = []
-    for path in sorted((PACKAGE / "analysis").glob("*.py")):
-        imported = _imported_modules(path, "liaf_lab.analysis")
-        offenders += [f"analysis/{path.name} imports liaf_lab.{name}" for name in sorted(EXPERIMENTS)
-                      if any(m == f"liaf_lab.{name}" or m.startswith(f"liaf_lab.{name}.") for m in imported)]
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if module == "liaf_lab":
+            continue
+        own = _layer(module)
+        package = module if rel.name == "__init__" else module.rsplit(".", 1)[0]
+        for imported in sorted(_imported_modules(path, package)):
+            layer = _layer(imported) if imported.startswith("liaf_lab") else None
+            if layer is not None and layer > own:
+                offenders.append(f"{module} imports {imported}")
     assert not offenders, "\n".join(offenders)

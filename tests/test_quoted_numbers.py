@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from liaf_lab.config import PROJECT_ROOT
+from liaf_lab.experiments.config import PROJECT_ROOT
 
 spec = importlib.util.spec_from_file_location("quoted_numbers", PROJECT_ROOT / "tools" / "quoted_numbers.py")
 quoted = importlib.util.module_from_spec(spec)
@@ -62,7 +62,7 @@ def test_a_shipped_study_still_matches_its_preset_when_new_methods_add_tables():
     """bench9 ran before PKD, CWD, LD, BCKD and CrossKD existed: their ``[kd.*]`` tables, which none of its runs
     read, do not make it "another config"; a changed option of a method it ran does."""
     from liaf_lab import load_study_summary
-    from liaf_lab.study import StudyError
+    from liaf_lab.experiments.study import StudyError
 
     bench400 = ["distill.iterations=400", "distill.lr=0.02", "data.num_val=300", "data.num_test=300",
                 "kd.maskd.custom_mask_warmup=11"]

@@ -23,16 +23,16 @@ from PIL import Image
 from torch import nn
 
 import liaf_lab
-from liaf_lab.atomic import DiskFullError, RecordError, write_json
-from liaf_lab.checkpoint import CheckpointError, load_checkpoint
+from liaf_lab.utils.atomic import DiskFullError, RecordError, write_json
+from liaf_lab.utils.checkpoint import CheckpointError, load_checkpoint
 from liaf_lab.cli import main
 from liaf_lab.data import CocoDetectionDataset, DatasetWarning, VOCDataset
 from liaf_lab.engine import TrainConfig, evaluate_coco, fit
 from liaf_lab.engine.loop import NonFiniteError
 from liaf_lab.distillers.instance import instance_mask
 from liaf_lab.models import create_detector
-from liaf_lab.processes import FolderLock
-from liaf_lab.study import Run, StudyError, run_one, run_study
+from liaf_lab.utils.processes import FolderLock
+from liaf_lab.experiments.study import Run, StudyError, run_one, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli import _one_error_line  # noqa: E402
@@ -141,7 +141,7 @@ def test_a_second_study_on_a_folder_is_refused_with_the_holders_pid(tmp_path, sm
     out = tmp_path / "s"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from liaf_lab.processes import FolderLock
+        from liaf_lab.utils.processes import FolderLock
         with FolderLock({str(out)!r}):
             print("locked", flush=True)
             time.sleep(60)
@@ -169,7 +169,7 @@ def _alive(pid: int) -> bool:
 def test_study_workers_stop_when_the_study_process_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import os, time
-        from liaf_lab.executors import local_pool
+        from liaf_lab.experiments.executors import local_pool
         pool = local_pool(1)
         print(pool.submit(os.getpid).result(), flush=True)
         pool.submit(time.sleep, 120)
@@ -194,7 +194,7 @@ def test_a_write_killed_midway_leaves_the_previous_file(tmp_path):
     write_json(path, {"AP": 0.5})
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal
-        from liaf_lab.atomic import atomic_write
+        from liaf_lab.utils.atomic import atomic_write
         with atomic_write({str(path)!r}) as f:
             f.write('{{"AP": 0.')
             f.flush()

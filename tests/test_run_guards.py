@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from liaf_lab.checkpoint import CheckpointError, save_checkpoint
+from liaf_lab.utils.checkpoint import CheckpointError, save_checkpoint
 from liaf_lab.engine import TrainConfig, fit, load_checkpoint
 from liaf_lab.engine.loop import NonFiniteError
 from liaf_lab.engine.run_folder import RunConfigError

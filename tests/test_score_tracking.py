@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from liaf_lab.analysis import ScoreHistory, plot_score_gaps
-from liaf_lab.builders import build_detector, build_distiller, train_config
-from liaf_lab.demo import load_demo_models
+from liaf_lab.experiments.builders import build_detector, build_distiller, train_config
+from liaf_lab.experiments.demo import load_demo_models
 from liaf_lab.engine import distill
 
 

@@ -13,7 +13,7 @@ from liaf_lab.analysis import (
     ScoreHistory, instance_groups, mean_cosine, plot_group_values, plot_score_gaps, plot_selector_cosines,
     selector_cosines,
 )
-from liaf_lab.verdicts import paired_interval
+from liaf_lab.experiments.verdicts import paired_interval
 
 
 def test_groups_by_class_and_size_tercile_match_a_literal_split():

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import liaf_lab.engine
-from liaf_lab.config import PROJECT_ROOT, load_config
-from liaf_lab.study import Run, StudyError, _open_study, _study_spec, grid_variants, parse_grid, run_study
-from liaf_lab.verdicts import Comparison, paired_interval
+from liaf_lab.experiments.config import PROJECT_ROOT, load_config
+from liaf_lab.experiments.study import Run, StudyError, _open_study, _study_spec, grid_variants, parse_grid, run_study
+from liaf_lab.experiments.verdicts import Comparison, paired_interval
 
 TEACHER = str(PROJECT_ROOT / "data_samples" / "checkpoints" / "teacher_tiny.pt")
 
@@ -89,8 +89,8 @@ def test_a_study_reads_its_config_once_and_passes_it_down(tmp_path, small, monke
     import inspect
     import tomllib
 
-    import liaf_lab.config as config
-    from liaf_lab.config import method_config
+    import liaf_lab.experiments.config as config
+    from liaf_lab.experiments.config import method_config
 
     callers = []
     for module, name in ((config, "load_config"), (tomllib, "loads")):
@@ -196,7 +196,7 @@ def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp
 
 
 def test_a_study_without_distillation_trains_no_teacher(tmp_path, small, monkeypatch):
-    import liaf_lab.study as study
+    import liaf_lab.experiments.study as study
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher was trained or loaded for a study of no-KD students")
@@ -218,7 +218,7 @@ def test_the_no_kd_control_inherits_when_the_students_do(tmp_path, small):
 
 def test_finished_runs_load_back_for_analysis(tmp_path, small, monkeypatch):
     from liaf_lab import load_study_run, load_study_summary
-    from liaf_lab.checkpoint import load_checkpoint
+    from liaf_lab.utils.checkpoint import load_checkpoint
 
     out = tmp_path / "study"
     monkeypatch.chdir(PROJECT_ROOT)  # the teacher named relatively resolves to the same absolute path as TEACHER
@@ -311,8 +311,8 @@ def test_a_study_folder_refuses_a_machine_with_other_cpu_kernels(tmp_path, small
 
 
 def test_the_study_teacher_is_trained_once_in_its_run_folder(tmp_path):
-    from liaf_lab.demo import QUICK
-    from liaf_lab.study import _teacher
+    from liaf_lab.experiments.demo import QUICK
+    from liaf_lab.experiments.study import _teacher
 
     teacher = tmp_path / "teacher" / "teacher.pt"
     assert _teacher(tmp_path, load_config("tiny", QUICK), "cpu", 1, None) == str(teacher)
@@ -325,7 +325,7 @@ def test_the_study_teacher_is_trained_once_in_its_run_folder(tmp_path):
 def test_report_only_reports_the_seeds_whose_runs_all_finished_and_trains_nothing(tmp_path, small, monkeypatch,
                                                                                   capsys):
     from liaf_lab.cli import main as cli_main
-    from liaf_lab.study import report_finished
+    from liaf_lab.experiments.study import report_finished
 
     out = tmp_path / "study"
     full = run_study(out, "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu", teacher_weights=TEACHER)
@@ -354,7 +354,7 @@ def test_report_only_reports_the_seeds_whose_runs_all_finished_and_trains_nothin
 def test_a_study_resumes_from_its_shipped_artefact_and_trains_only_what_it_lacks(tmp_path, small, monkeypatch):
     import shutil
 
-    from liaf_lab.study import load_study_run, report_finished
+    from liaf_lab.experiments.study import load_study_run, report_finished
 
     full = run_study(tmp_path / "first", "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu",
                      teacher_weights=TEACHER)

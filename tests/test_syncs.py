@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from liaf_lab import LIAFDistiller, list_distillers
-from liaf_lab.validation import debug_enabled, set_debug
+from liaf_lab.utils.validation import debug_enabled, set_debug
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_syncs import count_device_reads, distiller_reads, make_inputs  # noqa: E402
@@ -92,7 +92,7 @@ def test_debug_mode_reads_per_level(debug):
 
 
 def test_debug_env_variable():
-    code = "from liaf_lab.validation import debug_enabled; print(debug_enabled())"
+    code = "from liaf_lab.utils.validation import debug_enabled; print(debug_enabled())"
     env = {**os.environ, "LIAF_DEBUG": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from liaf_lab.builders import build_datasets, build_detector
-from liaf_lab.config import load_config
+from liaf_lab.experiments.builders import build_datasets, build_detector
+from liaf_lab.experiments.config import load_config
 from liaf_lab.data import collate_fn
 from liaf_lab.engine.teacher_cache import TeacherCache, input_key, teacher_fingerprint
 from liaf_lab.models.backbones import fpn_levels
-from liaf_lab.study import TEACHER_CACHE, StudyError, run_study
+from liaf_lab.experiments.study import TEACHER_CACHE, StudyError, run_study
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_study import TEACHER  # noqa: E402

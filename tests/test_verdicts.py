@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from liaf_lab.study import StudyError, run_study
-from liaf_lab.study_report import Family, load_study_summary, plan_seeds, study_comparisons
-from liaf_lab.verdicts import (PairedData, bootstrap_interval, compare_family, holm, paired_t_pvalue,
+from liaf_lab.experiments.study import StudyError, run_study
+from liaf_lab.experiments.report import Family, load_study_summary, plan_seeds, study_comparisons
+from liaf_lab.experiments.verdicts import (PairedData, bootstrap_interval, compare_family, holm, paired_t_pvalue,
                                stein_sample_size)
 
 
@@ -150,7 +150,7 @@ def test_plan_seeds_gives_each_comparison_steins_number_within_the_budget():
 
 
 def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tmp_path, monkeypatch):
-    import liaf_lab.study as study
+    import liaf_lab.experiments.study as study
 
     noise = {s: 0.5 * math.sin(3 * s + 1) for s in range(20)}
     trained = []
@@ -179,6 +179,8 @@ def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tm
         assert c["half_width"] == pytest.approx(stats.t.ppf(0.975, 2) * np.std([noise[s] * k for s in (0, 1, 2)],
                                                                                   ddof=1) / math.sqrt(n))
     assert sorted({s for m, s in trained if m == "liaf"}) == list(range(test[("liaf", "none")]["n"]))
+    stage2 = [s for _, s in trained[9:]]  # after the pilot's 9 runs, seed by seed (whole seeds if stopped)
+    assert stage2 and stage2 == sorted(stage2)
     report = result.report.read_text()
     assert "Stein's two-stage rule for a half-width of 0.4 AP" in report and "half-width (target 0.4) | seeds used |" in report
     c = test[("liaf", "none")]
@@ -218,7 +220,7 @@ def test_the_cli_names_a_bad_family_argument_in_one_line(tmp_path, capsys):
 
 
 def test_the_demo_report_section_shows_its_preset_s_shipped_family_or_says_it_is_missing(tmp_path):
-    from liaf_lab.report import SHIPPED_STUDIES, shipped_study_section
+    from liaf_lab.experiments.report import SHIPPED_STUDIES, shipped_study_section
 
     for preset, study in SHIPPED_STUDIES.items():  # every preset's shipped study is there and matches its preset
         load_study_summary(study, config=preset)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from liaf_lab import load_study_run
 from liaf_lab.analysis import cam_shares, write_cam_shares
-from liaf_lab.builders import build_datasets, build_detector
+from liaf_lab.experiments.builders import build_datasets, build_detector
 from liaf_lab.distillers import BASELINE, method_label
-from liaf_lab.provenance import file_sha256
+from liaf_lab.utils.provenance import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 

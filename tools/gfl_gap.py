@@ -5,7 +5,7 @@
 The study (``liaf-lab study --config bench --methods none --grid student.arch=fcos,gfl --grid
 distill.iterations=800,1600``, docs/gfl.md) trains no-KD students of both detectors at two schedule lengths on the
 same seeds. Its family: GFL - FCOS at each length, each detector's 1600 - 800, and the change of the gap, each a
-paired Student's t 95% interval over the seeds, Holm-adjusted over the family (``liaf_lab.verdicts``).
+paired Student's t 95% interval over the seeds, Holm-adjusted over the family (``liaf_lab.experiments.verdicts``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from liaf_lab.verdicts import holm, paired_interval, paired_t_pvalue  # noqa: E402
+from liaf_lab.experiments.verdicts import holm, paired_interval, paired_t_pvalue  # noqa: E402
 
 STUDY = ROOT / "data_samples" / "studies" / "gfl_gap"
 ARCHS, LENGTHS = ("gfl", "fcos"), (800, 1600)

@@ -77,7 +77,7 @@ def _comparison(args: dict[str, str]):
 def _entry(args: dict[str, str]) -> dict:
     study = _study(args["study"])
     if "split" in args and args["split"] != study.split:
-        from liaf_lab.study_report import summarise
+        from liaf_lab.experiments.report import summarise
 
         return summarise(study.rows, study.methods, study.grid, args["split"], study.family)[args["method"]]
     if args["method"] not in study.summary:
@@ -87,7 +87,7 @@ def _entry(args: dict[str, str]) -> dict:
 
 def render(kind: str, args: dict[str, str]) -> str:
     """The text a span of ``kind`` with ``args`` holds."""
-    from liaf_lab.study_report import comparisons_table, summary_table
+    from liaf_lab.experiments.report import comparisons_table, summary_table
 
     if kind == "methods":
         return "\n" + "\n".join(summary_table(_study(args["study"]).summary)) + "\n"
@@ -134,8 +134,8 @@ def render(kind: str, args: dict[str, str]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _params(config: str, role: str) -> int:
-    from liaf_lab.builders import build_detector
-    from liaf_lab.config import load_config
+    from liaf_lab.experiments.builders import build_detector
+    from liaf_lab.experiments.config import load_config
 
     model = build_detector(load_config(config), role, 6)  # the bench and tiny presets have 5 classes
     return sum(p.numel() for p in model.parameters())

@@ -52,8 +52,8 @@ from ..models.adapter import flat_outputs
 from ..models.backbones import eval_mode
 from ..models.detectors import detector_adapter, detector_num_classes
 from ..models.taps import detector_features, head_outputs
-from ..validation import check_boxes
-from ..verdicts import paired_interval
+from ..utils.validation import check_boxes
+from ..experiments.verdicts import paired_interval
 from .viz import check_image, draw_boxes, new_figure
 
 __all__ = [
@@ -395,7 +395,7 @@ def summarise_cam_shares(rows: Sequence[Mapping[str, Any]], baseline: str | None
     """Per model: the mean share inside boxes (per seed over its maps, then over seeds), the spread across
     images (std of the per-image shares, averaged over seeds) and across seeds (std of the per-seed means),
     the number of empty maps, and with ``baseline`` the difference of per-seed means to the baseline's,
-    paired by seed, with its Student's t 95% interval (``liaf_lab.verdicts.paired_interval``).
+    paired by seed, with its Student's t 95% interval (``liaf_lab.experiments.verdicts.paired_interval``).
 
     ``empty``: ``"exclude"`` leaves all-zero maps out of the means (they have no mass to place), ``"zero"``
     counts them as a share of 0 (the map puts nothing inside the boxes). Models differ in how many maps are
@@ -485,7 +485,7 @@ CAM_SHARES_KEYS = ("model", "seed", "image", "share", "area", "empty")
 def write_cam_shares(path: str | Path, rows: Sequence[Mapping[str, Any]], source: Mapping[str, Any]) -> Path:
     """Write ``cam_shares`` rows and their ``source`` (the study, images, command that made them) as JSON,
     atomically (NaN shares of empty maps are written as null)."""
-    from ..atomic import write_json
+    from ..utils.atomic import write_json
 
     clean = [{k: (None if k == "share" and r["empty"] else r[k]) for k in CAM_SHARES_KEYS} for r in rows]
     return write_json(Path(path), {"source": dict(source), "rows": clean})
@@ -494,7 +494,7 @@ def write_cam_shares(path: str | Path, rows: Sequence[Mapping[str, Any]], source
 def read_cam_shares(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(rows, source)`` of a file written by ``write_cam_shares``. A missing or malformed file is a
     ``FileNotFoundError`` / ``ValueError`` that says how to make it (``tools/cam_shares.py``)."""
-    from ..atomic import read_json
+    from ..utils.atomic import read_json
 
     regenerate = "make it with `python tools/cam_shares.py STUDY_DIR --out FILE` (docs/analysis.md)"
     file = Path(path)

@@ -328,7 +328,7 @@ def gpu_suite_latency(summary_path: str | Path) -> dict[str, dict[str, Any]]:
     name, with the device they ran on under ``"device"``; empty when the file is missing or its
     latency section did not run (e.g. no CUDA device), so a table can say "not run". A relative path
     is looked up from the current folder, then from the project root."""
-    from ..paths import PROJECT_ROOT
+    from ..utils.paths import PROJECT_ROOT
 
     path = Path(summary_path)
     if not path.is_absolute() and not path.exists():

@@ -13,9 +13,9 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from ..atomic import write_text
+from ..utils.atomic import write_text
 from ..distillers import InstanceScorer, KDInputs
-from ..verdicts import paired_interval
+from ..experiments.verdicts import paired_interval
 from .viz import check_levels, new_figure
 
 __all__ = ["ScoreHistory", "plot_score_gaps"]
@@ -204,7 +204,7 @@ class ScoreHistory:
 def plot_score_gaps(histories: Sequence[ScoreHistory], level: str | None = None) -> Figure:
     """The mean ``|A^S - A^T|`` over instances against iterations for several runs (e.g. one per seed):
     one thin line per run, their mean in black with its Student's t 95% interval over runs as a band
-    (``liaf_lab.verdicts.paired_interval``, the interval the notebooks report). The y axis starts at 0; the
+    (``liaf_lab.experiments.verdicts.paired_interval``, the interval the notebooks report). The y axis starts at 0; the
     legend sits beside the axes, off the data."""
     if not histories:
         raise ValueError("histories is empty: pass one ScoreHistory per run")

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ..distillers import FeatureDistiller, KDInputs, LossWeights
 from ..models.backbones import eval_mode
-from ..options import check_value, option_types
-from ..validation import check_boxes, check_feature_dict
+from ..utils.options import check_value, option_types
+from ..utils.validation import check_boxes, check_feature_dict
 from .cam import resize_for_detector
 from .maps import box_regions, kd_inputs_for, paired_maps
 from .viz import (

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..options import PositiveInt, Range, Weight
+from ..utils.options import PositiveInt, Range, Weight
 from .base import FeatureDistiller, KDInputs
 from .ops import dice_coeff
 from .registry import register_distiller

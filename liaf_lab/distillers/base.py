@@ -2,7 +2,7 @@
 
 A method is one ``FeatureDistiller`` subclass in its own file, registered with
 ``register_distiller``, its options declared once as a nested ``Options`` dataclass (typed, with
-bounds and choices, checked by ``liaf_lab.options``) and its modules made in ``build``. In every
+bounds and choices, checked by ``liaf_lab.utils.options``) and its modules made in ``build``. In every
 stage-2 step it reads one ``KDInputs`` and returns named loss terms (``loss_terms``); their sum is
 the KD loss and each is logged on its own. A method with a learned
 stage 1 (LIAF-KD's selectors, MasKD's receptive tokens) sets ``two_stage``, names the modules stage 1
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import options as typed
-from ..validation import (
+from ..utils import options as typed
+from ..utils.validation import (
     check_boxes,
     check_feature_dict,
     check_image_size,
@@ -182,7 +182,7 @@ class FeatureDistiller(nn.Module):
         teacher_channels: C of the teacher's levels.
         strides: level name -> input pixels per cell; the levels that are distilled.
         options: the method's options, declared once as its nested ``Options`` dataclass (typed, with
-            bounds and choices: ``liaf_lab.options``) and checked by it; each is also an attribute.
+            bounds and choices: ``liaf_lab.utils.options``) and checked by it; each is also an attribute.
 
     Subclasses declare ``Options``, make their modules in ``build`` and implement ``compute_terms``
     (and, if ``two_stage``, ``stage1_modules`` and ``compute_stage1``); the public ``loss_terms`` and

@@ -27,7 +27,7 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
 from ..models.dense import mean_over_ranks
-from ..options import Positive, Weight
+from ..utils.options import Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
 from .ops import binary_kd, decode_bins
 from .registry import register_distiller

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from ..models.dense import mean_over_ranks
-from ..options import NonNegativeInt, Positive, Weight
+from ..utils.options import NonNegativeInt, Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
 from .ops import bin_kl, binary_kd, channel_standardise, decode_bins
 from .registry import register_distiller

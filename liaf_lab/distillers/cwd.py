@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..options import Positive, Weight
+from ..utils.options import Positive, Weight
 from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 

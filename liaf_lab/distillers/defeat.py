@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..options import Positive, Weight
+from ..utils.options import Positive, Weight
 from .base import FeatureDistiller, KDInputs
 from .ops import adaptation_layers, box_cells, concat_boxes
 from .registry import register_distiller

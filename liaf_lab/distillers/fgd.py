@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..options import Positive, Weight
+from ..utils.options import Positive, Weight
 from .base import FeatureDistiller, KDInputs
 from .ops import box_cells, concat_boxes, fgd_cell_span
 from .registry import register_distiller

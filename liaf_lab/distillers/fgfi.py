@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from ..options import Fraction, Positive, Weight
+from ..utils.options import Fraction, Positive, Weight
 from .base import FeatureDistiller, KDInputs, prior_boxes
 from .ops import adaptation_layers, concat_boxes
 from .registry import register_distiller

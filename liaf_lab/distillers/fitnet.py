@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..options import Weight
+from ..utils.options import Weight
 from .base import FeatureDistiller, KDInputs, LossWeights, feature_cells, feature_mse
 from .registry import register_distiller
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from ..options import Fraction, Positive, PositiveInt, Weight
+from ..utils.options import Fraction, Positive, PositiveInt, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits, prior_boxes
 from .ops import box_cells
 from .registry import register_distiller

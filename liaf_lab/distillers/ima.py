@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..options import NonNegative, Range, Weight
+from ..utils.options import NonNegative, Range, Weight
 from .base import FeatureDistiller, KDInputs
 from .ops import box_cells, concat_boxes, random_keep_mask
 from .registry import register_distiller

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from ..validation import check_boxes, check_grid_size, check_stride, check_tensor, check_values, should_validate
+from ..utils.validation import check_boxes, check_grid_size, check_stride, check_tensor, check_values, should_validate
 from .ops import box_cell_axes, concat_boxes
 
 Normalize = Literal["image", "batch"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..options import Positive, Weight
+from ..utils.options import Positive, Weight
 from .base import FeatureDistiller, KDInputs, flat_logits
 from .ops import bin_kl
 from .registry import register_distiller

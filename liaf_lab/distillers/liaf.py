@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..options import PositiveInt, Weight
+from ..utils.options import PositiveInt, Weight
 from .base import FeatureDistiller, KDInputs, LossWeights, Stage1Output, feature_cells, feature_mse
 from .instance import (
     InstanceSelectors,

@@ -14,7 +14,7 @@ from typing import Annotated
 import torch
 from torch import Tensor, nn
 
-from ..options import NonNegativeInt, Range, Weight
+from ..utils.options import NonNegativeInt, Range, Weight
 from .base import FeatureDistiller, KDInputs, LossWeights, Stage1Output
 from .ops import dice_coeff
 from .registry import register_distiller

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..options import Fraction, Weight
+from ..utils.options import Fraction, Weight
 from .base import FeatureDistiller, KDInputs, LossWeights
 from .ops import random_keep_mask
 from .registry import register_distiller

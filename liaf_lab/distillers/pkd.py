@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..options import Weight
+from ..utils.options import Weight
 from .base import FeatureDistiller, KDInputs, LossWeights, feature_cells
 from .ops import channel_standardise
 from .registry import register_distiller

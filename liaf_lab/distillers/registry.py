@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, NamedTuple, TypeVar
 
-from ..options import option_types
+from ..utils.options import option_types
 from .base import FeatureDistiller
 
 _REGISTRY: dict[str, type[FeatureDistiller]] = {}
@@ -121,7 +121,7 @@ def method_options(name: str) -> dict[str, tuple[Any, Any]]:
 
 
 def method_option_types(name: str) -> dict[str, Any]:
-    """A registered method's options: name -> declared type, bounds included (``liaf_lab.options``)."""
+    """A registered method's options: name -> declared type, bounds included (``liaf_lab.utils.options``)."""
     return option_types(_options_class(name))
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..options import NonNegative, Positive, PositiveInt, Weight
+from ..utils.options import NonNegative, Positive, PositiveInt, Weight
 from .base import FeatureDistiller, KDInputs
 from .registry import register_distiller
 

@@ -1,6 +1,6 @@
 """Training and evaluation: the loop, the recipe's steps, checkpoints and COCO metrics."""
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .evaluate import coco_metrics, evaluate_coco, predict_coco
 from .loop import FitResult, TrainConfig, fit
 from .recipes import distill, inherit_neck_and_head, learn_stage1, stage1_stats, train_detector, train_student

@@ -13,10 +13,10 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..atomic import write_json
+from ..utils.atomic import write_json
 from ..data import collate_fn as default_collate
 from ..models.detectors import check_image_sizes
-from ..progress import progress
+from ..utils.progress import progress
 
 METRIC_NAMES = ["AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L"]
 

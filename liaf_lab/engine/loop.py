@@ -15,10 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as ddp
-from ..atomic import DiskFullError
-from ..checkpoint import load_module_state, save_checkpoint
-from ..options import NonNegative, NonNegativeInt, Options, PositiveInt
-from ..progress import progress
+from ..utils.atomic import DiskFullError
+from ..utils.checkpoint import load_module_state, save_checkpoint
+from ..utils.options import NonNegative, NonNegativeInt, Options, PositiveInt
+from ..utils.progress import progress
 from .run_folder import check_resume, load_resume_state, prepare_run_folder, record_run, run_spec
 from .run_logs import RunLogs
 from .schedule import lr_factor, make_scheduler

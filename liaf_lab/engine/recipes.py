@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..atomic import write_json
+from ..utils.atomic import write_json
 from ..data import collate_fn as default_collate
 from ..distillers import FeatureDistiller
 from ..models import detector_features

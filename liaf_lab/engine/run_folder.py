@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..atomic import RecordError, read_json, write_json
-from ..checkpoint import CheckpointError, load_checkpoint, previous_path, remove_orphan_temporaries
+from ..utils.atomic import RecordError, read_json, write_json
+from ..utils.checkpoint import CheckpointError, load_checkpoint, previous_path, remove_orphan_temporaries
 from .seeding import environment_info
 
 # What ``fit(..., new_schedule=True)`` lets a resumed run change; any other difference is refused.

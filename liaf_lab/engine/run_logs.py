@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write, write_text
+from ..utils.atomic import atomic_write, write_text
 from .run_folder import RunConfigError
 from .tracking import TensorBoardLog
 

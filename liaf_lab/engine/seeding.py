@@ -88,7 +88,7 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
     same)."""
     import torchvision
 
-    from .. import __version__
+    from ..utils.version import __version__
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.backbones import fpn_levels
-from ..provenance import package_version
+from ..utils.provenance import package_version
 
 #: Free disk space a cache leaves: below it, entries are computed but no longer written.
 MIN_FREE_BYTES = 1 << 30

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from ..utils.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from .adapter import DetectorAdapter
 from .backbones import backbone_strides, resnet_fpn
 from .fasterrcnn import FasterRCNNAdapter

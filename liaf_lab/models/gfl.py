@@ -46,7 +46,7 @@ from torchvision.ops import (
     generalized_box_iou_loss,
 )
 
-from ..validation import check_positive_boxes
+from ..utils.validation import check_positive_boxes
 from .adapter import DenseAdapter, Target
 from .dense import anchor_centres, distance2box, integral_distances, mean_over_ranks
 

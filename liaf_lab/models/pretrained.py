@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint
+from ..utils.checkpoint import load_checkpoint
 
 LOG = logging.getLogger("liaf_lab")
 

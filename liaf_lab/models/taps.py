@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from ..validation import check_positive_boxes
+from ..utils.validation import check_positive_boxes
 from .adapter import HeadRun, Target
 from .backbones import fpn_levels
 from .detectors import detector_adapter, families_with, fpn_strides

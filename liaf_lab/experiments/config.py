@@ -4,7 +4,7 @@ A config has the sections of ``SECTIONS``. ``load_config`` checks it once, befor
 built: an unknown section or key, a missing one, or a value of the wrong type is a ``ValueError``
 naming ``section.key``. The expected types are those of what the values go to (``create_detector``,
 each registered distiller's ``Options``, ``distill``, ``TrainConfig``), checked by the one validator
-of ``liaf_lab.options``.
+of ``liaf_lab.utils.options``.
 
 ``[kd]`` holds ``inherit`` and one table per method, ``[kd.<method>]`` (e.g. ``[kd.liaf]``), with that
 method's options; the registry says which methods and options exist, so a new method needs no edit here.
@@ -25,14 +25,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .data.kitti import check_test_split
-from .distillers import BASELINE, list_distillers, method_option_types, method_parts, variant_of
-from .engine import TrainConfig, distill
-from .models import create_detector
-from .options import NonNegative, PositiveInt, check_value
-from .paths import PROJECT_ROOT, resolve_path  # noqa: F401  (config.resolve_path, config.PROJECT_ROOT: public)
+from ..data.kitti import check_test_split
+from ..distillers import BASELINE, list_distillers, method_option_types, method_parts, variant_of
+from ..engine import TrainConfig, distill
+from ..models import create_detector
+from ..utils.options import NonNegative, PositiveInt, check_value
+from ..utils.paths import PROJECT_ROOT, resolve_path  # noqa: F401  (config.resolve_path, config.PROJECT_ROOT: public)
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parents[1] / "configs"  # liaf_lab/configs
 
 # [input]: torchvision's resize, the same for teacher and student (their features must align).
 INPUT_KEYS = ("min_size", "max_size")

@@ -30,14 +30,14 @@ from typing import Any, Literal
 
 import torch
 
-from .analysis.viz import plot_run_curves
+from ..utils.figures import plot_run_curves
 from .config import ResolvedConfig, resolve_config
-from .distillers import BASELINE
+from ..distillers import BASELINE
 from .executors import Executor, SlurmOptions, check_slurm, execute
-from .models.backbones import fpn_levels
-from .progress import progress
+from ..models.backbones import fpn_levels
+from ..utils.progress import progress
 from .study_folders import StudyError, read_differences, study_folder
-from .study_report import Family, plan_seeds, write_study_report
+from .report import Family, plan_seeds, write_study_report
 
 # Config sections that do not change a student trained without KD: its runs are shared by every
 # grid variant that differs only there.
@@ -117,7 +117,7 @@ def _check_arguments(config: str | Path | ResolvedConfig, methods: Sequence[str]
                      overrides: list[str]) -> tuple[ResolvedConfig, dict[tuple[str, ...], ResolvedConfig]]:
     """The study's config, resolved once (``resolve_config``), and each grid variant's, derived from it (every
     value must make a valid config: keys and types checked); a ``StudyError`` for bad seeds or methods."""
-    from .distillers import method_parts
+    from ..distillers import method_parts
 
     if not seeds:
         raise StudyError("--seeds is empty: a study needs at least one seed (two or more for an interval)")
@@ -145,10 +145,10 @@ def _study_spec(cfg: ResolvedConfig, grid: dict[str, list[str]], threads: int,
 
 
 def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
-    """What the study's results depend on besides its config (``liaf_lab.provenance``): the data of its splits as
+    """What the study's results depend on besides its config (``liaf_lab.utils.provenance``): the data of its splits as
     parsed and the package version (the teacher is added by ``_teacher``)."""
     from .builders import build_datasets, build_test_dataset
-    from .provenance import data_inputs, package_version
+    from ..utils.provenance import data_inputs, package_version
 
     train, val = build_datasets(config)
     return {"data": data_inputs({"train": train, "val": val, "test": build_test_dataset(config)}),
@@ -157,7 +157,7 @@ def _study_inputs(config: dict[str, Any]) -> dict[str, Any]:
 
 def _input_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``key -> (saved, new)`` for every differing item of two input records (``inputs.data.val``, ...)."""
-    from .engine.run_folder import spec_differences
+    from ..engine.run_folder import spec_differences
 
     return {k.replace("config.", "inputs.", 1): v
             for k, v in spec_differences({"config": saved}, {"config": new}).items()}
@@ -166,8 +166,8 @@ def _input_differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, 
 def _runs_teacher(out: Path) -> dict[str, str | None] | None:
     """The teacher that the runs of a study folder from before input records name in their ``run.json`` (path,
     and the file's present hash), ``None`` when no run names one."""
-    from .atomic import read_json
-    from .provenance import teacher_input
+    from ..utils.atomic import read_json
+    from ..utils.provenance import teacher_input
 
     for record in sorted(out.glob("runs/*/*/seed*/run.json")):
         teacher = read_json(record, "run record")["spec"]["config"].get("teacher")
@@ -181,13 +181,13 @@ def _open_study(out: Path, spec: dict[str, Any], methods: Sequence[str], seeds: 
     """Create ``out/study.json`` or check that the folder holds this study (methods and seeds may grow) with the
     same inputs (data, package version; ``_check_teacher`` checks the teacher).
 
-    ``family`` (``study_report.Family.as_dict()``) is recorded; a fixed-width study's target and pilot are
+    ``family`` (``report.Family.as_dict()``) is recorded; a fixed-width study's target and pilot are
     part of its design and may not change (its budget ``max_seeds`` and the comparisons made may).
     ``artefact``: a shipped study folder this one continues (``adopt_finished``); it is checked as the folder's own
     record is, and a new folder starts from its methods and seeds.
     """
-    from .atomic import read_json, write_json
-    from .engine.seeding import environment_info
+    from ..utils.atomic import read_json, write_json
+    from ..engine.seeding import environment_info
 
     path = out / "study.json"
     inputs = _study_inputs(spec["config"])
@@ -214,8 +214,8 @@ def _check_same_study(where: Path, saved: dict[str, Any], spec: dict[str, Any], 
                       family: dict[str, Any]) -> None:
     """A ``StudyError`` unless the study recorded in ``where/study.json`` (``saved``) is the study ``spec`` describes:
     the same threads, CPU kernels, config, grid, inputs (but the teacher) and fixed-width design."""
-    from .engine.run_folder import describe_differences, spec_differences
-    from .engine.seeding import environment_info
+    from ..engine.run_folder import describe_differences, spec_differences
+    from ..engine.seeding import environment_info
 
     if saved["threads"] != spec["threads"]:
         raise StudyError(f"study folder {where} was run with {saved['threads']} threads per run and this call "
@@ -248,7 +248,7 @@ def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
     """The study's teacher if it needs no training: ``teacher_weights`` (as an absolute path, which every run
     records, so a resumed study may name it relatively from another folder), or ``out/teacher/teacher.pt``."""
     if teacher_weights is not None:
-        from .paths import resolve_path
+        from ..utils.paths import resolve_path
 
         return str(resolve_path(teacher_weights).resolve())
     path = out / "teacher" / "teacher.pt"
@@ -276,8 +276,8 @@ def train_teacher(cfg: dict[str, Any], train: Any, folder: Path, device: str | t
     when given), its ``curves.png`` drawn and its weights saved as ``folder/teacher.pt``; the teacher of a study
     and of the demo."""
     from .builders import build_detector, dataset_category_ids, train_config
-    from .engine import train_detector
-    from .models import save_detector
+    from ..engine import train_detector
+    from ..models import save_detector
 
     teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, seed=0, class_names=train.class_names,
                              category_ids=dataset_category_ids(train))
@@ -291,10 +291,10 @@ def train_teacher(cfg: dict[str, Any], train: Any, folder: Path, device: str | t
 def _check_teacher(out: Path, cfg: ResolvedConfig, path: str) -> None:
     """Before any run trains: the teacher must load into the config's teacher, and be the teacher (path and
     content hash) that ``out/study.json`` records, if it records one; it is recorded there otherwise."""
-    from .atomic import read_json, write_json
+    from ..utils.atomic import read_json, write_json
     from .builders import build_datasets, build_detector
-    from .engine.run_folder import describe_differences
-    from .provenance import teacher_input
+    from ..engine.run_folder import describe_differences
+    from ..utils.provenance import teacher_input
 
     train, _ = build_datasets(cfg)
     build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path, class_names=train.class_names)
@@ -316,8 +316,8 @@ def _check_teacher_cache(out: Path, cfg: ResolvedConfig, path: str, seeds_at_onc
     distillation's iterations (a stage 1 reads the first batches of the same order: no entries of its own).
     """
     from .builders import build_datasets, build_detector
-    from .data import collate_fn
-    from .engine.teacher_cache import MIN_FREE_BYTES
+    from ..data import collate_fn
+    from ..engine.teacher_cache import MIN_FREE_BYTES
 
     train, _ = build_datasets(cfg)
     teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=path).eval()
@@ -341,7 +341,7 @@ def _check_teacher_cache(out: Path, cfg: ResolvedConfig, path: str, seeds_at_onc
 def _legacy_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run begun before runs recorded their inputs (its ``run.json`` has none): it is
     resumed and adopted as it is."""
-    from .atomic import RecordError, read_json
+    from ..utils.atomic import RecordError, read_json
 
     try:
         spec = read_json(folder / "run.json", "run record")["spec"]
@@ -353,8 +353,8 @@ def _legacy_run(folder: Path) -> bool:
 def _write_run_record(folder: Path, run_config: dict[str, Any]) -> None:
     """``folder/record.json``: the run's config and inputs, and the hashes of its ``result.json`` and ``student.pt``
     (written last: a run is finished when this record, its result and its weights agree)."""
-    from .atomic import write_json
-    from .provenance import file_sha256
+    from ..utils.atomic import write_json
+    from ..utils.provenance import file_sha256
 
     write_json(folder / "record.json", {"run_config": run_config, "result_sha256": file_sha256(folder / "result.json"),
                                         "student_sha256": file_sha256(folder / "student.pt")})
@@ -364,9 +364,9 @@ def _finished_row(folder: Path, run_config: dict[str, Any]) -> dict[str, Any] | 
     """The row of the finished run in ``folder``, or ``None`` when it must be trained: not finished, or damaged
     (its result, weights and record disagree; redone with a warning). ``StudyError`` when it finished with
     another configuration or other inputs than ``run_config``."""
-    from .atomic import RecordError, read_json
-    from .engine.run_folder import describe_differences, spec_differences
-    from .provenance import file_sha256
+    from ..utils.atomic import RecordError, read_json
+    from ..engine.run_folder import describe_differences, spec_differences
+    from ..utils.provenance import file_sha256
 
     result, record_path, student = folder / "result.json", folder / "record.json", folder / "student.pt"
     if not result.exists():
@@ -418,17 +418,17 @@ def run_one(out: str, config: str | Path | ResolvedConfig, overrides: Sequence[s
     are shared with the seed's other runs through ``out/teacher_cache/seed<k>`` (``TeacherCache``: exact; how
     many batches were read and computed goes to the run's ``teacher_cache.json``).
     """
-    from .atomic import write_json
+    from ..utils.atomic import write_json
     from .builders import (
         build_datasets, build_detector, build_distiller, build_test_dataset, dataset_category_ids, train_config,
     )
     from .config import method_config
-    from .engine import evaluate_coco, train_student
-    from .engine.distributed import resolve_device
-    from .engine.teacher_cache import TeacherCache
-    from .engine.tracking import log_run_summary
-    from .models import save_detector
-    from .provenance import data_inputs, file_sha256, package_version
+    from ..engine import evaluate_coco, train_student
+    from ..engine.distributed import resolve_device
+    from ..engine.teacher_cache import TeacherCache
+    from ..engine.tracking import log_run_summary
+    from ..models import save_detector
+    from ..utils.provenance import data_inputs, file_sha256, package_version
 
     torch.set_num_threads(threads)
     folder = Path(out) / run.folder
@@ -485,7 +485,7 @@ def run_one(out: str, config: str | Path | ResolvedConfig, overrides: Sequence[s
 def _locked(study: Callable[..., StudyResult]) -> Callable[..., StudyResult]:
     """``study`` run holding the lock of its study folder (``out_dir``): a second process is refused with the
     holder's PID instead of both writing the same runs."""
-    from .processes import FolderLock, FolderLockedError
+    from ..utils.processes import FolderLock, FolderLockedError
 
     signature = inspect.signature(study)
 
@@ -513,8 +513,8 @@ def _locked(study: Callable[..., StudyResult]) -> Callable[..., StudyResult]:
 def finished_row(out: str | Path, folder: str) -> dict[str, Any] | None:
     """The row of the study run in ``out/folder`` if it finished (its result, weights and record agree), else
     ``None``; ``run_one`` checks the rest (its configuration and inputs) when it runs."""
-    from .atomic import RecordError, read_json
-    from .provenance import file_sha256
+    from ..utils.atomic import RecordError, read_json
+    from ..utils.provenance import file_sha256
 
     folder_path = Path(out) / folder
     result, record, student = (folder_path / n for n in ("result.json", "record.json", "student.pt"))
@@ -544,8 +544,8 @@ def adopt_finished(out: Path, artefact: Path, teacher_path: str | None) -> int:
     and thread count, so an adopted row is the row the run gives again; its ``student_sha256`` (rows from
     2026-12-07 on) lets a rerun in another folder prove it. ``load_study_run`` refuses an adopted run (no weights).
     """
-    from .atomic import read_json, write_json
-    from .provenance import file_sha256
+    from ..utils.atomic import read_json, write_json
+    from ..utils.provenance import file_sha256
 
     shipped = read_json(artefact / "study.json", "study record")
     teacher = (shipped.get("inputs") or {}).get("teacher")
@@ -598,7 +598,7 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
             a KD method needs it (a study of ``none`` alone trains no teacher).
         jobs: runs trained at once in separate processes, each with ``threads`` threads; results do not
             depend on ``jobs``, only on ``threads`` (recorded; a folder refuses another value).
-        pairwise, versus: the family of comparisons (``study_report.Family``): by default each method
+        pairwise, versus: the family of comparisons (``report.Family``): by default each method
             against the baseline; ``pairwise`` adds every pair, ``versus`` every method against these.
             Verdicts follow Holm-adjusted p-values over the family.
         target_half_width, max_seeds: fixed-width intervals by Stein's two-stage rule: after the pilot
@@ -606,7 +606,7 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
             ``target_half_width`` AP needs, at most ``max_seeds`` (the next integers after the pilot).
         executor: ``"local"`` (processes, ``jobs``) or ``"slurm"``: the teacher (when trained) and every run as a
             Slurm job through submitit (``executor_options``; logs and job ids in ``out_dir/slurm``), with the same
-            results (``liaf_lab.executors``).
+            results (``liaf_lab.experiments.executors``).
         teacher_cache: share the frozen teacher's FPN levels between the runs of a seed (``TeacherCache``; exact:
             the students are bit-identical either way) in ``out_dir/teacher_cache``, each seed's folder removed
             once its runs have finished. ``None``: on when the runs train on the CPU. Refused before any run when
@@ -642,7 +642,7 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
     if artefact is not None:
         adopt_finished(out, artefact, teacher_path)
     if teacher_cache is None:
-        from .engine.distributed import resolve_device
+        from ..engine.distributed import resolve_device
 
         teacher_cache = resolve_device(device).type == "cpu"
     teacher_cache = bool(teacher_cache and needs_teacher and any(m != BASELINE for m in methods))
@@ -658,8 +658,11 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
                                     for r in runs], "study", finished)
     if family.target_half_width is not None:  # Stein's second stage: the seeds the pilot's spread asks for
         plan = plan_seeds(_table(runs, rows), methods, grid, grid_mode, family)
-        extra = [Run(() if v == "default" else tuple(v.split(",")), s, m)
-                 for (m, v), wanted in plan.items() for s in wanted if s not in family.pilot]
+        # seed by seed, as the pilot: a stopped study then leaves whole seeds (``report_finished``), and the teacher
+        # cache holds the few seeds under way that ``_check_teacher_cache`` bounded
+        extra = sorted((Run(() if v == "default" else tuple(v.split(",")), s, m)
+                        for (m, v), wanted in plan.items() for s in wanted if s not in family.pilot),
+                       key=lambda r: (r.seed, methods.index(r.method)))
         runs = list(dict.fromkeys([*runs, *extra]))
         if extra:
             _open_study(out, _study_spec(cfg, grid, threads, grid_mode), methods,
@@ -682,7 +685,7 @@ def report_finished(out_dir: str | Path) -> StudyResult:
     every run of it has finished, so every comparison stays paired. Raises ``StudyError`` when the folder holds no
     study or no seed has finished whole.
     """
-    from .atomic import read_json
+    from ..utils.atomic import read_json
 
     start = time.perf_counter()
     out = study_folder(out_dir)
@@ -792,9 +795,9 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     Raises ``StudyError`` naming the problem: no study in the folder, or the run is not there or not
     finished (the runs the folder holds are listed).
     """
-    from .atomic import read_json
+    from ..utils.atomic import read_json
     from .builders import build_detector, build_distiller
-    from .checkpoint import CheckpointError, load_checkpoint, load_module_state
+    from ..utils.checkpoint import CheckpointError, load_checkpoint, load_module_state
 
     out = study_folder(study_dir)
     folder = out / Run(tuple(v for v in variant.split(",") if v != "default"), seed, method).folder

@@ -1,5 +1,5 @@
 """What a study folder is, for the study that runs in it (``study.py``) and the report that reads it
-(``study_report.py``): where one is found (``study_folder``), the error a wrong one raises (``StudyError``) and
+(``report.py``): where one is found (``study_folder``), the error a wrong one raises (``StudyError``) and
 which config differences its saved runs ignore (``read_differences``)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class StudyError(ValueError):
 def study_folder(study_dir: str | Path) -> Path:
     """A study folder that must exist: a relative path from the current folder, else from the project
     root (as data paths resolve); ``StudyError`` when it holds no ``study.json``."""
-    from .paths import PROJECT_ROOT
+    from ..utils.paths import PROJECT_ROOT
 
     out = Path(study_dir).expanduser()
     if not out.is_absolute() and not out.exists() and (PROJECT_ROOT / out).exists():

@@ -95,7 +95,7 @@ def check_slurm(options: SlurmOptions) -> None:
 def local_pool(jobs: int) -> ProcessPoolExecutor:
     """``jobs`` spawned worker processes, each of which exits when this process dies (a killed study leaves no
     run training on, re-parented)."""
-    from .processes import exit_with_parent
+    from ..utils.processes import exit_with_parent
 
     return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=exit_with_parent,
                                initargs=(os.getpid(),))

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .atomic import write_json
-from .distillers import FitNetDistiller, LIAFDistiller
-from .progress import progress
+from ..utils.atomic import write_json
+from ..distillers import FitNetDistiller, LIAFDistiller
+from ..utils.progress import progress
 
 STRIDES = {"0": 8.0, "1": 16.0}
 
@@ -52,7 +52,7 @@ def make_batch(n: int, size: int, generator: torch.Generator) -> tuple[Tensor, l
 
 def objectness_target(boxes: list[Tensor], size: tuple[int, int], stride: float) -> Tensor:
     """``[N, 1, H, W]``: 1 on cells inside any box."""
-    from .distillers.instance import instance_mask
+    from ..distillers.instance import instance_mask
 
     zeros = torch.cat(boxes).new_zeros(sum(len(b) for b in boxes))
     return 1 - instance_mask(boxes, zeros, size, stride)

@@ -1,4 +1,4 @@
-"""Build datasets, detectors and distillers from a config (see ``liaf_lab.config``): a ``ResolvedConfig``, as the
+"""Build datasets, detectors and distillers from a config (see ``liaf_lab.experiments.config``): a ``ResolvedConfig``, as the
 entry points pass it down, or a dict of the same sections. Nothing here reads a config file."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import ResolvedConfig, check_data, input_size, kd_options, resolve_path
-from .data import KITTI_MERGE, CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
-from .data.voc import check_disjoint_image_sets
-from .distillers import BASELINE, FeatureDistiller, create_distiller, method_parts
-from .engine import TrainConfig
-from .engine.seeding import seeded
-from .models import create_detector, fpn_strides
+from ..data import KITTI_MERGE, CocoDetectionDataset, KittiDataset, VOCDataset, detection_transforms
+from ..data.voc import check_disjoint_image_sets
+from ..distillers import BASELINE, FeatureDistiller, create_distiller, method_parts
+from ..engine import TrainConfig
+from ..engine.seeding import seeded
+from ..models import create_detector, fpn_strides
 
 
 def build_datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
@@ -29,7 +29,7 @@ def build_datasets(cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
     Unknown or missing keys, train/val class lists that differ and VOC image sets that share images are
     ``ValueError``s.
     """
-    from .data import check_same_classes
+    from ..data import check_same_classes
 
     data, kind = _data(cfg)
     tf = {"train": detection_transforms(train=True), "val": detection_transforms(train=False)}
@@ -111,7 +111,7 @@ def shapes_cache(data: dict[str, Any]) -> Path:
     encodes every setting, and generation writes to a temporary folder renamed when complete, so
     concurrent runs never see half a dataset.
     """
-    from .data import generate_scenes
+    from ..data import generate_scenes
 
     size, seed = data.get("image_size", 160), data.get("seed", 0)
     counts = {"train": data["num_train"], "val": data["num_val"], "test": data.get("num_test", 0)}

@@ -52,7 +52,7 @@ def data_inputs(splits: Mapping[str, Any]) -> dict[str, str | None]:
 
 def package_version() -> str:
     """liaf_lab's version, recorded with every study and run."""
-    from . import __version__
+    from .version import __version__
 
     return __version__
 
