@@ -36,6 +36,11 @@ def test_spans_render_from_the_study_functions():
     assert quoted.render("diff", {"study": "bench9", "a": "fgfi", "b": "none"}) == "+5.00 [+3.06, +6.94]"
     assert quoted.render("count", {"study": "bench9", "pairwise": "1", "what": "size"}) == "78"
     assert quoted.render("verdict", {"study": "bench9", "a": "liaf", "b": "none"}) == "not distinguishable"
+    rows = quoted._study("raccoon").rows
+    assert quoted.render("runs", {"study": "raccoon"}) == str(len(rows))
+    assert quoted.render("cpu_hours", {"study": "raccoon"}) == f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}"
+    with pytest.raises(quoted.QuoteError, match="study bench12 has rows without cpu_seconds"):
+        quoted.render("cpu_hours", {"study": "bench12"})
     with pytest.raises(quoted.QuoteError, match="no shipped study 'nope'"):
         quoted.render("mean", {"study": "nope", "method": "liaf"})
     found = quoted.problems([("docs/x.md", "<!-- n:mean study=bench9 method=dino -->1<!-- /n -->")])

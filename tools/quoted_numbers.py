@@ -20,7 +20,8 @@ Kinds (``key=value`` arguments; ``split`` defaults to the study's report split; 
   ``ap study=S method=M seed=N``: one run's AP.
 - ``count study=S what=excludes0|separated|size``: comparisons of the family whose 95% interval
   excludes 0, whose Holm verdict separates them, or how many there are.
-- ``minutes study=S``: minutes of run time of the study's rows.
+- ``minutes study=S``: minutes of run time of the study's rows; ``cpu_hours study=S``: their CPU time (each run's
+  process); ``runs study=S``: how many rows.
 - ``distillers``: the registered method names; ``params config=C role=R``: a detector's parameters (M).
 """
 
@@ -123,6 +124,13 @@ def render(kind: str, args: dict[str, str]) -> str:
         raise QuoteError(f"count what={what!r} is not excludes0, separated or size")
     if kind == "minutes":
         return f"{sum(r.get('seconds', 0) for r in _study(args['study']).rows) / 60:.1f}"
+    if kind == "cpu_hours":
+        rows = _study(args["study"]).rows
+        if not all("cpu_seconds" in r for r in rows):
+            raise QuoteError(f"study {args['study']} has rows without cpu_seconds")
+        return f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}"
+    if kind == "runs":
+        return str(len(_study(args["study"]).rows))
     if kind == "distillers":
         from liaf_lab import list_distillers
 
