@@ -1,6 +1,6 @@
 """liaf_lab: learn, run and analyse knowledge distillation of object detectors, centred on LIAF-KD."""
 
-from .utils.version import __version__  # the one place it is written
+from .utils.version import __version__ as __version__  # written once, in utils/version.py
 
 from .utils._ops_check import TorchvisionOpsError, check_torchvision_ops
 

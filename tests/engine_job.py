@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from liaf_lab import checkpoint
+from liaf_lab.utils import checkpoint
 from liaf_lab.data import CocoDetectionDataset, detection_transforms
 from liaf_lab.distillers import create_distiller
 from liaf_lab.engine import TrainConfig, distill, learn_stage1, loop

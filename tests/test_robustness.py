@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 import liaf_lab
+import liaf_lab.utils.version
 from liaf_lab.utils.atomic import DiskFullError, RecordError, write_json
 from liaf_lab.utils.checkpoint import CheckpointError, load_checkpoint
 from liaf_lab.cli import main
@@ -82,7 +83,7 @@ def test_a_study_refuses_another_teacher_other_data_or_version_and_redoes_damage
     with pytest.raises(StudyError, match=r"other inputs \(inputs.data.val: '[0-9a-f]+' in the folder"):
         run_study(out, teacher_weights=str(TEACHER), **kw)
     val_ann.write_text(original)
-    monkeypatch.setattr(liaf_lab, "__version__", "9.9.9")
+    monkeypatch.setattr(liaf_lab.utils.version, "__version__", "9.9.9")
     with pytest.raises(StudyError, match="inputs.version: '.*' in the folder, '9.9.9' now"):
         run_study(out, teacher_weights=str(TEACHER), **kw)
     monkeypatch.undo()
