@@ -187,6 +187,14 @@ def test_a_fixed_width_study_runs_the_second_stage_and_reports_the_half_width(tm
     assert f" {c['half_width']:.2f} | {', '.join(map(str, c['seeds']))} |" in report
     summary = load_study_summary(out)
     assert summary.family.target_half_width == 0.4 and summary.comparison("liaf", "none").n == test[("liaf", "none")]["n"]
+    # read as a plain study (a labelled secondary analysis): every seed both ran, Student's t on their own spread
+    ap = {(r["method"], r["seed"]): 100 * r["test_AP"] for r in summary.rows}
+    seeds = sorted(s for (m, s) in ap if m == "fitnet")
+    diffs = [ap[("fitnet", s)] - ap[("none", s)] for s in seeds]
+    plain = {(c.a, c.b): c for c in summary.compare(fixed_width=False)}[("fitnet", "none")]
+    assert plain.n == len(seeds) > 3 and plain.pilot is None
+    assert plain.half_width == pytest.approx(stats.t.ppf(0.975, len(seeds) - 1) * np.std(diffs, ddof=1)
+                                             / math.sqrt(len(seeds)))
     with pytest.raises(StudyError, match=r"family.target_half_width: 0.4 in the folder, 0.8 now"):
         run_study(out, "tiny", ["none", "fitnet", "liaf"], [0, 1, 2], device="cpu", target_half_width=0.8,
                   max_seeds=10)

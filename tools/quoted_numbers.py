@@ -11,7 +11,8 @@ spans in place. Studies are read from ``data_samples/studies/<name>/`` (``study.
 ``results.json``, shipped) with ``liaf_lab.load_study_summary``, the function the reports use.
 
 Kinds (``key=value`` arguments; ``split`` defaults to the study's report split; ``pairwise=1`` or
-``versus=m`` choose the family a comparison is corrected over, default each method against ``none``):
+``versus=m`` choose the family a comparison is corrected over, default each method against ``none``; ``plain=1``
+reads a fixed-width study as a plain one, every seed and Student's t: ``StudySummary.compare(fixed_width=False)``):
 
 - ``methods study=S``: the per-method Markdown table; ``family study=S``: the family's comparison table.
 - ``diff``, ``p``, ``p_holm``, ``verdict``, ``wins``, ``n``, ``halfwidth``, ``sentence`` ``study=S a=A b=B``: one
@@ -59,13 +60,13 @@ def _study(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _family(name: str, split: str, pairwise: bool, versus: tuple[str, ...]):
-    return _study(name).compare(pairwise=pairwise, versus=versus, split=split or None)
+def _family(name: str, split: str, pairwise: bool, versus: tuple[str, ...], fixed_width: bool = True):
+    return _study(name).compare(pairwise=pairwise, versus=versus, split=split or None, fixed_width=fixed_width)
 
 
 def _comparisons(args: dict[str, str]):
     return _family(args["study"], args.get("split", ""), args.get("pairwise") == "1",
-                   tuple(v for v in args.get("versus", "").split(",") if v))
+                   tuple(v for v in args.get("versus", "").split(",") if v), args.get("plain") != "1")
 
 
 def _comparison(args: dict[str, str]):

@@ -328,13 +328,17 @@ class StudySummary:
         return study_figure(self.summary, self.split)
 
     def compare(self, pairwise: bool = False, versus: Sequence[str] = (), split: str | None = None,
-                methods: Sequence[str] | None = None) -> list[Comparison]:
-        """The comparisons of another family of this study's runs (Holm-corrected over that family)."""
+                methods: Sequence[str] | None = None, fixed_width: bool = True) -> list[Comparison]:
+        """The comparisons of another family of this study's runs (Holm-corrected over that family).
+
+        ``fixed_width=False`` reads a fixed-width study as a plain one: each comparison on every seed both methods
+        ran, with Student's t on their own spread (``n - 1`` degrees of freedom) instead of Stein's interval on
+        the pilot's. A secondary analysis, to be labelled as such: the study's plan is its fixed-width family."""
         methods = list(methods or self.methods)
         for name in [*methods, *versus]:
             self._check(name)
-        family = Family(pairwise, tuple(versus), self.family.target_half_width, self.family.max_seeds,
-                        self.family.pilot)
+        family = (Family(pairwise, tuple(versus), self.family.target_half_width, self.family.max_seeds,
+                         self.family.pilot) if fixed_width else Family(pairwise, tuple(versus)))
         return study_comparisons(self.rows, methods, self.grid, split or self.split, family)
 
     def comparison(self, a: str, b: str) -> Comparison:
