@@ -239,3 +239,21 @@ def test_the_demo_report_section_shows_its_preset_s_shipped_family_or_says_it_is
     missing = shipped_study_section("tiny", study=tmp_path / "gone")
     assert "The shipped study is not available here" in missing[2] and "holds no study" in missing[2]
     assert "No study of the 'paper' preset ships" in shipped_study_section("paper")[2]
+
+
+def test_a_pilot_too_small_for_its_family_is_warned_before_any_run():
+    import warnings
+
+    from liaf_lab.experiments.study import _check_family
+    from liaf_lab.experiments.verdicts import separable_ratio
+
+    assert separable_ratio(29, 3) == pytest.approx(stats.t.ppf(1 - 0.025 / 29, 2) / stats.t.ppf(0.975, 2))
+    assert separable_ratio(1, 3) == pytest.approx(1.0)
+    methods = ["none", "liaf", *[f"m{i}" for i in range(14)]]  # bench_all's family: 15 against none, 14 against liaf
+    with pytest.warns(UserWarning, match=r"pilot of 3 seeds: Stein's test keeps 2 degrees of freedom, so over a "
+                                         r"family of 29 comparisons .* 5\.6 times .*; a pilot of 5 seeds .* 2\.7"):
+        _check_family(methods, [0, 1, 2], {}, "product", False, ["liaf"], 1.0, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_family(methods, [0, 1, 2, 3, 4, 5], {}, "product", False, ["liaf"], 1.0, 12)
+        _check_family(["none", "liaf"], [0, 1, 2], {}, "product", False, [], 1.0, 12)

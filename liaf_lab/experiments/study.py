@@ -760,7 +760,25 @@ def _check_family(methods: Sequence[str], seeds: Sequence[int], grid: dict[str, 
     if grid and grid_mode == "product":
         raise StudyError("--target-halfwidth works without a grid or with a one-at-a-time screen (--one-at-a-time), "
                          "whose family is each value against its method's preset")
-    return Family(pairwise, tuple(versus), float(target_half_width), int(max_seeds), tuple(seeds))
+    family = Family(pairwise, tuple(versus), float(target_half_width), int(max_seeds), tuple(seeds))
+    _warn_small_pilot(len(family.pairs(list(methods))) if not grid else sum(map(len, grid.values())), len(seeds))
+    return family
+
+
+def _warn_small_pilot(family_size: int, pilot: int) -> None:
+    """Warn, before any run, when Stein's test on a pilot of ``pilot`` seeds can separate only differences of more
+    than 3 half-widths over a family of ``family_size`` comparisons (``verdicts.separable_ratio``), naming the
+    pilot that would bring it to 3 or less."""
+    from .verdicts import separable_ratio
+
+    ratio = separable_ratio(family_size, pilot)
+    if family_size < 2 or ratio <= 3:
+        return
+    better = next(p for p in range(pilot + 1, 100) if separable_ratio(family_size, p) <= 3)
+    warnings.warn(f"--target-halfwidth with a pilot of {pilot} seeds: Stein's test keeps {pilot - 1} degrees of "
+                  f"freedom, so over a family of {family_size} comparisons a difference is separated only when it is "
+                  f"{ratio:.1f} times its interval's half-width; a pilot of {better} seeds (--seeds) brings that to "
+                  f"{separable_ratio(family_size, better):.1f}", stacklevel=3)
 
 
 
