@@ -20,7 +20,7 @@ from ..utils.paths import PROJECT_ROOT
 from .builders import build_datasets, build_detector, build_distiller
 from .config import ResolvedConfig, resolve_config
 from .report import write_report
-from .study import Run, load_study_run, run_study
+from .study import Run, load_study_run, ready_teacher, run_study
 
 SHIPPED_DIR = PROJECT_ROOT / "data_samples" / "checkpoints"
 SHIPPED_TEACHER = SHIPPED_DIR / "teacher_tiny.pt"
@@ -50,10 +50,10 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedCon
         teacher_weights = SHIPPED_TEACHER if (cfg.source == "tiny" and SHIPPED_TEACHER.exists()) else None
     study = run_study(out / STUDY, cfg, methods, seeds, device=device, threads=torch.get_num_threads(),
                       teacher_weights=None if teacher_weights is None else str(teacher_weights))
-    teacher_path = Path(teacher_weights) if teacher_weights is not None else out / STUDY / "teacher" / "teacher.pt"
+    teacher_path = ready_teacher(out / STUDY, None if teacher_weights is None else str(teacher_weights))
     results: dict[str, Any] = {"teacher": None, "teacher_source": str(teacher_weights or "trained in this run"),
                                "students": {}}
-    if teacher_path.is_file():  # a demo of no KD alone has none
+    if teacher_path is not None:  # a demo of no KD alone has none
         train, val = build_datasets(cfg)
         teacher = build_detector(cfg, "teacher", len(train.class_names) + 1, weights_path=teacher_path,
                                  class_names=train.class_names)
@@ -66,7 +66,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config: str | Path | ResolvedCon
     results["seconds"] = time.perf_counter() - start
     results["summary"] = {m: _mean_std([r["AP"] for r in rows]) for m, rows in results["students"].items()}
     write_json(out / "summary.json", results)
-    write_report(out, results, cfg, str(cfg.source), changed=bool(cfg.overrides), study_dir=out / STUDY)
+    write_report(out, results, cfg, out / STUDY, str(cfg.source), changed=bool(cfg.overrides))
     return results
 
 

@@ -579,13 +579,12 @@ def shipped_study_section(config: str = "tiny", study: str | Path | None = None,
             f"methods in one family:{note}", "", *comparisons_table(summary.compare(pairwise=True)), ""]
 
 
-def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any], config: str = "tiny",
-                 changed: bool = False, study_dir: Path | None = None) -> Path:
+def write_report(out: Path, results: dict[str, Any], cfg: dict[str, Any], study_dir: Path, config: str = "tiny",
+                 changed: bool = False) -> Path:
     """The demo's ``report.md``, with ``ap.png`` / ``losses_seed*.png`` beside it: ``results`` (``run_demo``'s: the
     teacher's and each student's val metrics, each student row with its ``folder`` in the study ``study_dir``)."""
     plot_ap(results, out / "ap.png")
     seeds = sorted({r["seed"] for rows in results["students"].values() for r in rows})
-    study_dir = study_dir if study_dir is not None else out / "study"
     figures = []
     for seed in seeds:
         runs = {student_label(m): study_dir / r["folder"] / "metrics.csv"

@@ -244,7 +244,7 @@ def _check_same_study(where: Path, saved: dict[str, Any], spec: dict[str, Any], 
                          f"({describe_differences(diffs)}); use another --out")
 
 
-def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
+def ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
     """The study's teacher if it needs no training: ``teacher_weights`` (as an absolute path, which every run
     records, so a resumed study may name it relatively from another folder), or ``out/teacher/teacher.pt``."""
     if teacher_weights is not None:
@@ -257,8 +257,8 @@ def _ready_teacher(out: Path, teacher_weights: str | None) -> str | None:
 
 
 def _teacher(out: Path, cfg: ResolvedConfig, device: str | None, threads: int, teacher_weights: str | None) -> str:
-    """The study's teacher: ``_ready_teacher``'s, else trained once (``train_teacher``) in ``out/teacher``."""
-    ready = _ready_teacher(out, teacher_weights)
+    """The study's teacher: ``ready_teacher``'s, else trained once (``train_teacher``) in ``out/teacher``."""
+    ready = ready_teacher(out, teacher_weights)
     if ready is not None:
         return ready
     from .builders import build_datasets
@@ -637,7 +637,7 @@ def run_study(out_dir: str | Path, config: str | Path | ResolvedConfig = "bench"
     if needs_teacher:  # trained where the runs train (a Slurm job), unless it exists; checked before any run
         teacher_task = ("teacher", (out, cfg, device, threads, teacher_weights))
         teacher_path = next(execute_tasks(_teacher, [teacher_task], jobs=1,
-                                          finished=lambda _: _ready_teacher(out, teacher_weights)))[1]
+                                          finished=lambda _: ready_teacher(out, teacher_weights)))[1]
         _check_teacher(out, cfg, teacher_path)
     if artefact is not None:
         adopt_finished(out, artefact, teacher_path)
@@ -771,10 +771,9 @@ def _warn_small_pilot(family_size: int, pilot: int) -> None:
     pilot that would bring it to 3 or less."""
     from .verdicts import separable_ratio
 
-    ratio = separable_ratio(family_size, pilot)
-    if family_size < 2 or ratio <= 3:
+    if family_size < 2 or (ratio := separable_ratio(family_size, pilot)) <= 3:
         return
-    better = next(p for p in range(pilot + 1, 100) if separable_ratio(family_size, p) <= 3)
+    better = next((p for p in range(pilot + 1, 100) if separable_ratio(family_size, p) <= 3), 100)
     warnings.warn(f"--target-halfwidth with a pilot of {pilot} seeds: Stein's test keeps {pilot - 1} degrees of "
                   f"freedom, so over a family of {family_size} comparisons a difference is separated only when it is "
                   f"{ratio:.1f} times its interval's half-width; a pilot of {better} seeds (--seeds) brings that to "
@@ -822,11 +821,10 @@ def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str =
     if not (folder / "result.json").is_file():
         done = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").glob("*/*/seed*/result.json"))
         raise StudyError(f"{out} has no finished run {method}/{variant}/seed{seed}; it has {done or 'none'}")
-    record = folder / "record.json"
-    if record.is_file() and ADOPTED in read_json(record, "run record"):
-        raise StudyError(f"run {method}/{variant}/seed{seed} of {out} was adopted from "
-                         f"{read_json(record, 'run record')[ADOPTED]}: it has its row, not its weights; train it in "
-                         "a study folder of its own to load it")
+    record = read_json(folder / "record.json", "run record") if (folder / "record.json").is_file() else {}
+    if ADOPTED in record:
+        raise StudyError(f"run {method}/{variant}/seed{seed} of {out} was adopted from {record[ADOPTED]}: it has its "
+                         "row, not its weights; train it in a study folder of its own to load it")
     spec = read_json(folder / "run.json", "run record")["spec"]["config"]
     cfg, saved = spec["config"], load_checkpoint(folder / "student.pt")
     if not isinstance(saved.get("meta"), dict) or "class_names" not in saved["meta"]:
