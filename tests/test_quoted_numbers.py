@@ -85,3 +85,20 @@ def test_the_gfl_gap_block_in_docs_is_what_its_script_prints_from_the_shipped_ro
     block = gfl_gap.report()
     assert "GFL - FCOS at 800" in block and "gap at 1600 - gap at 800" in block
     assert block in (PROJECT_ROOT / "docs" / "gfl.md").read_text()
+
+
+def test_the_shares_table_summarises_each_variant_of_its_file(tmp_path, monkeypatch):
+    import json
+
+    rows = [{"method": "liaf", "variant": "default", "seed": s, "total": v} for s, v in ((0, 0.80), (1, 0.70))]
+    rows += [{"method": "liaf", "variant": "kd.liaf.mask_scale=count", "seed": s, "total": v}
+             for s, v in ((0, 0.25), (1, float("nan")))]
+    rows.append({"method": "fitnet", "variant": "default", "seed": 0, "total": 0.5})
+    (tmp_path / "screen").mkdir()
+    (tmp_path / "screen" / "background_shares.json").write_text(json.dumps({"area": 0.9, "rows": rows}))
+    monkeypatch.setattr(quoted, "STUDIES", tmp_path)
+    assert quoted.render("shares", {"study": "screen"}).strip().splitlines()[2:] == [
+        "| liaf | default | 2 | 75% [70%, 80%] |", "| liaf | kd.liaf.mask_scale=count | 2 | 25% [25%, 25%] |",
+        "| fitnet | default | 1 | 50% [50%, 50%] |", "| (a loss that weighted every cell alike) | | | 90% |"]
+    with pytest.raises(quoted.QuoteError, match="make it with tools/background_shares.py"):
+        quoted.render("shares", {"study": "nope"})

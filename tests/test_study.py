@@ -193,6 +193,33 @@ def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp
     assert "| liaf | default |" in report and "(preset)" in report
     with pytest.raises(StudyError, match="grid_mode"):
         run_study(out, "bench", ["none", "liaf"], [0, 1], small_grid, small, device="cpu", teacher_weights=TEACHER)
+    _check_background_shares_of_each_variant(out)
+
+
+def _check_background_shares_of_each_variant(out: Path) -> None:
+    """``study_background_shares``: one row per trained run, each measured with that run's own trained distiller
+    (its variant's options) on the study's first validation images with boxes and the study's teacher."""
+    from liaf_lab.analysis import background_area, background_share, kd_inputs_for, study_background_shares
+    from liaf_lab.experiments.builders import build_datasets, build_detector
+    from liaf_lab.experiments.study import load_study_run, study_teacher
+
+    rows, area = study_background_shares(out, "liaf", images=3)
+    assert {r["method"] for r in rows} == {"liaf"} and [(r["variant"], r["seed"]) for r in rows] == [("default", 0), ("default", 1),
+                                                         ("kd.liaf.mask_scale=count", 0), ("kd.liaf.mask_scale=count", 1)]
+    assert study_teacher(out) == Path(TEACHER)
+    run = load_study_run(out, "liaf", 1, "kd.liaf.mask_scale=count")
+    assert run.distiller.mask_scale == "count"
+    _, val = build_datasets(run.config)
+    samples = [val[i] for i in range(len(val)) if len(val.records[i].boxes) > 0][:3]
+    teacher = build_detector(run.config, "teacher", len(run.class_names) + 1, weights_path=TEACHER,
+                             class_names=run.class_names).eval()
+    inputs = kd_inputs_for(run.student, teacher, run.distiller, [s[0] for s in samples], [s[1] for s in samples], 1)
+    assert rows[3] == {"method": "liaf", "variant": "kd.liaf.mask_scale=count", "seed": 1,
+                       **background_share(run.distiller, inputs)}
+    assert area == background_area(inputs, run.distiller.strides) and 0 < area < 1
+    assert all(0 <= r["total"] <= 1 for r in rows)
+    with pytest.raises(StudyError, match="no finished 'fitnet' run"):
+        study_background_shares(out, "fitnet")
 
 
 def test_a_study_without_distillation_trains_no_teacher(tmp_path, small, monkeypatch):
@@ -354,7 +381,7 @@ def test_report_only_reports_the_seeds_whose_runs_all_finished_and_trains_nothin
 def test_a_study_resumes_from_its_shipped_artefact_and_trains_only_what_it_lacks(tmp_path, small, monkeypatch):
     import shutil
 
-    from liaf_lab.experiments.study import load_study_run, report_finished
+    from liaf_lab.experiments.study import load_study_run, loadable_runs, report_finished
 
     full = run_study(tmp_path / "first", "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu",
                      teacher_weights=TEACHER)
@@ -379,6 +406,7 @@ def test_a_study_resumes_from_its_shipped_artefact_and_trains_only_what_it_lacks
     with pytest.raises(StudyError, match=r"adopted from .*shipped: it has its row, not its weights"):
         load_study_run(tmp_path / "again", "fitnet", 0)
     assert load_study_run(tmp_path / "again", "fitnet", 1).result["test_AP"] == full.rows[3]["test_AP"]
+    assert loadable_runs(tmp_path / "again", "fitnet") == [("default", 1)]
     with pytest.raises(StudyError, match=r"shipped holds a study of another configuration .*distill.iterations"):
         run_study(tmp_path / "other", "bench", ["none", "fitnet"], [0, 1], None, [*small, "distill.iterations=3"],
                   device="cpu", teacher_weights=TEACHER, resume_from=shipped)
@@ -386,3 +414,21 @@ def test_a_study_resumes_from_its_shipped_artefact_and_trains_only_what_it_lacks
     with pytest.raises(StudyError, match="holds no results.json: it is not a shipped study"):
         run_study(tmp_path / "other", "bench", ["none", "fitnet"], [0, 1], None, small, device="cpu",
                   teacher_weights=TEACHER, resume_from=shipped)
+
+
+def test_a_study_finds_its_teacher_by_content_when_its_recorded_path_is_gone(tmp_path):
+    from liaf_lab.experiments.study import study_teacher
+    from liaf_lab.utils.provenance import file_sha256
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    record = {"inputs": {"teacher": {"path": str(tmp_path / "gone.pt"), "sha256": file_sha256(TEACHER)}}}
+    (folder / "study.json").write_text(json.dumps(record))
+    assert study_teacher(folder) == Path(TEACHER)
+    record["inputs"]["teacher"]["sha256"] = "0" * 64
+    (folder / "study.json").write_text(json.dumps(record))
+    with pytest.raises(StudyError, match=r"gone\.pt\) is gone and no shipped checkpoint has its sha256"):
+        study_teacher(folder)
+    (folder / "study.json").write_text(json.dumps({"inputs": {}}))
+    with pytest.raises(StudyError, match="records no teacher"):
+        study_teacher(folder)

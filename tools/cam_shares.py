@@ -22,26 +22,11 @@ import sys
 from pathlib import Path
 
 from liaf_lab import load_study_run
+from liaf_lab.experiments.study import study_teacher
 from liaf_lab.analysis import cam_shares, write_cam_shares
 from liaf_lab.experiments.builders import build_datasets, build_detector
 from liaf_lab.distillers import BASELINE, method_label
 from liaf_lab.utils.provenance import file_sha256
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_teacher(study: Path, given: str | None) -> Path:
-    """``given``, else the teacher the study recorded, at its path or among data_samples/checkpoints by sha256."""
-    if given:
-        return Path(given)
-    recorded = json.loads((study / "study.json").read_text())["inputs"]["teacher"]
-    if Path(recorded["path"]).is_file():
-        return Path(recorded["path"])
-    for candidate in sorted((ROOT / "data_samples" / "checkpoints").glob("*.pt")):
-        if file_sha256(candidate) == recorded["sha256"]:
-            return candidate
-    sys.exit(f"the study's teacher {recorded['path']} is gone and no shipped checkpoint has its sha256; pass --teacher")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +43,7 @@ def main() -> None:
     cfg = runs[args.methods[0]][0].config
     _, val = build_datasets(cfg)
     samples = [val[i] for i in range(len(val)) if len(val.records[i].boxes) > 0][:args.images]
-    teacher_path = find_teacher(args.study, args.teacher)
+    teacher_path = Path(args.teacher) if args.teacher else study_teacher(args.study)
     teacher = build_detector(cfg, "teacher", len(val.class_names) + 1, weights_path=teacher_path,
                              class_names=val.class_names).eval()
     models = {"teacher": [teacher]}

@@ -23,6 +23,8 @@ reads a fixed-width study as a plain one, every seed and Student's t: ``StudySum
   excludes 0, whose Holm verdict separates them, or how many there are.
 - ``minutes study=S``: minutes of run time of the study's rows; ``cpu_hours study=S``: their CPU time (each run's
   process); ``runs study=S``: how many rows.
+- ``shares study=S``: the table of ``S``'s ``background_shares.json`` (``tools/background_shares.py``): per method
+  and grid variant, the share of the method's loss outside every box, mean [lowest, highest] over its runs.
 - ``distillers``: the registered method names; ``params config=C role=R``: a detector's parameters (M).
 """
 
@@ -132,6 +134,8 @@ def render(kind: str, args: dict[str, str]) -> str:
         return f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}"
     if kind == "runs":
         return str(len(_study(args["study"]).rows))
+    if kind == "shares":
+        return "\n" + "\n".join(_shares_table(args["study"])) + "\n"
     if kind == "distillers":
         from liaf_lab import list_distillers
 
@@ -139,6 +143,20 @@ def render(kind: str, args: dict[str, str]) -> str:
     if kind == "params":
         return f"{_params(args['config'], args['role']) / 1e6:.2f} M"
     raise QuoteError(f"unknown kind {kind!r}")
+
+
+def _shares_table(name: str) -> list[str]:
+    from liaf_lab.analysis import summarise_background_shares
+
+    path = STUDIES / name / "background_shares.json"
+    if not path.is_file():
+        raise QuoteError(f"no {path}: make it with tools/background_shares.py")
+    data = json.loads(path.read_text())
+    lines = ["| method | variant | runs | share of the loss outside every box: mean [lowest, highest] |",
+             "|---|---|---:|---|"]
+    lines += [f"| {e['method']} | {e['variant']} | {e['seeds']} | {e['mean']:.0%} [{e['low']:.0%}, {e['high']:.0%}] |"
+              for e in summarise_background_shares(data["rows"])]
+    return [*lines, f"| (a loss that weighted every cell alike) | | | {data['area']:.0%} |"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,7 +24,7 @@ from .efficiency import (
 from .history import ScoreHistory, plot_score_gaps
 from .maps import (
     background_area, background_share, box_regions, in_boxes, kd_inputs_for, method_weight_maps, paired_maps,
-    plot_weight_maps, weight_map_summary,
+    plot_weight_maps, study_background_shares, summarise_background_shares, weight_map_summary,
 )
 from .selectors import instance_groups, mean_cosine, plot_group_values, plot_selector_cosines, selector_cosines
 from .viz import (
@@ -43,7 +43,7 @@ from .viz import (
 from .widgets import MaskInspector, MaskView
 
 __all__ = [
-    "DetectorCAM", "MaskInspector", "MaskView", "ScoreHistory", "background_area", "background_share",
+    "DetectorCAM", "MaskInspector", "MaskView", "ScoreHistory", "background_area", "background_share", "study_background_shares", "summarise_background_shares",
     "box_regions", "cam_box_share", "cam_shares", "compare_cams", "count_flops", "count_parameters", "detector_cam",
     "draw_boxes", "draw_mask", "draw_score_bars", "efficiency_table", "figure_digest", "figure_to_jpeg",
     "figure_to_png", "format_table", "fpn_features", "in_boxes", "instance_groups", "kd_inputs_for",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from .viz import check_image, check_levels, draw_boxes, draw_mask, new_figure
 
 __all__ = [
     "background_area", "background_share", "box_regions", "in_boxes", "kd_inputs_for", "method_weight_maps", "paired_maps", "plot_weight_maps",
-    "weight_map_summary",
+    "study_background_shares", "summarise_background_shares", "weight_map_summary",
 ]
 SIDES = (" (teacher)", " (student)")
 
@@ -129,6 +130,55 @@ def background_share(distiller: FeatureDistiller, inputs: KDInputs, **options: A
         parts[lvl] = (float(cells[~inside].sum()), float(cells.sum()))
     parts["total"] = (sum(bg for bg, _ in parts.values()), sum(whole for _, whole in parts.values()))
     return {name: bg / whole if whole > 0 else math.nan for name, (bg, whole) in parts.items()}
+
+
+def study_background_shares(study_dir: str | Path, method: str = "liaf", images: int = 16,
+                            teacher: str | Path | None = None) -> tuple[list[dict[str, Any]], float]:
+    """``background_share`` of every run of ``method`` that a study folder trained, each with its own trained
+    student and distiller (the grid variant's options, after its stage 1 and stage 2).
+
+    Every run reads the same first ``images`` validation images with boxes of the study's config, with the
+    study's teacher (``study_teacher``; ``teacher`` overrides it). Returns ``(rows, area)``: one row per run
+    (``method``, ``variant``, ``seed``, ``"total"`` and one share per level) and ``background_area`` of those images, the
+    share a loss that weighted every cell alike would have. ``StudyError`` when the folder has no such run;
+    ``ValueError`` for a method whose loss does not split into cells (``background_share``).
+    """
+    from ..experiments.builders import build_datasets, build_detector
+    from ..experiments.study import StudyError, load_study_run, loadable_runs, study_teacher
+
+    found = loadable_runs(study_dir, method)
+    if not found:
+        raise StudyError(f"{study_dir} has no finished {method!r} run trained in it (adopted runs have no weights)")
+    first = load_study_run(study_dir, method, found[0][1], found[0][0])
+    _, val = build_datasets(first.config)
+    samples = [val[i] for i in range(len(val)) if len(val.records[i].boxes) > 0][:images]
+    pictures, targets = [img for img, _ in samples], [target for _, target in samples]
+    teacher_model = build_detector(first.config, "teacher", len(first.class_names) + 1,
+                                   weights_path=teacher or study_teacher(study_dir),
+                                   class_names=first.class_names).eval()
+    rows = []
+    for variant, seed in found:
+        run = first if (variant, seed) == found[0] else load_study_run(study_dir, method, seed, variant)
+        inputs = kd_inputs_for(run.student, teacher_model, run.distiller, pictures, targets, seed)
+        rows.append({"method": method, "variant": variant, "seed": seed, **background_share(run.distiller, inputs)})
+    return rows, background_area(inputs, first.distiller.strides)
+
+
+def summarise_background_shares(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and variant of ``study_background_shares``' rows (in their order; ``method`` is ``""`` where the
+    rows do not name one): ``method``, ``variant``, ``seeds`` (how many runs), and the ``"total"`` share's
+    ``mean``, ``low`` and ``high`` (smallest and largest) over the seeds; NaN shares (a loss of 0) are left out
+    of all three."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        out.setdefault((row.get("method", ""), row["variant"]), []).append(float(row["total"]))
+    summary = []
+    for (method, variant), shares in out.items():
+        kept = [v for v in shares if not math.isnan(v)]
+        mean, low, high = (sum(kept) / len(kept), min(kept), max(kept)) if kept else (math.nan,) * 3
+        summary.append({"method": method, "variant": variant, "seeds": len(shares), "mean": mean, "low": low,
+                        "high": high})
+    return summary
 
 
 def _scale(grids: Sequence[Tensor], limits: tuple[float, float] | None) -> tuple[float, float]:

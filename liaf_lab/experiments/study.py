@@ -805,6 +805,42 @@ class StudyRun:
     class_names: list[str]
 
 
+def loadable_runs(study_dir: str | Path, method: str) -> list[tuple[str, int]]:
+    """``(variant, seed)`` of every finished run of ``method`` in a study folder that ``load_study_run`` can load
+    (trained there, not adopted), sorted."""
+    from ..utils.atomic import read_json
+
+    out = study_folder(study_dir)
+    found = []
+    for result in (out / "runs" / method).glob("*/seed*/result.json"):
+        record = result.parent / "record.json"
+        if record.is_file() and ADOPTED in read_json(record, "run record"):
+            continue
+        found.append((result.parent.parent.name, int(result.parent.name.removeprefix("seed"))))
+    return sorted(found)
+
+
+def study_teacher(study_dir: str | Path) -> Path:
+    """The teacher a study folder recorded (its ``study.json``): at its recorded path, else the shipped checkpoint
+    in ``data_samples/checkpoints`` with its sha256 (a study made in another checkout). ``StudyError`` when
+    neither is there."""
+    from ..utils.atomic import read_json
+    from ..utils.paths import PROJECT_ROOT
+    from ..utils.provenance import file_sha256
+
+    out = study_folder(study_dir)
+    recorded = (read_json(out / "study.json", "study record").get("inputs") or {}).get("teacher")
+    if not isinstance(recorded, dict):
+        raise StudyError(f"{out}/study.json records no teacher; pass the teacher's weights yourself")
+    if recorded.get("path") and Path(recorded["path"]).is_file():
+        return Path(recorded["path"])
+    for candidate in sorted((PROJECT_ROOT / "data_samples" / "checkpoints").glob("*.pt")):
+        if file_sha256(candidate) == recorded.get("sha256"):
+            return candidate
+    raise StudyError(f"the teacher of {out} ({recorded.get('path')}) is gone and no shipped checkpoint has its "
+                     "sha256; pass the teacher's weights yourself")
+
+
 def load_study_run(study_dir: str | Path, method: str, seed: int, variant: str = "default",
                    device: str | torch.device = "cpu") -> StudyRun:
     """Load a finished run of ``study_dir``: its student (``student.pt``) and distiller (from ``last.pt``).
