@@ -102,3 +102,27 @@ def test_the_shares_table_summarises_each_variant_of_its_file(tmp_path, monkeypa
         "| fitnet | default | 1 | 50% [50%, 50%] |", "| (a loss that weighted every cell alike) | | | 90% |"]
     with pytest.raises(quoted.QuoteError, match="make it with tools/background_shares.py"):
         quoted.render("shares", {"study": "nope"})
+
+
+def test_a_method_run_by_two_code_versions_is_compared_seed_by_seed(monkeypatch):
+    from liaf_lab.experiments.verdicts import paired_interval
+
+    class Fake:
+        def __init__(self, rows):
+            self.rows = rows
+
+    def rows(aps):
+        return [{"method": m, "variant": "default", "seed": s, "val_AP": ap / 100, "test_AP": ap / 100}
+                for m, by_seed in aps.items() for s, ap in by_seed.items()]
+
+    studies = {"after": Fake(rows({"acam": {0: 30.0, 1: 31.5, 2: 29.0}, "none": {0: 20.0, 1: 21.0, 2: 22.0}})),
+               "before": Fake(rows({"acam": {0: 30.5, 1: 31.0, 2: 28.0, 3: 40.0}, "none": {0: 20.0, 1: 21.0, 2: 22.5}}))}
+    monkeypatch.setattr(quoted, "_study", studies.__getitem__)
+    mean, low, high = paired_interval([30.0 - 30.5, 31.5 - 31.0, 29.0 - 28.0])
+    args = {"study": "after", "before": "before", "method": "acam"}
+    assert quoted.render("across", args) == f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+    assert quoted.render("across", {**args, "what": "n"}) == "3"  # seed 3 ran only before
+    assert "not distinguishable" in quoted.render("across", {**args, "what": "sentence"})
+    assert quoted.render("same_ap", {**args, "method": "none"}) == "2 of 3"
+    with pytest.raises(quoted.QuoteError, match="share 0 seed"):
+        quoted.render("across", {**args, "method": "liaf"})

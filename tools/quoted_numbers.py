@@ -25,6 +25,10 @@ reads a fixed-width study as a plain one, every seed and Student's t: ``StudySum
   process); ``runs study=S``: how many rows.
 - ``shares study=S``: the table of ``S``'s ``background_shares.json`` (``tools/background_shares.py``): per method
   and grid variant, the share of the method's loss outside every box, mean [lowest, highest] over its runs.
+- ``across study=A before=B method=M``: the same method and seeds run by two code versions (``B`` the study of the
+  code before a change, ``A`` after it): ``A − B``'s paired interval over the seeds both have, one comparison
+  (``what=sentence`` its verdict, ``what=n`` its seeds); ``same_ap study=A before=B method=M``: how many of those
+  runs have the same val and test AP in both, "k of n".
 - ``distillers``: the registered method names; ``params config=C role=R``: a detector's parameters (M).
 """
 
@@ -134,6 +138,14 @@ def render(kind: str, args: dict[str, str]) -> str:
         return f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}"
     if kind == "runs":
         return str(len(_study(args["study"]).rows))
+    if kind == "across":
+        c = _across(args)
+        return {"sentence": c.sentence, "n": lambda: str(c.n)}.get(args.get("what", ""), c.interval)()
+    if kind == "same_ap":
+        after, before = _paired_rows(args)
+        same = sum(after[s]["val_AP"] == before[s]["val_AP"] and after[s]["test_AP"] == before[s]["test_AP"]
+                   for s in after)
+        return f"{same} of {len(after)}"
     if kind == "shares":
         return "\n" + "\n".join(_shares_table(args["study"])) + "\n"
     if kind == "distillers":
@@ -143,6 +155,29 @@ def render(kind: str, args: dict[str, str]) -> str:
     if kind == "params":
         return f"{_params(args['config'], args['role']) / 1e6:.2f} M"
     raise QuoteError(f"unknown kind {kind!r}")
+
+
+def _paired_rows(args: dict[str, str]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The default-variant rows of ``method`` in ``study`` and in ``before``, by seed, over the seeds both have."""
+    def rows(name: str) -> dict[int, dict]:
+        return {r["seed"]: r for r in _study(name).rows if r["method"] == args["method"] and r["variant"] == "default"}
+
+    after, before = rows(args["study"]), rows(args["before"])
+    seeds = sorted(set(after) & set(before))
+    if len(seeds) < 2:
+        raise QuoteError(f"studies {args['study']} and {args['before']} share {len(seeds)} seed(s) of "
+                         f"{args['method']}; a paired comparison needs 2")
+    return {s: after[s] for s in seeds}, {s: before[s] for s in seeds}
+
+
+def _across(args: dict[str, str]):
+    from liaf_lab.experiments.verdicts import PairedData, compare_family
+
+    split = args.get("split", "test")
+    after, before = _paired_rows(args)
+    diffs = [100 * (after[s][f"{split}_AP"] - before[s][f"{split}_AP"]) for s in after]
+    pair = PairedData(f"{args['method']} ({args['study']})", f"{args['method']} ({args['before']})", list(after), diffs)
+    return compare_family("code change", split, [pair])[0]
 
 
 def _shares_table(name: str) -> list[str]:
