@@ -204,3 +204,45 @@ def test_train_config_values_are_checked(kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**kw)
     assert math.isclose(TrainConfig(lr=1).lr, 1.0) and isinstance(TrainConfig(lr=1).lr, float)
+
+
+# -- bfloat16 autocast on the CPU (amp_cpu) ----------------------------------------------------------------------
+def test_amp_cpu_trains_in_bfloat16_reproducibly_and_warns_on_a_cpu_without_it(tmp_path, monkeypatch):
+    import warnings
+
+    import liaf_lab.engine.loop as loop
+
+    seen = []
+
+    class Probe(LinearStep):
+        def forward(self, xs, targets):
+            seen.append(self.linear(torch.stack(xs)).dtype)
+            return super().forward(xs, targets)
+
+    def fresh(step_class=LinearStep):
+        torch.manual_seed(0)  # the same initial weights in every run
+        return step_class()
+
+    monkeypatch.setattr(loop, "cpu_has_bfloat16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CPU with bfloat16 instructions: no warning
+        a = _fit(tmp_path / "a", _cfg(amp_cpu=True), step=fresh(Probe))
+    assert set(seen) == {torch.bfloat16}
+    _fit(tmp_path / "b", _cfg(amp_cpu=True), step=fresh())
+    _fit(tmp_path / "c", _cfg(), step=fresh())
+    weights = [load_checkpoint(tmp_path / x / "last.pt")["modules"]["linear"]["weight"] for x in "abc"]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert a.iterations == 4 and json.loads((tmp_path / "a" / "run.json").read_text())["spec"]["train"]["amp_cpu"]
+    monkeypatch.setattr(loop, "cpu_has_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="no bfloat16 instructions .* runs slower than float32 here"):
+        _fit(tmp_path / "d", _cfg(amp_cpu=True))
+
+
+def test_a_run_started_before_a_training_option_existed_resumes_while_the_option_is_at_its_default(tmp_path):
+    _fit(tmp_path, _cfg(iterations=2))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["spec"]["train"]["amp_cpu"]  # what a run folder of the package before amp_cpu holds
+    save_checkpoint(tmp_path / "last.pt", state)
+    assert _fit(tmp_path, _cfg(iterations=2)).iterations == 2  # checked against the folder's spec, then returned
+    with pytest.raises(RunConfigError, match=r"train.amp_cpu: '<unset>' in the folder, True now"):
+        _fit(tmp_path, _cfg(iterations=2, amp_cpu=True))

@@ -53,6 +53,21 @@ def test_an_entry_is_read_back_bit_for_bit_and_only_for_the_same_bytes(tmp_path,
     assert other.misses == 1
 
 
+def test_features_computed_under_autocast_are_kept_apart_from_float32_ones(tmp_path, teacher_and_batch):
+    """A run under ``amp_cpu`` (bfloat16 autocast) and a float32 run of the same seed share a study's cache folder:
+    neither reads the other's entries."""
+    teacher, x = teacher_and_batch
+    with torch.no_grad():
+        want = fpn_levels(teacher.backbone, x)
+    cache = TeacherCache(tmp_path, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cache.fpn_levels(teacher.backbone, x)
+        assert _equal(cache.fpn_levels(teacher.backbone, x), low) and (cache.hits, cache.misses) == (1, 1)
+    assert all(v.dtype == torch.bfloat16 for v in low.values())
+    assert _equal(cache.fpn_levels(teacher.backbone, x), want) and (cache.hits, cache.misses) == (1, 2)
+    assert sorted(p.parent.name for p in tmp_path.rglob("*.pt")) == sorted(["autocast_bfloat16", cache.folder.name])
+
+
 def test_another_teacher_or_thread_count_never_reads_the_entries(tmp_path, teacher_and_batch):
     teacher, x = teacher_and_batch
     first = teacher_fingerprint(teacher)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,6 +41,9 @@ class TrainConfig(Options):
     SyncBatchNorm under DDP (CUDA only).
     ``deterministic``: on CUDA, ``torch.use_deterministic_algorithms`` (slower; the CPU is always
     deterministic for a given thread count).
+    ``amp_cpu``: bfloat16 autocast on the CPU (no gradient scaler: bfloat16 has float32's range). Off by
+    default: it changes the numerics, and it is faster only on CPUs with bfloat16 instructions (e.g.
+    ``avx512_bf16``, AMX); elsewhere it warns once and runs slower (docs/benchmarks.md).
     """
 
     owner: ClassVar[str] = "training option"
@@ -55,7 +58,8 @@ class TrainConfig(Options):
     schedule: Literal["constant", "step", "cosine"] = "step"
     min_lr_factor: NonNegative = 0.0
     grad_clip: NonNegative | None = 10.0
-    amp: bool = True  # mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision (float16 autocast and a gradient scaler), used on CUDA only
+    amp_cpu: bool = False
     checkpoint_every: PositiveInt = 200
     log_every: PositiveInt = 10
     eval_every: NonNegativeInt = 0  # 0: only at the end (by the caller)
@@ -65,6 +69,29 @@ class TrainConfig(Options):
     max_abs_weight: NonNegative | None = 1e6
     sync_bn: bool = False
     deterministic: bool = False
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic instructions (``avx512_bf16`` or AMX, from ``/proc/cpuinfo``;
+    ``False`` where that cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training steps run under ``torch.autocast``: float16 on CUDA (``cfg.amp``), bfloat16 on the CPU
+    (``cfg.amp_cpu``, with one warning on a CPU without bfloat16 instructions, where it is slower)."""
+    if device.type == "cuda":
+        return cfg.amp
+    if device.type == "cpu" and cfg.amp_cpu:
+        if not cpu_has_bfloat16():
+            warnings.warn("amp_cpu: this CPU has no bfloat16 instructions (avx512_bf16, AMX), so bfloat16 autocast "
+                          "runs slower than float32 here; set amp_cpu = false", stacklevel=3)
+        return True
+    return False
 
 
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -148,7 +175,8 @@ def _resume(ckpt_path: Path | None, device: torch.device, modules: dict[str, nn.
     scheduler = make_scheduler(optimizer, cfg.iterations, cfg.warmup, cfg.schedule, cfg.min_lr_factor)
     if state is None:
         return _Run(), scheduler, False
-    diffs = check_resume(ckpt_path.parent, state["spec"], spec, new_schedule, TrainConfig.__dataclass_fields__)
+    diffs = check_resume(ckpt_path.parent, state["spec"], spec, new_schedule, TrainConfig.__dataclass_fields__,
+                         asdict(TrainConfig()))
     start = int(state["iteration"])
     run = _Run(start, int(state.get("skipped_steps", 0)), list(state.get("schedule_changes", [])), start)
     for name, module in modules.items():
@@ -215,12 +243,12 @@ def _forward_backward(model: nn.Module, images: list[Tensor], targets: list[dict
                       use_amp: bool, distributed: bool) -> tuple[dict[str, float], float]:
     """One forward and backward pass, the gradients clipped to ``cfg.grad_clip`` (as ``clip_grad_norm_``, the norm
     computed once): the loss terms (averaged over ranks) and the gradients' total norm, in one device read."""
-    with torch.autocast(device.type, enabled=use_amp):
+    with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else None, enabled=use_amp):
         losses = model(images, targets)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if use_amp:
+    if scaler.is_enabled():
         scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
     grad_norm = _total_norm(grads, 2.0)
@@ -236,13 +264,13 @@ def _forward_backward(model: nn.Module, images: list[Tensor], targets: list[dict
 
 
 def _guarded_step(run: _Run, gnorm: float, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  watched: list[Tensor], cfg: TrainConfig, use_amp: bool, desc: str, ckpt_path: Path | None) -> None:
+                  watched: list[Tensor], cfg: TrainConfig, desc: str, ckpt_path: Path | None) -> None:
     """The optimiser step, guarded: a non-finite loss term or gradient norm (the norm is left to the scaler under
-    AMP) stops the run (``NonFiniteError``) or, with ``cfg.on_nonfinite="skip"``, skips the step (counted and
+    CUDA's AMP) stops the run (``NonFiniteError``) or, with ``cfg.on_nonfinite="skip"``, skips the step (counted and
     warned); after the step, weights or floating buffers beyond ``cfg.max_abs_weight`` (or non-finite) stop it."""
     it = run.iteration
     loss_ok = all(math.isfinite(v) for v in run.last.values())
-    if not loss_ok or (not math.isfinite(gnorm) and not use_amp):
+    if not loss_ok or (not math.isfinite(gnorm) and not scaler.is_enabled()):
         where = (f"{desc}: iteration {it + 1}: " + ("loss" if not loss_ok else "gradient norm") +
                  f" is not finite (loss terms { {k: round(v, 4) for k, v in run.last.items()} }, "
                  f"gradient norm {gnorm})")
@@ -361,8 +389,8 @@ def fit(
     step.to(device)
     params, watched = _trainable(checkpoint_modules)
     optimizer = make_optimizer(params, cfg)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    use_amp = autocast_enabled(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
     spec = run_spec(cfg, checkpoint_modules, run_config)
     ckpt_path = out / "last.pt" if out is not None else None
     run, scheduler, resumed = _resume(ckpt_path, device, checkpoint_modules, optimizer, scaler, cfg, spec,
@@ -383,7 +411,7 @@ def fit(
         reseed(cfg.seed, "step", ddp.rank(), run.iteration)
         run.last, gnorm = _forward_backward(model, images, targets, optimizer, scaler, params, cfg, device, use_amp,
                                             distributed)
-        _guarded_step(run, gnorm, optimizer, scaler, watched, cfg, use_amp, desc, ckpt_path)
+        _guarded_step(run, gnorm, optimizer, scaler, watched, cfg, desc, ckpt_path)
         warned = warned or _warn_dominant_term(run.last, desc, run.iteration + 1)
         scheduler.step()
         run.iteration = it = run.iteration + 1

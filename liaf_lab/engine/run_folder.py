@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -187,10 +187,15 @@ def _schedule_key(key: str, spec: dict[str, Any], option_names: Collection[str])
 
 
 def check_resume(out: Path, saved: dict[str, Any], new: dict[str, Any], new_schedule: bool,
-                 option_names: Collection[str]) -> dict[str, tuple]:
+                 option_names: Collection[str], defaults: Mapping[str, Any] | None = None) -> dict[str, tuple]:
     """The differences of a resumed run's spec ``new`` from the folder's ``saved`` one: ``RunConfigError`` naming
-    them unless there are none, or only schedule keys differ and ``new_schedule`` allows them."""
+    them unless there are none, or only schedule keys differ and ``new_schedule`` allows them. A training option
+    the saved spec lacks (added to the package after the run started) is no difference while it is at its
+    ``defaults`` value: the run trains as it did."""
     diffs = spec_differences(saved, new)
+    for name, value in (defaults or {}).items():
+        if diffs.get(f"train.{name}") == ("<unset>", value):
+            del diffs[f"train.{name}"]
     refused = {k: v for k, v in diffs.items() if not (new_schedule and _schedule_key(k, new, option_names))}
     if refused:
         listed = describe_differences(refused)

@@ -10,8 +10,8 @@ back instead of recomputing them.
 It is exact: an entry holds what the same teacher, code, thread count and CPU kernels compute for that
 input, so a run reading it trains bit for bit the student it would have trained without it (tested).
 The teacher's state, the package version and backbone code, torch's and torchvision's versions, the
-thread count, the CPU kernel set and the device type name the folder, so a run that differs in any of
-them never reads another's entries. A missing, truncated or damaged entry is recomputed; entries are
+thread count, the CPU kernel set and the device type name the folder, and an autocast dtype a subfolder (a
+run under ``amp_cpu``), so a run that differs in any of them never reads another's entries. A missing, truncated or damaged entry is recomputed; entries are
 written without ``fsync`` (a cache: the next run recomputes what a crash lost) and replaced atomically,
 so concurrent runs may write the same key.
 """
@@ -83,7 +83,7 @@ class TeacherCache:
     def fpn_levels(self, backbone: nn.Module, images: Tensor) -> OrderedDict[str, Tensor]:
         """The teacher's levels for ``images`` ``[N, 3, H, W]`` (``models.backbones.fpn_levels``), from the cache
         when an entry for these exact bytes exists, else computed (under ``no_grad``) and stored."""
-        path = self.folder / f"{input_key(images)}.pt"
+        path = self._precision_folder() / f"{input_key(images)}.pt"
         feats = self._read(path, images)
         if feats is not None:
             self.hits += 1
@@ -93,6 +93,14 @@ class TeacherCache:
             feats = fpn_levels(backbone, images)
         self._write(path, feats)
         return feats
+
+    def _precision_folder(self) -> Path:
+        """Where entries computed at the present precision go: the folder itself in float32, a subfolder per
+        autocast dtype under ``torch.autocast`` (whose features differ), so neither reads the other's."""
+        kind = self.device.type
+        if not torch.is_autocast_enabled(kind):
+            return self.folder
+        return self.folder / f"autocast_{str(torch.get_autocast_dtype(kind)).removeprefix('torch.')}"
 
     def _read(self, path: Path, images: Tensor) -> OrderedDict[str, Tensor] | None:
         try:
