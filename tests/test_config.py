@@ -37,7 +37,7 @@ def test_presets_pass_their_own_check(name):
     ("kd.a.b.c=1", r"override 'kd.a.b.c=1' must look like section.key=value"),
     ("student.min_sise=320", r"unknown key student.min_sise; the keys of \[student\] are "
                              r"\['arch', 'depth', 'width_mult', 'fpn_channels', 'frozen_bn', 'weights', "
-                             r"'weights_backbone'\]"),
+                             r"'weights_backbone', 'center_sampling_radius', 'detections_per_img', "),
     ("student.min_size=320", r"student.min_size is now input.min_size: one key sets the input size of teacher and "
                              r"student \(--set input.min_size=...\)"),
     ("teacher.max_size=320", r"teacher.max_size is now input.max_size"),
@@ -229,3 +229,22 @@ def test_every_preset_has_a_table_for_every_registered_method(name):
 
     methods = {m for m in list_distillers() if variant_of(m)[0] == m}
     assert methods <= set(load_config(name)["kd"])
+
+
+def test_a_detector_section_takes_its_arch_s_own_options_checked_and_passes_them_on():
+    gfl = ['teacher.arch="gfl"', 'student.arch="gfl"']
+    cfg = load_config("bench", [*gfl, "student.reg_max=8", "student.atss_topk=5", "student.num_groups=8"])
+    student, teacher = build_detector(cfg, "student", 6), build_detector(cfg, "teacher", 6)
+    assert (student.head.reg_max, student.head.atss_topk, teacher.head.reg_max) == (8, 5, 16)
+    assert {m.num_groups for m in student.head.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    assert {m.num_groups for m in teacher.head.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}  # gcd(32, 64)
+    assert build_detector(load_config("bench", ["student.center_sampling_radius=2.0"]), "student", 6
+                          ).center_sampling_radius == 2.0  # an FCOS option
+    with pytest.raises(ValueError, match=r"unknown key student.reg_max; the keys of \[student\] are .*center_sampling"):
+        load_config("bench", ["student.reg_max=8"])  # FCOS has no bins
+    with pytest.raises(ValueError, match="student.atss_topk=0 must be a positive int"):
+        load_config("bench", [*gfl, "student.atss_topk=0"])
+    with pytest.raises(ValueError, match="num_groups must be an int >= 1 that divides the head's 32 channels"):
+        build_detector(load_config("bench", [*gfl, "student.num_groups=5"]), "student", 6)
+    with pytest.raises(ValueError, match="student.arch"):
+        load_config("bench", ['student.arch="yolo"'])

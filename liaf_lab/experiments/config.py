@@ -36,7 +36,8 @@ PRESET_DIR = Path(__file__).parents[1] / "configs"  # liaf_lab/configs
 
 # [input]: torchvision's resize, the same for teacher and student (their features must align).
 INPUT_KEYS = ("min_size", "max_size")
-# [teacher], [student]: create_detector's arguments (the optional ones: pretrained weights, frozen BatchNorm).
+# [teacher], [student]: create_detector's arguments (the optional ones: pretrained weights, frozen BatchNorm), and the
+# options of the section's arch (section_key_types).
 DETECTOR_KEYS = ("arch", "depth", "width_mult", "fpn_channels")
 DETECTOR_OPTIONAL = {"frozen_bn": bool, "weights": str, "weights_backbone": str}
 # [kd]: distill()'s options shared by every method; [kd.<method>]: the method's options (its ``Options``).
@@ -198,13 +199,27 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         elif section == "kd":
             check_kd(values)
         else:
-            _check_keys(section, values, KEY_TYPES[section], REQUIRED_KEYS.get(section, ()))
+            types = section_key_types(section, values)
+            _check_keys(section, values, types, REQUIRED_KEYS.get(section, ()))
             for key, value in values.items():
-                check_value(f"{section}.{key}", value, KEY_TYPES[section][key])
+                check_value(f"{section}.{key}", value, types[key])
     min_size, max_size = input_size(cfg)
     if min_size > max_size:
         raise ValueError(f"input.min_size={min_size} is larger than input.max_size={max_size}, which caps the longer "
                          "image side; raise input.max_size or leave it out (default: min_size * 1333 / 800)")
+
+
+def section_key_types(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys ``[section]`` may have, with their types: for ``[teacher]`` / ``[student]`` ``create_detector``'s
+    own, then the options of the section's ``arch`` (``detector_option_types``: e.g. ``reg_max``, ``atss_topk``,
+    ``num_groups`` for GFL; ``score_thresh`` for every dense detector)."""
+    from ..models.detectors import detector_option_types
+
+    types = dict(KEY_TYPES[section])
+    if section in ("teacher", "student") and "arch" in values:
+        check_value(f"{section}.arch", values["arch"], types["arch"])
+        types.update({k: _CONFIG_NUMBERS.get(v, v) for k, v in detector_option_types(values["arch"]).items()})
+    return types
 
 
 def check_kd(kd: Mapping[str, Any]) -> None:

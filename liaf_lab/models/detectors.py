@@ -86,6 +86,26 @@ def detector_options(arch: str) -> list[str]:
     return sorted({*own, *transform} - _SET_BY_FACTORY)
 
 
+def detector_option_types(arch: str) -> dict[str, Any]:
+    """``detector_options(arch)`` that a config may set, with their types: the constructor's type hint, else the
+    type of its default (torchvision's RetinaNet and Faster R-CNN have no hints). Options whose default is
+    ``None`` without a hint (modules such as ``rpn_head``) are left out: they are built, not configured."""
+    import typing
+
+    own = inspect.signature(detector_adapter(arch).model_class.__init__).parameters
+    hints = {**typing.get_type_hints(GeneralizedRCNNTransform.__init__),
+             **typing.get_type_hints(detector_adapter(arch).model_class.__init__)}
+    transform = inspect.signature(GeneralizedRCNNTransform.__init__).parameters
+    types = {}
+    for name in detector_options(arch):
+        param = own.get(name, transform.get(name))
+        if name in hints:
+            types[name] = hints[name]
+        elif param is not None and param.default is not inspect.Parameter.empty and param.default is not None:
+            types[name] = type(param.default)
+    return types
+
+
 def default_anchor_sizes(arch: Arch, strides: Sequence[float], min_size: int) -> tuple[int, ...]:
     """One base anchor size (pixels of the resized input) per FPN level (the family's ``default_anchor_sizes``).
 

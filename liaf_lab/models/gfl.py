@@ -303,6 +303,9 @@ class GFLHead(nn.Module):
         if atss_topk < 1:
             raise ValueError(f"atss_topk must be >= 1, got {atss_topk!r}")
         groups = math.gcd(32, in_channels) if num_groups is None else num_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or in_channels % groups:
+            raise ValueError(f"num_groups must be an int >= 1 that divides the head's {in_channels} channels (GroupNorm), "
+                             f"got {num_groups!r}")
         self.reg_max = reg_max
         self.atss_topk = atss_topk
         self.qfl_beta = qfl_beta
@@ -434,6 +437,8 @@ class GFL(nn.Module):
         reg_max: the largest distance bin (16): a side reaches at most ``reg_max`` strides from the centre.
         atss_topk: ATSS candidates per level and box (9).
         qfl_beta, giou_weight, dfl_weight: loss settings (2.0, 2.0, 0.25), held by the head (``GFLHead``).
+        num_groups: GroupNorm groups of the default head's towers; default ``gcd(32, channels)`` (mmdetection's 32
+            at 256 channels; at 32 channels every group is one channel).
         score_thresh, nms_thresh, detections_per_img, topk_candidates: test settings (0.05, 0.6, 100,
             1000 per level before NMS), as mmdetection's GFL ``test_cfg``.
         **kwargs: passed to ``GeneralizedRCNNTransform`` (e.g. ``size_divisible``).
@@ -454,6 +459,7 @@ class GFL(nn.Module):
         qfl_beta: float = 2.0,
         giou_weight: float = 2.0,
         dfl_weight: float = 0.25,
+        num_groups: int | None = None,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
         detections_per_img: int = 100,
@@ -477,7 +483,8 @@ class GFL(nn.Module):
         num_levels = len(anchor_generator.strides)
         settings = dict(reg_max=reg_max, atss_topk=atss_topk, qfl_beta=qfl_beta, giou_weight=giou_weight,
                         dfl_weight=dfl_weight)
-        self.head = head if head is not None else GFLHead(backbone.out_channels, num_classes, num_levels, **settings)
+        self.head = head if head is not None else GFLHead(backbone.out_channels, num_classes, num_levels,
+                                                          num_groups=num_groups, **settings)
         for name, value in settings.items():
             if getattr(self.head, name, value) != value:
                 raise ValueError(f"the head has {name}={getattr(self.head, name)}, the detector {name}={value}")
