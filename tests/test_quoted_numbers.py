@@ -112,8 +112,8 @@ def test_a_method_run_by_two_code_versions_is_compared_seed_by_seed(monkeypatch)
             self.rows = rows
 
     def rows(aps):
-        return [{"method": m, "variant": "default", "seed": s, "val_AP": ap / 100, "test_AP": ap / 100}
-                for m, by_seed in aps.items() for s, ap in by_seed.items()]
+        return [{"method": m, "variant": "default", "seed": s, "val_AP": ap / 100, "test_AP": ap / 100,
+                 "cpu_seconds": ap} for m, by_seed in aps.items() for s, ap in by_seed.items()]
 
     studies = {"after": Fake(rows({"acam": {0: 30.0, 1: 31.5, 2: 29.0}, "none": {0: 20.0, 1: 21.0, 2: 22.0}})),
                "before": Fake(rows({"acam": {0: 30.5, 1: 31.0, 2: 28.0, 3: 40.0}, "none": {0: 20.0, 1: 21.0, 2: 22.5}}))}
@@ -124,5 +124,6 @@ def test_a_method_run_by_two_code_versions_is_compared_seed_by_seed(monkeypatch)
     assert quoted.render("across", {**args, "what": "n"}) == "3"  # seed 3 ran only before
     assert "not distinguishable" in quoted.render("across", {**args, "what": "sentence"})
     assert quoted.render("same_ap", {**args, "method": "none"}) == "2 of 3"
+    assert quoted.render("speed", args) == f"x{(30.5 + 31.0 + 28.0) / (30.0 + 31.5 + 29.0):.2f}"  # seed 3 left out
     with pytest.raises(quoted.QuoteError, match="share 0 seed"):
         quoted.render("across", {**args, "method": "liaf"})

@@ -28,7 +28,8 @@ reads a fixed-width study as a plain one, every seed and Student's t: ``StudySum
 - ``across study=A before=B method=M``: the same method and seeds run by two code versions (``B`` the study of the
   code before a change, ``A`` after it): ``A − B``'s paired interval over the seeds both have, one comparison
   (``what=sentence`` its verdict, ``what=n`` its seeds); ``same_ap study=A before=B method=M``: how many of those
-  runs have the same val and test AP in both, "k of n".
+  runs have the same val and test AP in both, "k of n"; ``speed study=A before=B method=M``: ``B``'s CPU time of
+  those runs over ``A``'s, "x1.20" (above 1: ``A`` is cheaper).
 - ``distillers``: the registered method names; ``params config=C role=R``: a detector's parameters (M).
 """
 
@@ -146,6 +147,11 @@ def render(kind: str, args: dict[str, str]) -> str:
         same = sum(after[s]["val_AP"] == before[s]["val_AP"] and after[s]["test_AP"] == before[s]["test_AP"]
                    for s in after)
         return f"{same} of {len(after)}"
+    if kind == "speed":
+        after, before = _paired_rows(args)
+        if not all("cpu_seconds" in r for r in [*after.values(), *before.values()]):
+            raise QuoteError(f"studies {args['study']} and {args['before']} have rows without cpu_seconds")
+        return f"x{sum(r['cpu_seconds'] for r in before.values()) / sum(r['cpu_seconds'] for r in after.values()):.2f}"
     if kind == "shares":
         return "\n" + "\n".join(_shares_table(args["study"])) + "\n"
     if kind == "distillers":
