@@ -257,3 +257,20 @@ def test_a_pilot_too_small_for_its_family_is_warned_before_any_run():
         warnings.simplefilter("error")
         _check_family(methods, [0, 1, 2, 3, 4, 5], {}, "product", False, ["liaf"], 1.0, 12)
         _check_family(["none", "liaf"], [0, 1, 2], {}, "product", False, [], 1.0, 12)
+
+
+def test_a_screen_of_the_detector_compares_the_no_kd_variants_with_their_preset():
+    """A one-at-a-time grid of a key that changes the no-KD student too (``student.num_groups``): its variants are
+    compared with its own preset, in the screen's family, as every method's are."""
+    from liaf_lab.experiments.report import screen_comparisons
+    from liaf_lab.experiments.verdicts import paired_interval
+
+    val = {("none", "default"): [30.0, 31.0, 29.5], ("none", "student.num_groups=8"): [31.0, 33.0, 30.0],
+           ("liaf", "default"): [32.0, 32.5, 31.0], ("liaf", "student.num_groups=8"): [32.5, 34.0, 31.5]}
+    rows = [{"method": m, "variant": v, "seed": s, "val_AP": ap / 100} for (m, v), aps in val.items()
+            for s, ap in enumerate(aps)]
+    found = {(c.a, c.b): c for c in screen_comparisons(rows, ["none", "liaf"])}
+    assert set(found) == {("none [student.num_groups=8]", "none [default]"), ("liaf [student.num_groups=8]", "liaf [default]")}
+    c = found[("none [student.num_groups=8]", "none [default]")]
+    mean, low, high = paired_interval([1.0, 2.0, 0.5])
+    assert (c.mean_diff, c.ci_low, c.ci_high) == pytest.approx((mean, low, high)) and c.family_size == 2

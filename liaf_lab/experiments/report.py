@@ -142,12 +142,13 @@ def study_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], grid: 
 def screen_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], family: Family = Family()
                        ) -> list[Comparison]:
     """A one-at-a-time screen's own family, on ``val`` (the tuning split): every variant of a method minus
-    the method's preset (``default``) on the same seeds, one Holm correction over all of them."""
+    the method's preset (``default``) on the same seeds, one Holm correction over all of them. The baseline's
+    variants too, where a grid key changes it (e.g. ``student.num_groups``: a screen of the detector itself)."""
     ap = _ap(rows, "val")
     order = seed_order(sorted({r["seed"] for r in rows}), family)
     pairs = []
     for method in methods:
-        if method == BASELINE or (method, "default") not in ap:
+        if (method, "default") not in ap:
             continue
         for (m, variant), values in sorted(ap.items()):
             if m == method and variant != "default":
@@ -473,10 +474,13 @@ def _variant_table(rows: list[dict[str, Any]], methods: Sequence[str], split: st
             sel = [r for r in rows if r["method"] == method and r["settings"] == settings]
             variant = sel[0]["variant"]
             cells = [f"{statistics.fmean(_pct([r['val_AP'] for r in sel])):.2f}"]
-            cells.append("(baseline)" if method == BASELINE else paired(method, variant, BASELINE, variant))
+            preset = settings == "default"
+            if method == BASELINE:  # its own variants are measured against its preset
+                cells.append("(baseline)" if preset else paired(method, variant, method, "default"))
+            else:
+                cells.append(paired(method, variant, BASELINE, variant))
             if screen:
-                cells.append("(preset)" if settings == "default" or method == BASELINE
-                             else paired(method, variant, method, "default"))
+                cells.append("(preset)" if preset else paired(method, variant, method, "default"))
             if split != "val":
                 cells.append(f"{statistics.fmean(_pct([r['test_AP'] for r in sel])):.2f}")
             lines.append(f"| {method} | {settings} | " + " | ".join(cells) + " |")
