@@ -475,8 +475,8 @@ def _variant_table(rows: list[dict[str, Any]], methods: Sequence[str], split: st
             variant = sel[0]["variant"]
             cells = [f"{statistics.fmean(_pct([r['val_AP'] for r in sel])):.2f}"]
             preset = settings == "default"
-            if method == BASELINE:  # its own variants are measured against its preset
-                cells.append("(baseline)" if preset else paired(method, variant, method, "default"))
+            if method == BASELINE:  # in a screen its own variants are measured against its preset
+                cells.append("(baseline)" if preset or not screen else paired(method, variant, method, "default"))
             else:
                 cells.append(paired(method, variant, BASELINE, variant))
             if screen:
