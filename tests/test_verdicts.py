@@ -274,3 +274,10 @@ def test_a_screen_of_the_detector_compares_the_no_kd_variants_with_their_preset(
     c = found[("none [student.num_groups=8]", "none [default]")]
     mean, low, high = paired_interval([1.0, 2.0, 0.5])
     assert (c.mean_diff, c.ci_low, c.ci_high) == pytest.approx((mean, low, high)) and c.family_size == 2
+
+
+def test_a_p_value_is_never_written_onto_the_threshold_it_is_judged_by():
+    from liaf_lab.experiments.verdicts import format_p
+
+    assert [format_p(p) for p in (0.049965, 0.0499996, 0.0500004, 0.05, 0.0123456, 1.0, 0.000485)] == [
+        "0.04997", "0.0499996", "0.05", "0.05", "0.0123", "1", "0.000485"]  # 0.05 and above: not below it

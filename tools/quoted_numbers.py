@@ -97,6 +97,7 @@ def _entry(args: dict[str, str]) -> dict:
 def render(kind: str, args: dict[str, str]) -> str:
     """The text a span of ``kind`` with ``args`` holds."""
     from liaf_lab.experiments.report import comparisons_table, summary_table
+    from liaf_lab.experiments.verdicts import format_p
 
     if kind == "methods":
         return "\n" + "\n".join(summary_table(_study(args["study"]).summary)) + "\n"
@@ -104,8 +105,8 @@ def render(kind: str, args: dict[str, str]) -> str:
         return "\n" + "\n".join(comparisons_table(_comparisons(args))) + "\n"
     if kind in ("diff", "p", "p_holm", "verdict", "wins", "n", "halfwidth", "sentence"):
         c = _comparison(args)
-        return {"diff": c.interval, "sentence": c.sentence, "p": lambda: f"{c.p_value:.2g}",
-                "p_holm": lambda: f"{c.p_holm:.2g}",
+        return {"diff": c.interval, "sentence": c.sentence, "p": lambda: format_p(c.p_value),
+                "p_holm": lambda: format_p(c.p_holm),
                 "verdict": lambda: c.verdict, "wins": lambda: f"{round(c.win_fraction * c.n)} of {c.n}",
                 "n": lambda: str(c.n), "halfwidth": lambda: f"{c.half_width:.2f}"}[kind]()
     if kind == "mean":

@@ -23,7 +23,7 @@ from ..utils.atomic import atomic_write, save_figure, write_json, write_text
 from .config import ResolvedConfig, resolve_config
 from ..distillers import BASELINE, method_label
 from .study_folders import StudyError, read_differences, study_folder
-from .verdicts import Comparison, PairedData, compare_family, paired_interval, stein_sample_size
+from .verdicts import Comparison, PairedData, compare_family, format_p, paired_interval, stein_sample_size
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def summary_table(summary: dict[str, Any]) -> list[str]:
     lines = [f"| method | settings | seeds | AP mean ± std | AP - {BASELINE} [95% CI] | p (Holm) | verdict |",
              "|---|---|---|---|---|---|---|"]
     for method, e in summary.items():
-        p = f"{e['p_holm']:.3g}" if "p_holm" in e else ""
+        p = format_p(e["p_holm"]) if "p_holm" in e else ""
         lines.append(f"| {method} | {e['settings']} | {len(e['AP'])} | {e['mean']:.2f} ± {e['std']:.2f} | "
                      f"{_interval(e)} | {p} | {e.get('verdict', '(baseline)')} |")
     return lines
@@ -288,7 +288,7 @@ def comparisons_table(comparisons: Sequence[Comparison]) -> list[str]:
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if fixed else "")]
     for c in comparisons:
         boot = "" if math.isinf(c.boot_high) else f"[{c.boot_low:+.2f}, {c.boot_high:+.2f}]"
-        lines.append(f"| {c.a} − {c.b} | {c.n} | {c.interval()} | {c.p_value:.3g} | {c.p_holm:.3g} | {c.verdict} | "
+        lines.append(f"| {c.a} − {c.b} | {c.n} | {c.interval()} | {format_p(c.p_value)} | {format_p(c.p_holm)} | {c.verdict} | "
                      f"{boot} | {c.win_fraction:.0%} |"
                      + (f" {c.half_width:.2f} | {', '.join(map(str, c.seeds))} |" if fixed else ""))
     return lines + ["", *[f"- {c.sentence()}" for c in comparisons]]

@@ -56,6 +56,15 @@ def separable_ratio(family_size: int, pilot: int, level: float = LEVEL) -> float
     return t_quantile(df, 1 - (1 - level) / family_size) / t_quantile(df, level)
 
 
+def format_p(p: float) -> str:
+    """A p-value to 3 significant digits, or more where 3 would round one below the 5% threshold up onto it
+    (0.04997 is written 0.04997, not 0.05, so the text agrees with the verdict it decides)."""
+    digits = 3
+    while p < ALPHA and float(f"{p:.{digits}g}") >= ALPHA - 1e-12:
+        digits += 1
+    return f"{p:.{digits}g}"
+
+
 def t_pvalue(statistic: float, df: int) -> float:
     """Two-sided p-value of a Student's t statistic with ``df`` degrees of freedom."""
     if math.isnan(statistic):
@@ -171,7 +180,7 @@ class Comparison:
         if self.n < 2:
             return f"{self.a} − {self.b}: one seed gives no interval; nothing can be said about the difference."
         fam = ("the only comparison of its family (no correction)" if self.family_size == 1 else
-               f"Holm-adjusted p = {self.p_holm:.3g} over a family of {self.family_size} comparisons")
+               f"Holm-adjusted p = {format_p(self.p_holm)} over a family of {self.family_size} comparisons")
         if self.verdict == "not distinguishable":
             note = ""
             if not self.ci_low <= 0 <= self.ci_high:
