@@ -194,6 +194,14 @@ def test_one_at_a_time_screen_runs_each_value_alone_and_refuses_another_mode(tmp
     with pytest.raises(StudyError, match="grid_mode"):
         run_study(out, "bench", ["none", "liaf"], [0, 1], small_grid, small, device="cpu", teacher_weights=TEACHER)
     _check_background_shares_of_each_variant(out)
+    from liaf_lab import load_study_summary
+    from liaf_lab.experiments.report import StudySummary
+
+    screen = load_study_summary(out).screen()  # the screen's family read back, as docs quote it
+    assert [(c.a, c.b, c.split) for c in screen] == [("liaf [kd.liaf.mask_scale=count]", "liaf [default]", "val")]
+    assert f"| liaf [kd.liaf.mask_scale=count] − liaf [default] | 2 | {screen[0].interval()} |" in report
+    with pytest.raises(StudyError, match="not a one-at-a-time screen"):
+        StudySummary([], ["none"], [0], {}, "test", {}).screen()
 
 
 def _check_background_shares_of_each_variant(out: Path) -> None:

@@ -11,7 +11,9 @@ spans in place. Studies are read from ``data_samples/studies/<name>/`` (``study.
 ``results.json``, shipped) with ``liaf_lab.load_study_summary``, the function the reports use.
 
 Kinds (``key=value`` arguments; ``split`` defaults to the study's report split; ``pairwise=1`` or
-``versus=m`` choose the family a comparison is corrected over, default each method against ``none``; ``plain=1``
+``versus=m`` choose the family a comparison is corrected over, default each method against ``none``; ``screen=1``
+the family of a one-at-a-time screen on ``val``, each value against its method's preset, a comparison named by
+``method=M variant=V`` instead of ``a`` and ``b`` (``variant=kd.liaf.mask_scale=count``); ``plain=1``
 reads a fixed-width study as a plain one, every seed and Student's t: ``StudySummary.compare(fixed_width=False)``):
 
 - ``methods study=S``: the per-method Markdown table; ``family study=S``: the family's comparison table.
@@ -67,16 +69,22 @@ def _study(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _family(name: str, split: str, pairwise: bool, versus: tuple[str, ...], fixed_width: bool = True):
+def _family(name: str, split: str, pairwise: bool, versus: tuple[str, ...], fixed_width: bool = True,
+            screen: bool = False):
+    if screen:
+        return _study(name).screen(fixed_width=fixed_width)
     return _study(name).compare(pairwise=pairwise, versus=versus, split=split or None, fixed_width=fixed_width)
 
 
 def _comparisons(args: dict[str, str]):
     return _family(args["study"], args.get("split", ""), args.get("pairwise") == "1",
-                   tuple(v for v in args.get("versus", "").split(",") if v), args.get("plain") != "1")
+                   tuple(v for v in args.get("versus", "").split(",") if v), args.get("plain") != "1",
+                   args.get("screen") == "1")
 
 
 def _comparison(args: dict[str, str]):
+    if args.get("screen") == "1":
+        args = {**args, "a": f"{args['method']} [{args['variant']}]", "b": f"{args['method']} [default]"}
     for c in _comparisons(args):
         if (c.a, c.b) == (args["a"], args["b"]):
             return c

@@ -146,12 +146,13 @@ def screen_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], famil
     variants too, where a grid key changes it (e.g. ``student.num_groups``: a screen of the detector itself)."""
     ap = _ap(rows, "val")
     order = seed_order(sorted({r["seed"] for r in rows}), family)
+    own = {(r["method"], r["variant"]) for r in rows if r.get("settings", r["variant"]) != "default"}
     pairs = []
     for method in methods:
         if (method, "default") not in ap:
             continue
         for (m, variant), values in sorted(ap.items()):
-            if m == method and variant != "default":
+            if m == method and (m, variant) in own:  # not a variant whose runs are the preset's (kd.* for no KD)
                 pairs.append(_paired(f"{method} [{variant}]", values, f"{method} [default]", ap[(method, "default")],
                                      order, family, "val"))
     return compare_family("screen", "val", pairs)
@@ -319,6 +320,7 @@ class StudySummary:
     summary: dict[str, Any]
     family: Family = field(default_factory=Family)
     comparisons: list[Comparison] = field(default_factory=list)
+    grid_mode: str = "product"
 
     def table(self) -> str:
         """The Markdown tables and verdicts of the study's report."""
@@ -341,6 +343,15 @@ class StudySummary:
         family = (Family(pairwise, tuple(versus), self.family.target_half_width, self.family.max_seeds,
                          self.family.pilot) if fixed_width else Family(pairwise, tuple(versus)))
         return study_comparisons(self.rows, methods, self.grid, split or self.split, family)
+
+    def screen(self, fixed_width: bool = True) -> list[Comparison]:
+        """A one-at-a-time screen's own family on ``val``, as its report gives it (``screen_comparisons``: each value
+        against its method's preset); ``fixed_width=False`` reads a fixed-width screen as a plain one (a secondary
+        analysis, as in ``compare``). ``StudyError`` for a study that is not a screen."""
+        if self.grid_mode != "one_at_a_time" or not self.grid:
+            raise StudyError("the study is not a one-at-a-time screen (--one-at-a-time --grid ...): it has no screen "
+                             "family; see compare()")
+        return screen_comparisons(self.rows, self.methods, self.family if fixed_width else Family())
 
     def comparison(self, a: str, b: str) -> Comparison:
         """The comparison ``a - b`` of the study's own family (``StudyError`` if the family lacks it)."""
@@ -394,7 +405,8 @@ def load_study_summary(study_dir: str | Path, config: str | Path | ResolvedConfi
     split, family = report_split(rows), Family.from_dict(spec.get("family"))
     comparisons = study_comparisons(rows, methods, spec["grid"], split, family)
     return StudySummary(rows, methods, seeds, spec["grid"], split,
-                        summarise(rows, methods, spec["grid"], split, family, comparisons), family, comparisons)
+                        summarise(rows, methods, spec["grid"], split, family, comparisons), family, comparisons,
+                        spec.get("grid_mode", "product"))
 
 
 def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[str], seeds: Sequence[int],
