@@ -60,7 +60,7 @@ def format_p(p: float) -> str:
     """A p-value to 3 significant digits, or more where 3 would round one below the 5% threshold up onto it
     (0.04997 is written 0.04997, not 0.05, so the text agrees with the verdict it decides)."""
     digits = 3
-    while p < ALPHA and float(f"{p:.{digits}g}") >= ALPHA - 1e-12:
+    while p < ALPHA - 1e-12 and float(f"{p:.{digits}g}") >= ALPHA - 1e-12 and digits < 12:
         digits += 1
     return f"{p:.{digits}g}"
 
