@@ -49,7 +49,7 @@ def test_spans_render_from_the_study_functions():
 
 def test_shipped_comparisons_are_what_the_shipped_rows_give():
     """``comparisons.json`` beside a shipped study's rows is the family its report computes (test, then val; a study
-    without a test split: val)."""
+    without a test split: val; then a screen's own family)."""
     import json
 
     from liaf_lab import load_study_summary
@@ -59,7 +59,8 @@ def test_shipped_comparisons_are_what_the_shipped_rows_give():
             study = load_study_summary(folder)
             also_val = (study.compare(pairwise=study.family.pairwise, versus=study.family.versus, split="val")
                         if study.split != "val" else [])  # the study's own family; a val-only study: once
-            rows = [c.as_row() for c in [*study.comparisons, *also_val]]
+            screen = study.screen() if study.grid_mode == "one_at_a_time" and study.grid else []
+            rows = [c.as_row() for c in [*study.comparisons, *also_val, *screen]]
             assert json.loads((folder / "comparisons.json").read_text()) == json.loads(json.dumps(rows)), folder.name
 
 

@@ -281,3 +281,13 @@ def test_a_p_value_is_never_written_onto_the_threshold_it_is_judged_by():
 
     assert [format_p(p) for p in (0.049965, 0.0499996, 0.0500004, 0.05, 0.0123456, 1.0, 0.000485)] == [
         "0.04997", "0.0499996", "0.05", "0.05", "0.0123", "1", "0.000485"]  # 0.05 and above: not below it
+
+
+def test_a_study_counts_each_run_folder_once():
+    """A screen repeats the no-KD run's row under every variant whose keys it ignores: one run, counted once."""
+    from liaf_lab.experiments.report import distinct_runs
+
+    rows = [{"folder": "runs/none/default/seed0", "variant": v, "seconds": 10} for v in ("default", "kd.liaf.x=1")]
+    rows.append({"folder": "runs/liaf/kd.liaf.x=1/seed0", "variant": "kd.liaf.x=1", "seconds": 20})
+    assert [r["seconds"] for r in distinct_runs(rows)] == [10, 20]
+    assert len(distinct_runs([{"seconds": 1}, {"seconds": 1}])) == 2  # rows without a folder are runs of their own

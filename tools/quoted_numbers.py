@@ -23,8 +23,8 @@ reads a fixed-width study as a plain one, every seed and Student's t: ``StudySum
   ``ap study=S method=M seed=N``: one run's AP.
 - ``count study=S what=excludes0|separated|size``: comparisons of the family whose 95% interval
   excludes 0, whose Holm verdict separates them, or how many there are.
-- ``minutes study=S``: minutes of run time of the study's rows; ``cpu_hours study=S``: their CPU time (each run's
-  process); ``runs study=S``: how many rows.
+- ``minutes study=S``: minutes of run time of the study's runs; ``cpu_hours study=S``: their CPU time (each run's
+  process); ``runs study=S``: how many runs (a screen's no-KD row repeated under several variants counts once).
 - ``shares study=S``: the table of ``S``'s ``background_shares.json`` (``tools/background_shares.py``): per method
   and grid variant, the share of the method's loss outside every box, mean [lowest, highest] over its runs.
 - ``across study=A before=B method=M``: the same method and seeds run by two code versions (``B`` the study of the
@@ -74,6 +74,12 @@ def _family(name: str, split: str, pairwise: bool, versus: tuple[str, ...], fixe
     if screen:
         return _study(name).screen(fixed_width=fixed_width)
     return _study(name).compare(pairwise=pairwise, versus=versus, split=split or None, fixed_width=fixed_width)
+
+
+def _runs(name: str) -> list[dict]:
+    from liaf_lab.experiments.report import distinct_runs
+
+    return distinct_runs(_study(name).rows)
 
 
 def _comparisons(args: dict[str, str]):
@@ -140,14 +146,14 @@ def render(kind: str, args: dict[str, str]) -> str:
             return str(sum(c.verdict in ("above", "below") for c in comps))
         raise QuoteError(f"count what={what!r} is not excludes0, separated or size")
     if kind == "minutes":
-        return f"{sum(r.get('seconds', 0) for r in _study(args['study']).rows) / 60:.1f}"
+        return f"{sum(r.get('seconds', 0) for r in _runs(args['study'])) / 60:.1f}"
     if kind == "cpu_hours":
-        rows = _study(args["study"]).rows
+        rows = _runs(args["study"])
         if not all("cpu_seconds" in r for r in rows):
             raise QuoteError(f"study {args['study']} has rows without cpu_seconds")
         return f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}"
     if kind == "runs":
-        return str(len(_study(args["study"]).rows))
+        return str(len(_runs(args["study"])))
     if kind == "across":
         c = _across(args)
         return {"sentence": c.sentence, "n": lambda: str(c.n)}.get(args.get("what", ""), c.interval)()

@@ -139,6 +139,15 @@ def study_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], grid: 
     return compare_family("methods", split, pairs)
 
 
+def distinct_runs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run folder: a screen repeats the no-KD run's row under every variant whose keys it ignores (its
+    ``folder`` is the same), which must count once in a study's runs and time."""
+    seen: dict[Any, dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        seen.setdefault(row.get("folder", i), row)
+    return list(seen.values())
+
+
 def screen_comparisons(rows: list[dict[str, Any]], methods: Sequence[str], family: Family = Family()
                        ) -> list[Comparison]:
     """A one-at-a-time screen's own family, on ``val`` (the tuning split): every variant of a method minus
@@ -428,13 +437,14 @@ def write_study_report(out: Path, rows: list[dict[str, Any]], methods: Sequence[
     screen = screen_comparisons(rows, methods, family) if grid and grid_mode == "one_at_a_time" else []
     write_comparisons(out, [*main, *tuning, *screen])
     plot_study(summary, out / "study.png", split)
-    run_minutes = sum(r["seconds"] for r in rows if "seconds" in r) / 60
-    timed = [r["cpu_seconds"] for r in rows if "cpu_seconds" in r]
+    runs = distinct_runs(rows)
+    run_minutes = sum(r["seconds"] for r in runs if "seconds" in r) / 60
+    timed = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
     cpu = f", {sum(timed) / 3600:.2f} CPU-hours in the {len(timed)} runs that record it" if timed else ""
     lines = [
         "# Study report", "",
         f"Methods {list(methods)}, seeds {list(seeds)}, grid {grid or 'none'}"
-        + (" (one value at a time)" if grid and grid_mode == "one_at_a_time" else "") + f"; {len(rows)} runs "
+        + (" (one value at a time)" if grid and grid_mode == "one_at_a_time" else "") + f"; {len(runs)} runs "
         f"({run_minutes:.1f} min of training and evaluation in the runs{cpu}, {seconds / 60:.1f} min for this "
         "call).", "",
         f"AP (COCO bbox, %) on the **{split}** split. Differences are paired by seed (same initial weights and "
